@@ -1,0 +1,58 @@
+"""Box format conversions and IoU / generalized IoU, as pure tensor functions.
+
+Formats are in the names: ``cxcywh`` is (center_x, center_y, width, height), ``xyxy`` is
+(x0, y0, x1, y1), ``xywh`` is COCO's (x0, y0, width, height).
+"""
+import torch
+
+
+def box_cxcywh_to_xyxy(boxes_cxcywh: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes_cxcywh.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_xywh_to_xyxy(boxes_xywh: torch.Tensor) -> torch.Tensor:
+    x0, y0, w, h = boxes_xywh.unbind(-1)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
+
+
+def box_xyxy_to_xywh(boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
+    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
+
+
+def box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise IoU and union of two sets of boxes: [N, 4] x [M, 4] -> ([N, M], [N, M])."""
+    area1 = box_area(boxes1_xyxy)                                              # [N]
+    area2 = box_area(boxes2_xyxy)                                              # [M]
+    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])   # [N, M, 2]
+    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)                    # [N, M]
+    # two zero-area boxes have union 0: the clamp keeps IoU (and its gradient) finite, 0 there
+    union = (area1[:, None] + area2[None, :] - inter).clamp(min=torch.finfo(inter.dtype).eps)
+    return inter / union, union
+
+
+def generalized_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
+    """Pairwise generalized IoU (Rezatofighi et al. 2019): [N, 4] x [M, 4] -> [N, M], in [-1, 1].
+
+    Degenerate boxes (zero width or height) give finite values: unions and enclosing areas are
+    clamped away from zero. Inverted boxes (x1 < x0) are a caller bug and raise.
+    """
+    # matches facebookresearch/detr util/box_ops.py, plus the clamps that keep degenerate boxes finite
+    if not (boxes1_xyxy[:, 2:] >= boxes1_xyxy[:, :2]).all() or not (boxes2_xyxy[:, 2:] >= boxes2_xyxy[:, :2]).all():
+        raise ValueError("generalized_box_iou needs finite boxes with x1 >= x0 and y1 >= y0 (xyxy format)")
+    iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
+    top_left = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
+    bottom_right = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+    enclosing = (bottom_right - top_left).clamp(min=0).prod(-1).clamp(min=torch.finfo(iou.dtype).eps)  # [N, M]
+    return iou - (enclosing - union) / enclosing

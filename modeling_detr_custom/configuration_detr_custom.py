@@ -1,0 +1,114 @@
+"""DetrCustomConfig: one serializable description of a DETR model, its backbone and its loss."""
+from transformers import PreTrainedConfig
+
+POSITION_EMBEDDING_TYPES = ("sine", "learned")
+
+
+class DetrCustomConfig(PreTrainedConfig):
+    r"""Configuration of [`DetrCustomModel`] and [`DetrCustomForObjectDetection`].
+
+    Field names mirror transformers' `DetrConfig` where the concept is the same. Defaults are the original
+    DETR's (facebookresearch/detr `main.py`): R50 backbone, 6 + 6 layers, 100 queries, auxiliary decoding
+    losses on, dropout 0.1 inside attention and after the FFN activation as in `nn.MultiheadAttention`.
+
+    Conventions used everywhere in this package: `pixel_mask` is 1 on real pixels and 0 on padding (the
+    Hugging Face polarity; the original DETR's `NestedTensor.mask` is the reverse), and boxes are
+    `(center_x, center_y, width, height)` normalized by the unpadded (visible) image size.
+
+    Args:
+        backbone: any timm model name that supports `features_only=True` (default `"resnet50"`). The last
+            feature stage feeds the transformer.
+        use_pretrained_backbone: load timm's ImageNet weights when the model is built from a config (needs the
+            Hub). Checkpoints loaded with `from_pretrained` carry their own backbone weights either way.
+        num_channels: input image channels.
+        dilation: DC5 — replace the stride of the last backbone stage by dilation (output stride 16).
+        freeze_backbone_stem: freeze the stem and the first stage of the backbone, as the original does
+            (BatchNorm is always frozen).
+        num_queries: number of object queries, the upper bound on detections per image.
+        d_model: transformer width.
+        encoder_layers, decoder_layers: transformer depth.
+        encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
+        encoder_ffn_dim, decoder_ffn_dim: hidden size of the feed-forward blocks.
+        activation_function: `"relu"` or `"gelu"`.
+        dropout: dropout on residual branches.
+        attention_dropout: dropout on attention weights.
+        activation_dropout: dropout after the feed-forward activation.
+        position_embedding_type: `"sine"` (normalized over the unmasked region, as the original) or `"learned"`
+            (50 x 50 grid of row / column embeddings).
+        auxiliary_loss: compute the set loss on every decoder layer's output (the original's `aux_loss`).
+        normalize_decoder_residual: `False` (default) follows the original DETR: the decoder's residual stream is
+            never layer-normed between layers; only the copies given to the heads are. `True` reproduces
+            transformers' `DetrDecoder` with `auxiliary_loss=True`, which feeds each layer-normed state into the
+            next layer and layer-norms the last one twice. Set automatically when a transformers checkpoint saved
+            with `auxiliary_loss=True` is loaded, because its weights were trained that way.
+        class_cost, bbox_cost, giou_cost: Hungarian matcher weights.
+        bbox_loss_coefficient, giou_loss_coefficient: loss weights of L1 and GIoU (the class loss has weight 1).
+        eos_coefficient: cross-entropy weight of the "no object" class.
+        init_xavier_std: gain of the xavier-uniform init of linear and projection weights.
+    """
+
+    model_type = "detr_custom"
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "encoder_attention_heads"}
+
+    backbone: str = "resnet50"               # any timm model that supports features_only
+    use_pretrained_backbone: bool = True
+    num_channels: int = 3
+    dilation: bool = False                   # DC5
+    freeze_backbone_stem: bool = True
+    num_queries: int = 100                   # upper bound on detections per image
+    d_model: int = 256
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    activation_function: str = "relu"
+    dropout: float | int = 0.1
+    attention_dropout: float | int = 0.1
+    activation_dropout: float | int = 0.1
+    position_embedding_type: str = "sine"
+    auxiliary_loss: bool = True
+    normalize_decoder_residual: bool = False
+    class_cost: float | int = 1.0
+    bbox_cost: float | int = 5.0             # matcher weights; the loss weights mirror them
+    giou_cost: float | int = 2.0
+    bbox_loss_coefficient: float | int = 5.0
+    giou_loss_coefficient: float | int = 2.0
+    eos_coefficient: float | int = 0.1       # class weight of "no object"
+    init_xavier_std: float | int = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for heads_field in ("encoder_attention_heads", "decoder_attention_heads"):
+            heads = getattr(self, heads_field)
+            if heads < 1 or self.d_model % heads != 0:
+                raise ValueError(
+                    f"d_model={self.d_model} must be divisible by {heads_field}={heads}: each head gets "
+                    f"d_model / heads channels. Choose e.g. {heads_field}=8 with d_model=256."
+                )
+        if self.d_model % 2 != 0:
+            raise ValueError(f"d_model={self.d_model} must be even: half of it encodes x, half y positions.")
+        for positive in ("num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
+                         "decoder_ffn_dim", "num_channels"):
+            if getattr(self, positive) < 1:
+                raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"position_embedding_type={self.position_embedding_type!r} is not supported; "
+                f"use one of {POSITION_EMBEDDING_TYPES}."
+            )
+        if self.activation_function not in ("relu", "gelu"):
+            raise ValueError(f"activation_function={self.activation_function!r}: use 'relu' or 'gelu'.")
+        if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
+            raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0: the matcher needs a cost.")
+        _check_timm_backbone(self.backbone)
+
+
+def _check_timm_backbone(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:5]
+        hint = f" Close names: {close}." if close else ""
+        raise ValueError(f"backbone={name!r} is not a timm model name.{hint} See timm.list_models().")

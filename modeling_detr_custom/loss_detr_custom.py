@@ -1,0 +1,175 @@
+"""Hungarian matcher and DETR's set-prediction loss.
+
+Called explicitly by `DetrCustomForObjectDetection` (never through transformers' `loss_function`, which picks a
+loss by class name and normalizes `num_boxes` differently across processes, see DESIGN.md).
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to targets, per image, at minimum cost.
+
+    cost = class_cost * (-p[target class]) + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for the
+    whole batch at once and solved per image with scipy's `linear_sum_assignment`.
+    """
+
+    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+        super().__init__()
+        if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
+            raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0.")
+        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+
+    @torch.no_grad()
+    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]):
+        """
+        Args:
+            logits: `[batch, queries, num_labels + 1]`; pred_boxes: `[batch, queries, 4]`, cxcywh in [0, 1].
+            labels: per image, `class_labels` `[num_targets]` and `boxes` `[num_targets, 4]` cxcywh.
+        Returns:
+            per image, `(query_indices, target_indices)` int64 tensors of length min(queries, num_targets).
+        """
+        batch, num_queries = logits.shape[:2]
+        sizes = [len(target["class_labels"]) for target in labels]
+        for image_index, size in enumerate(sizes):
+            if size > num_queries:
+                raise ValueError(
+                    f"image {image_index} of the batch has {size} objects but the model has only num_queries="
+                    f"{num_queries}: each object needs its own query. Raise config.num_queries or drop objects."
+                )
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(batch)]
+        probs = logits.flatten(0, 1).float().softmax(-1)              # [batch * queries, num_labels + 1]
+        boxes_cxcywh = pred_boxes.flatten(0, 1).float()                # [batch * queries, 4]
+        target_ids = torch.cat([target["class_labels"] for target in labels])           # [num_targets]
+        target_boxes = torch.cat([target["boxes"] for target in labels]).float()        # [num_targets, 4]
+        # 1 - p(class) ranks matches the same as -p(class), so the constant is dropped
+        cost_class = -probs[:, target_ids]                             # [batch * queries, num_targets]
+        cost_bbox = torch.cdist(boxes_cxcywh, target_boxes, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))
+        cost = self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
+        cost = cost.view(batch, num_queries, -1).cpu()                 # [batch, queries, num_targets]
+        if not torch.isfinite(cost).all():
+            raise ValueError("the matching cost is not finite: predictions contain NaN or inf (training diverged).")
+        indices = []
+        for image_index, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            query_idx, target_idx = linear_sum_assignment(image_cost[image_index].numpy())
+            indices.append((torch.as_tensor(query_idx, dtype=torch.int64),
+                            torch.as_tensor(target_idx, dtype=torch.int64)))
+        return indices
+
+
+class DetrCustomLoss(nn.Module):
+    """DETR's set-prediction loss: Hungarian matching, then cross-entropy (no-object weighted by
+    `eos_coefficient`), L1 and GIoU on matched boxes; repeated on every auxiliary decoder output.
+
+    Box losses are divided by `num_boxes`: matched targets summed over all processes / number of processes
+    (at least 1), as in the original. The cross-entropy is a weighted mean whose denominator (the sum of class
+    weights: 1 per matched query, `eos_coefficient` per other query) is normalized the same way; on one process
+    this is exactly the original's `F.cross_entropy(..., weight)`, and on N processes it makes the averaged loss
+    equal to the single-process loss of the same global batch (the original's per-process mean does not).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost)
+        self.num_labels = config.num_labels
+        self.eos_coefficient = config.eos_coefficient
+        self.weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient,
+                        "loss_giou": config.giou_loss_coefficient}
+
+    def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None) -> tuple[torch.Tensor, dict]:
+        """Returns (total weighted loss, dict of unweighted terms). `auxiliary_outputs`: list of
+        `{"logits", "pred_boxes"}` for the decoder layers before the last."""
+        self._check_labels(logits, labels)
+        num_boxes, class_weight_sum = self._normalizers(logits, labels)
+        loss_dict = self._layer_losses(logits, pred_boxes, labels, num_boxes, class_weight_sum, log=True)
+        for layer, aux in enumerate(auxiliary_outputs or []):
+            aux_losses = self._layer_losses(
+                aux["logits"], aux["pred_boxes"], labels, num_boxes, class_weight_sum, log=False)
+            loss_dict.update({f"{name}_{layer}": value for name, value in aux_losses.items()})
+        loss = sum(value * self.weights[re.sub(r"_\d+$", "", name)]
+                   for name, value in loss_dict.items() if re.sub(r"_\d+$", "", name) in self.weights)
+        return loss, loss_dict
+
+    def _check_labels(self, logits: torch.Tensor, labels: list[dict]) -> None:
+        if not isinstance(labels, (list, tuple)) or len(labels) != logits.shape[0]:
+            length = len(labels) if hasattr(labels, "__len__") else "?"
+            raise ValueError(f"labels must be a list of {logits.shape[0]} dicts (one per image), got "
+                             f"{type(labels).__name__} of length {length}.")
+        for index, target in enumerate(labels):
+            if "class_labels" not in target or "boxes" not in target:
+                raise ValueError(f"labels[{index}] needs keys 'class_labels' and 'boxes', has {sorted(target)}.")
+            classes, boxes = target["class_labels"], target["boxes"]
+            if boxes.ndim != 2 or boxes.shape[-1] != 4 or classes.ndim != 1 or len(classes) != len(boxes):
+                raise ValueError(
+                    f"labels[{index}]: 'boxes' must be [num_objects, 4] and 'class_labels' [num_objects], got "
+                    f"{list(boxes.shape)} and {list(classes.shape)}.")
+            if classes.is_floating_point():
+                raise ValueError(f"labels[{index}]['class_labels'] must be integers, got {classes.dtype}.")
+            if len(classes) and (classes.min() < 0 or classes.max() >= self.num_labels):
+                raise ValueError(
+                    f"labels[{index}]['class_labels'] must be in [0, num_labels={self.num_labels}), got values "
+                    f"{classes.min().item()}..{classes.max().item()}. Map dataset category ids to contiguous labels, "
+                    "or build the model with the dataset's num_labels.")
+            if len(boxes) and (not torch.isfinite(boxes).all() or boxes.min() < -BOX_TOLERANCE
+                               or boxes.max() > 1 + BOX_TOLERANCE):
+                raise ValueError(
+                    f"labels[{index}]['boxes'] must be normalized (center_x, center_y, width, height) in [0, 1], got "
+                    f"values {boxes.min().item():.4g}..{boxes.max().item():.4g}. Divide by the image's unpadded "
+                    "width and height (DetrCustomImageProcessor does this).")
+
+    def _normalizers(self, logits: torch.Tensor, labels: list[dict]) -> tuple[float, float]:
+        """(num_boxes, class_weight_sum), each summed over processes and divided by the number of processes."""
+        # every target is matched (the matcher checked targets <= queries), in every decoder layer
+        matched = float(sum(len(target["class_labels"]) for target in labels))
+        unmatched = logits.shape[0] * logits.shape[1] - matched
+        totals = torch.tensor([matched, matched + self.eos_coefficient * unmatched], device=logits.device)
+        world_size = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+            world_size = torch.distributed.get_world_size()
+        num_boxes, class_weight_sum = (totals / world_size).tolist()
+        return max(num_boxes, 1.0), class_weight_sum
+
+    def _layer_losses(self, logits, pred_boxes, labels, num_boxes: float, class_weight_sum: float, log: bool) -> dict:
+        logits, pred_boxes = logits.float(), pred_boxes.float()        # losses in fp32, also under autocast
+        indices = self.matcher(logits, pred_boxes, labels)
+        batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(logits.device)
+        query_idx = torch.cat([query for query, _ in indices]).to(logits.device)
+        matched_classes = torch.cat(
+            [target["class_labels"][target_idx.to(target["class_labels"].device)]
+             for target, (_, target_idx) in zip(labels, indices)]).to(logits.device)      # [num_matched]
+        target_classes = torch.full(logits.shape[:2], self.num_labels, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, query_idx] = matched_classes        # [batch, queries], unmatched = no object
+        class_weight = torch.ones(self.num_labels + 1, device=logits.device)
+        class_weight[-1] = self.eos_coefficient
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+        losses = {"loss_ce": loss_ce / class_weight_sum}
+
+        matched_boxes = pred_boxes[batch_idx, query_idx]               # [num_matched, 4]
+        target_boxes = torch.cat(
+            [target["boxes"][target_idx.to(target["boxes"].device)]
+             for target, (_, target_idx) in zip(labels, indices)]).to(logits.device).float()
+        losses["loss_bbox"] = F.l1_loss(matched_boxes, target_boxes, reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)))
+        losses["loss_giou"] = (1 - giou).sum() / num_boxes
+
+        with torch.no_grad():   # logging only
+            predicted_objects = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()     # [batch]
+            target_counts = torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device)
+            losses["cardinality_error"] = F.l1_loss(predicted_objects, target_counts)
+            if log:
+                # no matched objects: nothing to get wrong, 0 % error
+                correct = (logits[batch_idx, query_idx].argmax(-1) == matched_classes).float()
+                losses["class_error"] = 100 * (1 - correct.mean()) if len(correct) else logits.new_zeros(())
+        return losses

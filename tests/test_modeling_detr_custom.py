@@ -1,0 +1,196 @@
+"""Contracts of DetrCustomModel / DetrCustomForObjectDetection, and parity with transformers' DETR."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import padded_batch, randomize_, tiny_kwargs
+from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
+
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
+
+PARITY_CONFIGS = [
+    {},
+    {"position_embedding_type": "learned"},
+    {"dilation": True},
+    {"auxiliary_loss": True},
+    {"auxiliary_loss": True, "position_embedding_type": "learned", "num_queries": 25, "num_labels": 7},
+]
+
+
+def _transformers_pair(tmp_path, **overrides):
+    reference = randomize_(DetrForObjectDetection(DetrConfig(**tiny_kwargs(**overrides)))).eval()
+    reference.save_pretrained(tmp_path / "transformers")
+    ours = DetrCustomForObjectDetection.from_pretrained(tmp_path / "transformers").eval()
+    return reference, ours
+
+
+def _config_id(overrides):
+    return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
+@pytest.mark.parametrize("overrides", PARITY_CONFIGS, ids=_config_id)
+def test_parity_with_transformers_detr(tmp_path, overrides):
+    reference, ours = _transformers_pair(tmp_path, **overrides)
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        actual = ours(pixel_values, pixel_mask, labels=labels)
+    assert (expected.logits - actual.logits).abs().max() <= 1e-4
+    assert (expected.pred_boxes - actual.pred_boxes).abs().max() <= 1e-4
+    assert abs(expected.loss.item() - actual.loss.item()) <= 1e-4 * abs(expected.loss.item())
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error"):
+        assert torch.allclose(expected.loss_dict[name], torch.as_tensor(actual.loss_dict[name]), rtol=1e-4, atol=1e-6)
+    if overrides.get("auxiliary_loss"):
+        assert ours.config.normalize_decoder_residual  # transformers' aux decoder behaviour is kept
+        assert len(actual.auxiliary_outputs) == len(expected.auxiliary_outputs) == 1
+        for exp, act in zip(expected.auxiliary_outputs, actual.auxiliary_outputs):
+            assert (exp["logits"] - act["logits"]).abs().max() <= 1e-4
+            assert (exp["pred_boxes"] - act["pred_boxes"]).abs().max() <= 1e-4
+
+
+def test_original_decoder_behaviour_differs_from_transformers_aux(tmp_path):
+    # the flag matters: without it a transformers aux checkpoint would silently give other outputs
+    reference, _ = _transformers_pair(tmp_path, auxiliary_loss=True)
+    original_style = DetrCustomForObjectDetection.from_pretrained(
+        tmp_path / "transformers", normalize_decoder_residual=False).eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        difference = (reference(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+                      - original_style(pixel_values, pixel_mask).logits).abs().max()
+    assert difference > 1e-2
+
+
+def test_new_class_head_only(tmp_path):
+    reference, ours = _transformers_pair(tmp_path)
+    finetune = DetrCustomForObjectDetection.from_pretrained(
+        tmp_path / "transformers", num_labels=5, ignore_mismatched_sizes=True)
+    assert finetune.class_embed.weight.shape == (6, 32)
+    old, new = ours.state_dict(), finetune.state_dict()
+    changed = [k for k in old if old[k].shape != new[k].shape or not torch.equal(old[k], new[k])]
+    assert sorted(changed) == ["class_embed.bias", "class_embed.weight"]
+
+
+def test_output_shapes_attentions_and_hidden_states():
+    config = DetrCustomConfig(**tiny_kwargs(auxiliary_loss=True))
+    model = randomize_(DetrCustomForObjectDetection(config)).eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        out = model(pixel_values, pixel_mask, output_attentions=True, output_hidden_states=True)
+    height, width = out.feature_mask.shape[1:]
+    assert out.logits.shape == (2, 10, 4) and out.pred_boxes.shape == (2, 10, 4)
+    assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all()
+    assert len(out.auxiliary_outputs) == 1 and out.auxiliary_outputs[0]["logits"].shape == (2, 10, 4)
+    cells = height * width
+    assert len(out.encoder_attentions) == 2 and out.encoder_attentions[0].shape == (2, 2, cells, cells)
+    assert len(out.cross_attentions) == 2 and out.cross_attentions[0].shape == (2, 2, 10, height * width)
+    assert len(out.encoder_hidden_states) == 3 and len(out.decoder_hidden_states) == 3
+    # padding cells get no cross-attention; each query's weights sum to 1
+    padding = ~out.feature_mask[1].flatten()
+    assert padding.any() and out.cross_attentions[0][1][..., padding].abs().max() == 0
+    assert torch.allclose(out.cross_attentions[0].sum(-1), torch.ones(2, 2, 10), atol=1e-5)
+    # the explicit attention path and SDPA agree
+    with torch.no_grad():
+        plain = model(pixel_values, pixel_mask)
+    assert (plain.logits - out.logits).abs().max() < 1e-5
+
+
+def test_batched_equals_single_for_same_size_images():
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval()
+    pixel_values = torch.randn(3, 3, 96, 128)
+    with torch.no_grad():
+        batched = model(pixel_values)
+        singles = [model(pixel_values[i:i + 1]) for i in range(3)]
+    # conv kernels pick batch-size-dependent algorithms: fp32 rounding, ~1e-5 relative to the logits' scale (~10)
+    for i, single in enumerate(singles):
+        assert torch.allclose(batched.logits[i], single.logits[0], rtol=1e-4, atol=1e-3)
+        assert torch.allclose(batched.pred_boxes[i], single.pred_boxes[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = DetrCustomConfig(**tiny_kwargs(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+    model = randomize_(DetrCustomForObjectDetection(config))
+    pixel_values, pixel_mask, labels = padded_batch()
+    model(pixel_values, pixel_mask, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.encoder.layers)
+    model(pixel_values, pixel_mask, labels=labels).loss.backward()
+    for name, grad in plain.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    config = DetrCustomConfig(**tiny_kwargs(position_embedding_type="learned"))
+    model = randomize_(DetrCustomForObjectDetection(config))
+    model.eval().save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
+    assert type(loaded) is DetrCustomForObjectDetection
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values, pixel_mask).logits, loaded(pixel_values, pixel_mask).logits)
+
+
+def test_trust_remote_code_without_the_package(tmp_path):
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())))
+    model.eval().save_pretrained(tmp_path / "folder")
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        torch.save({"pixel_values": pixel_values, "pixel_mask": pixel_mask,
+                    "logits": model(pixel_values, pixel_mask).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
+        import torch
+        from transformers import AutoModelForObjectDetection
+        model = AutoModelForObjectDetection.from_pretrained({str(tmp_path / 'folder')!r}, trust_remote_code=True)
+        assert not type(model).__module__.startswith("modeling_detr_custom"), type(model).__module__
+        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        with torch.no_grad():
+            logits = model.eval()(data["pixel_values"], data["pixel_mask"]).logits
+        assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+        print("remote code ok", type(model).__module__)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code ok transformers_modules" in result.stdout
+
+
+def test_base_model_outputs():
+    model = DetrCustomModel(DetrCustomConfig(**tiny_kwargs())).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert out.last_hidden_state.shape == (1, 10, 32)
+    assert out.intermediate_hidden_states.shape == (2, 1, 10, 32)
+    assert out.encoder_last_hidden_state.shape == (1, 2 * 3, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"d_model": 30, "encoder_attention_heads": 4}, "divisible"),
+    ({"num_queries": 0}, "num_queries"),
+    ({"position_embedding_type": "rope"}, "position_embedding_type"),
+    ({"backbone": "resnet5000"}, "not a timm model"),
+])
+def test_impossible_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DetrCustomConfig(**tiny_kwargs(**kwargs))
+
+
+def test_backbone_that_timm_cannot_build_is_a_clear_error():
+    # ViTs have no output stride to trade for dilation (DC5)
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224.*features_only.*dilation"):
+        DetrCustomModel(DetrCustomConfig(**tiny_kwargs(backbone="vit_tiny_patch16_224", dilation=True)))
+
+
+def test_bad_pixel_inputs():
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).eval()
+    with pytest.raises(ValueError, match="num_channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="pixel_mask"):
+        model(torch.randn(1, 3, 64, 64), torch.ones(1, 32, 64))
