@@ -16,10 +16,10 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	@echo "The demo arrives with the training script (issue 6): there is no training entry point yet." && exit 2
+	HF_HUB_OFFLINE=1 $(PY) -m training.train --config training/configs/demo.yaml
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench_image_processing
 
 lint: $(STAMP)
 	$(PY) -m flake8 modeling_detr_custom training hub_cards benchmarks tests

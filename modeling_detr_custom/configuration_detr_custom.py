@@ -22,8 +22,11 @@ class DetrCustomConfig(PreTrainedConfig):
             Hub). Checkpoints loaded with `from_pretrained` carry their own backbone weights either way.
         num_channels: input image channels.
         dilation: DC5 — replace the stride of the last backbone stage by dilation (output stride 16).
-        freeze_backbone_stem: freeze the stem and the first stage of the backbone, as the original does
-            (BatchNorm is always frozen).
+        freeze_backbone_stem: freeze the stem and the first stage of the backbone, as the original does.
+        freeze_batch_norm: replace the backbone's BatchNorm by frozen BatchNorm (statistics and affine fixed), as the
+            original does with its ImageNet-pretrained backbone. Set False to train a backbone from scratch: a
+            randomly initialized timm ResNet zero-initializes the last BatchNorm of each block, and frozen there it
+            would keep every residual branch off forever.
         num_queries: number of object queries, the upper bound on detections per image.
         d_model: transformer width.
         encoder_layers, decoder_layers: transformer depth.
@@ -55,6 +58,7 @@ class DetrCustomConfig(PreTrainedConfig):
     num_channels: int = 3
     dilation: bool = False                   # DC5
     freeze_backbone_stem: bool = True
+    freeze_batch_norm: bool = True
     num_queries: int = 100                   # upper bound on detections per image
     d_model: int = 256
     encoder_layers: int = 6

@@ -45,6 +45,8 @@ class HungarianMatcher(nn.Module):
                     f"image {image_index} of the batch has {size} objects but the model has only num_queries="
                     f"{num_queries}: each object needs its own query. Raise config.num_queries or drop objects."
                 )
+        if not (torch.isfinite(logits).all() and torch.isfinite(pred_boxes).all()):
+            raise FloatingPointError("the predictions contain NaN or inf: training diverged.")
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(batch)]
@@ -58,8 +60,6 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))
         cost = self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
         cost = cost.view(batch, num_queries, -1).cpu()                 # [batch, queries, num_targets]
-        if not torch.isfinite(cost).all():
-            raise ValueError("the matching cost is not finite: predictions contain NaN or inf (training diverged).")
         indices = []
         for image_index, image_cost in enumerate(cost.split(sizes, dim=-1)):
             query_idx, target_idx = linear_sum_assignment(image_cost[image_index].numpy())

@@ -88,7 +88,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
 
 
 class DetrCustomBackbone(nn.Module):
-    """A timm `features_only` model with frozen BatchNorm; returns the last feature map and its mask."""
+    """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
+    feature map and its mask."""
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
@@ -103,7 +104,7 @@ class DetrCustomBackbone(nn.Module):
                 f"{' and output_stride=16 (dilation)' if config.dilation else ''}: {error}. Pick a timm model that "
                 "supports features_only (e.g. resnet50, resnet101, convnext_tiny)."
             ) from error
-        self.body = freeze_batch_norm_2d(body)
+        self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
         self.num_channels = self.body.feature_info.channels()[-1]     # 2048 for resnet50
         if config.freeze_backbone_stem:
             self._freeze_stem_and_first_stage()

@@ -1,0 +1,132 @@
+"""The model card's facts as short (name, value) lines, from config.json, metrics.json["run"] and the folder.
+
+Every function leaves out what the run did not record, so the card never says "More information needed".
+"""
+import json
+import struct
+from pathlib import Path
+
+# files a training output folder holds besides the code files -> what they are
+KNOWN_FILES = {
+    "model.safetensors": "weights", "model.safetensors.index.json": "index of the sharded weights",
+    "config.json": "model config (`DetrCustomConfig`)", "preprocessor_config.json": "image processor config",
+    "metrics.json": "the run's recipe, training losses and evaluations", "loss_curve.png": "training loss curve",
+    "map_curve.png": "validation mAP curve", "predictions.png": "predictions on validation images",
+}
+
+
+def percent(value) -> str:
+    """A COCO figure in [0, 1] as a percentage; pycocotools' -1 ("no ground truth") and missing as "n/a"."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        return "n/a"
+    return f"{100 * value:.1f}"
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _safetensors_parameters(path: Path) -> int | None:
+    """Number of values stored in a .safetensors file, read from its JSON header (no tensor is loaded)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))  # the format starts with the header's byte length
+        header = json.loads(f.read(header_size))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            count = 1
+            for size in info["shape"]:
+                count *= size
+            total += count
+    return total
+
+
+def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str]]:
+    lines = []
+    if config.get("backbone"):
+        dc5 = ", last stage dilated (DC5, output stride 16)" if config.get("dilation") else ""
+        batch_norm = "BatchNorm frozen" if config.get("freeze_batch_norm", True) else "BatchNorm trained"
+        lines.append(("Backbone", f"`{config['backbone']}` from timm{dc5}; {batch_norm}"))
+    layers = [f"d_model {config['d_model']}"] if config.get("d_model") else []
+    if config.get("encoder_layers") is not None and config.get("decoder_layers") is not None:
+        layers.append(f"{config['encoder_layers']} encoder + {config['decoder_layers']} decoder layers")
+    if config.get("encoder_attention_heads"):
+        layers.append(f"{config['encoder_attention_heads']} attention heads")
+    if config.get("encoder_ffn_dim"):
+        layers.append(f"feed-forward {config['encoder_ffn_dim']}")
+    if layers:
+        lines.append(("Transformer", ", ".join(layers)))
+    if config.get("position_embedding_type"):
+        lines.append(("Position encoding", f"{config['position_embedding_type']} (over the unpadded region)"))
+    if config.get("num_queries"):
+        lines.append(("Object queries", f"{config['num_queries']}: at most {config['num_queries']} detections"))
+    parameters = _safetensors_parameters(output_dir / "model.safetensors")
+    if parameters:
+        lines.append(("Parameters", f"{parameters / 1e6:.1f} M (stored in model.safetensors)"))
+    lines.append(("Model type", f"`{config.get('model_type', 'detr_custom')}` (remote code in this repository)"))
+    return lines
+
+
+def describe_training_data(run: dict) -> list[tuple[str, str]]:
+    lines = [("Dataset", run["dataset"])] if run.get("dataset") else []
+    for key, name in (("train_images", "Training images"), ("val_images", "Validation images")):
+        if run.get(key) is not None:
+            lines.append((name, str(run[key])))
+    return lines
+
+
+def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tuple[str, str]]:
+    lines = []
+    if base_model:
+        lines.append(("Initialized from", f"[{base_model}](https://huggingface.co/{base_model})"))
+    elif run.get("model_name_or_path"):
+        lines.append(("Initialized from", f"`{run['model_name_or_path']}`"))
+    else:
+        backbone = "ImageNet weights from timm" if config.get("use_pretrained_backbone") else "random weights"
+        lines.append(("Initialized from", f"no DETR checkpoint: transformer and heads from scratch, backbone from "
+                                          f"{backbone}"))
+    steps = f" ({run['global_steps']} optimizer steps)" if run.get("global_steps") is not None else ""
+    if run.get("num_train_epochs") is not None:
+        lines.append(("Epochs", f"{_number(run['num_train_epochs'])}{steps}"))
+    elif isinstance(run.get("max_steps"), int) and run["max_steps"] > 0:
+        lines.append(("Length", f"max_steps {run['max_steps']}{steps}"))
+    if run.get("total_batch_size") is not None:
+        count = run.get("num_processes")
+        processes = f" over {count} process{'es' if count > 1 else ''}" if count else ""
+        lines.append(("Total batch size", f"{run['total_batch_size']}{processes}"))
+    if run.get("learning_rate") is not None:
+        lr = f"{_number(run['learning_rate'])} (transformer and heads)"
+        if run.get("backbone_learning_rate") is not None:
+            lr += f", {_number(run['backbone_learning_rate'])} (backbone)"
+        lines.append(("Learning rate", lr))
+    for key, name in (("weight_decay", "Weight decay"), ("lr_scheduler", "Learning-rate schedule"),
+                      ("max_grad_norm", "Gradient clipping (max norm)"), ("mixed_precision", "Mixed precision"),
+                      ("augmentation", "Augmentation"), ("image_size", "Image size"), ("hardware", "Hardware")):
+        if run.get(key) is not None:
+            lines.append((name, _number(run[key])))
+    if run.get("wall_time_s") is not None:
+        lines.append(("Wall time", _duration(run["wall_time_s"])))
+    if run.get("seed") is not None:
+        lines.append(("Seed", str(run["seed"])))
+    return lines
+
+
+def describe_files(output_dir: Path) -> str:
+    present = sorted(path.name for path in output_dir.iterdir() if path.is_file())
+    lines = [f"- `{name}`: {KNOWN_FILES[name]}" for name in present if name in KNOWN_FILES]
+    code = [f"`{name}`" for name in present if name.endswith(".py")]
+    if code:
+        lines.append(f"- {', '.join(code)}: the model code that `trust_remote_code=True` loads")
+    return "\n".join(lines) if lines else "The card was rendered before the model files were saved."

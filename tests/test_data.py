@@ -1,0 +1,285 @@
+"""COCO folders and Hub datasets -> one schema, cached; the dataset check; the collate in a 2-worker DataLoader."""
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import training.data as data
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from training.data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from training.sample_data import write_sample_dataset
+from training.transforms import make_detr_transforms
+
+CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 1, "name": "person"}, {"id": 12, "name": "stop sign"}]
+
+
+def write_coco(root, images, annotations, categories=CATEGORIES, split="train"):
+    """A COCO 2017 folder: images are (id, width, height) drawn as JPEGs; the json lists them as given."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / f"{split}2017").mkdir(exist_ok=True)
+    entries = []
+    for image_id, width, height in images:
+        name = f"{image_id:012d}.jpg"
+        PIL.Image.new("RGB", (width, height), (image_id * 40 % 255, 90, 30)).save(root / f"{split}2017" / name)
+        entries.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    path = root / "annotations" / f"instances_{split}2017.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def ann(ann_id, image_id, bbox, category_id=1, iscrowd=0, area=None):
+    return {"id": ann_id, "image_id": image_id, "bbox": bbox, "category_id": category_id, "iscrowd": iscrowd,
+            "area": bbox[2] * bbox[3] if area is None else area}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_sample_dataset(root, num_train=40, num_val=8, seed=0)
+    return root
+
+
+def test_load_coco_matches_pycocotools(demo, tmp_path):
+    dataset = load_coco(demo, "train", cache_dir=tmp_path)
+    reference = COCO(str(demo / "annotations" / "instances_train2017.json"))
+    assert dataset.features == data.DETECTION_FEATURES
+    assert dataset["image_id"] == reference.getImgIds()   # every image, empty ones included, in the json's order
+    for row in dataset:
+        info = reference.imgs[row["image_id"]]
+        assert (row["width"], row["height"]) == (info["width"], info["height"]) == row["image"].size
+        anns = reference.loadAnns(reference.getAnnIds(imgIds=row["image_id"]))
+        assert row["objects"]["id"] == [a["id"] for a in anns]
+        assert row["objects"]["bbox"] == [[float(v) for v in a["bbox"]] for a in anns]
+        assert row["objects"]["category_id"] == [a["category_id"] for a in anns]
+        assert row["objects"]["iscrowd"] == [a["iscrowd"] for a in anns]
+        assert np.allclose(row["objects"]["area"], [a["area"] for a in anns])
+    splits = load_coco(demo, cache_dir=tmp_path)
+    assert set(splits) == {"train", "validation"} and len(splits["validation"]) == 8
+
+
+def test_crowd_empty_images_and_noncontiguous_categories(tmp_path):
+    images = [(5, 64, 48), (9, 40, 40), (2, 50, 30)]
+    annotations = [ann(101, 9, [1, 2, 10, 12], 12), ann(100, 5, [0, 0, 20, 20], 3, iscrowd=1),
+                   ann(102, 5, [30.5, 10, 8, 8], 1), ann(103, 777, [0, 0, 1, 1], 1)]   # 103: an unknown image
+    write_coco(tmp_path / "coco", images, annotations)
+    dataset = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
+    assert dataset["image_id"] == [5, 9, 2]
+    assert dataset[0]["objects"] == {"id": [100, 102], "bbox": [[0, 0, 20, 20], [30.5, 10, 8, 8]],
+                                     "category_id": [3, 1], "area": [400, 64], "iscrowd": [1, 0]}
+    assert dataset[1]["objects"]["id"] == [101]
+    assert dataset[2]["objects"]["id"] == []                  # kept: DETR learns "no object" from such images
+    categories = get_categories(dataset)
+    assert categories.ids == (1, 3, 12)                       # labels follow increasing category id
+    assert categories.id2label == {0: "person", 1: "cat", 2: "stop sign"}
+    assert categories.label2id == {"person": 0, "cat": 1, "stop sign": 2}
+    assert categories.category_id_to_label == {1: 0, 3: 1, 12: 2}
+    assert {categories.label_to_category_id[categories.category_id_to_label[i]] for i in (1, 3, 12)} == {1, 3, 12}
+    # a COCO-format folder that is not the 2017 layout
+    other = load_coco(annotation_file=tmp_path / "coco/annotations/instances_train2017.json",
+                      image_dir=tmp_path / "coco/train2017", use_cache=False)
+    assert other["image_id"] == [5, 9, 2] and get_categories(other) == categories
+    with pytest.raises(ValueError, match="COCO 2017 layout"):
+        load_coco(tmp_path / "coco", "val")
+    with pytest.raises(ValueError, match="either root"):
+        load_coco(tmp_path / "coco", "train", image_dir=tmp_path)
+
+
+def test_second_load_reads_the_cache_not_the_json(tmp_path, monkeypatch):
+    path = write_coco(tmp_path / "coco", [(1, 32, 32), (2, 32, 32)], [ann(1, 1, [0, 0, 4, 4])])
+    first = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
+
+    real_load = json.load
+
+    def no_parsing(file, *args, **kwargs):   # datasets itself reads small json files: let those through
+        if os.path.samefile(file.name, path):
+            raise AssertionError("the annotation json was parsed again")
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(data.json, "load", no_parsing)
+    second = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
+    assert second[:] == first[:] and get_categories(second) == get_categories(first)
+    # the cache holds paths, not copies of the images
+    raw = second.cast_column("image", datasets.Image(decode=False))
+    assert [image["bytes"] for image in raw["image"]] == [None, None]
+    assert raw[0]["image"]["path"] == os.path.abspath(tmp_path / "coco/train2017/000000000001.jpg")
+    # editing the json (new size and mtime) invalidates the cache
+    monkeypatch.undo()
+    coco = json.loads(path.read_text())
+    coco["annotations"].append(ann(2, 2, [1, 1, 5, 5]))
+    path.write_text(json.dumps(coco))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")[1]["objects"]["id"] == [2]
+
+
+def hub_dataset(tmp_path):
+    """cppe-5 style rows with renamed columns and xyxy boxes normalized by the image size."""
+    def jpeg(width, height):
+        buffer = io.BytesIO()
+        PIL.Image.new("RGB", (width, height), (10, 200, 10)).save(buffer, format="JPEG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({
+        "picture": datasets.Image(),
+        "objs": datasets.Sequence({"boxes": datasets.Sequence(datasets.Value("float32"), length=4),
+                                   "label": datasets.ClassLabel(names=["mask", "glove", "goggles"])}),
+    })
+    rows = {"picture": [jpeg(100, 50), jpeg(40, 80)],
+            "objs": [{"boxes": [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]], "label": [2, 0]},
+                     {"boxes": [], "label": []}]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_schema_dataset_through_explicit_mapping(tmp_path):
+    path = hub_dataset(tmp_path)
+    mapping = {"image": "picture", "objects": "objs", "bbox": "boxes", "category": "label"}
+    dataset = load_hub_detection(str(path), bbox_format="xyxy", bbox_normalized=True, column_mapping=mapping)
+    assert dataset.features == data.DETECTION_FEATURES
+    first = dataset[0]
+    assert first["image"].size == (100, 50) and (first["width"], first["height"]) == (100, 50)
+    assert np.allclose(first["objects"]["bbox"], [[10, 10, 40, 20], [0, 0, 100, 50]])
+    assert first["objects"]["category_id"] == [2, 0]
+    assert np.allclose(first["objects"]["area"], [800, 5000])
+    assert first["objects"]["iscrowd"] == [0, 0] and first["objects"]["id"] == [-1, -1]
+    assert dataset[1]["objects"]["id"] == [] and dataset["image_id"] == [0, 1]
+    assert get_categories(dataset).id2label == {0: "mask", 1: "glove", 2: "goggles"}
+    # the format is an explicit option: read as absolute xywh, the same numbers mean other boxes
+    as_xywh = load_hub_detection(str(path), bbox_format="xywh", bbox_normalized=False, column_mapping=mapping)
+    assert np.allclose(as_xywh[0]["objects"]["bbox"][0], [0.1, 0.2, 0.5, 0.6])
+    with pytest.raises(TypeError):
+        load_hub_detection(str(path), column_mapping=mapping)                     # no silent default format
+    with pytest.raises(ValueError, match="bbox_format"):
+        load_hub_detection(str(path), bbox_format="cxcywh", bbox_normalized=True, column_mapping=mapping)
+    with pytest.raises(ValueError, match="column_mapping"):
+        load_hub_detection(str(path), bbox_format="xyxy", bbox_normalized=True)
+
+
+@pytest.fixture()
+def broken(tmp_path):  # loaded through the cache: a missing image must not break loading, only the check
+    """One folder with one of each problem, on separate images; image 1 is clean."""
+    images = [(1, 64, 48), (2, 64, 48), (3, 64, 48), (4, 64, 48), (5, 64, 48), (6, 64, 48), (7, 64, 48)]
+    annotations = [
+        ann(10, 1, [1, 1, 10, 10]),
+        ann(11, 2, [1, 1, 10, 10]),                    # image 2 is deleted below: missing_image
+        ann(12, 3, [1, 1, 10, 10]),                    # image 3 is overwritten with garbage: unreadable_image
+        ann(13, 4, [50, 40, 30, 20]), ann(14, 4, [2, 2, 5, 5]),     # box_outside_image, then a good box
+        ann(15, 5, [2, 2, 5, 5], category_id=99),      # unknown_category
+        ann(10, 6, [2, 2, 5, 5]), ann(16, 6, [3, 3, 0, 4]),         # duplicate_annotation_id, non_positive_size
+        ann(17, 7, [0, 0, 4, 4]), ann(18, 7, [4, 4, 4, 4]), ann(19, 7, [8, 8, 4, 4]),   # too many for 2 queries
+    ]
+    write_coco(tmp_path / "coco", images, annotations)
+    os.remove(tmp_path / "coco/train2017/000000000002.jpg")
+    (tmp_path / "coco/train2017/000000000003.jpg").write_bytes(b"this is not a jpeg")
+    return load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
+
+
+def test_check_skips_and_reports_each_problem(broken):
+    clean, report = check_dataset(broken, num_queries=2, policy="skip")
+    assert {k: v for k, v in report.counts.items() if v} == {
+        "missing_image": 1, "unreadable_image": 1, "too_many_objects": 1, "box_outside_image": 1,
+        "non_positive_size": 1, "unknown_category": 1, "duplicate_annotation_id": 1}
+    assert report.num_images == 7 and report.num_boxes == 11
+    # images 2, 3 and 7 with their 5 boxes; in the kept images, annotations 13, 15, the second 10, and 16
+    assert report.skipped_images == 3 and report.skipped_boxes == 5 + 4
+    assert "000000000002.jpg does not exist" in report.examples["missing_image"][0]
+    assert "image_id 4, annotation 13" in report.examples["box_outside_image"][0]
+    assert "category_id 99" in report.examples["unknown_category"][0]
+    text = str(report)
+    assert all(problem in text for problem, count in report.counts.items() if count)
+    assert clean["image_id"] == [1, 4, 5, 6]
+    assert [row["id"] for row in clean["objects"]] == [[10], [14], [], []]
+    assert get_categories(clean) == get_categories(broken)
+    assert clean[1]["image"].size == (64, 48)           # images still decode after the check
+
+
+def test_check_error_policy_raises_with_the_report(broken):
+    with pytest.raises(ValueError) as error:
+        check_dataset(broken, num_queries=2, policy="error")
+    for problem in ("missing_image", "unreadable_image", "box_outside_image", "unknown_category",
+                    "duplicate_annotation_id", "non_positive_size", "too_many_objects"):
+        assert problem in str(error.value)
+    clean = broken.select([0])
+    assert check_dataset(clean, policy="error")[1].ok
+    with pytest.raises(ValueError, match="policy"):
+        check_dataset(clean, policy="ignore")
+
+
+def test_check_finds_size_mismatch_and_truncated_jpeg(tmp_path):
+    path = write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], [])
+    coco = json.loads(path.read_text())
+    coco["images"][0]["width"] = 65
+    path.write_text(json.dumps(coco))
+    jpeg = tmp_path / "coco/train2017/000000000002.jpg"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])   # the header survives, the pixels do not
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    _, header_only = check_dataset(dataset)
+    assert header_only.counts["size_mismatch"] == 1 and header_only.counts["unreadable_image"] == 0
+    clean, decoded = check_dataset(dataset, decode_images=True)
+    assert decoded.counts["unreadable_image"] == 1 and len(clean) == 0
+
+
+def test_collate_in_a_two_worker_dataloader(demo):
+    dataset = load_coco(demo, "train", use_cache=False)
+    categories = get_categories(dataset)
+    processor = DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    transforms = make_detr_transforms("train", scales=(64, 80), max_size=96, crop_resize_scales=(64, 80),
+                                      crop_size=(48, 64))
+    collate = DetrCollator(processor, categories.category_id_to_label, transforms)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    for _epoch in range(2):
+        count = 0
+        for batch in loader:
+            pixel_values, pixel_mask, labels = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
+            assert pixel_values.shape[:2] == (len(labels), 3)
+            assert pixel_mask.shape == (len(labels),) + pixel_values.shape[2:]
+            assert max(pixel_values.shape[2:]) <= 96
+            for i, target in enumerate(labels):
+                height, width = target["size"].tolist()
+                assert pixel_mask[i].sum() == height * width        # the visible image is the resized image
+                assert ((target["class_labels"] >= 0) & (target["class_labels"] < 5)).all()
+                assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
+            count += len(labels)
+        assert count == len(dataset)
+
+
+def test_collate_labels_follow_the_json(demo):
+    """Without augmentation, labels are the json's boxes in normalized cxcywh and contiguous class labels."""
+    dataset = load_coco(demo, "val", use_cache=False)
+    categories = get_categories(dataset)
+    collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                           categories.category_id_to_label)
+    rows = [dataset[i] for i in range(len(dataset))]
+    batch = collate(rows)
+    for row, target in zip(rows, batch["labels"]):
+        boxes = np.array(row["objects"]["bbox"], dtype=np.float32).reshape(-1, 4)
+        size = np.array([row["width"], row["height"]] * 2, dtype=np.float32)
+        expected = np.concatenate([boxes[:, :2] + boxes[:, 2:] / 2, boxes[:, 2:]], 1) / size
+        assert np.allclose(target["boxes"].numpy(), expected, atol=1e-5)
+        assert target["class_labels"].tolist() == [categories.category_id_to_label[c]
+                                                   for c in row["objects"]["category_id"]]
+        assert target["image_id"].item() == row["image_id"]
+
+
+def test_collate_keeps_stored_pixels_when_exif_says_rotate(tmp_path):
+    """COCO boxes are drawn on the stored pixels, so an EXIF orientation tag must not rotate the image."""
+    write_coco(tmp_path / "coco", [(1, 64, 32)], [ann(1, 1, [0, 0, 16, 32], 3)])
+    path = tmp_path / "coco/train2017/000000000001.jpg"
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6   # Orientation: rotate 90 degrees on display
+    PIL.Image.new("RGB", (64, 32), (200, 10, 10)).save(path, exif=exif)
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    assert dataset[0]["image"].size == (32, 64)   # datasets' decoding applies the tag: the documented pitfall
+    collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}),
+                           get_categories(dataset).category_id_to_label)
+    undecoded = dataset.cast_column("image", datasets.Image(decode=False))
+    target = collate([undecoded[0]])["labels"][0]
+    assert target["orig_size"].tolist() == [32, 64]
+    assert np.allclose(target["boxes"].numpy(), [[0.125, 0.5, 0.25, 1.0]])

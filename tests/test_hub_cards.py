@@ -1,0 +1,387 @@
+"""Model cards and Hub pushes (hub_cards/).
+
+Card contract: the README's metadata is what huggingface_hub itself parses back (ModelCard.load, metadata_load,
+model_index_to_eval_results) and its figures are the fixture's (tests/fixtures/metrics.json), written by hand in
+train.py's metrics.json schema; -1 ("no ground truth", pycocotools) shows as "n/a" and stays out of the model-index.
+
+Push contract: the real Hub is unreachable from here (no network but the package registry), so `StandInHub` below
+is a small HTTP server on 127.0.0.1 that answers the Hub API routes huggingface_hub calls for create_repo /
+upload_folder / whoami (read from huggingface_hub 2.4's source: POST /api/repos/create, POST
+/api/models/{repo}/preupload/{rev}, POST /api/models/{repo}/commit/{rev} with an ndjson body, GET /api/whoami-v2,
+and the best-effort GET /api/agent-harnesses). Any other request is recorded and fails the test.
+It answers "regular" to preupload, so every file travels base64 inside the commit and the test sees its bytes.
+huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_TOKEN / HF_HUB_OFFLINE at import, so pushes run in a subprocess
+with those set (and HF_HUB_OFFLINE unset), exactly as a user's process would.
+"""
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import tiny_kwargs
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from PIL import Image
+
+from hub_cards import render_model_card
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "metrics.json"
+ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
+# metrics.json key -> model-index metric type (transformers' object-detection example names)
+METRIC_TYPES = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "AP_small": "map_small",
+                "AP_medium": "map_medium", "AP_large": "map_large"}
+CODE_FILES = {"configuration_detr_custom.py", "modeling_detr_custom.py", "loss_detr_custom.py", "box_ops.py",
+              "image_processing_detr_custom.py"}
+PICTURES = ("loss_curve.png", "map_curve.png", "predictions.png")
+
+
+def fixture_metrics() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+def make_output_dir(path: Path, metrics: dict | None = None, *, pictures=PICTURES, model=False) -> Path:
+    """A training output folder: config (tiny, 3 classes), metrics.json, pictures; a saved model on request."""
+    config = DetrCustomConfig(**tiny_kwargs(backbone="test_resnet", id2label=ID2LABEL))
+    if model:
+        DetrCustomForObjectDetection(config).save_pretrained(path)
+        DetrCustomImageProcessor().save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    (path / "metrics.json").write_text(json.dumps(fixture_metrics() if metrics is None else metrics))
+    for name in pictures:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(path / name)
+    return path
+
+
+def fmt(value: float) -> str:  # the card's table unit: COCO figures in percent, one decimal
+    return f"{100 * value:.1f}"
+
+
+# ---------------------------------------------------------------- card
+
+
+def test_card_metadata_parses_back_with_huggingface_hub(tmp_path):
+    output_dir = make_output_dir(tmp_path / "run")
+    returned = render_model_card(output_dir, hub_model_id="someone/detr-shapes")
+    readme = output_dir / "README.md"
+    assert readme.read_text(encoding="utf-8") == str(returned)
+
+    card = ModelCard.load(readme)
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "object-detection"
+    assert card.data.license == "apache-2.0"
+    assert card.data.base_model == "facebook/detr-resnet-50"
+    assert {"object-detection", "detr", "vision"} <= set(card.data.tags)
+    assert card.data.datasets is None  # "data/demo (COCO format)" is a local folder, not a Hub dataset id
+
+    metadata = metadata_load(readme)
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "detr-shapes"
+    best = fixture_metrics()["best"]
+    expected = {metric_type: best[key] for key, metric_type in METRIC_TYPES.items() if best[key] >= 0}
+    assert "map_small" not in expected  # the fixture has no small objects: AP_small is -1
+    assert {r.metric_type: r.metric_value for r in results} == expected
+    assert {(r.task_type, r.dataset_name, r.dataset_split) for r in results} == {
+        ("object-detection", "data/demo (COCO format)", "validation")}
+
+
+def test_card_sections_tables_and_pictures(tmp_path):
+    output_dir = make_output_dir(tmp_path / "run")
+    text = render_model_card(output_dir, hub_model_id="someone/detr-shapes").text
+    metrics = fixture_metrics()
+    best, last, run = metrics["best"], metrics["eval_history"][-1], metrics["run"]
+
+    for heading in ("## Model description", "## Intended use and limitations", "## How to use", "## Training",
+                    "## Evaluation"):
+        assert heading in text
+    assert "More information needed" not in text
+    assert re.search(r"\|\s*-1(\.0*)?\s*\|", text) is None and "-100.0" not in text  # -1 is shown as n/a
+    # what the model is
+    assert "`test_resnet`" in text and "d_model 32" in text and "2 encoder + 2 decoder layers" in text
+    assert "Object queries:** 10" in text
+    for class_id, label in ID2LABEL.items():
+        assert f"| {class_id} | {label} |" in text
+    # how to use, with the conventions
+    assert 'pipeline("object-detection", model="someone/detr-shapes", trust_remote_code=True)' in text
+    assert 'AutoModelForObjectDetection.from_pretrained("someone/detr-shapes", trust_remote_code=True)' in text
+    assert "**1 = real pixel, 0 = padding**" in text
+    assert "normalized by each image's own unpadded size" in text and "absolute `(x0, y0, x1, y1)`" in text
+    # recipe from the run
+    for fact in (f"**Epochs:** {run['num_train_epochs']} ({run['global_steps']} optimizer steps)",
+                 f"**Total batch size:** {run['total_batch_size']}", f"**Hardware:** {run['hardware']}",
+                 f"**Augmentation:** {run['augmentation']}", "**Wall time:** 8 min 32 s",
+                 "0.0001 (transformer and heads), 1e-05 (backbone)", f"**Training images:** {run['train_images']}"):
+        assert fact in text
+    # evaluation: these weights (by default the best evaluation) and the last one, -1 as n/a, per-class AP
+    assert f"| this model (step {best['step']}) | last (step {last['step']}) |" in text
+    assert f"evaluated at step {best['step']}, epoch {best['epoch']:g}: the best AP of the run" in text
+    assert f"| AP | {fmt(best['AP'])} | {fmt(last['AP'])} |" in text
+    assert f"| AP50 (IoU 0.50) | {fmt(best['AP50'])} | {fmt(last['AP50'])} |" in text
+    assert "| AP small (area < 32²) | n/a | n/a |" in text
+    assert f"| AP large (area > 96²) | {fmt(best['AP_large'])} | {fmt(last['AP_large'])} |" in text
+    assert f"| 0 | circle | {fmt(best['AP_per_class']['circle'])} |" in text
+    assert "| 2 | triangle | n/a |" in text
+    for picture in PICTURES:
+        assert f"]({picture})" in text
+
+
+def test_card_reports_the_evaluation_of_the_saved_weights(tmp_path):
+    (tmp_path / "shapes-run").mkdir()
+    output_dir = make_output_dir(tmp_path / "shapes-run" / "last")  # train.py's OUTPUT_DIR/last
+    metrics = fixture_metrics()
+    best, last = metrics["best"], metrics["eval_history"][-1]
+    card = render_model_card(output_dir, eval_step=last["step"])  # a folder holding the last weights
+
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert name == "shapes-run" and card.text.startswith("\n# shapes-run\n")
+    assert {r.metric_type: r.metric_value for r in results} == {
+        metric_type: last[key] for key, metric_type in METRIC_TYPES.items() if last[key] >= 0}
+    assert f"| this model (step {last['step']}) | best of the run (step {best['step']}) |" in card.text
+    assert f"| AP | {fmt(last['AP'])} | {fmt(best['AP'])} |" in card.text
+    assert f"| 0 | circle | {fmt(last['AP_per_class']['circle'])} |" in card.text
+
+    unevaluated = render_model_card(output_dir, eval_step=last["step"] + 1)
+    assert "model-index" not in unevaluated.data.to_dict()
+    assert f"These weights (step {last['step'] + 1}) were not evaluated" in unevaluated.text
+
+
+def test_card_omits_what_was_not_measured(tmp_path):
+    metrics = fixture_metrics()
+    metrics["run"] = {"model_name_or_path": None, "dataset": "detection-datasets/coco", "num_train_epochs": 2}
+    metrics["eval_history"], metrics["best"] = [], None
+    output_dir = make_output_dir(tmp_path / "scratch", metrics, pictures=("loss_curve.png",))
+    card = render_model_card(output_dir)
+
+    assert "model-index" not in card.data.to_dict() and card.data.base_model is None
+    assert card.data.datasets == ["detection-datasets/coco"]
+    assert card.data.license is None
+    text = card.text
+    assert "not evaluated during this run" in text and "More information needed" not in text
+    assert "trained from scratch" in text and "Wall time" not in text and "Hardware" not in text
+    assert "](loss_curve.png)" in text and "map_curve.png" not in text and "predictions.png" not in text
+    assert f'model="{output_dir}"' in text and "# scratch" in text  # without a Hub id, the examples load the folder
+
+
+def test_card_needs_config_and_metrics(tmp_path):
+    output_dir = make_output_dir(tmp_path / "run")
+    (output_dir / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="metrics.json not found"):
+        render_model_card(output_dir)
+    (output_dir / "metrics.json").write_text(json.dumps({"train_history": []}))
+    with pytest.raises(ValueError, match="no 'run' object"):
+        render_model_card(output_dir)
+    (output_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json not found"):
+        render_model_card(output_dir)
+
+
+def run_python(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def clean_env(tmp_path: Path, **extra) -> dict:
+    """The environment of a user's process: no token, no offline switch, a fresh HF_HOME."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                        "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def test_render_cli(tmp_path):
+    output_dir = make_output_dir(tmp_path / "run")
+    result = run_python(["-m", "hub_cards.render", str(output_dir), "--hub-model-id", "someone/detr-shapes"],
+                        clean_env(tmp_path, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr
+    card = ModelCard.load(output_dir / "README.md")
+    assert 'model="someone/detr-shapes"' in card.text and card.data.pipeline_tag == "object-detection"
+
+
+# ---------------------------------------------------------------- token
+
+
+def test_check_hub_token_without_token_fails_with_instructions(tmp_path):
+    code = "from hub_cards import check_hub_token; check_hub_token()"
+    result = run_python(["-c", code], clean_env(tmp_path))
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "none was found" in result.stderr
+    assert "HF_TOKEN" in result.stderr and "hf auth login" in result.stderr and "before training" in result.stderr
+
+    found = run_python(["-c", "from hub_cards import check_hub_token; print(check_hub_token())"],
+                       clean_env(tmp_path, HF_TOKEN="hf_from_env"))
+    assert found.returncode == 0 and found.stdout.strip() == "hf_from_env"
+    offline = run_python(["-c", code], clean_env(tmp_path, HF_TOKEN="hf_from_env", HF_HUB_OFFLINE="1"))
+    assert offline.returncode != 0 and "HF_HUB_OFFLINE is set" in offline.stderr
+
+    with socket.socket() as probe:  # a port nobody listens on once closed: the Hub is unreachable
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    unreachable = run_python(["-c", "from hub_cards import check_hub_token; check_hub_token(verify=True)"],
+                             clean_env(tmp_path, HF_TOKEN="hf_from_env", HF_ENDPOINT=closed))
+    assert unreachable.returncode != 0 and f"Could not reach the Hub at {closed}" in unreachable.stderr
+
+
+# ---------------------------------------------------------------- push
+
+
+class StandInHub(ThreadingHTTPServer):
+    """Records repo creations and commits; see the module docstring for why this stands in for the Hub."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _HubHandler)  # port 0: a free port
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.created, self.commits, self.auth, self.unexpected = [], [], set(), []
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while (size := int(self.rfile.readline().strip(), 16)) > 0:
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _reply(self, payload, status=200):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        hub = self.server
+        if self.path == "/api/whoami-v2":
+            hub.auth.add(self.headers.get("Authorization"))
+            role = "read" if "hf_read" in str(self.headers.get("Authorization")) else "write"
+            return self._reply({"type": "user", "name": "user", "auth": {"accessToken": {"role": role}}})
+        if self.path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry, fetched best-effort
+            return self._reply({"standardEnvVars": [], "harnesses": {}})
+        hub.unexpected.append(("GET", self.path))
+        self._reply({"error": "not in the stand-in"}, 404)
+
+    def do_POST(self):
+        hub, body = self.server, self._body()
+        hub.auth.add(self.headers.get("Authorization"))
+        parts = self.path.split("?")[0].strip("/").split("/")  # api / models / owner / name / verb / revision
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            hub.created.append(request)
+            repo_id = f"{request.get('organization') or 'user'}/{request['name']}"
+            return self._reply({"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": "0"})
+        if self.path == "/api/validate-yaml":
+            return self._reply({"errors": [], "warnings": []})
+        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                           "oid": None} for f in files]})
+        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                     for line in lines if line["key"] == "file"}
+            oid = f"{len(hub.commits) + 1:040x}"
+            hub.commits.append({"repo_id": f"{parts[2]}/{parts[3]}", "revision": parts[5],
+                                "summary": lines[0]["value"]["summary"], "files": files,
+                                "other": [line for line in lines[1:] if line["key"] != "file"]})
+            return self._reply({"commitUrl": f"{hub.url}/{parts[2]}/{parts[3]}/commit/{oid}", "commitOid": oid,
+                                "pullRequestUrl": None})
+        hub.unexpected.append(("POST", self.path))
+        self._reply({"error": "not in the stand-in"}, 404)
+
+
+@pytest.fixture
+def hub():
+    server = StandInHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    """A full output folder: model, processor, code files, config, metrics, pictures, and training leftovers."""
+    output_dir = make_output_dir(tmp_path_factory.mktemp("saved") / "run", model=True)
+    (output_dir / "optimizer.bin").write_bytes(b"optimizer state")
+    (output_dir / "checkpoint-500").mkdir()
+    (output_dir / "checkpoint-500" / "model.safetensors").write_bytes(b"old weights")
+    return output_dir
+
+
+def test_push_output_dir_commits_model_card_code_and_pictures(hub, saved_run, tmp_path):
+    code = ("from hub_cards import push_output_dir; import sys; "
+            "info = push_output_dir(sys.argv[1], 'someone/detr-shapes', private=True); print(info.oid)")
+    result = run_python(["-c", code, str(saved_run)], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
+    assert result.returncode == 0, result.stderr
+    assert hub.unexpected == []
+    assert hub.created == [{"name": "detr-shapes", "organization": "someone", "visibility": "private"}]
+    assert hub.auth == {"Bearer hf_write"}
+    (commit,) = hub.commits
+    assert result.stdout.strip().endswith(f"{1:040x}")
+    assert commit["repo_id"] == "someone/detr-shapes" and commit["revision"] == "main" and commit["other"] == []
+
+    committed = set(commit["files"])
+    expected = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "metrics.json",
+                *CODE_FILES, *PICTURES}
+    assert expected <= committed
+    assert "optimizer.bin" not in committed and not any(p.startswith("checkpoint-") for p in committed)
+    for name in ("model.safetensors", "config.json", "loss_curve.png"):
+        assert commit["files"][name] == (saved_run / name).read_bytes()
+    card = ModelCard(commit["files"]["README.md"].decode())
+    assert 'pipeline("object-detection", model="someone/detr-shapes", trust_remote_code=True)' in card.text
+    assert "- `model.safetensors`: weights" in card.text
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {r.metric_type: r.metric_value for r in results}["map"] == fixture_metrics()["best"]["AP"]
+
+
+def test_background_pushes_commit_in_order(hub, saved_run, tmp_path):
+    code = ("from hub_cards import HubPusher; import sys; pusher = HubPusher(sys.argv[1], 'detr-bg'); "
+            "pusher.push('step 500', blocking=False); pusher.push('step 1000', blocking=False); pusher.wait(); "
+            "print(pusher.push('end of training').oid)")
+    result = run_python(["-c", code, str(saved_run)], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
+    assert result.returncode == 0, result.stderr
+    assert hub.unexpected == [] and len(hub.created) == 1  # the repository is created once
+    assert [c["summary"] for c in hub.commits] == ["step 500", "step 1000", "end of training"]
+    assert {c["repo_id"] for c in hub.commits} == {"user/detr-bg"}  # "name" resolved to the token's namespace
+    for commit in hub.commits:
+        assert {"README.md", "model.safetensors", *CODE_FILES} <= set(commit["files"])
+        assert "optimizer.bin" not in commit["files"]
+        assert 'model="user/detr-bg"' in commit["files"]["README.md"].decode()
+
+
+def test_push_cli_and_token_verification(hub, saved_run, tmp_path):
+    last = fixture_metrics()["eval_history"][-1]
+    result = run_python(["-m", "hub_cards.push", str(saved_run), "someone/detr-cli", "--eval-step", str(last["step"])],
+                        clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
+    assert result.returncode == 0, result.stderr
+    assert f"{hub.url}/someone/detr-cli/commit/" in result.stdout
+    assert hub.commits[-1]["repo_id"] == "someone/detr-cli"
+    card = ModelCard(hub.commits[-1]["files"]["README.md"].decode())
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {r.metric_type: r.metric_value for r in results}["map"] == last["AP"]  # the folder's own evaluation
+
+    verify = "from hub_cards import check_hub_token; check_hub_token(verify=True); print('ok')"
+    good = run_python(["-c", verify], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
+    assert good.returncode == 0 and good.stdout.strip() == "ok", good.stderr
+    read_only = run_python(["-c", verify], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_read"))
+    assert read_only.returncode != 0 and "read-only" in read_only.stderr
+    assert hub.unexpected == []

@@ -1,0 +1,146 @@
+"""DETR augmentations move boxes exactly with the pixels; the recipe is the paper's and deterministic under a seed."""
+import numpy as np
+import PIL.Image
+import pytest
+
+from training.transforms import (
+    PAPER_SCALES, Compose, RandomHorizontalFlip, RandomResize, RandomSizeCrop, crop, hflip, make_detr_transforms,
+    objects_to_target, resize, resized_size, target_to_annotations,
+)
+
+
+def rectangle_image(width, height, boxes_xyxy):
+    """Black image with each box filled white over the pixels [x0, x1) x [y0, y1)."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes_xyxy:
+        pixels[y0:y1, x0:x1] = 255
+    return PIL.Image.fromarray(pixels)
+
+
+def make_target(boxes_xyxy):
+    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    n = len(boxes)
+    return {"boxes_xyxy": boxes, "category_id": np.arange(n, dtype=np.int64) + 3,
+            "area": ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32),
+            "iscrowd": np.array([1] + [0] * (n - 1), dtype=np.int64)[:n], "id": np.arange(n, dtype=np.int64) + 100}
+
+
+def foreground_box(image, threshold=128):
+    """[x0, y0, x1, y1) of the pixels brighter than threshold."""
+    mask = np.asarray(image.convert("L")) > threshold
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_objects_round_trip_to_processor_annotations():
+    objects = {"id": [7, 8], "bbox": [[10, 20, 30, 40], [0, 0, 5, 6]], "category_id": [3, 12], "area": [900, 25],
+               "iscrowd": [0, 1]}
+    target = objects_to_target(objects)
+    assert target["boxes_xyxy"].tolist() == [[10, 20, 40, 60], [0, 0, 5, 6]]
+    annotations = target_to_annotations(5, target)
+    assert annotations == {"image_id": 5, "annotations": [
+        {"bbox": [10.0, 20.0, 30.0, 40.0], "category_id": 3, "area": 900.0, "iscrowd": 0},
+        {"bbox": [0.0, 0.0, 5.0, 6.0], "category_id": 12, "area": 25.0, "iscrowd": 1}]}
+
+
+def test_hflip_moves_box_with_pixels():
+    image = rectangle_image(100, 60, [(10, 5, 30, 25)])
+    flipped, target = hflip(image, make_target([(10, 5, 30, 25)]))
+    assert target["boxes_xyxy"].tolist() == [[70, 5, 90, 25]]
+    assert foreground_box(flipped) == [70, 5, 90, 25]
+    assert target["area"].tolist() == [400]
+
+
+def test_resize_scales_boxes_and_area_with_pixels():
+    image = rectangle_image(100, 50, [(20, 10, 60, 30)])
+    resized, target = resize(image, make_target([(20, 10, 60, 30)]), shortest_edge=100)
+    assert resized.size == (200, 100)
+    assert target["boxes_xyxy"].tolist() == [[40, 20, 120, 60]]
+    assert target["area"].tolist() == [800 * 4]
+    assert np.allclose(foreground_box(resized), [40, 20, 120, 60], atol=1)
+
+
+@pytest.mark.parametrize("size,shortest,max_size,expected", [
+    ((640, 480), 800, 1333, (1066, 800)),       # matches facebookresearch/detr get_size_with_aspect_ratio
+    ((480, 640), 800, 1333, (800, 1066)),
+    ((2000, 500), 800, 1333, (1332, 333)),      # the longest edge caps the shortest
+    ((800, 600), 600, None, (800, 600)),        # already the right size
+])
+def test_resized_size_matches_original_rounding(size, shortest, max_size, expected):
+    assert resized_size(*size, shortest, max_size) == expected
+
+
+def test_crop_clips_and_drops_boxes_consistently_with_pixels():
+    boxes = [(10, 10, 40, 30), (50, 35, 90, 55), (0, 0, 5, 5)]   # inside, cut by the crop, outside the crop
+    image = rectangle_image(100, 60, boxes)
+    cropped, target = crop(image, make_target(boxes), top=8, left=8, height=40, width=60)
+    assert cropped.size == (60, 40)
+    # box 2 leaves the crop; box 1 is clipped to the crop's right/bottom edges; categories/crowd/ids follow
+    assert target["boxes_xyxy"].tolist() == [[2, 2, 32, 22], [42, 27, 60, 40]]
+    assert target["category_id"].tolist() == [3, 4]
+    assert target["iscrowd"].tolist() == [1, 0]
+    assert target["id"].tolist() == [100, 101]
+    assert target["area"].tolist() == [30 * 20, 18 * 13]   # recomputed from the clipped box, as the original does
+    pixels = np.asarray(cropped.convert("L")) > 128
+    for x0, y0, x1, y1 in target["boxes_xyxy"].astype(int):
+        assert pixels[y0:y1, x0:x1].all()
+    covered = np.zeros_like(pixels)
+    for x0, y0, x1, y1 in target["boxes_xyxy"].astype(int):
+        covered[y0:y1, x0:x1] = True
+    assert (pixels == covered).all()
+
+
+def test_random_pipeline_keeps_boxes_on_their_pixels():
+    transforms = make_detr_transforms("train", scales=range(96, 161, 16), max_size=256,
+                                      crop_resize_scales=(96, 128), crop_size=(64, 120))
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        box = (30, 20, 70, 60)
+        image, target = transforms(rectangle_image(120, 90, [box]), make_target([box]), rng)
+        assert min(image.size) >= 64 and max(image.size) <= 256
+        if len(target["boxes_xyxy"]) == 0:   # the crop missed the box: no foreground may be left
+            assert (np.asarray(image.convert("L")) > 128).sum() == 0
+            continue
+        # bilinear resizing blurs edges by up to a pixel or two
+        assert np.allclose(foreground_box(image), target["boxes_xyxy"][0], atol=2.5)
+
+
+def test_pipeline_is_deterministic_under_a_seed_and_varies_without():
+    transforms = make_detr_transforms("train", scales=range(64, 129, 16), max_size=200,
+                                      crop_resize_scales=(64, 96), crop_size=(48, 96))
+    box = (30, 20, 70, 60)
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        return [transforms(rectangle_image(120, 90, [box]), make_target([box]), rng) for _ in range(10)]
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(a[0].size == b[0].size and np.array_equal(a[1]["boxes_xyxy"], b[1]["boxes_xyxy"])
+               for a, b in zip(first, again))
+    assert any(a[0].size != b[0].size or not np.array_equal(a[1]["boxes_xyxy"], b[1]["boxes_xyxy"])
+               for a, b in zip(first, other))
+
+
+def test_paper_recipe_and_validation_resize():
+    assert PAPER_SCALES == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    train = make_detr_transforms("train")
+    assert isinstance(train.transforms[0], RandomHorizontalFlip)
+    val = make_detr_transforms("val")
+    image, target = val(rectangle_image(640, 480, [(0, 0, 10, 10)]), make_target([(0, 0, 10, 10)]),
+                        np.random.default_rng(0))
+    assert image.size == (1066, 800)
+    with pytest.raises(ValueError, match="split"):
+        make_detr_transforms("tain")
+
+
+def test_flip_probability_and_crop_bounds():
+    rng = np.random.default_rng(0)
+    flips = sum(RandomHorizontalFlip()(rectangle_image(10, 10, [(0, 0, 2, 2)]), make_target([(0, 0, 2, 2)]),
+                                       rng)[1]["boxes_xyxy"][0, 0] == 8 for _ in range(400))
+    assert 150 < flips < 250
+    cropper = Compose([RandomSizeCrop(20, 40), RandomResize([50])])
+    for _ in range(20):
+        image, _ = cropper.transforms[0](rectangle_image(60, 30, []), make_target([]), rng)
+        assert 20 <= image.width <= 40 and 20 <= image.height <= 30
+    with pytest.raises(ValueError):
+        RandomSizeCrop(50, 40)

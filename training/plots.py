@@ -1,0 +1,79 @@
+"""Pictures of a run: loss and mAP curves, and validation predictions next to the ground truth."""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor  # noqa: E402
+
+
+def plot_curves(train_history: list[dict], eval_history: list[dict], output_dir: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
+        points = [(r["step"], r[name]) for r in train_history if name in r]
+        if points:
+            axis.plot(*zip(*points), label=name, linewidth=2 if name == "loss" else 1)
+    axis.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)", yscale="log")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output_dir / "loss_curve.png", dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in ("AP", "AP50", "AP75"):
+        points = [(r["step"], r[name]) for r in eval_history if name in r]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=name)
+    axis.set(xlabel="optimizer step", ylabel="COCO box metric (validation)", ylim=(0, 1))
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output_dir / "map_curve.png", dpi=100)
+    plt.close(figure)
+
+
+def _open(image) -> PIL.Image.Image:
+    if isinstance(image, dict):   # undecoded datasets Image
+        return PIL.Image.open(image["path"]).convert("RGB") if image.get("path") else PIL.Image.open(
+            __import__("io").BytesIO(image["bytes"])).convert("RGB")
+    return image.convert("RGB")
+
+
+@torch.no_grad()
+def plot_predictions(model_dir: Path, val_dataset, categories, path: Path, num_images: int = 8,
+                     threshold: float = 0.5) -> None:
+    """Predicted boxes (class and score above `threshold`) on the left, ground truth on the right."""
+    model = DetrCustomForObjectDetection.from_pretrained(model_dir).eval()
+    processor = DetrCustomImageProcessor.from_pretrained(model_dir)
+    rows = [val_dataset[i] for i in range(min(num_images, len(val_dataset)))]
+    if not rows:
+        return
+    figure, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
+    id_to_name = dict(zip(categories.ids, categories.names))
+    for row, (left, right) in zip(rows, axes):
+        image = _open(row["image"])
+        inputs = processor(image, return_tensors="pt")
+        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        result = processor.post_process_object_detection(outputs, threshold=threshold,
+                                                         target_sizes=[(image.height, image.width)])[0]
+        for axis, title in ((left, "prediction"), (right, "ground truth")):
+            axis.imshow(image)
+            axis.set_title(f"image {row['image_id']}: {title}", fontsize=8)
+            axis.axis("off")
+        for score, label, (x0, y0, x1, y1) in zip(result["scores"], result["labels"], result["boxes"].tolist()):
+            left.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", linewidth=1.5))
+            left.text(x0, y0, f"{model.config.id2label[int(label)]} {score:.2f}", color="black", fontsize=6,
+                      backgroundcolor="lime")
+        objects = row["objects"]
+        for (x, y, w, h), category_id in zip(objects["bbox"], objects["category_id"]):
+            right.add_patch(plt.Rectangle((x, y), w, h, fill=False, color="orange", linewidth=1.5))
+            right.text(x, y, id_to_name.get(category_id, str(category_id)), color="black", fontsize=6,
+                       backgroundcolor="orange")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -1,0 +1,534 @@
+"""Fine-tune or train DETR with Accelerate, on COCO-format folders or Hub datasets.
+
+    python -m training.train --config training/configs/demo.yaml [--key value ...]
+    accelerate launch [--num_processes N] -m training.train --config ...      (also: detr-custom-train)
+
+Arguments live in three dataclasses (ModelArguments, DataArguments, TrainArguments) parsed by transformers'
+HfArgumentParser: a yaml/json file gives the values, the command line overrides them, `--help` lists them all.
+The loop reads top to bottom like accelerate's examples; checkpoints are written atomically and resumable.
+"""
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import datasets
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+
+from .data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from .metrics import CocoEvaluator
+from .transforms import PAPER_CROP_RESIZE_SCALES, PAPER_CROP_SIZE, PAPER_SCALES, make_detr_transforms
+
+logger = logging.getLogger("training.train")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Start from this checkpoint: our folder, a transformers DETR folder/Hub id (e.g. "
+                "facebook/detr-resnet-50) or a converted original. Its class head is replaced to fit the dataset's "
+                "classes. None: a new model from the fields below."})
+    backbone: str = field(default="resnet50", metadata={"help": "timm backbone (new models only)."})
+    use_pretrained_backbone: bool = field(default=False, metadata={
+        "help": "Load timm's ImageNet weights for a new model (needs the Hub)."})
+    freeze_batch_norm: bool = field(default=True, metadata={
+        "help": "Frozen BatchNorm in the backbone (the original). False to train a backbone from scratch."})
+    freeze_backbone_stem: bool = field(default=True, metadata={"help": "Freeze stem + first backbone stage."})
+    dilation: bool = field(default=False, metadata={"help": "DC5: dilation instead of stride in the last stage."})
+    d_model: int = field(default=256, metadata={"help": "Transformer width."})
+    encoder_layers: int = field(default=6, metadata={"help": "Encoder layers."})
+    decoder_layers: int = field(default=6, metadata={"help": "Decoder layers."})
+    num_heads: int = field(default=8, metadata={"help": "Attention heads (encoder and decoder)."})
+    ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width (encoder and decoder)."})
+    num_queries: int = field(default=100, metadata={"help": "Object queries: the most detections per image."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout in the transformer."})
+    position_embedding_type: str = field(default="sine", metadata={"help": "'sine' or 'learned'."})
+    auxiliary_loss: bool = field(default=True, metadata={"help": "Loss on every decoder layer (the original)."})
+    eos_coefficient: float = field(default=0.1, metadata={"help": "Class weight of 'no object'."})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(default=None, metadata={
+        "help": "COCO 2017 layout: DATA_DIR/annotations/instances_{train,val}2017.json, DATA_DIR/{train,val}2017/."})
+    train_annotation_file: str | None = field(default=None, metadata={"help": "Any COCO json (with train_image_dir)."})
+    train_image_dir: str | None = None
+    val_annotation_file: str | None = field(default=None, metadata={"help": "Any COCO json (with val_image_dir)."})
+    val_image_dir: str | None = None
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hub dataset (or a save_to_disk folder) with image + objects{bbox, category, area, id}."})
+    bbox_format: str | None = field(default=None, metadata={
+        "help": "Hub datasets only, required there: 'xywh' or 'xyxy'."})
+    bbox_normalized: bool = field(default=False, metadata={"help": "Hub datasets: boxes are in [0, 1]."})
+    train_split: str = "train"
+    val_split: str = "validation"
+    write_demo_data: bool = field(default=False, metadata={
+        "help": "Write the embedded synthetic dataset into data_dir first (the demo)."})
+    train_scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES), metadata={
+        "help": "Shortest-edge sizes for multi-scale training (paper: 480..800 by 32)."})
+    eval_size: int = field(default=800, metadata={"help": "Shortest edge at evaluation and in the saved processor."})
+    max_size: int = field(default=1333, metadata={"help": "Longest edge limit."})
+    crop_resize_scales: list[int] = field(default_factory=lambda: list(PAPER_CROP_RESIZE_SCALES))
+    crop_size: list[int] = field(default_factory=lambda: list(PAPER_CROP_SIZE), metadata={
+        "help": "Min and max side of the random crop."})
+    check_policy: str = field(default="skip", metadata={
+        "help": "Bad images/boxes found by the dataset check: 'skip' (report them) or 'error'."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, metrics, pictures, best/, last/."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Reuse an output_dir that holds a run."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' or a checkpoint folder: continue with the same model, optimizer, scheduler, RNG, data."})
+    seed: int = 42
+    num_train_epochs: float = 300
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = field(default=1e-4, metadata={"help": "Transformer and heads."})
+    backbone_learning_rate: float = field(default=1e-5, metadata={"help": "Backbone (0 freezes it)."})
+    weight_decay: float = 1e-4
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (paper: 0.1); 0 disables."})
+    lr_scheduler_type: str = field(default="step", metadata={"help": "'step' (x0.1 at lr_drop_epochs) or 'cosine'."})
+    lr_drop_epochs: float = 200
+    warmup_steps: int = 0
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through Accelerate)."})
+    eval_every_epochs: float = 1
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps instead of every epoch (> 0)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at each evaluation)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the newest)."})
+    logging_steps: int = 10
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Accelerate trackers: tensorboard, wandb, ..., 'all' or 'none' (tensorboard only if installed)."})
+    num_prediction_images: int = field(default=8, metadata={"help": "Validation images in predictions.png."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool = False
+    hub_token: str | None = None
+
+
+def parse_args(argv=None):
+    """`--config FILE` (yaml or json) gives values, the other flags override them; unknown keys are errors."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        config_file = argv[index + 1]
+        del argv[index:index + 2]
+        with open(config_file) as f:
+            values = yaml.safe_load(f) or {}
+        known = {f.name for dc in (ModelArguments, DataArguments, TrainArguments) for f in fields(dc)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_file}: unknown key(s) {unknown}. See `python -m training.train --help`.")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_data(data_args: DataArguments, accelerator: Accelerator):
+    if data_args.write_demo_data:
+        from .sample_data import write_sample_dataset
+
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                write_sample_dataset(data_args.data_dir)
+    with accelerator.main_process_first():   # the first process builds the datasets cache, the others read it
+        if data_args.dataset_name:
+            if data_args.bbox_format is None:
+                raise ValueError("--bbox_format ('xywh' or 'xyxy') is required with --dataset_name.")
+            train, val = (load_hub_detection(data_args.dataset_name, split, bbox_format=data_args.bbox_format,
+                                             bbox_normalized=data_args.bbox_normalized)
+                          for split in (data_args.train_split, data_args.val_split))
+        elif data_args.train_annotation_file:
+            train = load_coco(annotation_file=data_args.train_annotation_file, image_dir=data_args.train_image_dir)
+            val = load_coco(annotation_file=data_args.val_annotation_file, image_dir=data_args.val_image_dir)
+        elif data_args.data_dir:
+            train, val = load_coco(data_args.data_dir, "train"), load_coco(data_args.data_dir, "val")
+        else:
+            raise ValueError("Give --data_dir (COCO layout), --train/val_annotation_file + image dirs, "
+                             "or --dataset_name.")
+    categories = get_categories(train)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples:
+        val = val.select(range(min(data_args.max_eval_samples, len(val))))
+    return train, val, categories
+
+
+def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
+    labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
+    if model_args.model_name_or_path:
+        model = DetrCustomForObjectDetection.from_pretrained(
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels)
+        logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
+                    "another count; the rest of the model is loaded)", model_args.model_name_or_path,
+                    labels["num_labels"])
+        return model
+    config = DetrCustomConfig(
+        backbone=model_args.backbone, use_pretrained_backbone=model_args.use_pretrained_backbone,
+        freeze_batch_norm=model_args.freeze_batch_norm, freeze_backbone_stem=model_args.freeze_backbone_stem,
+        dilation=model_args.dilation, d_model=model_args.d_model, encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers, encoder_attention_heads=model_args.num_heads,
+        decoder_attention_heads=model_args.num_heads, encoder_ffn_dim=model_args.ffn_dim,
+        decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
+        attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
+        position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
+        eos_coefficient=model_args.eos_coefficient, **labels)
+    return DetrCustomForObjectDetection(config)
+
+
+def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and ".backbone." in f".{n}"]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and ".backbone." not in f".{n}"]
+    groups = [{"params": rest, "lr": args.learning_rate}]
+    if args.backbone_learning_rate > 0:
+        groups.append({"params": backbone, "lr": args.backbone_learning_rate})
+    else:
+        for p in backbone:
+            p.requires_grad_(False)
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args: TrainArguments, steps_per_epoch: int, total_steps: int):
+    if args.lr_scheduler_type == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    if args.lr_scheduler_type != "step":
+        raise ValueError(f"lr_scheduler_type={args.lr_scheduler_type!r}: use 'step' or 'cosine'.")
+    drop_step = int(args.lr_drop_epochs * steps_per_epoch)
+
+    def factor(step):
+        warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+        return warmup * (0.1 if step >= drop_step else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_output_dir(args: TrainArguments):
+    output = Path(args.output_dir)
+    holds_run = output.exists() and any((output / name).exists() for name in ("metrics.json", "last", "best")) or any(
+        output.glob(f"{CHECKPOINT_PREFIX}*"))
+    if holds_run and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise ValueError(f"output_dir {output} already holds a run: pass --overwrite_output_dir to replace it or "
+                         "--resume_from_checkpoint latest to continue it.")
+    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        shutil.rmtree(output)
+
+
+def find_checkpoint(args: TrainArguments) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "trainer_state.json").exists():
+            raise ValueError(f"{path} is not a complete checkpoint (no trainer_state.json).")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
+                         key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    if not checkpoints:
+        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}.")
+    return checkpoints[-1]
+
+
+def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
+    """A checkpoint's class head must fit the dataset: resuming with other classes is a mistake, not a fine-tune."""
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.exists():
+        return
+    with safe_open(weights, "pt") as f:
+        key = next((k for k in f.keys() if k.endswith("class_embed.weight")), None)
+        saved = f.get_slice(key).get_shape()[0] - 1 if key else num_labels
+    if saved != num_labels:
+        raise ValueError(f"{checkpoint} was trained with {saved} classes but the dataset has {num_labels}: resume "
+                         "with the same dataset, or start a new run with --model_name_or_path to fine-tune.")
+
+
+def save_checkpoint(accelerator: Accelerator, args: TrainArguments, state: dict) -> Path:
+    """accelerator.save_state into a temporary folder, renamed when complete: a run killed while saving never
+    leaves a folder named checkpoint-N, the only ones resume trusts. Keeps the newest save_total_limit."""
+    output = Path(args.output_dir)
+    final = output / f"{CHECKPOINT_PREFIX}{state['global_step']}"
+    partial = output / f".partial-{CHECKPOINT_PREFIX}{state['global_step']}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
+    if accelerator.is_main_process:
+        (partial / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        checkpoints = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for old in checkpoints[:-max(args.save_total_limit, 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model(accelerator, model, processor, folder: Path):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        partial = folder.with_name(f".partial-{folder.name}")
+        shutil.rmtree(partial, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(partial)
+        processor.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, model, loader, processor, categories, val_dataset) -> dict:
+    model.eval()
+    predictions = []
+    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
+        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        target_sizes = torch.stack([label["orig_size"] for label in batch["labels"]])
+        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
+        for label, result in zip(batch["labels"], results):
+            detections = {name: value.cpu().tolist() for name, value in result.items()}
+            predictions.append({"image_id": int(label["image_id"]), **detections})
+    predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
+    model.train()
+    if not accelerator.is_main_process:
+        return {}
+    evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
+                              categories.label_to_category_id)
+    evaluator.add(predictions, [{"image_id": row["image_id"], "objects": row["objects"]}
+                                for row in val_dataset.select_columns(["image_id", "objects"])])
+    return evaluator.compute()
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to = None
+    # several processes without CUDA (`accelerate launch --multi_gpu` / torchrun on CPU machines): gloo on CPU
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=several_cpu_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=report_to, project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if args.push_to_hub:   # fail now, not after hours of training
+        from hub_cards import check_hub_token
+
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/detr-demo).")
+        check_hub_token(args.hub_token)
+    if accelerator.is_main_process:
+        check_output_dir(args)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    checkpoint = find_checkpoint(args)
+    started = time.time()
+
+    # data: rows keep undecoded images (boxes are drawn on the stored pixels), the dataset check reports problems
+    train_dataset, val_dataset, categories = load_data(data_args, accelerator)
+    model = build_model(model_args, categories)
+    with accelerator.main_process_first():
+        train_dataset, train_report = check_dataset(train_dataset, num_queries=model.config.num_queries,
+                                                    policy=data_args.check_policy)
+        val_dataset, val_report = check_dataset(val_dataset, num_queries=model.config.num_queries,
+                                                policy=data_args.check_policy)
+    if accelerator.is_main_process:
+        logger.info("train data check: %s\nval data check: %s", train_report, val_report)
+    train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
+    val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
+    processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
+                                               "longest_edge": data_args.max_size})
+    train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
+                                            data_args.crop_resize_scales, data_args.crop_size)
+    loader_kwargs = {"num_workers": data_args.num_workers, "persistent_workers": data_args.num_workers > 0}
+    # the loader's own generator (reseeded each epoch) gives worker seeds, so starting an iterator never draws
+    # from the global RNG: a run resumed mid-epoch sees the same augmentation and dropout streams
+    loader_generator = torch.Generator()
+    train_loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+                              collate_fn=DetrCollator(processor, categories.category_id_to_label, train_transforms,
+                                                      seed=args.seed),
+                              drop_last=False, generator=loader_generator, **loader_kwargs)
+    val_loader = DataLoader(val_dataset, batch_size=args.per_device_eval_batch_size,
+                            collate_fn=DetrCollator(processor, categories.category_id_to_label), **loader_kwargs)
+
+    optimizer = build_optimizer(model, args)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch, total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+    if report_to:
+        accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
+                                                         for k, v in asdict(a).items() if not isinstance(v, list)})
+
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_AP": None, "best_step": None,
+             "train_history": [], "eval_history": []}
+    if checkpoint is not None:
+        check_checkpoint_classes(checkpoint, len(categories.names))
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        logger.info("resumed from %s at step %d", checkpoint, state["global_step"])
+    last_checkpoint = checkpoint
+    eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
+    save_every = args.save_steps if args.save_steps > 0 else eval_every
+
+    def evaluate_and_save():
+        metrics = evaluate_model(accelerator, model, val_loader, processor, categories, val_dataset)
+        if accelerator.is_main_process:
+            record = {"step": state["global_step"], "epoch": state["global_step"] / steps_per_epoch, **metrics}
+            state["eval_history"].append(record)
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                            step=state["global_step"])
+            logger.info("step %d: AP %.4f AP50 %.4f", state["global_step"], metrics["AP"], metrics["AP50"])
+            if state["best_AP"] is None or metrics["AP"] > state["best_AP"]:
+                state["best_AP"], state["best_step"] = metrics["AP"], state["global_step"]
+        state["best_step"] = broadcast_object_list([state["best_step"]])[0]   # the main process decided
+        if state["best_step"] == state["global_step"]:
+            save_model(accelerator, model, processor, Path(args.output_dir) / "best")
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
+                    disable=not accelerator.is_local_main_process)
+    running = {}
+    for epoch in range(state["epoch"], num_epochs):
+        skip = state["step_in_epoch"] * args.gradient_accumulation_steps if epoch == state["epoch"] else 0
+        train_loader.set_epoch(epoch)
+        train_loader.collate_fn.set_epoch(epoch, batches_done=skip)
+        loader_generator.manual_seed(args.seed + epoch)
+        epoch_loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                try:
+                    outputs = model(**batch)
+                    if not torch.isfinite(outputs.loss):
+                        raise FloatingPointError(f"the loss is {outputs.loss.item()}.")
+                except FloatingPointError as error:
+                    image_ids = [int(label["image_id"]) for label in batch["labels"]]
+                    raise FloatingPointError(
+                        f"{error} Stopped at step {state['global_step']} (epoch {epoch}), batch image ids "
+                        f"{image_ids}. Last good checkpoint: {last_checkpoint or 'none'}. Lower the learning rate, "
+                        "keep max_grad_norm > 0, or check these images' boxes.") from error
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            for name in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error"):
+                running.setdefault(name, []).append(float(outputs.loss_dict[name].detach()))
+            running.setdefault("loss", []).append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            progress.update(1)
+            if state["global_step"] % args.logging_steps == 0:
+                record = {name: sum(values) / len(values) for name, values in running.items()}
+                record.update(step=state["global_step"], epoch=state["global_step"] / steps_per_epoch,
+                              lr=scheduler.get_last_lr()[0])
+                state["train_history"].append(record)
+                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["global_step"])
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+                running = {}
+            done = state["global_step"] >= total_steps
+            if state["global_step"] % eval_every == 0 or done:
+                evaluate_and_save()
+            if state["global_step"] % save_every == 0 or done:
+                state["epoch"] = epoch if state["step_in_epoch"] < steps_per_epoch else epoch + 1
+                state["step_in_epoch"] = state["step_in_epoch"] % steps_per_epoch
+                last_checkpoint = save_checkpoint(accelerator, args, state)
+            if done:
+                break
+        state["step_in_epoch"] = 0
+        state["epoch"] = epoch + 1
+        if state["global_step"] >= total_steps:
+            break
+    progress.close()
+
+    save_model(accelerator, model, processor, Path(args.output_dir) / "last")
+    if accelerator.is_main_process:
+        finish(accelerator, train_dataset, val_dataset, categories, state, model_args, data_args, args,
+               time.time() - started, steps_per_epoch)
+    accelerator.end_training()
+
+
+def finish(accelerator, train_dataset, val_dataset, categories, state, model_args, data_args, args, wall_time,
+           steps_per_epoch):
+    """metrics.json, curves, predictions picture, model card, push."""
+    from .plots import plot_curves, plot_predictions
+
+    output = Path(args.output_dir)
+    best = next((r for r in state["eval_history"] if r["step"] == state["best_step"]), None)
+    run = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name or data_args.data_dir or data_args.train_annotation_file,
+        "dataset_id": data_args.dataset_name,
+        "train_images": len(train_dataset), "val_images": len(val_dataset),
+        "num_train_epochs": state["global_step"] / steps_per_epoch, "max_steps": args.max_steps,
+        "global_steps": state["global_step"],
+        "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
+        * args.gradient_accumulation_steps,
+        "learning_rate": args.learning_rate, "backbone_learning_rate": args.backbone_learning_rate,
+        "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler_type, "max_grad_norm": args.max_grad_norm,
+        "mixed_precision": args.mixed_precision,
+        "augmentation": f"horizontal flip; multi-scale resize {min(data_args.train_scales)}-"
+                        f"{max(data_args.train_scales)} or resize {data_args.crop_resize_scales} + random crop "
+                        f"{data_args.crop_size} + resize (the paper's choice)",
+        "image_size": f"shortest edge {data_args.eval_size}, longest <= {data_args.max_size}",
+        "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.machine()}, "
+                    f"{os.cpu_count()} CPU cores)",
+        "num_processes": accelerator.num_processes, "wall_time_s": round(wall_time, 1), "seed": args.seed,
+        "license": "apache-2.0",
+    }
+    metrics = {"run": run, "train_history": state["train_history"], "eval_history": state["eval_history"],
+               "best": best}
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_curves(state["train_history"], state["eval_history"], output)
+    best_dir = output / "best" if (output / "best").exists() else output / "last"
+    plot_predictions(best_dir, val_dataset, categories, output / "predictions.png", args.num_prediction_images)
+    for folder in {best_dir, output / "last"}:
+        for name in ("metrics.json", "loss_curve.png", "map_curve.png", "predictions.png"):
+            if (output / name).exists():
+                shutil.copy(output / name, folder / name)
+    from hub_cards import push_output_dir, render_model_card
+
+    # each folder's card reports that folder's own evaluation (best: the best step, last: the final step)
+    eval_steps = {output / "last": state["global_step"], best_dir: state["best_step"] or state["global_step"]}
+    for folder, step in eval_steps.items():
+        render_model_card(folder, hub_model_id=args.hub_model_id, eval_step=step)
+    if args.push_to_hub:
+        push_output_dir(best_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                        eval_step=eval_steps[best_dir])
+    logger.info("done in %.0f s; best AP %s at step %s; folders: %s", wall_time, state["best_AP"],
+                state["best_step"], best_dir)
+
+
+if __name__ == "__main__":
+    main()
