@@ -31,7 +31,15 @@ from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection,
 
 from .data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from .metrics import CocoEvaluator
-from .transforms import PAPER_CROP_RESIZE_SCALES, PAPER_CROP_SIZE, PAPER_SCALES, make_detr_transforms
+from .transforms import (
+    PAPER_CROP_RESIZE_SCALES,
+    PAPER_CROP_SIZE,
+    PAPER_SCALES,
+    Compose,
+    RandomHorizontalFlip,
+    RandomResize,
+    make_detr_transforms,
+)
 
 logger = logging.getLogger("training.train")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -83,6 +91,8 @@ class DataArguments:
         "help": "Shortest-edge sizes for multi-scale training (paper: 480..800 by 32)."})
     eval_size: int = field(default=800, metadata={"help": "Shortest edge at evaluation and in the saved processor."})
     max_size: int = field(default=1333, metadata={"help": "Longest edge limit."})
+    random_crop: bool = field(default=True, metadata={
+        "help": "The paper's random choice between resize and resize + random crop + resize; False: resize only."})
     crop_resize_scales: list[int] = field(default_factory=lambda: list(PAPER_CROP_RESIZE_SCALES))
     crop_size: list[int] = field(default_factory=lambda: list(PAPER_CROP_SIZE), metadata={
         "help": "Min and max side of the random crop."})
@@ -363,8 +373,11 @@ def main(argv=None):
     val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
     processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
                                                "longest_edge": data_args.max_size})
-    train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
-                                            data_args.crop_resize_scales, data_args.crop_size)
+    if data_args.random_crop:
+        train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
+                                                data_args.crop_resize_scales, data_args.crop_size)
+    else:
+        train_transforms = Compose([RandomHorizontalFlip(), RandomResize(data_args.train_scales, data_args.max_size)])
     loader_kwargs = {"num_workers": data_args.num_workers, "persistent_workers": data_args.num_workers > 0}
     # the loader's own generator (reseeded each epoch) gives worker seeds, so starting an iterator never draws
     # from the global RNG: a run resumed mid-epoch sees the same augmentation and dropout streams
@@ -499,8 +512,9 @@ def finish(accelerator, train_dataset, val_dataset, categories, state, model_arg
         "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler_type, "max_grad_norm": args.max_grad_norm,
         "mixed_precision": args.mixed_precision,
         "augmentation": f"horizontal flip; multi-scale resize {min(data_args.train_scales)}-"
-                        f"{max(data_args.train_scales)} or resize {data_args.crop_resize_scales} + random crop "
-                        f"{data_args.crop_size} + resize (the paper's choice)",
+                        f"{max(data_args.train_scales)}" + (
+                            f" or resize {data_args.crop_resize_scales} + random crop {data_args.crop_size} + resize "
+                            "(the paper's random choice)" if data_args.random_crop else ""),
         "image_size": f"shortest edge {data_args.eval_size}, longest <= {data_args.max_size}",
         "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.machine()}, "
                     f"{os.cpu_count()} CPU cores)",
