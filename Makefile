@@ -19,7 +19,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m training.train --config training/configs/demo.yaml
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench_image_processing
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(PY) -m flake8 modeling_detr_custom training hub_cards benchmarks tests

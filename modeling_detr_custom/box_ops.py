@@ -31,28 +31,43 @@ def box_area(boxes_xyxy: torch.Tensor) -> torch.Tensor:
 
 
 def box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU and union of two sets of boxes: [N, 4] x [M, 4] -> ([N, M], [N, M])."""
-    area1 = box_area(boxes1_xyxy)                                              # [N]
-    area2 = box_area(boxes2_xyxy)                                              # [M]
-    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])   # [N, M, 2]
-    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)                    # [N, M]
+    """Pairwise IoU and union of two sets of boxes: [..., N, 4] x [..., M, 4] -> ([..., N, M], [..., N, M])."""
+    return _iou_and_union(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])
+
+
+def _iou_and_union(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU and union of boxes paired by broadcasting their leading dimensions."""
+    top_left = torch.max(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
+    bottom_right = torch.min(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
     # two zero-area boxes have union 0: the clamp keeps IoU (and its gradient) finite, 0 there
-    union = (area1[:, None] + area2[None, :] - inter).clamp(min=torch.finfo(inter.dtype).eps)
+    union = (box_area(boxes1_xyxy) + box_area(boxes2_xyxy) - inter).clamp(min=torch.finfo(inter.dtype).eps)
     return inter / union, union
 
 
+def _generalized_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
+    # matches facebookresearch/detr util/box_ops.py, plus the clamps that keep degenerate boxes finite
+    for boxes in (boxes1_xyxy, boxes2_xyxy):
+        if not (boxes[..., 2:] >= boxes[..., :2]).all():
+            raise ValueError("generalized_box_iou needs finite boxes with x1 >= x0 and y1 >= y0 (xyxy format)")
+    iou, union = _iou_and_union(boxes1_xyxy, boxes2_xyxy)
+    top_left = torch.min(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
+    bottom_right = torch.max(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
+    enclosing = (bottom_right - top_left).clamp(min=0).prod(-1).clamp(min=torch.finfo(iou.dtype).eps)
+    return iou - (enclosing - union) / enclosing
+
+
 def generalized_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
-    """Pairwise generalized IoU (Rezatofighi et al. 2019): [N, 4] x [M, 4] -> [N, M], in [-1, 1].
+    """Pairwise generalized IoU (Rezatofighi et al. 2019): [..., N, 4] x [..., M, 4] -> [..., N, M], in [-1, 1]
+    (leading dimensions, e.g. the batch, are matched, not paired).
 
     Degenerate boxes (zero width or height) give finite values: unions and enclosing areas are
     clamped away from zero. Inverted boxes (x1 < x0) are a caller bug and raise.
     """
-    # matches facebookresearch/detr util/box_ops.py, plus the clamps that keep degenerate boxes finite
-    if not (boxes1_xyxy[:, 2:] >= boxes1_xyxy[:, :2]).all() or not (boxes2_xyxy[:, 2:] >= boxes2_xyxy[:, :2]).all():
-        raise ValueError("generalized_box_iou needs finite boxes with x1 >= x0 and y1 >= y0 (xyxy format)")
-    iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
-    top_left = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
-    bottom_right = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
-    enclosing = (bottom_right - top_left).clamp(min=0).prod(-1).clamp(min=torch.finfo(iou.dtype).eps)  # [N, M]
-    return iou - (enclosing - union) / enclosing
+    return _generalized_iou(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])
+
+
+def elementwise_generalized_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
+    """Generalized IoU of matched pairs: [..., 4] x [..., 4] -> [...]; equals the diagonal of
+    `generalized_box_iou` without computing the N x N matrix."""
+    return _generalized_iou(boxes1_xyxy, boxes2_xyxy)

@@ -44,6 +44,10 @@ class DetrCustomConfig(PreTrainedConfig):
             transformers' `DetrDecoder` with `auxiliary_loss=True`, which feeds each layer-normed state into the
             next layer and layer-norms the last one twice. Set automatically when a transformers checkpoint saved
             with `auxiliary_loss=True` is loaded, because its weights were trained that way.
+        batch_independent_inference: default of the forward argument `batch_independent`: run the backbone on
+            each image unpadded (same-size images together) and pad the feature maps instead of the pixels, so an
+            image's outputs do not depend on the other images of its batch (padding changes the convolutions near
+            the visible border, in the original DETR and transformers too). Costs one backbone call per image size.
         class_cost, bbox_cost, giou_cost: Hungarian matcher weights.
         bbox_loss_coefficient, giou_loss_coefficient: loss weights of L1 and GIoU (the class loss has weight 1).
         eos_coefficient: cross-entropy weight of the "no object" class.
@@ -74,6 +78,7 @@ class DetrCustomConfig(PreTrainedConfig):
     position_embedding_type: str = "sine"
     auxiliary_loss: bool = True
     normalize_decoder_residual: bool = False
+    batch_independent_inference: bool = False
     class_cost: float | int = 1.0
     bbox_cost: float | int = 5.0             # matcher weights; the loss weights mirror them
     giou_cost: float | int = 2.0

@@ -3,14 +3,16 @@
 Called explicitly by `DetrCustomForObjectDetection` (never through transformers' `loss_function`, which picks a
 loss by class name and normalizes `num_boxes` differently across processes, see DESIGN.md).
 """
+import itertools
 import re
 
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
 
 BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
 
@@ -18,8 +20,9 @@ BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets, per image, at minimum cost.
 
-    cost = class_cost * (-p[target class]) + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for the
-    whole batch at once and solved per image with scipy's `linear_sum_assignment`.
+    cost = class_cost * (-p[target class]) + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for all
+    images at once on targets padded to the largest count (`[batch, queries, max_targets]`: no cross-image pairs),
+    copied to the CPU once and solved per image with scipy's `linear_sum_assignment`.
     """
 
     def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
@@ -29,11 +32,12 @@ class HungarianMatcher(nn.Module):
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
 
     @torch.no_grad()
-    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]):
+    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], padded_targets=None):
         """
         Args:
             logits: `[batch, queries, num_labels + 1]`; pred_boxes: `[batch, queries, 4]`, cxcywh in [0, 1].
             labels: per image, `class_labels` `[num_targets]` and `boxes` `[num_targets, 4]` cxcywh.
+            padded_targets: `pad_targets(labels)`, when the caller matches the same labels several times.
         Returns:
             per image, `(query_indices, target_indices)` int64 tensors of length min(queries, num_targets).
         """
@@ -45,27 +49,36 @@ class HungarianMatcher(nn.Module):
                     f"image {image_index} of the batch has {size} objects but the model has only num_queries="
                     f"{num_queries}: each object needs its own query. Raise config.num_queries or drop objects."
                 )
-        if not (torch.isfinite(logits).all() and torch.isfinite(pred_boxes).all()):
-            raise FloatingPointError("the predictions contain NaN or inf: training diverged.")
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(batch)]
-        probs = logits.flatten(0, 1).float().softmax(-1)              # [batch * queries, num_labels + 1]
-        boxes_cxcywh = pred_boxes.flatten(0, 1).float()                # [batch * queries, 4]
-        target_ids = torch.cat([target["class_labels"] for target in labels])           # [num_targets]
-        target_boxes = torch.cat([target["boxes"] for target in labels]).float()        # [num_targets, 4]
+        # diverged predictions: a clear error before the box functions reject NaN boxes as malformed
+        if not (torch.isfinite(logits).all() and torch.isfinite(pred_boxes).all()):
+            raise FloatingPointError("the predictions contain NaN or inf: training diverged.")
+        target_ids, target_boxes = padded_targets if padded_targets is not None else pad_targets(labels)
+        target_ids = target_ids.to(logits.device)                      # [batch, max_targets], padding: class 0
+        target_boxes = target_boxes.to(logits.device).float()          # [batch, max_targets, 4]
+        probs = logits.float().softmax(-1)                             # [batch, queries, num_labels + 1]
+        boxes_cxcywh = pred_boxes.float()                              # [batch, queries, 4]
         # 1 - p(class) ranks matches the same as -p(class), so the constant is dropped
-        cost_class = -probs[:, target_ids]                             # [batch * queries, num_targets]
+        cost_class = -probs.gather(2, target_ids[:, None, :].expand(-1, num_queries, -1))  # [batch, queries, max_t]
         cost_bbox = torch.cdist(boxes_cxcywh, target_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))
         cost = self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
-        cost = cost.view(batch, num_queries, -1).cpu()                 # [batch, queries, num_targets]
+        cost = cost.cpu().numpy()                                      # [batch, queries, max_targets]
         indices = []
-        for image_index, image_cost in enumerate(cost.split(sizes, dim=-1)):
-            query_idx, target_idx = linear_sum_assignment(image_cost[image_index].numpy())
-            indices.append((torch.as_tensor(query_idx, dtype=torch.int64),
-                            torch.as_tensor(target_idx, dtype=torch.int64)))
+        for image_cost, size in zip(cost, sizes):
+            query_idx, target_idx = linear_sum_assignment(image_cost[:, :size])
+            indices.append((torch.from_numpy(query_idx).long(), torch.from_numpy(target_idx).long()))
         return indices
+
+
+def pad_targets(labels: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image targets padded to the largest count: class ids `[batch, max_targets]` (padding 0) and cxcywh boxes
+    `[batch, max_targets, 4]` (padding: the whole image, a valid box whose cost columns are never read)."""
+    target_ids = pad_sequence([target["class_labels"] for target in labels], batch_first=True, padding_value=0)
+    target_boxes = pad_sequence([target["boxes"] for target in labels], batch_first=True, padding_value=0.5)
+    return target_ids, target_boxes
 
 
 class DetrCustomLoss(nn.Module):
@@ -92,10 +105,18 @@ class DetrCustomLoss(nn.Module):
         `{"logits", "pred_boxes"}` for the decoder layers before the last."""
         self._check_labels(logits, labels)
         num_boxes, class_weight_sum = self._normalizers(logits, labels)
-        loss_dict = self._layer_losses(logits, pred_boxes, labels, num_boxes, class_weight_sum, log=True)
+        # the targets, gathered once for every decoder layer
+        targets = {
+            "padded": pad_targets(labels),
+            "classes": torch.cat([target["class_labels"] for target in labels]).to(logits.device),  # [num_targets]
+            "boxes": torch.cat([target["boxes"] for target in labels]).to(logits.device).float(),    # [num_targets, 4]
+            "offsets": [0] + list(itertools.accumulate(len(target["class_labels"]) for target in labels))[:-1],
+            "counts": torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device),  # [batch]
+        }
+        loss_dict = self._layer_losses(logits, pred_boxes, labels, targets, num_boxes, class_weight_sum, log=True)
         for layer, aux in enumerate(auxiliary_outputs or []):
             aux_losses = self._layer_losses(
-                aux["logits"], aux["pred_boxes"], labels, num_boxes, class_weight_sum, log=False)
+                aux["logits"], aux["pred_boxes"], labels, targets, num_boxes, class_weight_sum, log=False)
             loss_dict.update({f"{name}_{layer}": value for name, value in aux_losses.items()})
         loss = sum(value * self.weights[re.sub(r"_\d+$", "", name)]
                    for name, value in loss_dict.items() if re.sub(r"_\d+$", "", name) in self.weights)
@@ -141,14 +162,16 @@ class DetrCustomLoss(nn.Module):
         num_boxes, class_weight_sum = (totals / world_size).tolist()
         return max(num_boxes, 1.0), class_weight_sum
 
-    def _layer_losses(self, logits, pred_boxes, labels, num_boxes: float, class_weight_sum: float, log: bool) -> dict:
+    def _layer_losses(self, logits, pred_boxes, labels, targets: dict, num_boxes: float, class_weight_sum: float,
+                      log: bool) -> dict:
         logits, pred_boxes = logits.float(), pred_boxes.float()        # losses in fp32, also under autocast
-        indices = self.matcher(logits, pred_boxes, labels)
+        indices = self.matcher(logits, pred_boxes, labels, targets["padded"])
         batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([query for query, _ in indices]).to(logits.device)
-        matched_classes = torch.cat(
-            [target["class_labels"][target_idx.to(target["class_labels"].device)]
-             for target, (_, target_idx) in zip(labels, indices)]).to(logits.device)      # [num_matched]
+        # position of each matched target in the concatenation of all images' targets
+        flat_target_idx = torch.cat([target + offset for (_, target), offset in zip(indices, targets["offsets"])])
+        flat_target_idx = flat_target_idx.to(logits.device)            # [num_matched]
+        matched_classes = targets["classes"][flat_target_idx]          # [num_matched]
         target_classes = torch.full(logits.shape[:2], self.num_labels, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = matched_classes        # [batch, queries], unmatched = no object
         class_weight = torch.ones(self.num_labels + 1, device=logits.device)
@@ -157,17 +180,14 @@ class DetrCustomLoss(nn.Module):
         losses = {"loss_ce": loss_ce / class_weight_sum}
 
         matched_boxes = pred_boxes[batch_idx, query_idx]               # [num_matched, 4]
-        target_boxes = torch.cat(
-            [target["boxes"][target_idx.to(target["boxes"].device)]
-             for target, (_, target_idx) in zip(labels, indices)]).to(logits.device).float()
+        target_boxes = targets["boxes"][flat_target_idx]               # [num_matched, 4]
         losses["loss_bbox"] = F.l1_loss(matched_boxes, target_boxes, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)))
-        losses["loss_giou"] = (1 - giou).sum() / num_boxes
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
+        losses["loss_giou"] = (1 - giou).sum() / num_boxes             # giou: [num_matched]
 
         with torch.no_grad():   # logging only
             predicted_objects = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()     # [batch]
-            target_counts = torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device)
-            losses["cardinality_error"] = F.l1_loss(predicted_objects, target_counts)
+            losses["cardinality_error"] = F.l1_loss(predicted_objects, targets["counts"])
             if log:
                 # no matched objects: nothing to get wrong, 0 % error
                 correct = (logits[batch_idx, query_idx].argmax(-1) == matched_classes).float()

@@ -1,0 +1,216 @@
+"""The fast paths give the outputs of the plain ones: folded BatchNorm, channels_last, the position-encoding cache,
+bf16 autocast, batch-independent inference, the batched matcher and elementwise GIoU. Correctness only, never timing
+(benchmarks/bench_model.py times them)."""
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from helpers import padded_batch, randomize_, tiny_kwargs
+from transformers import DetrConfig
+from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
+
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
+from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
+from modeling_detr_custom.modeling_detr_custom import ConvFrozenBatchNorm2d
+
+
+def _model(**overrides):
+    config = DetrCustomConfig(**tiny_kwargs(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **overrides))
+    model = randomize_(DetrCustomForObjectDetection(config))
+    model.model.backbone.fast_path_min_pixels = 0       # the fast paths at test sizes (by default from 2^17 pixels)
+    return model
+
+
+def _unfolded(model):
+    model.model.backbone.fold_batch_norm = False
+    return model
+
+
+def test_folded_batch_norm_equals_unfolded_in_eval_and_training():
+    model = _model()
+    folded = model.model.backbone.folded_body()
+    assert sum(isinstance(m, ConvFrozenBatchNorm2d) for m in folded.modules()) == 20   # every BatchNorm of resnet18
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        fast = model.eval()(pixel_values, pixel_mask)
+        plain = _unfolded(model)(pixel_values, pixel_mask)
+    assert (fast.logits - plain.logits).abs().max() <= 1e-4
+    assert (fast.pred_boxes - plain.pred_boxes).abs().max() <= 1e-5
+    # training: the fold shares the parameters, so the gradients are those of the unfolded body. Checked on the
+    # features (the transformer's sharp random attention would amplify fp32 rounding into the comparison)
+    backbone = model.model.backbone.train()
+    gradients = []
+    for body in (backbone.folded_body(), backbone.body):
+        backbone.zero_grad()
+        body(pixel_values.contiguous(memory_format=torch.channels_last))[-1].square().mean().backward()
+        gradients.append({n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None})
+    assert len(gradients[0]) == len(gradients[1]) == 15      # layer2-4's convolutions (stem and layer1 frozen)
+    for name, grad in gradients[0].items():
+        assert (grad - gradients[1][name]).norm() <= 1e-4 * gradients[1][name].norm(), name
+
+
+def test_fold_follows_weight_changes_and_keeps_the_state_dict(tmp_path):
+    model = _model().eval()
+    keys = list(model.state_dict())
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        before = model(pixel_values, pixel_mask).logits
+        randomize_(model, seed=1)                        # in-place changes after the fold was built
+        after = model(pixel_values, pixel_mask).logits
+        plain = _unfolded(model)(pixel_values, pixel_mask).logits
+    assert list(model.state_dict()) == keys
+    assert (after - before).abs().max() > 1e-2 and (after - plain).abs().max() <= 1e-4
+
+
+def test_fold_is_off_without_frozen_batch_norm():
+    model = _model(freeze_batch_norm=False).eval()
+    assert not model.model.backbone.fold_batch_norm
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).logits.isfinite().all()
+
+
+def test_channels_last_equals_contiguous():
+    model = _unfolded(_model()).eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    body = model.model.backbone.body
+    with torch.no_grad():
+        contiguous = body(pixel_values)[-1]
+        channels_last = body(pixel_values.contiguous(memory_format=torch.channels_last))[-1]
+        assert channels_last.is_contiguous(memory_format=torch.channels_last)
+        assert (contiguous - channels_last).abs().max() <= 1e-5 * contiguous.abs().max()
+        # the model's input in either layout gives the same outputs
+        assert torch.equal(model(pixel_values, pixel_mask).logits,
+                           model(pixel_values.contiguous(memory_format=torch.channels_last), pixel_mask).logits)
+
+
+def test_position_encoding_cache_is_exact_and_keyed_by_shape():
+    model = _model().eval()
+    encoding = model.model.position_embedding
+    for height, width in ((3, 4), (5, 2), (3, 4)):
+        mask = torch.ones((2, height, width), dtype=torch.bool)
+        assert torch.equal(encoding(mask, has_padding=False), encoding(mask, has_padding=True))
+    assert len(encoding._cache) == 2
+    # a padded mask never reads the cache: its encoding is normalized over the visible cells only
+    padded = torch.ones((1, 3, 4), dtype=torch.bool)
+    padded[:, :, 3:] = False
+    assert not torch.equal(encoding(padded), encoding(torch.ones((1, 3, 4), dtype=torch.bool), has_padding=False))
+    # an unpadded image after a padded batch of the same size, and the reverse, match fresh computations
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        first = model(pixel_values[:1]).logits
+        model(pixel_values, pixel_mask)
+        encoding._cache.clear()
+        assert torch.equal(model(pixel_values[:1]).logits, first)
+
+
+def test_bf16_autocast_runs_and_keeps_the_top_detections():
+    # random weights (no trained demo model in the tests): the bf16 backbone's ~1 % feature error moves random-weight
+    # boxes by up to ~4 px at 256 px (a trained model's goal is 1 px, benchmarks/bench_model.py); labels must agree
+    model = _model(num_queries=20).eval()
+    with torch.no_grad():   # undo randomize_'s sharper q/k: near-one-hot attention flips on bf16 rounding
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.div_(3.0)
+    pixel_values = torch.randn((1, 3, 192, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = model(pixel_values)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(pixel_values)
+    assert bf16.logits.dtype == bf16.pred_boxes.dtype == torch.float32     # transformer and heads in fp32 on CPU
+    scores, labels = fp32.logits[0].softmax(-1)[:, :-1].max(-1)
+    top = scores.topk(5).indices                                            # compared by query: ties have no order
+    assert torch.equal(bf16.logits[0, top, :-1].argmax(-1), labels[top])
+    scale = torch.tensor([256, 192, 256, 192])
+    boxes_px = [box_cxcywh_to_xyxy(out.pred_boxes[0, top]) * scale for out in (fp32, bf16)]
+    assert (boxes_px[0] - boxes_px[1]).abs().max() <= 0.02 * 256
+
+
+@pytest.mark.parametrize("auxiliary_loss", [False, True])
+def test_batch_independent_outputs_equal_single_image_outputs(auxiliary_loss):
+    model = _model(auxiliary_loss=auxiliary_loss).eval()
+    pixel_values, pixel_mask, _ = padded_batch()                   # image 1 is 120 x 96 inside 160 x 128
+    with torch.no_grad():
+        alone = model(pixel_values[1:, :, :120, :96])
+        default = model(pixel_values, pixel_mask)
+        independent = model(pixel_values, pixel_mask, batch_independent=True)
+        first_alone = model(pixel_values[:1])
+    assert (default.logits[1] - alone.logits[0]).abs().max() > 1e-2   # padding changes the default path
+    assert (independent.logits[1] - alone.logits[0]).abs().max() <= 1e-4
+    assert (independent.pred_boxes[1] - alone.pred_boxes[0]).abs().max() <= 1e-4
+    assert (independent.logits[0] - first_alone.logits[0]).abs().max() <= 1e-4
+    # same-size images form one group; the feature mask marks each image's own cells
+    assert independent.feature_mask[1].sum() == alone.feature_mask[0].numel()
+
+
+def test_batch_independent_rejects_masks_that_are_not_top_left_rectangles():
+    model = _model().eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    pixel_mask[1, :10] = 0                                          # padding on top
+    with pytest.raises(ValueError, match="top-left"):
+        model(pixel_values, pixel_mask, batch_independent=True)
+
+
+def _random_targets(generator, batch, queries, targets, num_labels, layers):
+    logits = torch.randn((layers, batch, queries, num_labels + 1), generator=generator)
+    boxes = torch.rand((layers, batch, queries, 4), generator=generator) * 0.5 + 0.25
+    counts = torch.randint(0, targets + 1, (batch,), generator=generator).tolist()
+    labels = [{"class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+               "boxes": torch.cat([torch.rand((n, 2), generator=generator) * 0.6 + 0.2,
+                                   torch.rand((n, 2), generator=generator) * 0.3 + 0.05], dim=1)} for n in counts]
+    return logits, boxes, labels
+
+
+def test_batched_matcher_equals_the_whole_batch_cost_formulation():
+    generator = torch.Generator().manual_seed(0)
+    logits, boxes, labels = _random_targets(generator, batch=6, queries=30, targets=12, num_labels=5, layers=1)
+    logits, boxes = logits[0], boxes[0]
+    matcher = HungarianMatcher(class_cost=1.0, bbox_cost=5.0, giou_cost=2.0)
+    indices = matcher(logits, boxes, labels)
+    # the previous formulation: one [batch * queries, all targets] cost matrix, each image's block cut out of it
+    probs, flat_boxes = logits.flatten(0, 1).softmax(-1), boxes.flatten(0, 1)
+    target_ids = torch.cat([t["class_labels"] for t in labels])
+    target_boxes = torch.cat([t["boxes"] for t in labels])
+    cost = (5.0 * torch.cdist(flat_boxes, target_boxes, p=1) - probs[:, target_ids]
+            - 2.0 * generalized_box_iou(box_cxcywh_to_xyxy(flat_boxes), box_cxcywh_to_xyxy(target_boxes)))
+    cost = cost.view(6, 30, -1).split([len(t["boxes"]) for t in labels], dim=-1)
+    for image, (query_idx, target_idx) in enumerate(indices):
+        assert len(query_idx) == len(labels[image]["boxes"])
+        block = cost[image][image]
+        expected_rows, expected_cols = linear_sum_assignment(block.numpy())
+        assert torch.isclose(block[query_idx, target_idx].sum(), block[expected_rows, expected_cols].sum(), atol=1e-5)
+
+
+def test_elementwise_giou_is_the_diagonal_of_the_pairwise_matrix():
+    generator = torch.Generator().manual_seed(0)
+    boxes1 = box_cxcywh_to_xyxy(torch.rand((50, 4), generator=generator) * 0.5 + 0.1)
+    boxes2 = box_cxcywh_to_xyxy(torch.rand((50, 4), generator=generator) * 0.5 + 0.1)
+    boxes2[0] = boxes1[0]                                            # identical: GIoU 1
+    boxes2[1] = torch.tensor([0.3, 0.3, 0.3, 0.3])                   # a point: finite
+    expected = torch.diag(generalized_box_iou(boxes1, boxes2))
+    assert torch.allclose(elementwise_generalized_box_iou(boxes1, boxes2), expected, atol=1e-6)
+    assert generalized_box_iou(boxes1[None], boxes2[None]).shape == (1, 50, 50)
+
+
+def test_loss_equals_transformers_loss_with_auxiliary_layers():
+    generator = torch.Generator().manual_seed(1)
+    layers, num_labels = 3, 7
+    logits, boxes, labels = _random_targets(generator, batch=4, queries=20, targets=8, num_labels=num_labels,
+                                            layers=layers)
+    labels[2] = {"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}   # an empty image
+    config = DetrConfig(num_labels=num_labels, auxiliary_loss=True, decoder_layers=layers,
+                        use_pretrained_backbone=False)
+    expected, expected_dict, _ = ForObjectDetectionLoss(logits[-1], labels, "cpu", boxes[-1], config, logits, boxes)
+    auxiliary = [{"logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+    actual, actual_dict = DetrCustomLoss(config)(logits[-1], boxes[-1], labels, auxiliary)
+    assert abs(actual.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_1", "cardinality_error"):
+        assert torch.allclose(torch.as_tensor(actual_dict[name]), expected_dict[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_from_pretrained_keeps_the_stem_frozen(tmp_path):
+    # the training benchmark's parameter set: loading must not unfreeze what the config freezes
+    model = _model()
+    model.save_pretrained(tmp_path)
+    loaded = DetrCustomForObjectDetection.from_pretrained(tmp_path)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
+    assert "model.backbone.body.conv1.weight" not in trainable
