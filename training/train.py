@@ -463,9 +463,12 @@ def main(argv=None):
             state["step_in_epoch"] += 1
             progress.update(1)
             if state["global_step"] % args.logging_steps == 0:
-                record = {name: sum(values) / len(values) for name, values in running.items()}
+                # the mean over processes: with the loss's global normalization it is the loss of the global batch
+                names = sorted(running)
+                local = torch.tensor([sum(running[n]) / len(running[n]) for n in names], device=accelerator.device)
+                record = dict(zip(names, accelerator.reduce(local, reduction="mean").tolist()))
                 record.update(step=state["global_step"], epoch=state["global_step"] / steps_per_epoch,
-                              lr=scheduler.get_last_lr()[0])
+                              lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 2))
                 state["train_history"].append(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["global_step"])
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
