@@ -18,8 +18,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as timm's freeze_batch_norm_2d makes it
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
