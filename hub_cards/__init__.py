@@ -1,13 +1,13 @@
 """Model cards and Hub pushes for training output folders.
 
 `render_model_card(output_dir, hub_model_id=None)` writes `output_dir/README.md` from its config.json and
-metrics.json; `check_hub_token` fails fast before training when pushing cannot work; `push_output_dir` and
-`HubPusher` upload the folder. Only huggingface_hub and jinja2 are needed (no torch).
+metrics.json; `check_hub_token` fails fast before training when pushing cannot work; `push_output_dir` uploads
+the folder. Only huggingface_hub and jinja2 are needed (no torch).
 """
 import importlib
 
-__all__ = ["render_model_card", "check_hub_token", "push_output_dir", "HubPusher"]
-_MODULE_OF = {"render_model_card": "render", "check_hub_token": "push", "push_output_dir": "push", "HubPusher": "push"}
+__all__ = ["render_model_card", "check_hub_token", "push_output_dir"]
+_MODULE_OF = {"render_model_card": "render", "check_hub_token": "push", "push_output_dir": "push"}
 
 
 def __getattr__(name):

@@ -7,22 +7,15 @@
   `repo_id` (when metrics.json is there; `eval_step` as in `render_model_card`; `render_card=False` keeps the
   README.md as it is) and uploads the folder in one commit. Optimizer / accelerate states and checkpoint
   sub-folders stay local.
-- `HubPusher`: the same, repeatedly during training. `push(message, blocking=False)` copies the folder first and
-  uploads the copy in a background thread, so training goes on and can overwrite its files meanwhile; pushes run
-  one after the other, in order. `wait()` before the process exits.
 
 CLI: `python -m hub_cards.push OUTPUT_DIR REPO_ID [--private] [--token TOKEN] [--eval-step N] [--keep-card]`.
 """
 import argparse
-import shutil
-import tempfile
-from concurrent.futures import Future
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.constants import ENDPOINT, is_offline_mode
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import filter_repo_objects
 
 from .render import render_model_card
 
@@ -65,64 +58,23 @@ def check_hub_token(token: str | None = None, *, verify: bool = False) -> str:
     return token
 
 
-class HubPusher:
-    """Pushes `output_dir` to the model repository `repo_id`, now or in the background (see the module docstring)."""
-
-    def __init__(self, output_dir, repo_id: str, *, private: bool = False, token: str | None = None,
-                 eval_step: int | None = None, render_card: bool = True, ignore_patterns: list[str] | None = None):
-        if not repo_id:
-            raise ValueError("Pushing needs a repository name: pass --hub_model_id owner/name (or just name, for "
-                             "your own namespace).")
-        self.output_dir = Path(output_dir)
-        self.private, self.eval_step, self.render_card = private, eval_step, render_card
-        self.ignore_patterns = IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns
-        self.api = HfApi(token=check_hub_token(token))  # one HfApi: its single worker thread keeps pushes in order
-        self.repo_id = repo_id
-        self._repo_created = False
-        self._futures: list[Future] = []
-
-    def _prepare(self) -> None:
-        if not (self.output_dir / "config.json").is_file():
-            raise ValueError(f"{self.output_dir} has no config.json: save the model there before pushing it.")
-        if not self._repo_created:
-            # create_repo resolves "name" to "user/name": the card's examples then name the real repository
-            self.repo_id = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True).repo_id
-            self._repo_created = True
-        if self.render_card and (self.output_dir / "metrics.json").is_file():
-            render_model_card(self.output_dir, hub_model_id=self.repo_id, eval_step=self.eval_step)
-
-    def push(self, commit_message: str = "Upload DETR model", *, blocking: bool = True) -> CommitInfo | Future:
-        """Upload the folder in one commit; with `blocking=False`, upload a copy of it in the background."""
-        self._prepare()
-        if blocking:
-            self.wait()
-            return self.api.upload_folder(repo_id=self.repo_id, folder_path=self.output_dir,
-                                          commit_message=commit_message, ignore_patterns=self.ignore_patterns)
-        snapshot = Path(tempfile.mkdtemp(prefix="detr-push-"))
-        files = [p.relative_to(self.output_dir).as_posix() for p in self.output_dir.rglob("*") if p.is_file()]
-        for relative in filter_repo_objects(files, ignore_patterns=self.ignore_patterns):
-            (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.output_dir / relative, snapshot / relative)  # a copy: training may rewrite the file
-        future = self.api.upload_folder(repo_id=self.repo_id, folder_path=snapshot, commit_message=commit_message,
-                                        run_as_future=True)
-        future.add_done_callback(lambda _: shutil.rmtree(snapshot, ignore_errors=True))
-        self._futures.append(future)
-        return future
-
-    def wait(self) -> None:
-        """Block until every background push is done; raise the first error one of them hit."""
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()
-
-
 def push_output_dir(output_dir, repo_id: str, *, private: bool = False, token: str | None = None,
                     commit_message: str = "Upload DETR model, processor, model card and code",
                     eval_step: int | None = None, render_card: bool = True) -> CommitInfo:
     """Create `repo_id` if needed and upload `output_dir` (README.md re-rendered for `repo_id`) in one commit."""
-    pusher = HubPusher(output_dir, repo_id, private=private, token=token, eval_step=eval_step,
-                       render_card=render_card)
-    return pusher.push(commit_message)
+    if not repo_id:
+        raise ValueError("Pushing needs a repository name: pass --hub_model_id owner/name (or just name, for "
+                         "your own namespace).")
+    output_dir = Path(output_dir)
+    api = HfApi(token=check_hub_token(token))
+    if not (output_dir / "config.json").is_file():
+        raise ValueError(f"{output_dir} has no config.json: save the model there before pushing it.")
+    # create_repo resolves "name" to "user/name": the card's examples then name the real repository
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if render_card and (output_dir / "metrics.json").is_file():
+        render_model_card(output_dir, hub_model_id=repo_id, eval_step=eval_step)
+    return api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message,
+                             ignore_patterns=IGNORE_PATTERNS)
 
 
 def main(argv=None) -> None:

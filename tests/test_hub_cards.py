@@ -353,29 +353,17 @@ def test_push_output_dir_commits_model_card_code_and_pictures(hub, saved_run, tm
     assert {r.metric_type: r.metric_value for r in results}["map"] == fixture_metrics()["best"]["AP"]
 
 
-def test_background_pushes_commit_in_order(hub, saved_run, tmp_path):
-    code = ("from hub_cards import HubPusher; import sys; pusher = HubPusher(sys.argv[1], 'detr-bg'); "
-            "pusher.push('step 500', blocking=False); pusher.push('step 1000', blocking=False); pusher.wait(); "
-            "print(pusher.push('end of training').oid)")
-    result = run_python(["-c", code, str(saved_run)], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
-    assert result.returncode == 0, result.stderr
-    assert hub.unexpected == [] and len(hub.created) == 1  # the repository is created once
-    assert [c["summary"] for c in hub.commits] == ["step 500", "step 1000", "end of training"]
-    assert {c["repo_id"] for c in hub.commits} == {"user/detr-bg"}  # "name" resolved to the token's namespace
-    for commit in hub.commits:
-        assert {"README.md", "model.safetensors", *CODE_FILES} <= set(commit["files"])
-        assert "optimizer.bin" not in commit["files"]
-        assert 'model="user/detr-bg"' in commit["files"]["README.md"].decode()
-
-
 def test_push_cli_and_token_verification(hub, saved_run, tmp_path):
     last = fixture_metrics()["eval_history"][-1]
-    result = run_python(["-m", "hub_cards.push", str(saved_run), "someone/detr-cli", "--eval-step", str(last["step"])],
+    result = run_python(["-m", "hub_cards.push", str(saved_run), "detr-cli", "--eval-step", str(last["step"])],
                         clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write"))
     assert result.returncode == 0, result.stderr
-    assert f"{hub.url}/someone/detr-cli/commit/" in result.stdout
-    assert hub.commits[-1]["repo_id"] == "someone/detr-cli"
-    card = ModelCard(hub.commits[-1]["files"]["README.md"].decode())
+    assert f"{hub.url}/user/detr-cli/commit/" in result.stdout
+    assert hub.created == [{"name": "detr-cli", "organization": None, "visibility": "public"}]  # no --private
+    (commit,) = hub.commits
+    assert commit["repo_id"] == "user/detr-cli"  # "name" resolved to the token's namespace
+    card = ModelCard(commit["files"]["README.md"].decode())
+    assert 'model="user/detr-cli"' in card.text  # the card names the resolved repository
     _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
     assert {r.metric_type: r.metric_value for r in results}["map"] == last["AP"]  # the folder's own evaluation
 
