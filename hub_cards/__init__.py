@@ -2,7 +2,7 @@
 
 `render_model_card(output_dir, hub_model_id=None)` writes `output_dir/README.md` from its config.json and
 metrics.json; `check_hub_token` fails fast before training when pushing cannot work; `push_output_dir` uploads
-the folder. Only huggingface_hub and jinja2 are needed (no torch).
+the folder. Only huggingface_hub, jinja2 and safetensors (with numpy) are needed, not torch.
 """
 import importlib
 

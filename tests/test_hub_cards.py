@@ -155,6 +155,18 @@ def test_card_reports_the_evaluation_of_the_saved_weights(tmp_path):
     assert f"These weights (step {last['step'] + 1}) were not evaluated" in unevaluated.text
 
 
+def test_card_counts_the_saved_parameters(tmp_path):
+    output_dir = make_output_dir(tmp_path / "run", model=True)
+    model = DetrCustomForObjectDetection.from_pretrained(output_dir)
+    count = sum(tensor.numel() for tensor in model.state_dict().values())  # what save_pretrained stored
+    text = render_model_card(output_dir).text
+    assert f"- **Parameters:** {count / 1e6:.1f} M ({count:,} values in model.safetensors)" in text
+
+    (output_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        render_model_card(output_dir)
+
+
 def test_card_omits_what_was_not_measured(tmp_path):
     metrics = fixture_metrics()
     metrics["run"] = {"model_name_or_path": None, "dataset": "detection-datasets/coco", "num_train_epochs": 2}
@@ -168,6 +180,7 @@ def test_card_omits_what_was_not_measured(tmp_path):
     text = card.text
     assert "not evaluated during this run" in text and "More information needed" not in text
     assert "trained from scratch" in text and "Wall time" not in text and "Hardware" not in text
+    assert "Parameters" not in text  # no model.safetensors in the folder
     assert "](loss_curve.png)" in text and "map_curve.png" not in text and "predictions.png" not in text
     assert f'model="{output_dir}"' in text and "# scratch" in text  # without a Hub id, the examples load the folder
 
