@@ -2,10 +2,11 @@
 
     .venv/bin/python -m benchmarks.bench_model [--quick] [--rounds 5] [--threads N]
 
-Both models come from one transformers model with random weights (tests/helpers.py `randomize_`: default inits give
-near-constant outputs), saved with save_pretrained and loaded into ours through the public `from_pretrained`, which
-converts. Runs are interleaved (transformers, ours, transformers, ...) so load from other processes hits both alike;
-the table shows median milliseconds, the speed ratio (transformers / ours) and the largest output difference.
+Both models come from one transformers model with random weights (`randomize_` from modeling_detr_custom/
+testing_utils.py: default inits give near-constant outputs), saved with save_pretrained and loaded into ours through
+the public `from_pretrained`, which converts. Runs are interleaved (transformers, ours, transformers, ...) so load
+from other processes hits both alike; the table shows median milliseconds, the speed ratio (transformers / ours) and
+the largest output difference.
 
 Rows (R50, 800x1066 unless --quick: resnet18-sized images 384x512, fewer rounds):
   inference fp32 b1      eval, no grad; ours folds the frozen BatchNorm into the convolutions (a cached copy) and
@@ -18,7 +19,6 @@ Rows (R50, 800x1066 unless --quick: resnet18-sized images 384x512, fewer rounds)
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +30,7 @@ from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomLoss
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import randomize_  # noqa: E402  (the tests' meaningful random weights)
+from modeling_detr_custom.testing_utils import randomize_  # the tests' meaningful random weights
 
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
 

@@ -1,4 +1,8 @@
-"""Shared test helpers: tiny configs, meaningful random weights, a padded batch with labels."""
+"""Shared test helpers: tiny configs, meaningful random weights, a padded batch with labels.
+
+Used by tests/ and benchmarks/ (like `transformers.testing_utils`); no model file imports it, so it does not travel
+with `save_pretrained` as remote code.
+"""
 import math
 
 import torch

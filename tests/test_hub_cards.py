@@ -25,7 +25,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import tiny_kwargs
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
@@ -33,6 +32,7 @@ from PIL import Image
 from hub_cards import render_model_card
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.testing_utils import tiny_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "metrics.json"
@@ -40,8 +40,9 @@ ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 # metrics.json key -> model-index metric type (transformers' object-detection example names)
 METRIC_TYPES = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "AP_small": "map_small",
                 "AP_medium": "map_medium", "AP_large": "map_large"}
+# the remote code save_pretrained copies: the model files and what they import (convert.py, for from_pretrained)
 CODE_FILES = {"configuration_detr_custom.py", "modeling_detr_custom.py", "loss_detr_custom.py", "box_ops.py",
-              "image_processing_detr_custom.py"}
+              "image_processing_detr_custom.py", "convert.py"}
 PICTURES = ("loss_curve.png", "map_curve.png", "predictions.png")
 
 
@@ -356,6 +357,7 @@ def test_push_output_dir_commits_model_card_code_and_pictures(hub, saved_run, tm
     expected = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "metrics.json",
                 *CODE_FILES, *PICTURES}
     assert expected <= committed
+    assert {p for p in committed if p.endswith(".py")} == CODE_FILES  # testing_utils.py stays home
     assert "optimizer.bin" not in committed and not any(p.startswith("checkpoint-") for p in committed)
     for name in ("model.safetensors", "config.json", "loss_curve.png"):
         assert commit["files"][name] == (saved_run / name).read_bytes()
