@@ -16,11 +16,14 @@ KNOWN_FILES = {
 }
 
 
+def measured(value) -> bool:
+    """Whether a figure was measured: a number >= 0 (pycocotools writes -1 where there is no ground truth)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
 def percent(value) -> str:
     """A COCO figure in [0, 1] as a percentage; pycocotools' -1 ("no ground truth") and missing as "n/a"."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        return "n/a"
-    return f"{100 * value:.1f}"
+    return f"{100 * value:.1f}" if measured(value) else "n/a"
 
 
 def _number(value) -> str:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .card_text import describe_architecture, describe_files, describe_recipe, describe_training_data, percent
+from .card_text import (
+    describe_architecture,
+    describe_files,
+    describe_recipe,
+    describe_training_data,
+    measured,
+    percent,
+)
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card.jinja")
 # metrics.json key -> (model-index metric type, as in transformers' object-detection example, display name)
@@ -56,16 +63,12 @@ def hub_id(value) -> str | None:
     return None
 
 
-def _measured(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-
-
 def _eval_results(evaluation: dict, dataset_id: str | None, dataset_name: str) -> list[EvalResult]:
     return [
         EvalResult(task_type="object-detection", task_name="Object Detection", dataset_type=dataset_id or "custom",
                    dataset_name=dataset_name, dataset_split="validation", metric_type=metric_type,
                    metric_name=metric_name, metric_value=evaluation[key])
-        for key, (metric_type, metric_name) in MODEL_INDEX_METRICS.items() if _measured(evaluation.get(key))
+        for key, (metric_type, metric_name) in MODEL_INDEX_METRICS.items() if measured(evaluation.get(key))
     ]
 
 
@@ -112,7 +115,7 @@ def _final_losses(train_history: list) -> dict:
     if not train_history:
         return {"final_losses": None}
     last = train_history[-1]
-    names = sorted((key for key in last if key.startswith("loss") and _measured(last[key])), key=lambda k: k != "loss")
+    names = sorted((key for key in last if key.startswith("loss") and measured(last[key])), key=lambda k: k != "loss")
     terms = [f"`{key}` {last[key]:.4g}" for key in names]  # the total first
     return {"final_losses": ", ".join(terms) or None, "final_losses_step": last.get("step", "?")}
 
