@@ -6,9 +6,9 @@ train.py's metrics.json schema; -1 ("no ground truth", pycocotools) shows as "n/
 
 Push contract: the real Hub is unreachable from here (no network but the package registry), so `StandInHub` below
 is a small HTTP server on 127.0.0.1 that answers the Hub API routes huggingface_hub calls for create_repo /
-upload_folder / whoami (read from huggingface_hub 2.4's source: POST /api/repos/create, POST
-/api/models/{repo}/preupload/{rev}, POST /api/models/{repo}/commit/{rev} with an ndjson body, GET /api/whoami-v2,
-and the best-effort GET /api/agent-harnesses). Any other request is recorded and fails the test.
+upload_folder / whoami (read from huggingface_hub 2.4's source: POST /api/repos/create, POST /api/validate-yaml
+(for README.md), POST /api/models/{repo}/preupload/{rev}, POST /api/models/{repo}/commit/{rev} with an ndjson body,
+GET /api/whoami-v2, and the best-effort GET /api/agent-harnesses). Any other request is recorded and fails the test.
 It answers "regular" to preupload, so every file travels base64 inside the commit and the test sees its bytes.
 huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_TOKEN / HF_HUB_OFFLINE at import, so pushes run in a subprocess
 with those set (and HF_HUB_OFFLINE unset), exactly as a user's process would.
