@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 
-from hub_cards import render_model_card
+from hub_cards import push_output_dir, render_model_card
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.testing_utils import tiny_kwargs
@@ -219,7 +220,11 @@ def test_render_cli(tmp_path):
                         clean_env(tmp_path, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr
-    card = ModelCard.load(output_dir / "README.md")
+    readme = output_dir / "README.md"
+    assert result.stdout.strip() == f"wrote {readme}"
+    written = readme.read_text(encoding="utf-8")
+    assert written == str(render_model_card(output_dir, hub_model_id="someone/detr-shapes"))  # the same card
+    card = ModelCard.load(readme)
     assert 'model="someone/detr-shapes"' in card.text and card.data.pipeline_tag == "object-detection"
 
 
@@ -387,4 +392,23 @@ def test_push_cli_and_token_verification(hub, saved_run, tmp_path):
     assert good.returncode == 0 and good.stdout.strip() == "ok", good.stderr
     read_only = run_python(["-c", verify], clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_read"))
     assert read_only.returncode != 0 and "read-only" in read_only.stderr
+    assert hub.unexpected == []
+
+
+def test_push_refuses_what_it_cannot_push_and_keeps_the_card_on_request(hub, saved_run, tmp_path):
+    with pytest.raises(ValueError, match="needs a repository name"):
+        push_output_dir(saved_run, "")
+    (tmp_path / "empty").mkdir()
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_write")
+    empty = run_python(["-m", "hub_cards.push", str(tmp_path / "empty"), "someone/detr-empty"], env)
+    assert empty.returncode != 0 and "has no config.json" in empty.stderr
+    assert hub.created == [] and hub.commits == []  # refused before the repository is created
+
+    output_dir = shutil.copytree(saved_run, tmp_path / "run")
+    (output_dir / "README.md").write_text("# written by hand\n", encoding="utf-8")
+    kept = run_python(["-m", "hub_cards.push", str(output_dir), "someone/detr-kept", "--keep-card"], env)
+    assert kept.returncode == 0, kept.stderr
+    (commit,) = hub.commits
+    assert commit["files"]["README.md"] == b"# written by hand\n"
+    assert (output_dir / "README.md").read_text(encoding="utf-8") == "# written by hand\n"
     assert hub.unexpected == []
