@@ -37,74 +37,12 @@ import pyarrow as pa
 import torch
 from datasets.table import InMemoryTable
 
-from .transforms import objects_to_target, target_to_annotations
+from ..transforms import objects_to_target, target_to_annotations
+from .schema import DETECTION_FEATURES, Categories, get_categories, set_categories
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
-DETECTION_FEATURES = datasets.Features({
-    "image": datasets.Image(),
-    "image_id": datasets.Value("int64"),
-    "width": datasets.Value("int32"),
-    "height": datasets.Value("int32"),
-    "objects": datasets.Sequence({
-        "id": datasets.Value("int64"),
-        "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
-        "category_id": datasets.Value("int64"),
-        "area": datasets.Value("float32"),
-        "iscrowd": datasets.Value("int8"),
-    }),
-})
-_CATEGORIES_KEY = "detr_custom_categories"
-
-
-@dataclass(frozen=True)
-class Categories:
-    """The dataset's categories; labels are contiguous 0..K-1 in the order of increasing category id."""
-
-    ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: label for label, name in enumerate(self.names)}
-
-    @property
-    def category_id_to_label(self) -> dict[int, int]:
-        return {category_id: label for label, category_id in enumerate(self.ids)}
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        return dict(enumerate(self.ids))
-
-
-def _categories_from_list(categories: list[dict]) -> Categories:
-    ordered = sorted(categories, key=lambda c: int(c["id"]))
-    ids = tuple(int(c["id"]) for c in ordered)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate category ids in {ids}")
-    return Categories(ids, tuple(str(c["name"]) for c in ordered))
-
-
-def set_categories(dataset: datasets.Dataset, categories: Categories) -> datasets.Dataset:
-    payload = [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)]
-    dataset.info.description = json.dumps({_CATEGORIES_KEY: payload})
-    return dataset
-
-
-def get_categories(dataset: datasets.Dataset | datasets.DatasetDict) -> Categories:
-    """The categories stored by ``load_coco`` / ``load_hub_detection`` on the dataset (or its first split)."""
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = next(iter(dataset.values()))
-    try:
-        payload = json.loads(dataset.info.description or "")[_CATEGORIES_KEY]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError("this dataset has no categories: load it with load_coco or load_hub_detection") from None
-    return _categories_from_list(payload)
 
 
 # ---------------------------------------------------------------------------------------------- COCO folders
@@ -180,7 +118,7 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     if "images" not in coco or "categories" not in coco:
         raise ValueError(f"{annotation_file} is not a COCO detection file: it needs 'images' and 'categories'")
     images, annotations = coco["images"], coco.get("annotations", [])
-    categories = _categories_from_list(coco["categories"])
+    categories = Categories.from_list(coco["categories"])
 
     try:
         image_ids = np.array([im["id"] for im in images], dtype=np.int64)                   # [num_images]
@@ -329,10 +267,10 @@ def _hub_categories(feature, categories) -> Categories:
     if categories is not None:
         if all(isinstance(c, str) for c in categories):
             categories = [{"id": i, "name": name} for i, name in enumerate(categories)]
-        return _categories_from_list(categories)
+        return Categories.from_list(categories)
     names = getattr(feature, "feature", feature)
     if isinstance(names, datasets.ClassLabel):
-        return _categories_from_list([{"id": i, "name": name} for i, name in enumerate(names.names)])
+        return Categories.from_list([{"id": i, "name": name} for i, name in enumerate(names.names)])
     raise ValueError("the category field is not a ClassLabel: pass categories=[names] or [{'id', 'name'}]")
 
 
