@@ -22,7 +22,6 @@ the cache, so it is not used). The folder is written under a temporary name and 
 processes (``accelerate launch``) never read a half-written cache.
 """
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,12 +31,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import PIL.Image
 import pyarrow as pa
 import torch
 from datasets.table import InMemoryTable
 
 from ..transforms import objects_to_target, target_to_annotations
+from .images import image_size, open_image
 from .schema import DETECTION_FEATURES, Categories, get_categories, set_categories
 
 logger = logging.getLogger(__name__)
@@ -278,15 +277,7 @@ def _image_size(batch, columns, row, image) -> tuple[int, int]:
     """(width, height) from the source's columns when it has them, else from the image file's header."""
     if columns["width"] in batch and columns["height"] in batch:
         return int(batch[columns["width"]][row]), int(batch[columns["height"]][row])
-    with _open_image(image) as pil_image:
-        return pil_image.size
-
-
-def _open_image(image: dict):
-    """Opens an undecoded datasets Image value ({"bytes", "path"}) lazily: only the header is read."""
-    if image.get("bytes") is not None:
-        return PIL.Image.open(io.BytesIO(image["bytes"]))
-    return PIL.Image.open(image["path"])
+    return image_size(image)
 
 
 # ---------------------------------------------------------------------------------------------- dataset check
@@ -409,7 +400,7 @@ def _check_image_file(image: dict, width: int, height: int, decode: bool) -> tup
     if image.get("bytes") is None and not (image.get("path") and os.path.isfile(image["path"])):
         return "missing_image", f"{image.get('path')} does not exist"
     try:
-        with _open_image(image) as pil_image:
+        with open_image(image) as pil_image:
             if decode:
                 pil_image.load()
             size = pil_image.size
@@ -477,7 +468,7 @@ class DetrCollator:
         for example in examples:
             image, target = example["image"], objects_to_target(example["objects"])
             if isinstance(image, dict):   # an undecoded datasets Image: {"bytes", "path"}
-                image = _open_image(image)
+                image = open_image(image)
             if self.transforms is not None:
                 image, target = self.transforms(image, target, rng)
             # pixels as stored, as an array: the processor applies EXIF orientation to PIL images, but COCO boxes
