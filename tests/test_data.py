@@ -101,7 +101,7 @@ def test_second_load_reads_the_cache_not_the_json(tmp_path, monkeypatch):
             raise AssertionError("the annotation json was parsed again")
         return real_load(file, *args, **kwargs)
 
-    monkeypatch.setattr(data.json, "load", no_parsing)
+    monkeypatch.setattr(json, "load", no_parsing)
     second = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
     assert second[:] == first[:] and get_categories(second) == get_categories(first)
     # the cache holds paths, not copies of the images
