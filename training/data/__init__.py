@@ -1,91 +1,34 @@
-"""COCO-format folders and Hub detection datasets -> one ``datasets.Dataset`` schema; collate for DETR.
+"""COCO folders and Hub detection datasets -> one ``datasets.Dataset`` schema; the check; the collate for DETR.
 
-Every loader returns rows with the same features (``DETECTION_FEATURES``):
+    COCO folder (coco.py, Arrow-cached) / Hub dataset (hub.py)
+      --> datasets.Dataset (schema.py): image, image_id, width, height, objects{id, bbox, category_id, area,
+          iscrowd}, carrying its categories (get_categories)
+      --check.py--> the rows to train on, and a DatasetReport of what was skipped
+      --collate.py: training.transforms, then DetrCustomImageProcessor--> pixel_values, pixel_mask, labels
 
-    image      datasets Image, decoded lazily (rows store the file path, not the pixels)
-    image_id   int64, as in the source
-    width, height   int32, as declared by the source
-    objects    dict of lists: id int64, bbox float32 [x, y, w, h] absolute pixels, category_id int64
-               (the source's own ids, e.g. COCO's 1..90 with gaps), area float32, iscrowd int8
-
-The categories travel with the dataset (in ``dataset.info.description``, so they survive ``map``/``select``/
-``save_to_disk``): ``get_categories(dataset)`` gives ``id2label``/``label2id`` over contiguous labels 0..K-1
-(sorted by category id) and the ``category_id`` <-> label mappings. Evaluation reports in the source's ids.
-
-Cache (``load_coco``): parsing a COCO json is the slow part (full COCO train: 118k images, 860k boxes). The
-first load parses it once, indexes annotations by image with one sort, builds the Arrow table column-wise
-and writes it as one Arrow file under ``cache_dir/<key>`` (default ``$HF_DATASETS_CACHE/detr_custom_coco``),
-where the key hashes the json's absolute path, mtime, size, the image folder and the schema version. Later
-loads memory-map that file (``Dataset.from_file``) and never open the json. Editing the json changes its
-mtime/size, hence the key. Rows hold image paths, never pixels (``save_to_disk`` would copy every image into
-the cache, so it is not used). The folder is written under a temporary name and renamed, so concurrent
-processes (``accelerate launch``) never read a half-written cache.
+images.py opens undecoded images lazily, for the Hub loader, the check and the collate.
 """
-import logging
-
-import numpy as np
-import torch
-
-from ..transforms import objects_to_target, target_to_annotations
-from .coco import CACHE_VERSION, build_coco_dataset, load_coco
-from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
 from .check import BOX_PROBLEMS, IMAGE_PROBLEMS, DatasetReport, check_dataset
-from .images import open_image
+from .coco import CACHE_VERSION, build_coco_dataset, load_coco
+from .collate import DetrCollator
+from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
 from .schema import DETECTION_FEATURES, Categories, get_categories, set_categories
 
-logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- collate
-
-class DetrCollator:
-    """Rows of our schema -> ``{"pixel_values", "pixel_mask", "labels"}`` through ``DetrCustomImageProcessor``.
-
-    With ``transforms`` (``training.transforms.make_detr_transforms``), images and boxes are augmented first and
-    the processor does not resize again; without, the processor resizes to its own ``size``. Randomness comes
-    from one seed drawn from torch's RNG per batch, so it follows ``torch.manual_seed`` in the main process and
-    DataLoader's per-worker, per-epoch seeding in workers; with ``seed`` and no workers, from (seed, epoch, batch
-    index) instead (see ``set_epoch``). A class, not a closure, so that workers can pickle it.
-
-    EXIF orientation: COCO boxes are drawn on the pixels as stored, and the original DETR never rotates images,
-    but ``datasets.Image`` decoding applies the EXIF orientation tag (a few COCO images have one). For exact
-    boxes, give rows with undecoded images, ``dataset.cast_column("image", datasets.Image(decode=False))``:
-    the collate then opens the files itself without rotating them (and skips a decode in the dataset).
-    """
-
-    def __init__(self, image_processor, category_id_to_label: dict, transforms=None, seed: int | None = None):
-        self.image_processor = image_processor
-        self.category_id_to_label = dict(category_id_to_label)
-        self.transforms = transforms
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
-        """With a `seed`, batch k of epoch e is augmented from the seed (seed, e, k) in the main process
-        (num_workers=0): the stream does not depend on the global RNG, so a run resumed mid-epoch (after
-        `set_epoch(e, k)`) draws the same augmentations as a straight run."""
-        self.epoch, self.batches_drawn = epoch, batches_done
-
-    def _rng(self) -> np.random.Generator:
-        if self.seed is not None and torch.utils.data.get_worker_info() is None:
-            self.batches_drawn += 1
-            return np.random.default_rng([self.seed, self.epoch, self.batches_drawn - 1])
-        return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))   # torch's (worker) RNG
-
-    def __call__(self, examples: list[dict]) -> dict:
-        rng = self._rng() if self.transforms is not None else None
-        images, annotations = [], []
-        for example in examples:
-            image, target = example["image"], objects_to_target(example["objects"])
-            if isinstance(image, dict):   # an undecoded datasets Image: {"bytes", "path"}
-                image = open_image(image)
-            if self.transforms is not None:
-                image, target = self.transforms(image, target, rng)
-            # pixels as stored, as an array: the processor applies EXIF orientation to PIL images, but COCO boxes
-            # are drawn on the stored pixels (the original DETR never rotates either)
-            images.append(np.asarray(image.convert("RGB")))
-            annotations.append(target_to_annotations(example["image_id"], target))
-        batch = self.image_processor(images, annotations=annotations, return_tensors="pt",
-                                     category_id_to_label=self.category_id_to_label,
-                                     do_resize=None if self.transforms is None else False)
-        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": batch["labels"]}
+__all__ = [
+    "DETECTION_FEATURES",
+    "Categories",
+    "get_categories",
+    "set_categories",
+    "CACHE_VERSION",
+    "load_coco",
+    "build_coco_dataset",
+    "HUB_COLUMNS",
+    "BBOX_FORMATS",
+    "load_hub_detection",
+    "normalize_hub_dataset",
+    "IMAGE_PROBLEMS",
+    "BOX_PROBLEMS",
+    "DatasetReport",
+    "check_dataset",
+    "DetrCollator",
+]
