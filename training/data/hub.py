@@ -97,14 +97,15 @@ def normalize_hub_dataset(dataset, *, bbox_format: str, bbox_normalized: bool, c
 
 
 def _hub_categories(feature, categories) -> Categories:
-    if categories is not None:
-        if all(isinstance(c, str) for c in categories):
-            categories = [{"id": i, "name": name} for i, name in enumerate(categories)]
-        return Categories.from_list(categories)
-    names = getattr(feature, "feature", feature)
-    if isinstance(names, datasets.ClassLabel):
-        return Categories.from_list([{"id": i, "name": name} for i, name in enumerate(names.names)])
-    raise ValueError("the category field is not a ClassLabel: pass categories=[names] or [{'id', 'name'}]")
+    """From ``categories`` (names, index = id; or ``{"id", "name"}`` dicts), else from the ``ClassLabel`` names."""
+    if categories is None:
+        class_label = getattr(feature, "feature", feature)
+        if not isinstance(class_label, datasets.ClassLabel):
+            raise ValueError("the category field is not a ClassLabel: pass categories=[names] or [{'id', 'name'}]")
+        categories = class_label.names
+    if all(isinstance(c, str) for c in categories):
+        categories = [{"id": i, "name": name} for i, name in enumerate(categories)]
+    return Categories.from_list(categories)
 
 
 def _image_size(batch, columns, row, image) -> tuple[int, int]:
