@@ -1,4 +1,4 @@
-"""The collate: rows of our schema (``schema.py``) -> a DETR batch through ``DetrCustomImageProcessor``."""
+"""The collate function of the DataLoaders: rows of our schema (``schema.py``) -> one DETR batch (``DetrCollator``)."""
 import numpy as np
 import torch
 
