@@ -10,32 +10,39 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-import training.data as data
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
-from training.data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from training.data import (
+    DETECTION_FEATURES,
+    DetrCollator,
+    check_dataset,
+    get_categories,
+    load_coco,
+    load_hub_detection,
+    normalize_hub_dataset,
+)
 from training.sample_data import write_sample_dataset
 from training.transforms import make_detr_transforms
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 1, "name": "person"}, {"id": 12, "name": "stop sign"}]
 
 
-def write_coco(root, images, annotations, categories=CATEGORIES, split="train"):
-    """A COCO 2017 folder: images are (id, width, height) drawn as JPEGs; the json lists them as given."""
+def write_coco(root, images, annotations):
+    """A COCO 2017 train folder: images are (id, width, height) drawn as JPEGs; the json lists them as given."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / f"{split}2017").mkdir(exist_ok=True)
+    (root / "train2017").mkdir(exist_ok=True)
     entries = []
     for image_id, width, height in images:
         name = f"{image_id:012d}.jpg"
-        PIL.Image.new("RGB", (width, height), (image_id * 40 % 255, 90, 30)).save(root / f"{split}2017" / name)
+        PIL.Image.new("RGB", (width, height), (image_id * 40 % 255, 90, 30)).save(root / "train2017" / name)
         entries.append({"id": image_id, "file_name": name, "width": width, "height": height})
-    path = root / "annotations" / f"instances_{split}2017.json"
-    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+    path = root / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": CATEGORIES}))
     return path
 
 
-def ann(ann_id, image_id, bbox, category_id=1, iscrowd=0, area=None):
+def ann(ann_id, image_id, bbox, category_id=1, iscrowd=0):
     return {"id": ann_id, "image_id": image_id, "bbox": bbox, "category_id": category_id, "iscrowd": iscrowd,
-            "area": bbox[2] * bbox[3] if area is None else area}
+            "area": bbox[2] * bbox[3]}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def demo(tmp_path_factory):
 def test_load_coco_matches_pycocotools(demo, tmp_path):
     dataset = load_coco(demo, "train", cache_dir=tmp_path)
     reference = COCO(str(demo / "annotations" / "instances_train2017.json"))
-    assert dataset.features == data.DETECTION_FEATURES
+    assert dataset.features == DETECTION_FEATURES
     assert dataset["image_id"] == reference.getImgIds()   # every image, empty ones included, in the json's order
     for row in dataset:
         info = reference.imgs[row["image_id"]]
@@ -60,7 +67,10 @@ def test_load_coco_matches_pycocotools(demo, tmp_path):
         assert row["objects"]["iscrowd"] == [a["iscrowd"] for a in anns]
         assert np.allclose(row["objects"]["area"], [a["area"] for a in anns])
     splits = load_coco(demo, cache_dir=tmp_path)
-    assert set(splits) == {"train", "validation"} and len(splits["validation"]) == 8
+    assert list(splits) == ["train", "validation"] and splits["train"][:] == dataset[:]
+    validation = COCO(str(demo / "annotations" / "instances_val2017.json"))
+    assert splits["validation"]["image_id"] == validation.getImgIds() and len(validation.getImgIds()) == 8
+    assert get_categories(splits) == get_categories(dataset)   # a DatasetDict: its first split's categories
 
 
 def test_crowd_empty_images_and_noncontiguous_categories(tmp_path):
@@ -101,7 +111,7 @@ def test_second_load_reads_the_cache_not_the_json(tmp_path, monkeypatch):
             raise AssertionError("the annotation json was parsed again")
         return real_load(file, *args, **kwargs)
 
-    monkeypatch.setattr(data.json, "load", no_parsing)
+    monkeypatch.setattr(json, "load", no_parsing)
     second = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
     assert second[:] == first[:] and get_categories(second) == get_categories(first)
     # the cache holds paths, not copies of the images
@@ -140,7 +150,7 @@ def test_hub_schema_dataset_through_explicit_mapping(tmp_path):
     path = hub_dataset(tmp_path)
     mapping = {"image": "picture", "objects": "objs", "bbox": "boxes", "category": "label"}
     dataset = load_hub_detection(str(path), bbox_format="xyxy", bbox_normalized=True, column_mapping=mapping)
-    assert dataset.features == data.DETECTION_FEATURES
+    assert dataset.features == DETECTION_FEATURES
     first = dataset[0]
     assert first["image"].size == (100, 50) and (first["width"], first["height"]) == (100, 50)
     assert np.allclose(first["objects"]["bbox"], [[10, 10, 40, 20], [0, 0, 100, 50]])
@@ -158,6 +168,35 @@ def test_hub_schema_dataset_through_explicit_mapping(tmp_path):
         load_hub_detection(str(path), bbox_format="cxcywh", bbox_normalized=True, column_mapping=mapping)
     with pytest.raises(ValueError, match="column_mapping"):
         load_hub_detection(str(path), bbox_format="xyxy", bbox_normalized=True)
+
+
+def test_hub_sizes_ids_and_categories_from_the_source():
+    """A list-of-structs objects column, the source's image ids and declared sizes, categories from the caller."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (30, 20)).save(buffer, format="PNG")
+    features = datasets.Features({
+        "image": datasets.Image(), "image_id": datasets.Value("int64"),
+        "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+        "objects": datasets.List({"bbox": datasets.List(datasets.Value("float32"), length=4),
+                                  "category": datasets.Value("int64"), "id": datasets.Value("int64")}),
+    })
+    rows = {"image": [{"bytes": buffer.getvalue(), "path": None}] * 2, "image_id": [70, 71], "width": [300, 300],
+            "height": [200, 200], "objects": [[{"bbox": [0.1, 0.1, 0.5, 0.5], "category": 5, "id": 7}], []]}
+    source = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)})
+    splits = normalize_hub_dataset(source, bbox_format="xyxy", bbox_normalized=True,
+                                   categories=[{"id": 5, "name": "five"}, {"id": 2, "name": "two"}])
+    train = splits["train"]
+    assert train["image_id"] == [70, 71] and (train[0]["width"], train[0]["height"]) == (300, 200)
+    assert np.allclose(train[0]["objects"]["bbox"], [[30, 20, 120, 80]])   # scaled by the declared size
+    assert train[0]["objects"]["id"] == [7] and np.allclose(train[0]["objects"]["area"], [120 * 80])
+    assert train[0]["objects"]["iscrowd"] == [0] and train[1]["objects"]["id"] == []
+    assert get_categories(splits).category_id_to_label == {2: 0, 5: 1}
+    named = normalize_hub_dataset(source["train"], bbox_format="xyxy", bbox_normalized=True, categories=["a", "b"])
+    assert get_categories(named).id2label == {0: "a", 1: "b"}
+    with pytest.raises(ValueError, match="not a ClassLabel"):
+        normalize_hub_dataset(source, bbox_format="xyxy", bbox_normalized=True)
+    _, report = check_dataset(train)          # the declared 300x200 is not the image's 30x20
+    assert report.counts["size_mismatch"] == 2 and report.skipped_images == 2
 
 
 @pytest.fixture()
@@ -234,8 +273,9 @@ def test_collate_in_a_two_worker_dataloader(demo):
     collate = DetrCollator(processor, categories.category_id_to_label, transforms)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True,
                                          collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    epochs = []
     for _epoch in range(2):
-        count = 0
+        image_ids, pixels = [], []
         for batch in loader:
             pixel_values, pixel_mask, labels = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
             assert pixel_values.shape[:2] == (len(labels), 3)
@@ -244,10 +284,46 @@ def test_collate_in_a_two_worker_dataloader(demo):
             for i, target in enumerate(labels):
                 height, width = target["size"].tolist()
                 assert pixel_mask[i].sum() == height * width        # the visible image is the resized image
-                assert ((target["class_labels"] >= 0) & (target["class_labels"] < 5)).all()
+                assert ((target["class_labels"] >= 0) & (target["class_labels"] < len(categories.ids))).all()
                 assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
-            count += len(labels)
-        assert count == len(dataset)
+                image_ids.append(target["image_id"].item())
+            pixels.append(pixel_values)
+        assert image_ids == dataset["image_id"]                      # every row once, in the loader's order
+        epochs.append(pixels)
+    # the workers' RNG moves on: the second epoch draws other augmentations
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(*epochs))
+
+
+def assert_same_batch(a, b):
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["pixel_mask"], b["pixel_mask"])
+    assert len(a["labels"]) == len(b["labels"])
+    for x, y in zip(a["labels"], b["labels"]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_seeded_collate_resumes_mid_epoch(demo):
+    """With a seed, batch k of epoch e is augmented from (seed, e, k) alone: a run resumed there draws the same."""
+    dataset = load_coco(demo, "val", use_cache=False)
+    rows = [dataset[i] for i in range(4)]
+
+    def collator():
+        transforms = make_detr_transforms("train", scales=(64, 80), max_size=96, crop_resize_scales=(64, 80),
+                                          crop_size=(48, 64))
+        return DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                            get_categories(dataset).category_id_to_label, transforms, seed=3)
+
+    straight = collator()
+    straight.set_epoch(1)
+    batches = [straight(rows) for _ in range(3)]
+    resumed = collator()
+    resumed.set_epoch(1, batches_done=2)
+    torch.manual_seed(123)                                           # the global RNG plays no part
+    assert_same_batch(resumed(rows), batches[2])
+    other_epoch = collator()
+    other_epoch.set_epoch(2)
+    first = other_epoch(rows)
+    assert first["pixel_values"].shape != batches[0]["pixel_values"].shape or \
+        not torch.equal(first["pixel_values"], batches[0]["pixel_values"])
 
 
 def test_collate_labels_follow_the_json(demo):

@@ -1,0 +1,34 @@
+"""COCO folders and Hub detection datasets -> one ``datasets.Dataset`` schema; the check; the collate for DETR.
+
+    COCO folder (coco.py, Arrow-cached) / Hub dataset (hub.py)
+      --> datasets.Dataset (schema.py): image, image_id, width, height, objects{id, bbox, category_id, area,
+          iscrowd}, carrying its categories (get_categories)
+      --check.py--> the rows to train on, and a DatasetReport of what was skipped
+      --collate.py: training.transforms, then DetrCustomImageProcessor--> pixel_values, pixel_mask, labels
+
+images.py opens undecoded images lazily, for the Hub loader, the check and the collate.
+"""
+from .check import BOX_PROBLEMS, IMAGE_PROBLEMS, DatasetReport, check_dataset
+from .coco import CACHE_VERSION, build_coco_dataset, load_coco
+from .collate import DetrCollator
+from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
+from .schema import DETECTION_FEATURES, Categories, get_categories, set_categories
+
+__all__ = [
+    "DETECTION_FEATURES",
+    "Categories",
+    "get_categories",
+    "set_categories",
+    "CACHE_VERSION",
+    "load_coco",
+    "build_coco_dataset",
+    "HUB_COLUMNS",
+    "BBOX_FORMATS",
+    "load_hub_detection",
+    "normalize_hub_dataset",
+    "IMAGE_PROBLEMS",
+    "BOX_PROBLEMS",
+    "DatasetReport",
+    "check_dataset",
+    "DetrCollator",
+]

@@ -1,0 +1,115 @@
+"""Hub detection datasets (``datasets.load_dataset`` or a ``save_to_disk`` folder) -> our schema (``schema.py``).
+
+Column and field names map through ``HUB_COLUMNS`` and ``column_mapping``; the box format is an argument, never
+guessed; the categories come from the source's ``ClassLabel`` or from the caller.
+"""
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from .images import image_size
+from .schema import DETECTION_FEATURES, Categories, set_categories
+
+# our name -> the source's name; the transformers detection schema (cppe-5: image + objects{id, area, bbox,
+# category}). Only image, objects, bbox and category are required in the source.
+HUB_COLUMNS = {"image": "image", "image_id": "image_id", "width": "width", "height": "height",
+               "objects": "objects", "bbox": "bbox", "category": "category", "area": "area", "id": "id",
+               "iscrowd": "iscrowd"}
+BBOX_FORMATS = ("xywh", "xyxy")
+
+
+def load_hub_detection(name_or_path: str, split: str | None = None, *, bbox_format: str, bbox_normalized: bool,
+                       column_mapping: dict | None = None, categories: list | None = None, **load_kwargs):
+    """A Hub detection dataset (``datasets.load_dataset(name_or_path)``, or a ``save_to_disk`` folder) in our schema.
+
+    ``bbox_format`` ("xywh" or "xyxy") and ``bbox_normalized`` (coordinates divided by the image size) must be
+    given: they are never guessed (cppe-5 is xywh absolute, detection-datasets/coco is xyxy absolute).
+    ``column_mapping`` overrides entries of ``HUB_COLUMNS`` (our name -> the source's column or field name).
+    Categories come from the ``category`` field's ``ClassLabel`` names (ids 0..K-1), or from ``categories``:
+    a list of names (index = id) or of ``{"id", "name"}`` dicts.
+    """
+    saved = Path(name_or_path)
+    if (saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file():  # a save_to_disk folder
+        dataset = datasets.load_from_disk(name_or_path)
+        if split is not None and isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
+    return normalize_hub_dataset(dataset, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
+                                 column_mapping=column_mapping, categories=categories)
+
+
+def normalize_hub_dataset(dataset, *, bbox_format: str, bbox_normalized: bool, column_mapping: dict | None = None,
+                          categories: list | None = None):
+    """Maps a Hub-schema ``Dataset`` (or ``DatasetDict``) to ``DETECTION_FEATURES``; see ``load_hub_detection``."""
+    if isinstance(dataset, datasets.DatasetDict):
+        return datasets.DatasetDict({
+            name: normalize_hub_dataset(part, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
+                                        column_mapping=column_mapping, categories=categories)
+            for name, part in dataset.items()})
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
+    unknown = set(column_mapping or {}) - set(HUB_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown keys in column_mapping: {sorted(unknown)}; known: {sorted(HUB_COLUMNS)}")
+    columns = {**HUB_COLUMNS, **(column_mapping or {})}
+    for ours in ("image", "objects"):
+        if columns[ours] not in dataset.column_names:
+            raise ValueError(f"column {columns[ours]!r} ({ours}) not in the dataset's columns {dataset.column_names}"
+                             "; set column_mapping")
+    object_fields = dataset.features[columns["objects"]]
+    if isinstance(object_fields, (datasets.Sequence, datasets.List)):   # a list of structs, not a struct of lists
+        object_fields = object_fields.feature
+    for ours in ("bbox", "category"):
+        if columns[ours] not in object_fields:
+            raise ValueError(f"objects field {columns[ours]!r} ({ours}) not in {list(object_fields)}; "
+                             "set column_mapping")
+    categories = _hub_categories(object_fields[columns["category"]], categories)
+
+    def normalize(batch, indices):
+        rows = []
+        for row, (image, objects) in enumerate(zip(batch[columns["image"]], batch[columns["objects"]])):
+            if isinstance(objects, list):  # a List of dicts (datasets >= 4 List feature) -> dict of lists
+                objects = {key: [o[key] for o in objects] for key in (objects[0] if objects else {})}
+            width, height = _image_size(batch, columns, row, image)
+            boxes = np.asarray(objects.get(columns["bbox"], []), dtype=np.float64).reshape(-1, 4)  # [num_objects, 4]
+            if bbox_normalized:
+                boxes = boxes * np.array([width, height, width, height])
+            if bbox_format == "xyxy":
+                boxes[:, 2:] -= boxes[:, :2]
+            num_objects = len(boxes)
+            ids = objects.get(columns["id"]) or [-1] * num_objects   # -1: the source gave no annotation id
+            areas = objects.get(columns["area"]) or (boxes[:, 2] * boxes[:, 3]).tolist()
+            rows.append({"image": image, "width": width, "height": height, "objects": {
+                "id": ids, "bbox": boxes.tolist(), "category_id": list(objects.get(columns["category"], [])),
+                "area": areas, "iscrowd": objects.get(columns["iscrowd"]) or [0] * num_objects}})
+        out = {key: [r[key] for r in rows] for key in ("image", "width", "height", "objects")}
+        out["image_id"] = batch[columns["image_id"]] if columns["image_id"] in batch else list(indices)
+        return out
+
+    # images stay encoded (bytes or path) through the map: decoding them here would be slow and pointless
+    dataset = dataset.cast_column(columns["image"], datasets.Image(decode=False))
+    dataset = dataset.map(normalize, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                          features=datasets.Features({**DETECTION_FEATURES, "image": datasets.Image(decode=False)}),
+                          desc="normalizing to the detection schema")
+    return set_categories(dataset.cast_column("image", datasets.Image()), categories)
+
+
+def _hub_categories(feature, categories) -> Categories:
+    """From ``categories`` (names, index = id; or ``{"id", "name"}`` dicts), else from the ``ClassLabel`` names."""
+    if categories is None:
+        class_label = getattr(feature, "feature", feature)
+        if not isinstance(class_label, datasets.ClassLabel):
+            raise ValueError("the category field is not a ClassLabel: pass categories=[names] or [{'id', 'name'}]")
+        categories = class_label.names
+    if all(isinstance(c, str) for c in categories):
+        categories = [{"id": i, "name": name} for i, name in enumerate(categories)]
+    return Categories.from_list(categories)
+
+
+def _image_size(batch, columns, row, image) -> tuple[int, int]:
+    """(width, height) from the source's columns when it has them, else from the image file's header."""
+    if columns["width"] in batch and columns["height"] in batch:
+        return int(batch[columns["width"]][row]), int(batch[columns["height"]][row])
+    return image_size(image)

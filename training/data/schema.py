@@ -1,0 +1,84 @@
+"""The one schema every loader returns, and the categories that travel with it.
+
+Rows have the features ``DETECTION_FEATURES``:
+
+    image      datasets Image, decoded lazily (rows store the file path, not the pixels)
+    image_id   int64, as in the source
+    width, height   int32, as declared by the source
+    objects    dict of lists: id int64, bbox float32 [x, y, w, h] absolute pixels, category_id int64
+               (the source's own ids, e.g. COCO's 1..90 with gaps), area float32, iscrowd int8
+
+The categories are stored in ``dataset.info.description``, so they survive ``map``/``select``/``save_to_disk``:
+``get_categories(dataset)`` gives ``id2label``/``label2id`` over contiguous labels 0..K-1 (sorted by category id)
+and the ``category_id`` <-> label mappings. Evaluation reports in the source's ids.
+"""
+import json
+from dataclasses import dataclass
+
+import datasets
+
+DETECTION_FEATURES = datasets.Features({
+    "image": datasets.Image(),
+    "image_id": datasets.Value("int64"),
+    "width": datasets.Value("int32"),
+    "height": datasets.Value("int32"),
+    "objects": datasets.Sequence({
+        "id": datasets.Value("int64"),
+        "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+        "category_id": datasets.Value("int64"),
+        "area": datasets.Value("float32"),
+        "iscrowd": datasets.Value("int8"),
+    }),
+})
+_CATEGORIES_KEY = "detr_custom_categories"
+
+
+@dataclass(frozen=True)
+class Categories:
+    """The dataset's categories; labels are contiguous 0..K-1 in the order of increasing category id."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_list(cls, categories: list[dict]) -> "Categories":
+        """From COCO's ``[{"id", "name"}, ...]`` in any order; the ids must be unique."""
+        ordered = sorted(categories, key=lambda c: int(c["id"]))
+        ids = tuple(int(c["id"]) for c in ordered)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate category ids in {ids}")
+        return cls(ids, tuple(str(c["name"]) for c in ordered))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: label for label, name in enumerate(self.names)}
+
+    @property
+    def category_id_to_label(self) -> dict[int, int]:
+        return {category_id: label for label, category_id in enumerate(self.ids)}
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        return dict(enumerate(self.ids))
+
+
+def set_categories(dataset: datasets.Dataset, categories: Categories) -> datasets.Dataset:
+    """Stores the categories on the dataset (in place) and returns it."""
+    payload = [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)]
+    dataset.info.description = json.dumps({_CATEGORIES_KEY: payload})
+    return dataset
+
+
+def get_categories(dataset: datasets.Dataset | datasets.DatasetDict) -> Categories:
+    """The categories stored by ``load_coco`` / ``load_hub_detection`` on the dataset (or its first split)."""
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = next(iter(dataset.values()))
+    try:
+        payload = json.loads(dataset.info.description or "")[_CATEGORIES_KEY]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("this dataset has no categories: load it with load_coco or load_hub_detection") from None
+    return Categories.from_list(payload)
