@@ -10,6 +10,7 @@ The pixel work (conversion to RGB, uint8 resize, normalizing straight into the p
 ``image_kernels.py``.
 """
 import numbers
+from types import SimpleNamespace
 
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -38,6 +39,10 @@ class DetrCustomImageProcessorKwargs(ImagesKwargs, total=False):
     category_id_to_label: dict
 
 
+# the constructor's settings; preprocess(..., key=value) overrides one for a call
+_SETTINGS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+             "image_std", "do_pad", "pad_size", "do_convert_annotations", "drop_crowd", "category_id_to_label")
+# the forms a standardized `size` dict takes
 _SIZE_KINDS = (("shortest_edge", "longest_edge"), ("shortest_edge",), ("height", "width"), ("max_height", "max_width"))
 
 
@@ -167,40 +172,27 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
             raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {image_mean} and {image_std}")
 
-    def preprocess(
-        self,
-        images,
-        annotations=None,
-        return_tensors="pt",
-        do_resize: bool | None = None,
-        size=None,
-        resample: int | None = None,
-        do_rescale: bool | None = None,
-        rescale_factor: float | None = None,
-        do_normalize: bool | None = None,
-        image_mean=None,
-        image_std=None,
-        do_pad: bool | None = None,
-        pad_size=None,
-        do_convert_annotations: bool | None = None,
-        drop_crowd: bool | None = None,
-        category_id_to_label: dict | None = None,
-        input_data_format: str | None = None,
-    ) -> BatchFeature:
-        """Process one image or a list of images (and their COCO annotations); see the class docstring."""
-        def pick(value, default):
-            return default if value is None else value
+    def _settings_for_call(self, overrides: dict) -> SimpleNamespace:
+        """The processor's settings, with those given to this call (not None) in their place, checked."""
+        unknown = sorted(set(overrides) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f"preprocess() got unexpected keyword arguments {unknown}; settings are {_SETTINGS}")
+        settings = {key: getattr(self, key) if overrides.get(key) is None else overrides[key] for key in _SETTINGS}
+        if overrides.get("size") is not None:
+            settings["size"] = _standardize_size(overrides["size"], max_size=self.size.get("longest_edge"))
+        settings["resample"] = int(settings["resample"])
+        self._check_settings(settings["resample"], settings["pad_size"], settings["image_mean"], settings["image_std"])
+        return SimpleNamespace(**settings)
 
-        do_resize, do_rescale = pick(do_resize, self.do_resize), pick(do_rescale, self.do_rescale)
-        do_normalize, do_pad = pick(do_normalize, self.do_normalize), pick(do_pad, self.do_pad)
-        size = self.size if size is None else _standardize_size(size, max_size=self.size.get("longest_edge"))
-        resample, rescale_factor = int(pick(resample, self.resample)), pick(rescale_factor, self.rescale_factor)
-        image_mean, image_std = pick(image_mean, self.image_mean), pick(image_std, self.image_std)
-        pad_size = pick(pad_size, self.pad_size)
-        do_convert_annotations = pick(do_convert_annotations, self.do_convert_annotations)
-        drop_crowd = pick(drop_crowd, self.drop_crowd)
-        category_id_to_label = pick(category_id_to_label, self.category_id_to_label)
-        self._check_settings(resample, pad_size, image_mean, image_std)
+    def preprocess(self, images, annotations=None, return_tensors="pt", *, input_data_format: str | None = None,
+                   **overrides) -> BatchFeature:
+        """Process one image or a list of images (and their COCO annotations); see the class docstring.
+
+        Any of the constructor's settings (``do_resize``, ``size``, ``resample``, ``do_rescale``, ``rescale_factor``,
+        ``do_normalize``, ``image_mean``, ``image_std``, ``do_pad``, ``pad_size``, ``do_convert_annotations``,
+        ``drop_crowd``, ``category_id_to_label``) given here applies to this call only; None keeps the processor's.
+        """
+        settings = self._settings_for_call(overrides)
         if return_tensors not in (None, "pt") and str(getattr(return_tensors, "value", return_tensors)) != "pt":
             raise ValueError(f"return_tensors must be 'pt' or None (torch tensors either way), got {return_tensors!r}")
 
@@ -209,13 +201,15 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         if len(images) == 0:
             raise ValueError("images is empty: pass at least one image")
         if annotations is not None:  # validated before touching pixels: bad data fails fast
-            parsed = parse_annotations(annotations, len(images), category_id_to_label)
+            parsed = parse_annotations(annotations, len(images), settings.category_id_to_label)
 
         tensors = [to_rgb_tensor(image, i, input_data_format) for i, image in enumerate(images)]
         orig_sizes = [tuple(t.shape[-2:]) for t in tensors]
-        new_sizes = [get_resize_output_size(h, w, size) if do_resize else (h, w) for h, w in orig_sizes]
+        new_sizes = [get_resize_output_size(h, w, settings.size) if settings.do_resize else (h, w)
+                     for h, w in orig_sizes]
 
-        if do_pad:
+        pad_size = settings.pad_size
+        if settings.do_pad:
             pad_h, pad_w = max(h for h, _ in new_sizes), max(w for _, w in new_sizes)
             if pad_size is not None:
                 pad_h, pad_w = pad_size["height"], pad_size["width"]
@@ -227,9 +221,10 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         else:
             pad_h, pad_w = new_sizes[0]
 
+        mean, std = (settings.image_mean, settings.image_std) if settings.do_normalize else (None, None)
         pixel_values, pixel_mask = to_padded_batch(
-            tensors, new_sizes, (pad_h, pad_w), _RESAMPLE_TO_MODE[resample], rescale_factor if do_rescale else 1.0,
-            image_mean if do_normalize else None, image_std if do_normalize else None, with_mask=do_pad)
+            tensors, new_sizes, (pad_h, pad_w), _RESAMPLE_TO_MODE[settings.resample],
+            settings.rescale_factor if settings.do_rescale else 1.0, mean, std, with_mask=settings.do_pad)
 
         data = {"pixel_values": pixel_values}
         if pixel_mask is not None:
@@ -237,7 +232,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         batch = BatchFeature(data=data)
         if annotations is not None:
             batch["labels"] = [
-                make_labels(p, orig, new, drop_crowd, do_convert_annotations)
+                make_labels(p, orig, new, settings.drop_crowd, settings.do_convert_annotations)
                 for p, orig, new in zip(parsed, orig_sizes, new_sizes)
             ]
         return batch

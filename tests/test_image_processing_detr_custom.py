@@ -315,3 +315,5 @@ def test_pad_options_and_bad_settings():
         DetrCustomImageProcessor(size={"longest_edge": 100})
     with pytest.raises(ValueError, match="resample must be one of"):
         DetrCustomImageProcessor(resample=4)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):  # a per-call setting must be a setting
+        DetrCustomImageProcessor()(images, crop_size={"height": 8, "width": 8})
