@@ -60,25 +60,32 @@ def _standardize_size(size, max_size=None) -> dict:
     )
 
 
-def get_resize_output_size(height: int, width: int, size: dict) -> tuple[int, int]:
-    """Output (height, width) for an input of (height, width) under a standardized `size` dict."""
+def get_resize_output_size(height: int, width: int, size: dict, *, detr_rounding: bool = False) -> tuple[int, int]:
+    """Output (height, width) for an input of (height, width) under a standardized `size` dict.
+
+    With ``{"shortest_edge"[, "longest_edge"]}``: the shortest edge becomes ``shortest_edge`` unless the longest edge
+    would then exceed ``longest_edge``; the shortest edge is then the rounded ``longest_edge * short / long``. The two
+    references differ only in that capped case. transformers' get_size_with_aspect_ratio (the default, what
+    DetrImageProcessor and this processor do) scales the long side from the unrounded short side, so it never exceeds
+    ``longest_edge``; facebookresearch/detr datasets/transforms.py get_size_with_aspect_ratio (``detr_rounding=True``,
+    what training/transforms.py's augmentations do) scales it from the rounded one, so it may exceed ``longest_edge``
+    by a few pixels: (height, width) (30, 90) with shortest_edge 96, longest_edge 224 -> (75, 225), not (75, 224).
+    """
     if "height" in size:  # exact size, aspect ratio not kept (as transformers' DETR does)
         return size["height"], size["width"]
     if "max_height" in size:  # largest size that fits, aspect ratio kept (may upscale)
         scale = min(size["max_height"] / height, size["max_width"] / width)
         return max(1, int(height * scale)), max(1, int(width * scale))
-    # shortest edge -> shortest_edge unless the longest edge would exceed longest_edge. The long side is computed
-    # from the unrounded short side so it never exceeds longest_edge: matches transformers' get_size_with_aspect_ratio
     short, long_edge = size["shortest_edge"], size.get("longest_edge")
     raw_short = None
     if long_edge is not None and max(height, width) / min(height, width) * short > long_edge:
         raw_short = long_edge * min(height, width) / max(height, width)
         short = int(round(raw_short))
-        if short == 0:  # so elongated that the short side rounds to 0 (transformers then fails): keep one pixel
+        if short == 0:  # so elongated that the short side rounds to 0 (both references then fail): keep one pixel
             return (1, long_edge) if height < width else (long_edge, 1)
     if min(height, width) == short:
         return height, width
-    base = raw_short if raw_short is not None else short
+    base = raw_short if raw_short is not None and not detr_rounding else short
     if width < height:
         return max(1, int(base * height / width)), short
     return short, max(1, int(base * width / height))
