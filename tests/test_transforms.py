@@ -9,8 +9,8 @@ from transformers.image_transforms import get_size_with_aspect_ratio
 from modeling_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.image_processing_detr_custom import get_resize_output_size
 from training.transforms import (
-    PAPER_SCALES, Compose, RandomHorizontalFlip, RandomResize, RandomSizeCrop, crop, hflip, make_detr_transforms,
-    objects_to_target, resize, target_to_annotations,
+    PAPER_SCALES, RandomHorizontalFlip, RandomSizeCrop, crop, hflip, make_detr_transforms, objects_to_target, resize,
+    target_to_annotations,
 )
 
 
@@ -174,6 +174,7 @@ def test_random_pipeline_keeps_boxes_on_their_pixels():
     transforms = make_detr_transforms("train", scales=range(96, 161, 16), max_size=256,
                                       crop_resize_scales=(96, 128), crop_size=(64, 120))
     rng = np.random.default_rng(0)
+    kept = 0
     for _ in range(30):
         box = (30, 20, 70, 60)
         image, target = transforms(rectangle_image(120, 90, [box]), make_target([box]), rng)
@@ -183,6 +184,8 @@ def test_random_pipeline_keeps_boxes_on_their_pixels():
             continue
         # bilinear resizing blurs edges by up to a pixel or two
         assert np.allclose(foreground_box(image), target["boxes_xyxy"][0], atol=2.5)
+        kept += 1
+    assert kept >= 15   # most draws keep the box, so the check above ran
 
 
 def test_pipeline_is_deterministic_under_a_seed_and_varies_without():
@@ -218,9 +221,9 @@ def test_flip_probability_and_crop_bounds():
     flips = sum(RandomHorizontalFlip()(rectangle_image(10, 10, [(0, 0, 2, 2)]), make_target([(0, 0, 2, 2)]),
                                        rng)[1]["boxes_xyxy"][0, 0] == 8 for _ in range(400))
     assert 150 < flips < 250
-    cropper = Compose([RandomSizeCrop(20, 40), RandomResize([50])])
+    cropper = RandomSizeCrop(20, 40)
     for _ in range(20):
-        image, _ = cropper.transforms[0](rectangle_image(60, 30, []), make_target([]), rng)
+        image, _ = cropper(rectangle_image(60, 30, []), make_target([]), rng)
         assert 20 <= image.width <= 40 and 20 <= image.height <= 30
     with pytest.raises(ValueError):
         RandomSizeCrop(50, 40)
