@@ -167,17 +167,19 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.category_id_to_label = (
             None if category_id_to_label is None else {int(k): int(v) for k, v in category_id_to_label.items()}
         )
-        self._check_settings(self.resample, self.pad_size, self.image_mean, self.image_std)
+        self._check_settings(self)
 
     @staticmethod
-    def _check_settings(resample, pad_size, image_mean, image_std):
-        if resample not in _RESAMPLE_TO_MODE:
+    def _check_settings(settings):
+        """`settings`: the processor itself, or one call's settings (`_settings_for_call`)."""
+        if settings.resample not in _RESAMPLE_TO_MODE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE_TO_MODE)} (PIL NEAREST, BILINEAR, BICUBIC), "
-                             f"got {resample}")
-        if pad_size is not None and set(pad_size) != {"height", "width"}:
-            raise ValueError(f'pad_size must be {{"height": int, "width": int}}, got {pad_size}')
-        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
-            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {image_mean} and {image_std}")
+                             f"got {settings.resample}")
+        if settings.pad_size is not None and set(settings.pad_size) != {"height", "width"}:
+            raise ValueError(f'pad_size must be {{"height": int, "width": int}}, got {settings.pad_size}')
+        mean, std = settings.image_mean, settings.image_std
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {mean} and {std}")
 
     def _settings_for_call(self, overrides: dict) -> SimpleNamespace:
         """The processor's settings, with those given to this call (not None) in their place, checked."""
@@ -188,8 +190,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         if overrides.get("size") is not None:
             settings["size"] = _standardize_size(overrides["size"], max_size=self.size.get("longest_edge"))
         settings["resample"] = int(settings["resample"])
-        self._check_settings(settings["resample"], settings["pad_size"], settings["image_mean"], settings["image_std"])
-        return SimpleNamespace(**settings)
+        settings = SimpleNamespace(**settings)
+        self._check_settings(settings)
+        return settings
 
     def preprocess(self, images, annotations=None, return_tensors="pt", *, input_data_format: str | None = None,
                    **overrides) -> BatchFeature:
