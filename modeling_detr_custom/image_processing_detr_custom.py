@@ -6,8 +6,9 @@ Conventions (DESIGN.md):
   as in the original DETR (facebookresearch/detr#286), not by the padded batch size as transformers does since
   transformers#28363. The sine position encoding normalizes over the unmasked region, so this is what the model sees.
 
-The pixel work (conversion to RGB, uint8 resize, normalizing straight into the padded batch) is in
-``image_kernels.py``.
+This file is the public API: the processor, its settings and the size rule. The pixel work (conversion to RGB,
+uint8 resize, normalizing straight into the padded batch) is in ``image_kernels.py``; annotation validation and
+label building in ``annotations_detr_custom.py``.
 """
 import numbers
 from types import SimpleNamespace
