@@ -6,8 +6,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import randomize_, tiny_kwargs
 from transformers import DetrImageProcessor
 
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
 
 SMALL = {"shortest_edge": 64, "longest_edge": 96}  # keeps tests fast; same code path as 800 / 1333
@@ -282,23 +284,28 @@ def test_bad_input_raises_value_error(images, annotations, message):
         processor(images, annotations=annotations)
 
 
-def test_pipeline_object_detection_with_a_tiny_random_model():
+def test_pipeline_object_detection_equals_model_and_post_process():
     from transformers import pipeline
 
-    from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
-
-    torch.manual_seed(0)
-    config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
-                              decoder_layers=1, num_queries=10, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=3)
-    model = DetrCustomForObjectDetection(config).eval()
-    detector = pipeline("object-detection", model=model, image_processor=DetrCustomImageProcessor(size=SMALL))
+    config = DetrCustomConfig(**tiny_kwargs(id2label={0: "circle", 1: "square", 2: "triangle"}))
+    model = randomize_(DetrCustomForObjectDetection(config), seed=2).eval()   # queries differ, in class too
+    processor = DetrCustomImageProcessor(size=SMALL)
     image = random_image(60, 90)
-    detections = detector(image, threshold=0.0)
-    assert len(detections) == config.num_queries
-    for detection in detections:
-        assert detection["label"] in config.id2label.values() and 0 <= detection["score"] <= 1
-        box = detection["box"]
-        assert 0 <= box["xmin"] <= box["xmax"] <= 90 and 0 <= box["ymin"] <= box["ymax"] <= 60
+    with torch.no_grad():
+        outputs = model(**processor(image))
+    scores = processor.post_process_object_detection(outputs, 0.0, [(60, 90)])[0]["scores"]
+    threshold = scores.median().item()   # keeps about half, so the threshold reaches the post-processing
+    expected = processor.post_process_object_detection(outputs, threshold, [(60, 90)])[0]
+    assert 0 < len(expected["scores"]) < config.num_queries
+    expected_boxes = [dict(zip(("xmin", "ymin", "xmax", "ymax"), box)) for box in expected["boxes"].int().tolist()]
+    assert len({tuple(box.values()) for box in expected_boxes}) > 1 and len(set(expected["labels"].tolist())) > 1
+
+    detections = pipeline("object-detection", model=model, image_processor=processor)(image, threshold=threshold)
+    assert [d["label"] for d in detections] == [config.id2label[label] for label in expected["labels"].tolist()]
+    assert [d["score"] for d in detections] == expected["scores"].tolist()
+    assert [d["box"] for d in detections] == expected_boxes
+    assert all(0 <= d["box"]["xmin"] <= d["box"]["xmax"] <= 90 and 0 <= d["box"]["ymin"] <= d["box"]["ymax"] <= 60
+               for d in detections)
 
 
 def test_pad_options_and_bad_settings():
@@ -315,3 +322,5 @@ def test_pad_options_and_bad_settings():
         DetrCustomImageProcessor(size={"longest_edge": 100})
     with pytest.raises(ValueError, match="resample must be one of"):
         DetrCustomImageProcessor(resample=4)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):  # a per-call setting must be a setting
+        DetrCustomImageProcessor()(images, crop_size={"height": 8, "width": 8})

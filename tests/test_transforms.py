@@ -1,11 +1,16 @@
 """DETR augmentations move boxes exactly with the pixels; the recipe is the paper's and deterministic under a seed."""
+import itertools
+
 import numpy as np
 import PIL.Image
 import pytest
+from transformers.image_transforms import get_size_with_aspect_ratio
 
+from modeling_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import get_resize_output_size
 from training.transforms import (
-    PAPER_SCALES, Compose, RandomHorizontalFlip, RandomResize, RandomSizeCrop, crop, hflip, make_detr_transforms,
-    objects_to_target, resize, resized_size, target_to_annotations,
+    PAPER_SCALES, RandomHorizontalFlip, RandomSizeCrop, crop, hflip, make_detr_transforms, objects_to_target, resize,
+    target_to_annotations,
 )
 
 
@@ -60,14 +65,89 @@ def test_resize_scales_boxes_and_area_with_pixels():
     assert np.allclose(foreground_box(resized), [40, 20, 120, 60], atol=1)
 
 
+def detr_size_with_aspect_ratio(image_size, size, max_size=None):
+    """facebookresearch/detr datasets/transforms.py get_size_with_aspect_ratio, verbatim: (w, h) -> (h, w)."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def is_capped(width, height, shortest, max_size):
+    return max_size is not None and max(width, height) / min(width, height) * shortest > max_size
+
+
 @pytest.mark.parametrize("size,shortest,max_size,expected", [
     ((640, 480), 800, 1333, (1066, 800)),       # matches facebookresearch/detr get_size_with_aspect_ratio
     ((480, 640), 800, 1333, (800, 1066)),
     ((2000, 500), 800, 1333, (1332, 333)),      # the longest edge caps the shortest
     ((800, 600), 600, None, (800, 600)),        # already the right size
+    ((90, 30), 96, 224, (225, 75)),             # capped: the long side comes from the rounded short side
 ])
-def test_resized_size_matches_original_rounding(size, shortest, max_size, expected):
-    assert resized_size(*size, shortest, max_size) == expected
+def test_resize_matches_original_rounding(size, shortest, max_size, expected):
+    resized, _ = resize(rectangle_image(*size, []), make_target([]), shortest, max_size)
+    assert resized.size == expected
+
+
+# odd sizes, elongated ones (capped by max_size), and the demo's (train_scales 112/128/144 and eval 128, max 224)
+SIDES = (1, 2, 3, 7, 30, 33, 90, 97, 143, 144, 150, 161, 187, 192, 225, 301, 399, 1333, 2001)
+SHORTEST = (1, 64, 96, 112, 128, 144, 800)
+MAX_SIZES = (None, 96, 160, 224, 1333)
+
+
+def test_training_resize_and_processor_share_one_rule():
+    """Training rounds as facebookresearch/detr, the processor as transformers; they agree unless max_size caps."""
+    capped = differ = 0
+    for width, height, shortest, max_size in itertools.product(SIDES, SIDES, SHORTEST, MAX_SIZES):
+        size = {"shortest_edge": shortest, "longest_edge": max_size} if max_size else {"shortest_edge": shortest}
+        training = get_resize_output_size(height, width, size, detr_rounding=True)
+        processor = get_resize_output_size(height, width, size)
+        if 0 in detr_size_with_aspect_ratio((width, height), shortest, max_size):
+            # so elongated that the short side rounds to 0 (both references fail there): one pixel, long side capped
+            assert training == processor == ((1, max_size) if height < width else (max_size, 1))
+            continue
+        assert training == detr_size_with_aspect_ratio((width, height), shortest, max_size)
+        assert processor == get_size_with_aspect_ratio((height, width), shortest, max_size)
+        if not is_capped(width, height, shortest, max_size):
+            assert training == processor, (width, height, shortest, max_size)
+            continue
+        capped += 1
+        # capped: the side that was the shortest agrees; only the other may differ (detr's can exceed max_size)
+        short_axis = 0 if height <= width else 1
+        assert training[short_axis] == processor[short_axis]
+        differ += training != processor
+    assert capped > 1000 and differ > 500
+
+
+@pytest.mark.parametrize("width, height, shortest, max_size", [
+    (144, 192, 112, 224), (192, 144, 144, 224), (161, 187, 128, 224), (150, 150, 128, 224),  # the demo's sizes
+    (33, 7, 96, 1333), (97, 301, 64, None), (1, 3, 2, None), (2001, 1333, 800, 1333), (301, 90, 128, 1333),
+])
+def test_training_resize_gives_the_processors_image_size(width, height, shortest, max_size):
+    """The PIL image that training's resize makes has the size the processor resizes the same image to."""
+    image = rectangle_image(width, height, [])
+    resized, _ = resize(image, make_target([]), shortest, max_size)
+    processor = DetrCustomImageProcessor(size={"shortest_edge": shortest, "longest_edge": max_size})
+    assert tuple(processor(image)["pixel_values"].shape[-2:]) == (resized.height, resized.width)
+
+
+def test_training_resize_and_processor_differ_only_where_max_size_caps():
+    image = rectangle_image(90, 30, [])   # capped: 90 / 30 * 96 > 224
+    resized, _ = resize(image, make_target([]), 96, 224)
+    processor = DetrCustomImageProcessor(size={"shortest_edge": 96, "longest_edge": 224})
+    assert resized.size == (225, 75)                                      # facebookresearch/detr: 75 * 90 / 30
+    assert tuple(processor(image)["pixel_values"].shape[-2:]) == (75, 224)  # transformers: 74.67 * 90 / 30
 
 
 def test_crop_clips_and_drops_boxes_consistently_with_pixels():
@@ -94,6 +174,7 @@ def test_random_pipeline_keeps_boxes_on_their_pixels():
     transforms = make_detr_transforms("train", scales=range(96, 161, 16), max_size=256,
                                       crop_resize_scales=(96, 128), crop_size=(64, 120))
     rng = np.random.default_rng(0)
+    kept = 0
     for _ in range(30):
         box = (30, 20, 70, 60)
         image, target = transforms(rectangle_image(120, 90, [box]), make_target([box]), rng)
@@ -103,6 +184,8 @@ def test_random_pipeline_keeps_boxes_on_their_pixels():
             continue
         # bilinear resizing blurs edges by up to a pixel or two
         assert np.allclose(foreground_box(image), target["boxes_xyxy"][0], atol=2.5)
+        kept += 1
+    assert kept >= 15   # most draws keep the box, so the check above ran
 
 
 def test_pipeline_is_deterministic_under_a_seed_and_varies_without():
@@ -138,9 +221,9 @@ def test_flip_probability_and_crop_bounds():
     flips = sum(RandomHorizontalFlip()(rectangle_image(10, 10, [(0, 0, 2, 2)]), make_target([(0, 0, 2, 2)]),
                                        rng)[1]["boxes_xyxy"][0, 0] == 8 for _ in range(400))
     assert 150 < flips < 250
-    cropper = Compose([RandomSizeCrop(20, 40), RandomResize([50])])
+    cropper = RandomSizeCrop(20, 40)
     for _ in range(20):
-        image, _ = cropper.transforms[0](rectangle_image(60, 30, []), make_target([]), rng)
+        image, _ = cropper(rectangle_image(60, 30, []), make_target([]), rng)
         assert 20 <= image.width <= 40 and 20 <= image.height <= 30
     with pytest.raises(ValueError):
         RandomSizeCrop(50, 40)

@@ -17,6 +17,8 @@ facebookresearch/detr ``datasets/coco.py::make_coco_transforms``:
 import numpy as np
 import PIL.Image
 
+from modeling_detr_custom.image_processing_detr_custom import get_resize_output_size
+
 PAPER_SCALES = tuple(range(480, 801, 32))   # 480, 512, ..., 800
 PAPER_MAX_SIZE = 1333
 PAPER_CROP_RESIZE_SCALES = (400, 500, 600)
@@ -65,24 +67,17 @@ def hflip(image: PIL.Image.Image, target: dict) -> tuple[PIL.Image.Image, dict]:
     return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes_xyxy": flipped.astype(np.float32)}
 
 
-def resized_size(width: int, height: int, shortest_edge: int, max_size: int | None = None) -> tuple[int, int]:
-    """(new_width, new_height) with the shortest edge at ``shortest_edge`` and the longest <= ``max_size``.
-
-    Rounding matches facebookresearch/detr datasets/transforms.py (get_size_with_aspect_ratio).
-    """
-    if max_size is not None:
-        short, long = min(width, height), max(width, height)
-        if long / short * shortest_edge > max_size:
-            shortest_edge = int(round(max_size * short / long))
-    if min(width, height) == shortest_edge:
-        return width, height
-    if width < height:
-        return shortest_edge, int(shortest_edge * height / width)
-    return int(shortest_edge * width / height), shortest_edge
-
-
 def resize(image: PIL.Image.Image, target: dict, shortest_edge: int, max_size: int | None = None):
-    new_width, new_height = resized_size(image.width, image.height, shortest_edge, max_size)
+    """Resizes the shortest edge to ``shortest_edge``, the longest capped at ``max_size``; boxes and area follow.
+
+    The size is the processor's rule with facebookresearch/detr's rounding (datasets/transforms.py
+    get_size_with_aspect_ratio); where the cap applies it can differ by a pixel or more from the processor's own,
+    which rounds as transformers does (see ``get_resize_output_size``).
+    """
+    size = {"shortest_edge": shortest_edge}
+    if max_size is not None:
+        size["longest_edge"] = max_size
+    new_height, new_width = get_resize_output_size(image.height, image.width, size, detr_rounding=True)
     ratio_x, ratio_y = new_width / image.width, new_height / image.height
     if (new_width, new_height) != image.size:
         image = image.resize((new_width, new_height), PIL.Image.Resampling.BILINEAR)
