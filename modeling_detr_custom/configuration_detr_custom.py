@@ -32,7 +32,7 @@ class DetrCustomConfig(PreTrainedConfig):
         encoder_layers, decoder_layers: transformer depth.
         encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
         encoder_ffn_dim, decoder_ffn_dim: hidden size of the feed-forward blocks.
-        activation_function: `"relu"` or `"gelu"`.
+        activation_function: `"relu"` or `"gelu"` (the exact, erf-based GELU), from transformers' `ACT2FN`.
         dropout: dropout on residual branches.
         attention_dropout: dropout on attention weights.
         activation_dropout: dropout after the feed-forward activation.

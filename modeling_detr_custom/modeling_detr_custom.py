@@ -22,13 +22,13 @@ from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as ti
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_detr_custom import DetrCustomConfig
 from .loss_detr_custom import DetrCustomLoss
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 logger = logging.get_logger(__name__)
 
 
@@ -375,7 +375,7 @@ class DetrCustomEncoderLayer(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = config.dropout
         self.activation_dropout = config.activation_dropout
-        self.activation = ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
 
     def forward(self, hidden_states, position_embeddings, key_mask=None, output_attentions=False):
         query_key = hidden_states + position_embeddings
@@ -402,7 +402,7 @@ class DetrCustomDecoderLayer(GradientCheckpointingLayer):
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout = config.dropout
         self.activation_dropout = config.activation_dropout
-        self.activation = ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
 
     def forward(self, hidden_states, query_pos, memory, memory_pos, memory_mask=None, output_attentions=False):
         query_key = hidden_states + query_pos

@@ -6,10 +6,12 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import padded_batch, randomize_, tiny_kwargs
 from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
+from modeling_detr_custom.modeling_detr_custom import DetrCustomDecoderLayer, DetrCustomEncoderLayer
 
 PARITY_CONFIGS = [
     {},
@@ -180,6 +182,16 @@ def test_base_model_outputs():
 def test_impossible_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DetrCustomConfig(**tiny_kwargs(**kwargs))
+
+
+@pytest.mark.parametrize("name, function", [("relu", F.relu), ("gelu", F.gelu)])
+def test_feed_forward_activation_is_exactly_the_torch_function(name, function):
+    # transformers' ACT2FN["gelu"] must be the exact (erf) GELU, which differs from the tanh approximation
+    config = DetrCustomConfig(**tiny_kwargs(activation_function=name))
+    x = torch.linspace(-6, 6, 10001)
+    for layer in (DetrCustomEncoderLayer(config), DetrCustomDecoderLayer(config)):
+        assert torch.equal(layer.activation(x), function(x))
+    assert not torch.equal(F.gelu(x, approximate="tanh"), F.gelu(x))
 
 
 def test_backbone_that_timm_cannot_build_is_a_clear_error():
