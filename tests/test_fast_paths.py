@@ -10,7 +10,7 @@ from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
-from modeling_detr_custom.modeling_detr_custom import ConvFrozenBatchNorm2d
+from modeling_detr_custom.fast_paths import ConvFrozenBatchNorm2d
 
 
 def _model(**overrides):
