@@ -1,7 +1,7 @@
 """Multi-head attention (the original's `nn.MultiheadAttention`), batch-first, through PyTorch's SDPA kernels.
 
 Used by the encoder and decoder layers (`encoder_detr.py`, `decoder_detr.py`); its q / k / v / out projections are
-the original's `in_proj_weight` split in three (see `convert.convert_original_state_dict`).
+the original's `in_proj_weight` split in three (see `checkpoint_conversion.convert_original_state_dict`).
 """
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,8 @@ output is the `memory`, the learned object queries are `query_pos` and the decod
 
 This file holds the outputs, the models and the box head; the parts are one concept per file, as in
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
-`decoder_detr.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading checkpoints in `convert.py`.
+`decoder_detr.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading transformers checkpoints in
+`checkpoint_conversion.py`.
 """
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import DetrCustomBackbone
+from .checkpoint_conversion import converted_transformers_folder
 from .configuration_detr_custom import DetrCustomConfig
 from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
@@ -126,11 +128,12 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads our folders and Hub ids, and also transformers' DETR checkpoints (model_type "detr"), whose
-        config and weights are converted on the fly (see `convert.py`). All of `PreTrainedModel.from_pretrained`'s
-        options apply, e.g. `num_labels=K, ignore_mismatched_sizes=True` for a new class head."""
-        from .convert import converted_transformers_folder
-
-        with converted_transformers_folder(pretrained_model_name_or_path, kwargs) as folder:
+        config and weights are converted on the fly (see `checkpoint_conversion.py`). All of
+        `PreTrainedModel.from_pretrained`'s options apply, e.g. `num_labels=K, ignore_mismatched_sizes=True` for a
+        new class head."""
+        # converted to the keys of the class with heads, whichever class loads them
+        heads = DetrCustomForObjectDetection
+        with converted_transformers_folder(pretrained_model_name_or_path, kwargs, heads) as folder:
             loaded = super().from_pretrained(folder or pretrained_model_name_or_path, *model_args, **kwargs)
         # loading replaces the parameters with trainable ones: freeze again what the config freezes
         model = loaded[0] if isinstance(loaded, tuple) else loaded
