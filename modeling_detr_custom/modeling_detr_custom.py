@@ -29,7 +29,7 @@ from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
 from .fast_paths import fp32_on_cpu
 from .loss_detr_custom import DetrCustomLoss
-from .position_encoding import DetrCustomLearnedPositionEmbedding, build_position_embedding
+from .position_encoding import build_position_embedding
 
 # the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
@@ -110,7 +110,13 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # the original: xavier-uniform transformer weights, N(0, 1) query embeddings, U(0, 1) learned positions
+        # every Linear and Conv2d outside the backbone (transformer, input_proj and both heads): xavier-uniform with
+        # gain init_xavier_std and zero bias (the original xavier-inits only the transformer's matrices; its heads,
+        # input_proj and FFN biases keep PyTorch's default); LayerNorm 1 / 0; every Embedding N(0, 1): the object
+        # queries, and the learned position tables too (the original draws those from U(0, 1)). The timm backbone is
+        # marked initialized and skipped. A branch on a container such as DetrCustomLearnedPositionEmbedding would
+        # never run: for custom code, transformers marks modules without parameters of their own initialized without
+        # calling this.
         gain = self.config.init_xavier_std
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             init.xavier_uniform_(module.weight, gain=gain)
@@ -119,9 +125,6 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, DetrCustomLearnedPositionEmbedding):
-            init.uniform_(module.row_embed.weight)
-            init.uniform_(module.col_embed.weight)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
 
