@@ -4,6 +4,13 @@
 Importing the package registers the classes with transformers' Auto classes (model_type "detr_custom"), and for
 auto class, so that `save_pretrained` writes the code files and `auto_map` next to the weights: the folder then
 loads anywhere with `trust_remote_code=True`.
+
+One concept per file, as in facebookresearch/detr's models/: `configuration_detr_custom.py`; `modeling_detr_custom.py`
+(outputs, models, box head, and the seam choosing the encoder / decoder by `config.encoder_type` / `decoder_type`);
+its parts `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`, `decoder_detr.py`,
+`fast_paths.py`; `loss_detr_custom.py` and `box_ops.py`; the image processor; `checkpoint_conversion.py` (key rules,
+transformers checkpoints in `from_pretrained`). Those travel as remote code. `convert.py` (original checkpoints and
+the CLI) sits above the model: it imports the model, nothing in the model imports it.
 """
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 

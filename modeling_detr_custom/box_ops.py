@@ -1,7 +1,7 @@
 """Box format conversions and IoU / generalized IoU, as pure tensor functions.
 
 Formats are in the names: ``cxcywh`` is (center_x, center_y, width, height), ``xyxy`` is
-(x0, y0, x1, y1), ``xywh`` is COCO's (x0, y0, width, height).
+(x0, y0, x1, y1).
 """
 import torch
 
@@ -16,23 +16,8 @@ def box_xyxy_to_cxcywh(boxes_xyxy: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
-def box_xywh_to_xyxy(boxes_xywh: torch.Tensor) -> torch.Tensor:
-    x0, y0, w, h = boxes_xywh.unbind(-1)
-    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
-
-
-def box_xyxy_to_xywh(boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
-    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_area(boxes_xyxy: torch.Tensor) -> torch.Tensor:
     return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
-
-
-def box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU and union of two sets of boxes: [..., N, 4] x [..., M, 4] -> ([..., N, M], [..., N, M])."""
-    return _iou_and_union(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])
 
 
 def _iou_and_union(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

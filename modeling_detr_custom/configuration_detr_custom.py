@@ -2,6 +2,11 @@
 from transformers import PreTrainedConfig
 
 POSITION_EMBEDDING_TYPES = ("sine", "learned")
+# the names of the interchangeable transformer parts; modeling_detr_custom.ENCODER_CLASSES / DECODER_CLASSES map them
+# to classes (kept here as names so that the config never imports the model)
+ENCODER_TYPES = ("detr",)
+DECODER_TYPES = ("detr",)
+ACTIVATION_FUNCTIONS = ("relu", "gelu")
 
 
 class DetrCustomConfig(PreTrainedConfig):
@@ -28,11 +33,14 @@ class DetrCustomConfig(PreTrainedConfig):
             randomly initialized timm ResNet zero-initializes the last BatchNorm of each block, and frozen there it
             would keep every residual branch off forever.
         num_queries: number of object queries, the upper bound on detections per image.
+        encoder_type, decoder_type: which transformer encoder / decoder to build, by name (`"detr"`, the only
+            choice for now: the original's post-norm layers, `encoder_detr.py` / `decoder_detr.py`). Alternative
+            encoders and decoders plug in here, each in its own `encoder_*.py` / `decoder_*.py`.
         d_model: transformer width.
         encoder_layers, decoder_layers: transformer depth.
         encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
         encoder_ffn_dim, decoder_ffn_dim: hidden size of the feed-forward blocks.
-        activation_function: `"relu"` or `"gelu"`.
+        activation_function: `"relu"` or `"gelu"` (the exact, erf-based GELU), from transformers' `ACT2FN`.
         dropout: dropout on residual branches.
         attention_dropout: dropout on attention weights.
         activation_dropout: dropout after the feed-forward activation.
@@ -86,6 +94,9 @@ class DetrCustomConfig(PreTrainedConfig):
     giou_loss_coefficient: float | int = 2.0
     eos_coefficient: float | int = 0.1       # class weight of "no object"
     init_xavier_std: float | int = 1.0
+    # last, so that the earlier fields keep their positions
+    encoder_type: str = "detr"               # one of ENCODER_TYPES
+    decoder_type: str = "detr"               # one of DECODER_TYPES
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -107,7 +118,10 @@ class DetrCustomConfig(PreTrainedConfig):
                 f"position_embedding_type={self.position_embedding_type!r} is not supported; "
                 f"use one of {POSITION_EMBEDDING_TYPES}."
             )
-        if self.activation_function not in ("relu", "gelu"):
+        for field, choices in (("encoder_type", ENCODER_TYPES), ("decoder_type", DECODER_TYPES)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {choices}.")
+        if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(f"activation_function={self.activation_function!r}: use 'relu' or 'gelu'.")
         if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
             raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0: the matcher needs a cost.")

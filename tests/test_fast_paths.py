@@ -3,14 +3,16 @@ bf16 autocast, batch-independent inference, the batched matcher and elementwise 
 (benchmarks/bench_model.py times them)."""
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 from helpers import padded_batch, randomize_, tiny_kwargs
+from scipy.optimize import linear_sum_assignment
+from timm.layers.norm_act import FrozenBatchNorm2d
+from torch import nn
 from transformers import DetrConfig
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
-from modeling_detr_custom.modeling_detr_custom import ConvFrozenBatchNorm2d
+from modeling_detr_custom.fast_paths import ConvFrozenBatchNorm2d
 
 
 def _model(**overrides):
@@ -63,9 +65,21 @@ def test_fold_follows_weight_changes_and_keeps_the_state_dict(tmp_path):
 
 def test_fold_is_off_without_frozen_batch_norm():
     model = _model(freeze_batch_norm=False).eval()
-    assert not model.model.backbone.fold_batch_norm
+    backbone = model.model.backbone
+    assert not backbone.fold_batch_norm
+    assert any(isinstance(m, nn.BatchNorm2d) for m in backbone.body.modules())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.body.modules())
+    pixel_values, pixel_mask, _ = padded_batch()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 64)).logits.isfinite().all()
+        fast = model(pixel_values, pixel_mask)            # fast_path_min_pixels = 0: channels_last, but no fold
+        backbone.fast_path_min_pixels = float("inf")      # every fast path off: the plain body, contiguous
+        plain = model(pixel_values, pixel_mask)
+    assert backbone._folded is None                       # the fold was never built, let alone used
+    assert not any(isinstance(m, ConvFrozenBatchNorm2d) for m in model.modules())
+    # only the memory format differs: fp32 rounding (~3e-5 of the logits' scale, through the trainable BatchNorm)
+    assert (fast.logits - plain.logits).abs().max() <= 1e-4 * plain.logits.abs().max()
+    assert (fast.pred_boxes - plain.pred_boxes).abs().max() <= 1e-4
+    assert (plain.logits[:, 0] - plain.logits[:, 1]).abs().max() > 1e-2   # the outputs are not constant
 
 
 def test_channels_last_equals_contiguous():

@@ -6,10 +6,16 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import padded_batch, randomize_, tiny_kwargs
 from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
+from modeling_detr_custom.configuration_detr_custom import DECODER_TYPES, ENCODER_TYPES, POSITION_EMBEDDING_TYPES
+from modeling_detr_custom.decoder_detr import DetrCustomDecoderLayer
+from modeling_detr_custom.encoder_detr import DetrCustomEncoderLayer
+from modeling_detr_custom.modeling_detr_custom import DECODER_CLASSES, ENCODER_CLASSES
+from modeling_detr_custom.position_encoding import POSITION_EMBEDDING_CLASSES
 
 PARITY_CONFIGS = [
     {},
@@ -176,10 +182,31 @@ def test_base_model_outputs():
     ({"num_queries": 0}, "num_queries"),
     ({"position_embedding_type": "rope"}, "position_embedding_type"),
     ({"backbone": "resnet5000"}, "not a timm model"),
+    ({"encoder_type": "deformable"}, r"encoder_type='deformable' is not supported; use one of \('detr',\)"),
+    ({"decoder_type": "deformable"}, r"decoder_type='deformable' is not supported; use one of \('detr',\)"),
 ])
 def test_impossible_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DetrCustomConfig(**tiny_kwargs(**kwargs))
+
+
+def test_every_config_choice_of_a_part_has_its_class():
+    # the seam: the config validates names, the model maps them to classes; the two lists must stay the same
+    assert tuple(ENCODER_CLASSES) == ENCODER_TYPES and tuple(DECODER_CLASSES) == DECODER_TYPES
+    assert tuple(POSITION_EMBEDDING_CLASSES) == POSITION_EMBEDDING_TYPES
+    model = DetrCustomModel(DetrCustomConfig(**tiny_kwargs(position_embedding_type="learned")))
+    assert type(model.encoder) is ENCODER_CLASSES["detr"] and type(model.decoder) is DECODER_CLASSES["detr"]
+    assert type(model.position_embedding) is POSITION_EMBEDDING_CLASSES["learned"]
+
+
+@pytest.mark.parametrize("name, function", [("relu", F.relu), ("gelu", F.gelu)])
+def test_feed_forward_activation_is_exactly_the_torch_function(name, function):
+    # transformers' ACT2FN["gelu"] must be the exact (erf) GELU, which differs from the tanh approximation
+    config = DetrCustomConfig(**tiny_kwargs(activation_function=name))
+    x = torch.linspace(-6, 6, 10001)
+    for layer in (DetrCustomEncoderLayer(config), DetrCustomDecoderLayer(config)):
+        assert torch.equal(layer.activation(x), function(x))
+    assert not torch.equal(F.gelu(x, approximate="tanh"), F.gelu(x))
 
 
 def test_backbone_that_timm_cannot_build_is_a_clear_error():

@@ -1,7 +1,9 @@
 """A saved folder is self-contained: Auto classes and pipeline("object-detection") load it with
 trust_remote_code=True in a process where this package cannot be imported, and without trust_remote_code when
 the package is imported."""
+import inspect
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -10,9 +12,15 @@ import numpy as np
 import PIL.Image
 import torch
 from helpers import randomize_, tiny_kwargs
+from test_convert import package_import_graph
 from transformers import pipeline
 
-from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom import (
+    DetrCustomConfig,
+    DetrCustomForObjectDetection,
+    DetrCustomImageProcessor,
+    DetrCustomModel,
+)
 
 
 def _save_folder(path):
@@ -23,6 +31,30 @@ def _save_folder(path):
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
     image.save(path / "image.png")
     return model, image
+
+
+def _remote_code_files() -> set[str]:
+    """The files that must travel: those defining the classes registered for auto class, and everything they import
+    from the package, transitively (read from the sources, so a new file cannot be forgotten)."""
+    graph = package_import_graph()
+    roots = {pathlib.Path(inspect.getfile(cls)).stem
+             for cls in (DetrCustomConfig, DetrCustomModel, DetrCustomForObjectDetection, DetrCustomImageProcessor)}
+    needed, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in needed:
+            needed.add(module)
+            todo.extend(graph[module])
+    return {f"{module}.py" for module in needed}
+
+
+def test_saved_folder_holds_every_file_the_code_imports(tmp_path):
+    _save_folder(tmp_path)
+    expected = _remote_code_files()
+    assert {"modeling_detr_custom.py", "configuration_detr_custom.py", "backbone.py", "encoder_detr.py",
+            "decoder_detr.py", "checkpoint_conversion.py", "box_ops.py"} <= expected
+    assert "convert.py" not in expected and "__init__.py" not in expected     # the CLI is a layer above the model
+    assert {path.name for path in tmp_path.glob("*.py")} == expected
 
 
 def _detections(detector, image):
@@ -68,5 +100,9 @@ def test_pipeline_with_the_package_needs_no_trust_remote_code(tmp_path):
     for detection in detections:
         box = detection["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= 120 and 0 <= box["ymin"] <= box["ymax"] <= 90
+    # the folder's model is the saved one: same weights, same outputs
+    expected = pipeline("object-detection", model=model, image_processor=detector.image_processor)
+    assert _detections(detector, image) == _detections(expected, image)
+    pixel_values = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(1, 3, 96, 128)).logits).all()
+        assert torch.equal(detector.model(pixel_values).logits, model(pixel_values).logits)

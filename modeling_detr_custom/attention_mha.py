@@ -1,0 +1,52 @@
+"""Multi-head attention (the original's `nn.MultiheadAttention`), batch-first, through PyTorch's SDPA kernels.
+
+Used by the encoder and decoder layers (`encoder_detr.py`, `decoder_detr.py`); its q / k / v / out projections are
+the original's `in_proj_weight` split in three (see `checkpoint_conversion.convert_original_state_dict`).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DetrCustomAttention(nn.Module):
+    """Multi-head attention on batch-first sequences through `F.scaled_dot_product_attention`.
+
+    With `output_attentions=True` the weights are computed explicitly and returned (same result, slower).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [batch, heads, sequence, head_dim]
+
+    def forward(
+        self,
+        query: torch.Tensor,                      # [batch, target, d_model]
+        key: torch.Tensor,                        # [batch, source, d_model]
+        value: torch.Tensor,                      # [batch, source, d_model]
+        key_mask: torch.Tensor | None = None,     # [batch, source] bool, True = attend; None = attend everywhere
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._split_heads(self.q_proj(query)), self._split_heads(self.k_proj(key)), self._split_heads(
+            self.v_proj(value))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]   # [batch, 1, 1, source]
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)        # [batch, heads, target, source]
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).flatten(2)                                  # [batch, target, d_model]
+        return self.out_proj(out), weights

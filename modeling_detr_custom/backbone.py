@@ -1,0 +1,108 @@
+"""The backbone: a timm `features_only` model whose last feature map feeds the transformer, with its mask.
+
+Holds the stem freezing of the original DETR and batch-independent inference (`forward_per_size`); the folded
+BatchNorm and channels_last fast paths it switches on come from `fast_paths.py`.
+"""
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+from transformers.utils import logging
+
+from .configuration_detr_custom import DetrCustomConfig
+from .fast_paths import FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
+
+logger = logging.get_logger(__name__)
+
+
+class DetrCustomBackbone(nn.Module):
+    """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
+    feature map and its mask."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        try:
+            body = timm.create_model(
+                config.backbone, pretrained=config.use_pretrained_backbone, features_only=True, out_indices=(-1,),
+                in_chans=config.num_channels, **({"output_stride": 16} if config.dilation else {}),
+            )
+        except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"timm could not build backbone={config.backbone!r} with features_only=True"
+                f"{' and output_stride=16 (dilation)' if config.dilation else ''}: {error}. Pick a timm model that "
+                "supports features_only (e.g. resnet50, resnet101, convnext_tiny)."
+            ) from error
+        self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
+        # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
+        self.fold_batch_norm = config.freeze_batch_norm
+        self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
+        self._folded = None
+        self.num_channels = self.body.feature_info.channels()[-1]     # 2048 for resnet50
+        if config.freeze_backbone_stem:
+            self._freeze_stem_and_first_stage()
+        for module in self.body.modules():
+            # timm initialized these (or they are loaded from a checkpoint): the HF init must not touch them
+            module._is_hf_initialized = True
+
+    def _freeze_stem_and_first_stage(self):
+        # the original trains only layer2-4 of its ResNet; generalized: everything up to the first stage at stride 4
+        first_stage = next(info["module"] for info in self.body.feature_info.info if info["reduction"] >= 4)
+        first_stage = first_stage.replace(".", "_")                  # FeatureListNet flattens nested names
+        for name, child in self.body.named_children():
+            child.requires_grad_(False)
+            if name == first_stage:
+                break
+
+    def folded_body(self) -> nn.Module:
+        """`self.body` with each frozen BatchNorm folded into the convolution before it (`fold_frozen_batch_norm`):
+        the same parameters and buffers, fewer passes over the activations. Built once, never in the state_dict."""
+        if self._folded is None or self._folded[0] is not self.body:
+            try:
+                folded = fold_frozen_batch_norm(self.body)
+            except Exception as error:  # noqa: BLE001 - a timm model that torch.fx cannot trace runs unfolded
+                logger.warning_once(f"cannot fold the BatchNorm of backbone {type(self.body).__name__}: {error}")
+                folded = self.body
+            self._folded = (self.body, folded)                         # a tuple: not registered as a submodule
+        return self._folded[1]
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        body = self.body
+        if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
+            body = self.folded_body() if self.fold_batch_norm else self.body
+            # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU (forward and backward)
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        features = body(pixel_values)[-1]                              # [batch, channels, height, width]
+        # nearest-neighbour downsampling of the mask, as the original does
+        feature_mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        return features, feature_mask                                  # mask: [batch, height, width], True = real
+
+    def forward_per_size(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+        """Like `forward`, but each image goes through the body unpadded (images of one size together) and the
+        feature maps are padded afterwards: an image's features no longer depend on the other images of the batch
+        (convolutions near a padded border do). Needs each image's real pixels in its top-left corner."""
+        heights = pixel_mask.any(2).sum(1).tolist()                    # [batch] rows holding real pixels
+        widths = pixel_mask.any(1).sum(1).tolist()
+        groups = {}
+        for index, size in enumerate(zip(heights, widths)):
+            groups.setdefault(size, []).append(index)
+        group_features = {}
+        for (height, width), indices in groups.items():
+            region = pixel_mask[indices, :height, :width]
+            if height == 0 or width == 0 or not region.all() or int(pixel_mask[indices].sum()) != region.numel():
+                raise ValueError(
+                    f"batch_independent=True needs every image's real pixels (pixel_mask 1) to fill a rectangle in "
+                    f"its top-left corner, padding bottom-right; images {indices} do not.")
+            group_features[height, width] = self.forward(
+                pixel_values[indices, :, :height, :width], pixel_mask[indices, :height, :width])[0]
+        feature_height = max(f.shape[-2] for f in group_features.values())
+        feature_width = max(f.shape[-1] for f in group_features.values())
+        some = next(iter(group_features.values()))
+        features = some.new_zeros((len(heights), some.shape[1], feature_height, feature_width))
+        feature_mask = torch.zeros((len(heights), feature_height, feature_width), dtype=torch.bool,
+                                   device=some.device)
+        for size, group in group_features.items():
+            indices = groups[size]
+            features[indices, :, :group.shape[-2], :group.shape[-1]] = group
+            feature_mask[indices, :group.shape[-2], :group.shape[-1]] = True
+        return features, feature_mask                                  # as `forward`: [batch, channels, h, w], mask

@@ -1,0 +1,172 @@
+"""Checkpoint conversion that needs only state dicts and the config: the key-renaming rules from transformers' and
+the original DETR's names to ours, transformers' DetrConfig -> DetrCustomConfig, and the temporary folder through
+which `DetrCustomPreTrainedModel.from_pretrained` loads transformers DETR checkpoints.
+
+The model imports this file (it travels with it as Hub remote code); it never imports the model: the model class is
+passed in where the expected keys are needed. Reading original `.pth` files and the CLI are in `convert.py`, a layer
+above the model.
+"""
+import contextlib
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from .configuration_detr_custom import DetrCustomConfig
+
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+# transformers DETR names (4.x checkpoints on the Hub, and 5.x runtime names) -> ours. Order matters: layer norms
+# are renamed before `encoder_attn` becomes `cross_attn`.
+TRANSFORMERS_KEY_RULES = [
+    (r"backbone\.conv_encoder\.model\.", "backbone.body."),
+    (r"backbone\.model\.", "backbone.body."),
+    (r"(backbone\.)?position_embedding\.row_embeddings\.", "position_embedding.row_embed."),
+    (r"(backbone\.)?position_embedding\.column_embeddings\.", "position_embedding.col_embed."),
+    (r"input_projection\.", "input_proj."),
+    (r"query_position_embeddings\.", "query_embed."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn_layer_norm\.", ".norm2."),
+    (r"(encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+    (r"(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.(mlp\.)?fc1\.", ".linear1."),
+    (r"\.(mlp\.)?fc2\.", ".linear2."),
+    (r"decoder\.layernorm\.", "decoder.norm."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+]
+
+# original facebookresearch/detr names -> ours; `in_proj_weight/bias` are split into q, k, v afterwards
+ORIGINAL_KEY_RULES = [
+    (r"^backbone\.0\.body\.", "model.backbone.body."),
+    (r"^backbone\.1\.(row|col)_embed\.", r"model.position_embedding.\1_embed."),
+    (r"^input_proj\.", "model.input_proj."),
+    (r"^query_embed\.", "model.query_embed."),
+    (r"^transformer\.encoder\.", "model.encoder."),
+    (r"^transformer\.decoder\.", "model.decoder."),
+    (r"\.multihead_attn\.", ".cross_attn."),
+]
+
+# fields with the same name and meaning in transformers' DetrConfig
+SHARED_CONFIG_FIELDS = (
+    "num_channels", "num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout",
+    "attention_dropout", "activation_dropout", "position_embedding_type", "auxiliary_loss", "class_cost", "bbox_cost",
+    "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient", "init_xavier_std",
+    "id2label", "label2id",
+)
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def convert_transformers_config(detr_config: dict) -> DetrCustomConfig:
+    """transformers DetrConfig (as a config.json dict, 4.x or 5.x layout) -> DetrCustomConfig."""
+    backbone_config = detr_config.get("backbone_config")
+    if backbone_config:
+        if backbone_config.get("model_type") != "timm_backbone":
+            raise ValueError(
+                "this DETR checkpoint uses a transformers backbone "
+                f"(model_type {backbone_config.get('model_type')!r}); "
+                "only timm backbones (use_timm_backbone=True, the default of facebook/detr-*) can be converted.")
+        backbone = backbone_config["backbone"]
+        dilation = bool(detr_config.get("dilation")) or backbone_config.get("output_stride") == 16
+    else:
+        if not detr_config.get("use_timm_backbone", True):
+            raise ValueError("this DETR checkpoint has use_timm_backbone=False; only timm backbones can be converted.")
+        backbone = detr_config.get("backbone") or "resnet50"
+        dilation = bool(detr_config.get("dilation", False))
+    kwargs = {field: detr_config[field] for field in SHARED_CONFIG_FIELDS if field in detr_config}
+    # transformers' decoder feeds the normed state forward when auxiliary_loss is on: keep its outputs
+    kwargs["normalize_decoder_residual"] = bool(detr_config.get("auxiliary_loss", False))
+    return DetrCustomConfig(backbone=backbone, dilation=dilation, use_pretrained_backbone=False, **kwargs)
+
+
+def convert_transformers_state_dict(state_dict: dict) -> dict:
+    return {_rename(key, TRANSFORMERS_KEY_RULES): value for key, value in state_dict.items()
+            if not key.endswith("num_batches_tracked")}
+
+
+def convert_original_state_dict(state_dict: dict) -> dict:
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = _rename(key, ORIGINAL_KEY_RULES)
+        if key.endswith(("in_proj_weight", "in_proj_bias")):
+            prefix, kind = key.rsplit(".", 1)
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                converted[f"{prefix}.{name}.{kind.split('_')[-1]}"] = chunk.clone()
+        else:
+            converted[key] = value
+    return converted
+
+
+def check_converted_keys(model_class, config: DetrCustomConfig, state_dict: dict, source: str) -> None:
+    """Raises unless `state_dict` has exactly the keys of `model_class(config)` (built on the meta device)."""
+    with torch.device("meta"):
+        expected = set(model_class(config).state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not convert cleanly: missing {missing[:8]} ({len(missing)} in all), "
+                         f"unexpected {unexpected[:8]} ({len(unexpected)} in all).")
+
+
+def _load_weights(folder_files: dict) -> dict:
+    if "model.safetensors" in folder_files:
+        from safetensors.torch import load_file
+
+        return load_file(folder_files["model.safetensors"])
+    return torch.load(folder_files["pytorch_model.bin"], map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, model_class):
+    """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR
+    checkpoint (model_type "detr"), else None. The converted keys must be those of `model_class` (our class with
+    the heads, `DetrCustomForObjectDetection`). Hub options used to find the files are removed from
+    `from_pretrained_kwargs` in the first case, since the temporary folder is local."""
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}
+    config_file = cached_file(name_or_path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if config_file is None:
+        yield None
+        return
+    with open(config_file) as f:
+        detr_config = json.load(f)
+    if detr_config.get("model_type") != "detr":
+        yield None
+        return
+    files = {}
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is not None:
+            files[name] = path
+            break
+    if not files:
+        raise ValueError(f"{name_or_path} has a DETR config.json but no model.safetensors or pytorch_model.bin.")
+    config = convert_transformers_config(detr_config)
+    state_dict = convert_transformers_state_dict(_load_weights(files))
+    check_converted_keys(model_class, config, state_dict, f"transformers DETR checkpoint {name_or_path}")
+    for key in HUB_KWARGS:
+        from_pretrained_kwargs.pop(key, None)
+    with tempfile.TemporaryDirectory(prefix="detr_custom_converted_") as folder:
+        _save_folder(config, state_dict, folder, model_class.__name__)
+        yield folder
+
+
+def _save_folder(config: DetrCustomConfig, state_dict: dict, folder: str, architecture: str) -> None:
+    from safetensors.torch import save_file
+
+    config.architectures = [architecture]
+    config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})

@@ -1,0 +1,57 @@
+"""The DETR transformer encoder: post-norm self-attention layers over the flattened feature map.
+
+One of the interchangeable encoders chosen by `config.encoder_type` (`"detr"`, see `ENCODER_CLASSES` in
+`modeling_detr_custom.py`). An encoder takes `(source, position_embeddings, key_mask, output_attentions,
+output_hidden_states)`, with source and positions `[batch, height * width, d_model]` and key_mask
+`[batch, height * width]` (True = real cell; None = no padding), and returns `(memory, hidden_states, attentions)`:
+the memory `[batch, height * width, d_model]`, then the per-layer tuples or None.
+"""
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .attention_mha import DetrCustomAttention
+from .configuration_detr_custom import DetrCustomConfig
+
+
+class DetrCustomEncoderLayer(GradientCheckpointingLayer):
+    """Post-norm encoder layer; positions are added to queries and keys, never to values."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        d_model = config.d_model
+        self.self_attn = DetrCustomAttention(d_model, config.encoder_attention_heads, config.attention_dropout)
+        self.linear1 = nn.Linear(d_model, config.encoder_ffn_dim)
+        self.linear2 = nn.Linear(config.encoder_ffn_dim, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = config.dropout
+        self.activation_dropout = config.activation_dropout
+        self.activation = ACT2FN[config.activation_function]
+
+    def forward(self, hidden_states, position_embeddings, key_mask=None, output_attentions=False):
+        query_key = hidden_states + position_embeddings
+        attended, weights = self.self_attn(query_key, query_key, hidden_states, key_mask, output_attentions)
+        hidden_states = self.norm1(hidden_states + F.dropout(attended, self.dropout, self.training))
+        ffn = self.activation(self.linear1(hidden_states))
+        ffn = self.linear2(F.dropout(ffn, self.activation_dropout, self.training))
+        hidden_states = self.norm2(hidden_states + F.dropout(ffn, self.dropout, self.training))
+        return hidden_states, weights
+
+
+class DetrCustomEncoder(nn.Module):
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DetrCustomEncoderLayer(config) for _ in range(config.encoder_layers))
+
+    def forward(self, hidden_states, position_embeddings, key_mask, output_attentions, output_hidden_states):
+        all_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, position_embeddings, key_mask, output_attentions)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_states, all_attentions
