@@ -3,9 +3,14 @@
 Used by tests/ and benchmarks/ (like `transformers.testing_utils`); no model file imports it, so it does not travel
 with `save_pretrained` as remote code.
 """
+import ast
+import inspect
 import math
+import pathlib
 
 import torch
+
+PACKAGE = pathlib.Path(__file__).parent
 
 TINY = dict(
     backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=2, decoder_layers=2,
@@ -70,3 +75,44 @@ def padded_batch(seed: int = 0, height: int = 160, width: int = 128):
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.6, 0.5, 0.2]])},
     ]
     return pixel_values, pixel_mask, labels
+
+
+def package_import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
+    """Module name -> the package modules it imports, read with `ast` from every file of the package, imports inside
+    functions included. Each must be `from .module import name`: the only form transformers' remote-code copier
+    (`get_relative_imports`, a regex) follows."""
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        graph[path.stem] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                absolute = [alias.name for alias in node.names if alias.name.split(".")[0] == package.name]
+                assert not absolute, f"{path.name}:{node.lineno} imports {absolute} absolutely; import relatively"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert (node.module or "").split(".")[0] != package.name, \
+                        f"{path.name}:{node.lineno} imports from {node.module} absolutely; import relatively"
+                    continue
+                assert node.level == 1 and node.module and "." not in node.module, \
+                    f"{path.name}:{node.lineno}: write relative imports as `from .module import name`"
+                graph[path.stem].add(node.module)
+    return graph
+
+
+def remote_code_files() -> set[str]:
+    """The files that must travel: those defining the classes registered for auto class, and everything they import
+    from the package, transitively (read from the sources, so a new file cannot be forgotten)."""
+    from .configuration_detr_custom import DetrCustomConfig
+    from .image_processing_detr_custom import DetrCustomImageProcessor
+    from .modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomModel
+
+    graph = package_import_graph()
+    roots = {pathlib.Path(inspect.getfile(cls)).stem
+             for cls in (DetrCustomConfig, DetrCustomModel, DetrCustomForObjectDetection, DetrCustomImageProcessor)}
+    needed, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in needed:
+            needed.add(module)
+            todo.extend(graph[module])
+    return {f"{module}.py" for module in needed}

@@ -6,47 +6,20 @@ layers, its decoder that norms only the copies given to the heads), with the ori
 state_dict has the original key names and shapes. Its forward pass is the expected output.
 """
 import argparse
-import ast
 import graphlib
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import padded_batch, randomize_
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
-import modeling_detr_custom
 from modeling_detr_custom import DetrCustomForObjectDetection
 from modeling_detr_custom.convert import convert_original_checkpoint, main
-
-PACKAGE = pathlib.Path(modeling_detr_custom.__file__).parent
-
-
-def package_import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
-    """Module name -> the package modules it imports, read with `ast` from every file of the package, imports inside
-    functions included. Each must be `from .module import name`: the only form transformers' remote-code copier
-    (`get_relative_imports`, a regex) follows."""
-    graph = {}
-    for path in sorted(package.glob("*.py")):
-        graph[path.stem] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                absolute = [alias.name for alias in node.names if alias.name.split(".")[0] == package.name]
-                assert not absolute, f"{path.name}:{node.lineno} imports {absolute} absolutely; import relatively"
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 0:
-                    assert (node.module or "").split(".")[0] != package.name, \
-                        f"{path.name}:{node.lineno} imports from {node.module} absolutely; import relatively"
-                    continue
-                assert node.level == 1 and node.module and "." not in node.module, \
-                    f"{path.name}:{node.lineno}: write relative imports as `from .module import name`"
-                graph[path.stem].add(node.module)
-    return graph
+from modeling_detr_custom.testing_utils import package_import_graph, padded_batch, randomize_
 
 
 def test_package_imports_have_no_cycle_and_conversion_sits_above_the_model():

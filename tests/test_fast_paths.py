@@ -3,7 +3,6 @@ bf16 autocast, batch-independent inference, the batched matcher and elementwise 
 (benchmarks/bench_model.py times them)."""
 import pytest
 import torch
-from helpers import padded_batch, randomize_, tiny_kwargs
 from scipy.optimize import linear_sum_assignment
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
@@ -13,6 +12,7 @@ from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
 from modeling_detr_custom.fast_paths import ConvFrozenBatchNorm2d
+from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
 
 
 def _model(**overrides):

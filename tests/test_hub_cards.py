@@ -33,7 +33,7 @@ from PIL import Image
 from hub_cards import push_output_dir, render_model_card
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
-from modeling_detr_custom.testing_utils import tiny_kwargs
+from modeling_detr_custom.testing_utils import remote_code_files, tiny_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "metrics.json"
@@ -42,8 +42,7 @@ ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 METRIC_TYPES = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "AP_small": "map_small",
                 "AP_medium": "map_medium", "AP_large": "map_large"}
 # the remote code save_pretrained copies: the model files and what they import (convert.py, for from_pretrained)
-CODE_FILES = {"configuration_detr_custom.py", "modeling_detr_custom.py", "loss_detr_custom.py", "box_ops.py",
-              "image_processing_detr_custom.py", "convert.py"}
+CODE_FILES = remote_code_files()       # every file the model, config and processor import, read from the sources
 PICTURES = ("loss_curve.png", "map_curve.png", "predictions.png")
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from helpers import randomize_, tiny_kwargs
 from transformers import DetrImageProcessor
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.testing_utils import randomize_, tiny_kwargs
 
 SMALL = {"shortest_edge": 64, "longest_edge": 96}  # keeps tests fast; same code path as 800 / 1333
 

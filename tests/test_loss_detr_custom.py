@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import padded_batch, randomize_, tiny_kwargs
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
 
 
 def _random_boxes(n, generator):

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import padded_batch, randomize_, tiny_kwargs
 from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
@@ -16,6 +15,7 @@ from modeling_detr_custom.decoder_detr import DetrCustomDecoderLayer
 from modeling_detr_custom.encoder_detr import DetrCustomEncoderLayer
 from modeling_detr_custom.modeling_detr_custom import DECODER_CLASSES, ENCODER_CLASSES
 from modeling_detr_custom.position_encoding import POSITION_EMBEDDING_CLASSES
+from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
 
 PARITY_CONFIGS = [
     {},

@@ -1,9 +1,7 @@
 """A saved folder is self-contained: Auto classes and pipeline("object-detection") load it with
 trust_remote_code=True in a process where this package cannot be imported, and without trust_remote_code when
 the package is imported."""
-import inspect
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -11,16 +9,14 @@ import textwrap
 import numpy as np
 import PIL.Image
 import torch
-from helpers import randomize_, tiny_kwargs
-from test_convert import package_import_graph
 from transformers import pipeline
 
 from modeling_detr_custom import (
     DetrCustomConfig,
     DetrCustomForObjectDetection,
     DetrCustomImageProcessor,
-    DetrCustomModel,
 )
+from modeling_detr_custom.testing_utils import randomize_, remote_code_files, tiny_kwargs
 
 
 def _save_folder(path):
@@ -33,24 +29,9 @@ def _save_folder(path):
     return model, image
 
 
-def _remote_code_files() -> set[str]:
-    """The files that must travel: those defining the classes registered for auto class, and everything they import
-    from the package, transitively (read from the sources, so a new file cannot be forgotten)."""
-    graph = package_import_graph()
-    roots = {pathlib.Path(inspect.getfile(cls)).stem
-             for cls in (DetrCustomConfig, DetrCustomModel, DetrCustomForObjectDetection, DetrCustomImageProcessor)}
-    needed, todo = set(), list(roots)
-    while todo:
-        module = todo.pop()
-        if module not in needed:
-            needed.add(module)
-            todo.extend(graph[module])
-    return {f"{module}.py" for module in needed}
-
-
 def test_saved_folder_holds_every_file_the_code_imports(tmp_path):
     _save_folder(tmp_path)
-    expected = _remote_code_files()
+    expected = remote_code_files()
     assert {"modeling_detr_custom.py", "configuration_detr_custom.py", "backbone.py", "encoder_detr.py",
             "decoder_detr.py", "checkpoint_conversion.py", "box_ops.py"} <= expected
     assert "convert.py" not in expected and "__init__.py" not in expected     # the CLI is a layer above the model
