@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 
+from .checkpoints import RunState, check_output_dir, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from .metrics import CocoEvaluator
 from .transforms import (
@@ -42,7 +43,6 @@ from .transforms import (
 )
 
 logger = logging.getLogger("training.train")
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -233,81 +233,6 @@ def build_scheduler(optimizer, args: TrainArguments, steps_per_epoch: int, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_output_dir(args: TrainArguments):
-    output = Path(args.output_dir)
-    holds_run = output.exists() and any((output / name).exists() for name in ("metrics.json", "last", "best")) or any(
-        output.glob(f"{CHECKPOINT_PREFIX}*"))
-    if holds_run and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        raise ValueError(f"output_dir {output} already holds a run: pass --overwrite_output_dir to replace it or "
-                         "--resume_from_checkpoint latest to continue it.")
-    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
-        shutil.rmtree(output)
-
-
-def find_checkpoint(args: TrainArguments) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        path = Path(args.resume_from_checkpoint)
-        if not (path / "trainer_state.json").exists():
-            raise ValueError(f"{path} is not a complete checkpoint (no trainer_state.json).")
-        return path
-    checkpoints = sorted(Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
-                         key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-    if not checkpoints:
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}.")
-    return checkpoints[-1]
-
-
-def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
-    """A checkpoint's class head must fit the dataset: resuming with other classes is a mistake, not a fine-tune."""
-    from safetensors import safe_open
-
-    weights = checkpoint / "model.safetensors"
-    if not weights.exists():
-        return
-    with safe_open(weights, "pt") as f:
-        key = next((k for k in f.keys() if k.endswith("class_embed.weight")), None)
-        saved = f.get_slice(key).get_shape()[0] - 1 if key else num_labels
-    if saved != num_labels:
-        raise ValueError(f"{checkpoint} was trained with {saved} classes but the dataset has {num_labels}: resume "
-                         "with the same dataset, or start a new run with --model_name_or_path to fine-tune.")
-
-
-def save_checkpoint(accelerator: Accelerator, args: TrainArguments, state: dict) -> Path:
-    """accelerator.save_state into a temporary folder, renamed when complete: a run killed while saving never
-    leaves a folder named checkpoint-N, the only ones resume trusts. Keeps the newest save_total_limit."""
-    output = Path(args.output_dir)
-    final = output / f"{CHECKPOINT_PREFIX}{state['global_step']}"
-    partial = output / f".partial-{CHECKPOINT_PREFIX}{state['global_step']}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        checkpoints = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-        for old in checkpoints[:-max(args.save_total_limit, 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_model(accelerator, model, processor, folder: Path):
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        partial = folder.with_name(f".partial-{folder.name}")
-        shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(partial)
-        processor.save_pretrained(partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-
-
 @torch.no_grad()
 def evaluate_model(accelerator, model, loader, processor, categories, val_dataset) -> dict:
     model.eval()
@@ -353,10 +278,11 @@ def main(argv=None):
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/detr-demo).")
         check_hub_token(args.hub_token)
     if accelerator.is_main_process:
-        check_output_dir(args)
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir,
+                         resuming=bool(args.resume_from_checkpoint))
     accelerator.wait_for_everyone()
     set_seed(args.seed)
-    checkpoint = find_checkpoint(args)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     started = time.time()
 
     # data: rows keep undecoded images (boxes are drawn on the stored pixels), the dataset check reports problems
@@ -400,13 +326,9 @@ def main(argv=None):
         accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
                                                          for k, v in asdict(a).items() if not isinstance(v, list)})
 
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_AP": None, "best_step": None,
-             "train_history": [], "eval_history": []}
+    state = RunState()
     if checkpoint is not None:
-        check_checkpoint_classes(checkpoint, len(categories.names))
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        logger.info("resumed from %s at step %d", checkpoint, state["global_step"])
+        state = load_checkpoint(accelerator, checkpoint, num_labels=len(categories.names))
     last_checkpoint = checkpoint
     eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
     save_every = args.save_steps if args.save_steps > 0 else eval_every
@@ -414,23 +336,23 @@ def main(argv=None):
     def evaluate_and_save():
         metrics = evaluate_model(accelerator, model, val_loader, processor, categories, val_dataset)
         if accelerator.is_main_process:
-            record = {"step": state["global_step"], "epoch": state["global_step"] / steps_per_epoch, **metrics}
-            state["eval_history"].append(record)
+            record = {"step": state.global_step, "epoch": state.global_step / steps_per_epoch, **metrics}
+            state.eval_history.append(record)
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                            step=state["global_step"])
-            logger.info("step %d: AP %.4f AP50 %.4f", state["global_step"], metrics["AP"], metrics["AP50"])
-            if state["best_AP"] is None or metrics["AP"] > state["best_AP"]:
-                state["best_AP"], state["best_step"] = metrics["AP"], state["global_step"]
-        state["best_step"] = broadcast_object_list([state["best_step"]])[0]   # the main process decided
-        if state["best_step"] == state["global_step"]:
+                            step=state.global_step)
+            logger.info("step %d: AP %.4f AP50 %.4f", state.global_step, metrics["AP"], metrics["AP50"])
+            if state.best_AP is None or metrics["AP"] > state.best_AP:
+                state.best_AP, state.best_step = metrics["AP"], state.global_step
+        state.best_step = broadcast_object_list([state.best_step])[0]   # the main process decided
+        if state.best_step == state.global_step:
             save_model(accelerator, model, processor, Path(args.output_dir) / "best")
 
     model.train()
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_local_main_process)
     running = {}
-    for epoch in range(state["epoch"], num_epochs):
-        skip = state["step_in_epoch"] * args.gradient_accumulation_steps if epoch == state["epoch"] else 0
+    for epoch in range(state.epoch, num_epochs):
+        skip = state.step_in_epoch * args.gradient_accumulation_steps if epoch == state.epoch else 0
         train_loader.set_epoch(epoch)
         train_loader.collate_fn.set_epoch(epoch, batches_done=skip)
         loader_generator.manual_seed(args.seed + epoch)
@@ -444,7 +366,7 @@ def main(argv=None):
                 except FloatingPointError as error:
                     image_ids = [int(label["image_id"]) for label in batch["labels"]]
                     raise FloatingPointError(
-                        f"{error} Stopped at step {state['global_step']} (epoch {epoch}), batch image ids "
+                        f"{error} Stopped at step {state.global_step} (epoch {epoch}), batch image ids "
                         f"{image_ids}. Last good checkpoint: {last_checkpoint or 'none'}. Lower the learning rate, "
                         "keep max_grad_norm > 0, or check these images' boxes.") from error
                 loss = outputs.loss
@@ -459,32 +381,32 @@ def main(argv=None):
             running.setdefault("loss", []).append(loss.item())
             if not accelerator.sync_gradients:
                 continue
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
             progress.update(1)
-            if state["global_step"] % args.logging_steps == 0:
+            if state.global_step % args.logging_steps == 0:
                 # the mean over processes: with the loss's global normalization it is the loss of the global batch
                 names = sorted(running)
                 local = torch.tensor([sum(running[n]) / len(running[n]) for n in names], device=accelerator.device)
                 record = dict(zip(names, accelerator.reduce(local, reduction="mean").tolist()))
-                record.update(step=state["global_step"], epoch=state["global_step"] / steps_per_epoch,
+                record.update(step=state.global_step, epoch=state.global_step / steps_per_epoch,
                               lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 2))
-                state["train_history"].append(record)
-                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["global_step"])
+                state.train_history.append(record)
+                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.global_step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
                 running = {}
-            done = state["global_step"] >= total_steps
-            if state["global_step"] % eval_every == 0 or done:
+            done = state.global_step >= total_steps
+            if state.global_step % eval_every == 0 or done:
                 evaluate_and_save()
-            if state["global_step"] % save_every == 0 or done:
-                state["epoch"] = epoch if state["step_in_epoch"] < steps_per_epoch else epoch + 1
-                state["step_in_epoch"] = state["step_in_epoch"] % steps_per_epoch
-                last_checkpoint = save_checkpoint(accelerator, args, state)
+            if state.global_step % save_every == 0 or done:
+                state.set_position(epoch, steps_per_epoch)
+                last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
+                                                  save_total_limit=args.save_total_limit)
             if done:
                 break
-        state["step_in_epoch"] = 0
-        state["epoch"] = epoch + 1
-        if state["global_step"] >= total_steps:
+        state.step_in_epoch = 0
+        state.epoch = epoch + 1
+        if state.global_step >= total_steps:
             break
     progress.close()
 
@@ -501,14 +423,14 @@ def finish(accelerator, train_dataset, val_dataset, categories, state, model_arg
     from .plots import plot_curves, plot_predictions
 
     output = Path(args.output_dir)
-    best = next((r for r in state["eval_history"] if r["step"] == state["best_step"]), None)
+    best = next((r for r in state.eval_history if r["step"] == state.best_step), None)
     run = {
         "model_name_or_path": model_args.model_name_or_path,
         "dataset": data_args.dataset_name or data_args.data_dir or data_args.train_annotation_file,
         "dataset_id": data_args.dataset_name,
         "train_images": len(train_dataset), "val_images": len(val_dataset),
-        "num_train_epochs": state["global_step"] / steps_per_epoch, "max_steps": args.max_steps,
-        "global_steps": state["global_step"],
+        "num_train_epochs": state.global_step / steps_per_epoch, "max_steps": args.max_steps,
+        "global_steps": state.global_step,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
         * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "backbone_learning_rate": args.backbone_learning_rate,
@@ -524,10 +446,10 @@ def finish(accelerator, train_dataset, val_dataset, categories, state, model_arg
         "num_processes": accelerator.num_processes, "wall_time_s": round(wall_time, 1), "seed": args.seed,
         "license": "apache-2.0",
     }
-    metrics = {"run": run, "train_history": state["train_history"], "eval_history": state["eval_history"],
+    metrics = {"run": run, "train_history": state.train_history, "eval_history": state.eval_history,
                "best": best}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_curves(state["train_history"], state["eval_history"], output)
+    plot_curves(state.train_history, state.eval_history, output)
     best_dir = output / "best" if (output / "best").exists() else output / "last"
     plot_predictions(best_dir, val_dataset, categories, output / "predictions.png", args.num_prediction_images)
     for folder in {best_dir, output / "last"}:
@@ -537,14 +459,14 @@ def finish(accelerator, train_dataset, val_dataset, categories, state, model_arg
     from hub_cards import push_output_dir, render_model_card
 
     # each folder's card reports that folder's own evaluation (best: the best step, last: the final step)
-    eval_steps = {output / "last": state["global_step"], best_dir: state["best_step"] or state["global_step"]}
+    eval_steps = {output / "last": state.global_step, best_dir: state.best_step or state.global_step}
     for folder, step in eval_steps.items():
         render_model_card(folder, hub_model_id=args.hub_model_id, eval_step=step)
     if args.push_to_hub:
         push_output_dir(best_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
                         eval_step=eval_steps[best_dir])
-    logger.info("done in %.0f s; best AP %s at step %s; folders: %s", wall_time, state["best_AP"],
-                state["best_step"], best_dir)
+    logger.info("done in %.0f s; best AP %s at step %s; folders: %s", wall_time, state.best_AP,
+                state.best_step, best_dir)
 
 
 if __name__ == "__main__":
