@@ -283,7 +283,7 @@ class TrainingSetup:
     train_dataset: datasets.Dataset
     val_dataset: datasets.Dataset
     categories: Categories
-    steps_per_epoch: int                   # optimizer steps, over all processes
+    steps_per_epoch: int                   # optimizer steps in an epoch (all processes together)
     total_steps: int
     num_epochs: int
     eval_every: int                        # optimizer steps between evaluations
@@ -315,8 +315,8 @@ def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerat
 
 
 def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> TrainingSetup:
-    """Accelerator, data, model, loaders, optimizer and scheduler. The order is the random streams' order: the seed,
-    the model's initialization, then the rest (which draws nothing), so a given seed gives the same run."""
+    """Accelerator, data, model, loaders, optimizer and scheduler. Keep the order (the seed, the model's
+    initialization, the loaders, prepare): the random streams follow it, so a given seed gives the same run."""
     report_to = resolve_report_to(args.report_to)
     accelerator = make_accelerator(args, log_with=report_to)
     set_seed(args.seed)
