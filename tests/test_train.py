@@ -1,5 +1,6 @@
 """The Accelerate training script on the embedded dataset with a tiny model: learning, resume, checkpoints,
 several processes, bad input."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
 from training import train
+from training.checkpoints import RunState
 from training.data import DetrCollator, get_categories, load_coco
 from training.sample_data import write_sample_dataset
 
@@ -46,6 +48,13 @@ def _run(config, *extra):
     train.main(["--config", str(config), *extra])
 
 
+def _histories(run: Path) -> tuple[list, list]:
+    """metrics.json's train and eval histories, less the wall-clock times."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    train_history = [{k: v for k, v in record.items() if k != "elapsed_s"} for record in metrics["train_history"]]
+    return train_history, metrics["eval_history"]
+
+
 def _loss_on_training_images(model_or_config, data_dir, processor) -> float:
     dataset = load_coco(data_dir, "train").cast_column("image", datasets.Image(decode=False))
     categories = get_categories(dataset)
@@ -58,10 +67,13 @@ def _loss_on_training_images(model_or_config, data_dir, processor) -> float:
 
 
 def test_training_lowers_the_loss_and_writes_a_complete_run(tmp_path, data_dir):
-    _run(_config(tmp_path, data_dir, max_steps=24, eval_steps=12))
+    _run(_config(tmp_path, data_dir, max_steps=24, eval_steps=12, save_total_limit=1))
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert [record["step"] for record in metrics["train_history"]] == list(range(1, 25))
+    assert metrics["train_history"][3]["epoch"] == 1.0   # 16 images, 4 a batch: 4 steps an epoch
+    assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error", "lr", "elapsed_s"} <= set(
+        metrics["train_history"][0])
     processor = DetrCustomImageProcessor.from_pretrained(run / "last")
     trained = DetrCustomForObjectDetection.from_pretrained(run / "last")
     torch.manual_seed(42)
@@ -70,26 +82,56 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(tmp_path, data_dir):
     assert _loss_on_training_images(trained, data_dir, processor) < 0.9 * initial
     assert [record["step"] for record in metrics["eval_history"]] == [12, 24]
     assert {"AP", "AP50", "AP75", "AR100", "AP_per_class"} <= set(metrics["eval_history"][-1])
+    best = max(metrics["eval_history"], key=lambda record: record["AP"])   # the first of equals, like the run
+    assert metrics["best"] == best
+    assert {k: metrics["run"][k] for k in ("global_steps", "num_train_epochs", "train_images", "val_images",
+                                           "total_batch_size", "num_processes")} == {
+        "global_steps": 24, "num_train_epochs": 6.0, "train_images": 16, "val_images": 8, "total_batch_size": 4,
+        "num_processes": 1}
     for name in ("loss_curve.png", "map_curve.png", "predictions.png"):
         assert (run / name).stat().st_size > 1000
     for folder in ("best", "last"):
-        assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
-            p.name for p in (run / folder).iterdir()}
+        assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "metrics.json",
+                "loss_curve.png", "map_curve.png", "predictions.png"} <= {p.name for p in (run / folder).iterdir()}
+    # save_total_limit=1: the newest checkpoint only, complete, at an epoch boundary (24 = 6 epochs of 4 steps)
+    assert [p.name for p in run.iterdir() if p.name.startswith((".partial", "checkpoint-"))] == ["checkpoint-24"]
+    state = json.loads((run / "checkpoint-24" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (24, 6, 0)
+    assert (state["best_step"], state["best_AP"]) == (best["step"], best["AP"])
+    assert state["eval_history"] == metrics["eval_history"]
     # the dataset's classes land in the saved config, in category-id order
     categories = get_categories(load_coco(data_dir, "train"))
     assert trained.config.id2label == dict(enumerate(categories.names)) and trained.config.num_labels == 5
+
+
+def test_trainer_state_keeps_its_keys(tmp_path):
+    """trainer_state.json is the checkpoint format: checkpoints written before RunState existed must resume."""
+    old = {"global_step": 30, "epoch": 2, "step_in_epoch": 5, "best_AP": 0.25, "best_step": 30,
+           "train_history": [{"loss": 1.5, "step": 30}], "eval_history": [{"step": 30, "AP": 0.25}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(old))
+    state = RunState.load(tmp_path)
+    assert state.global_step == 30 and state.best_AP == 0.25 and state.train_history == old["train_history"]
+    state.save(tmp_path)
+    assert (tmp_path / "trainer_state.json").read_text() == json.dumps(old)   # same keys, same order
+    assert [f.name for f in dataclasses.fields(RunState)] == list(old)
 
 
 def test_resume_continues_bit_identically(tmp_path, data_dir):
     common = dict(eval_steps=3, save_steps=3, seed=7)
     _run(_config(tmp_path / "straight", data_dir, max_steps=6, **common))
     _run(_config(tmp_path / "resumed", data_dir, max_steps=3, **common))
-    assert (tmp_path / "resumed" / "run" / "checkpoint-3").is_dir()
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)   # mid-epoch: 4 steps each
     _run(_config(tmp_path / "resumed", data_dir, max_steps=6, resume_from_checkpoint="latest", **common))
-    straight = load_file(tmp_path / "straight" / "run" / "last" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "run" / "last" / "model.safetensors")
+    straight_run, resumed_run = tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
+    straight = load_file(straight_run / "last" / "model.safetensors")
+    resumed = load_file(resumed_run / "last" / "model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # the whole history, not only the end: every logged loss and learning rate, every evaluation
+    assert _histories(straight_run) == _histories(resumed_run)
+    assert [r["step"] for r in _histories(resumed_run)[0]] == list(range(1, 7))
 
 
 def test_interrupted_save_leaves_nothing_resume_trusts(tmp_path, data_dir, monkeypatch):
@@ -102,7 +144,9 @@ def test_interrupted_save_leaves_nothing_resume_trusts(tmp_path, data_dir, monke
     with pytest.raises(KeyboardInterrupt):
         _run(_config(tmp_path, data_dir, max_steps=2, save_steps=1, eval_steps=100))
     run = tmp_path / "run"
-    assert not list(run.glob("checkpoint-*")) and list(run.glob(".partial-checkpoint-*"))
+    assert not list(run.glob("checkpoint-*"))
+    assert [p.name for p in run.glob(".partial-checkpoint-*")] == [".partial-checkpoint-1"]
+    assert not (run / ".partial-checkpoint-1" / "trainer_state.json").exists()
     monkeypatch.undo()
     with pytest.raises(ValueError, match="no checkpoint"):
         _run(_config(tmp_path, data_dir, max_steps=2, resume_from_checkpoint="latest"))
@@ -132,7 +176,8 @@ def test_output_dir_holding_a_run_is_refused(tmp_path, data_dir):
 
 
 def test_non_finite_loss_names_the_step_and_images(tmp_path, data_dir):
-    with pytest.raises(FloatingPointError, match=r"at step \d+ .*image ids \[\d+"):
+    with pytest.raises(FloatingPointError, match=r"at step \d+ \(epoch \d+\), batch image ids \[\d+(, \d+)*\]\. "
+                                                 r"Last good checkpoint: none\."):
         _run(_config(tmp_path, data_dir, max_steps=30, eval_steps=100, learning_rate=1e12,
                      backbone_learning_rate=1e12, max_grad_norm=0.0))
 
@@ -149,4 +194,4 @@ def test_two_processes_with_accelerate_launch(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["run"]["num_processes"] == 2 and metrics["run"]["total_batch_size"] == 4
-    assert metrics["eval_history"][-1]["step"] == 2
+    assert [r["step"] for r in metrics["train_history"]] == [1, 2] and metrics["eval_history"][-1]["step"] == 2

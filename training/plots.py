@@ -1,4 +1,5 @@
 """Pictures of a run: loss and mAP curves, and validation predictions next to the ground truth."""
+import io
 from pathlib import Path
 
 import matplotlib
@@ -12,35 +13,34 @@ from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImagePr
 
 
 def plot_curves(train_history: list[dict], eval_history: list[dict], output_dir: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for name in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
-        points = [(r["step"], r[name]) for r in train_history if name in r]
-        if points:
-            axis.plot(*zip(*points), label=name, linewidth=2 if name == "loss" else 1)
-    axis.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)", yscale="log")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(output_dir / "loss_curve.png", dpi=100)
-    plt.close(figure)
+    """loss_curve.png (the total and its unweighted terms) and map_curve.png (validation AP) against the step."""
+    losses = {"loss": {"linewidth": 2}, "loss_ce": {"linewidth": 1}, "loss_bbox": {"linewidth": 1},
+              "loss_giou": {"linewidth": 1}}
+    _plot_history(train_history, losses, output_dir / "loss_curve.png",
+                  ylabel="loss (unweighted terms; total is weighted)", yscale="log")
+    _plot_history(eval_history, {name: {"marker": "o"} for name in ("AP", "AP50", "AP75")},
+                  output_dir / "map_curve.png", ylabel="COCO box metric (validation)", ylim=(0, 1))
 
+
+def _plot_history(history: list[dict], styles: dict[str, dict], path: Path, *, ylabel: str, **axis_settings) -> None:
+    """One line a name in `styles` (its keyword arguments to `plot`), over the records that have it."""
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name in ("AP", "AP50", "AP75"):
-        points = [(r["step"], r[name]) for r in eval_history if name in r]
+    for name, style in styles.items():
+        points = [(r["step"], r[name]) for r in history if name in r]
         if points:
-            axis.plot(*zip(*points), marker="o", label=name)
-    axis.set(xlabel="optimizer step", ylabel="COCO box metric (validation)", ylim=(0, 1))
+            axis.plot(*zip(*points), label=name, **style)
+    axis.set(xlabel="optimizer step", ylabel=ylabel, **axis_settings)
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(output_dir / "map_curve.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def _open(image) -> PIL.Image.Image:
     if isinstance(image, dict):   # undecoded datasets Image
         return PIL.Image.open(image["path"]).convert("RGB") if image.get("path") else PIL.Image.open(
-            __import__("io").BytesIO(image["bytes"])).convert("RGB")
+            io.BytesIO(image["bytes"])).convert("RGB")
     return image.convert("RGB")
 
 

@@ -5,7 +5,8 @@
 
 Arguments live in three dataclasses (ModelArguments, DataArguments, TrainArguments) parsed by transformers'
 HfArgumentParser: a yaml/json file gives the values, the command line overrides them, `--help` lists them all.
-The loop reads top to bottom like accelerate's examples; checkpoints are written atomically and resumable.
+main() reads top to bottom like accelerate's examples: build, then the loop of train_step, evaluate_and_save and
+save_checkpoint, then finish. Checkpoints (checkpoints.py) are written atomically and resume bit-identically.
 """
 import json
 import logging
@@ -29,7 +30,8 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 
-from .data import DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from .checkpoints import RunState, check_output_dir, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from .metrics import CocoEvaluator
 from .transforms import (
     PAPER_CROP_RESIZE_SCALES,
@@ -42,7 +44,6 @@ from .transforms import (
 )
 
 logger = logging.getLogger("training.train")
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -219,7 +220,7 @@ def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer, args: TrainArguments, steps_per_epoch: int, total_steps: int):
+def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: int):
     if args.lr_scheduler_type == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
     if args.lr_scheduler_type != "step":
@@ -233,146 +234,21 @@ def build_scheduler(optimizer, args: TrainArguments, steps_per_epoch: int, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_output_dir(args: TrainArguments):
-    output = Path(args.output_dir)
-    holds_run = output.exists() and any((output / name).exists() for name in ("metrics.json", "last", "best")) or any(
-        output.glob(f"{CHECKPOINT_PREFIX}*"))
-    if holds_run and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        raise ValueError(f"output_dir {output} already holds a run: pass --overwrite_output_dir to replace it or "
-                         "--resume_from_checkpoint latest to continue it.")
-    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
-        shutil.rmtree(output)
-
-
-def find_checkpoint(args: TrainArguments) -> Path | None:
-    if not args.resume_from_checkpoint:
+def resolve_report_to(report_to: str) -> str | None:
+    """Accelerate's `log_with`: None for 'none', and for 'tensorboard' where it is not installed."""
+    if report_to == "none":
         return None
-    if args.resume_from_checkpoint != "latest":
-        path = Path(args.resume_from_checkpoint)
-        if not (path / "trainer_state.json").exists():
-            raise ValueError(f"{path} is not a complete checkpoint (no trainer_state.json).")
-        return path
-    checkpoints = sorted(Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
-                         key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-    if not checkpoints:
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}.")
-    return checkpoints[-1]
-
-
-def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
-    """A checkpoint's class head must fit the dataset: resuming with other classes is a mistake, not a fine-tune."""
-    from safetensors import safe_open
-
-    weights = checkpoint / "model.safetensors"
-    if not weights.exists():
-        return
-    with safe_open(weights, "pt") as f:
-        key = next((k for k in f.keys() if k.endswith("class_embed.weight")), None)
-        saved = f.get_slice(key).get_shape()[0] - 1 if key else num_labels
-    if saved != num_labels:
-        raise ValueError(f"{checkpoint} was trained with {saved} classes but the dataset has {num_labels}: resume "
-                         "with the same dataset, or start a new run with --model_name_or_path to fine-tune.")
-
-
-def save_checkpoint(accelerator: Accelerator, args: TrainArguments, state: dict) -> Path:
-    """accelerator.save_state into a temporary folder, renamed when complete: a run killed while saving never
-    leaves a folder named checkpoint-N, the only ones resume trusts. Keeps the newest save_total_limit."""
-    output = Path(args.output_dir)
-    final = output / f"{CHECKPOINT_PREFIX}{state['global_step']}"
-    partial = output / f".partial-{CHECKPOINT_PREFIX}{state['global_step']}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        checkpoints = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-        for old in checkpoints[:-max(args.save_total_limit, 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_model(accelerator, model, processor, folder: Path):
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        partial = folder.with_name(f".partial-{folder.name}")
-        shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(partial)
-        processor.save_pretrained(partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-
-
-@torch.no_grad()
-def evaluate_model(accelerator, model, loader, processor, categories, val_dataset) -> dict:
-    model.eval()
-    predictions = []
-    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        target_sizes = torch.stack([label["orig_size"] for label in batch["labels"]])
-        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
-        for label, result in zip(batch["labels"], results):
-            detections = {name: value.cpu().tolist() for name, value in result.items()}
-            predictions.append({"image_id": int(label["image_id"]), **detections})
-    predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
-    model.train()
-    if not accelerator.is_main_process:
-        return {}
-    evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
-                              categories.label_to_category_id)
-    evaluator.add(predictions, [{"image_id": row["image_id"], "objects": row["objects"]}
-                                for row in val_dataset.select_columns(["image_id", "objects"])])
-    return evaluator.compute()
-
-
-def main(argv=None):
-    model_args, data_args, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report_to = None if args.report_to == "none" else args.report_to
     if report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            report_to = None
-    # several processes without CUDA (`accelerate launch --multi_gpu` / torchrun on CPU machines): gloo on CPU
-    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=several_cpu_processes,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=report_to, project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    if args.push_to_hub:   # fail now, not after hours of training
-        from hub_cards import check_hub_token
+            return None
+    return report_to
 
-        if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/detr-demo).")
-        check_hub_token(args.hub_token)
-    if accelerator.is_main_process:
-        check_output_dir(args)
-    accelerator.wait_for_everyone()
-    set_seed(args.seed)
-    checkpoint = find_checkpoint(args)
-    started = time.time()
 
-    # data: rows keep undecoded images (boxes are drawn on the stored pixels), the dataset check reports problems
-    train_dataset, val_dataset, categories = load_data(data_args, accelerator)
-    model = build_model(model_args, categories)
-    with accelerator.main_process_first():
-        train_dataset, train_report = check_dataset(train_dataset, num_queries=model.config.num_queries,
-                                                    policy=data_args.check_policy)
-        val_dataset, val_report = check_dataset(val_dataset, num_queries=model.config.num_queries,
-                                                policy=data_args.check_policy)
-    if accelerator.is_main_process:
-        logger.info("train data check: %s\nval data check: %s", train_report, val_report)
-    train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
-    val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
-    processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
-                                               "longest_edge": data_args.max_size})
+def build_loaders(train_dataset, val_dataset, *, processor, categories: Categories, data_args: DataArguments,
+                  args: TrainArguments) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """The train loader (augmented, shuffled by its own generator) and the validation loader."""
     if data_args.random_crop:
         train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
                                                 data_args.crop_resize_scales, data_args.crop_size)
@@ -388,127 +264,251 @@ def main(argv=None):
                               drop_last=False, generator=loader_generator, **loader_kwargs)
     val_loader = DataLoader(val_dataset, batch_size=args.per_device_eval_batch_size,
                             collate_fn=DetrCollator(processor, categories.category_id_to_label), **loader_kwargs)
+    return train_loader, val_loader, loader_generator
+
+
+@dataclass
+class TrainingSetup:
+    """What `build` makes: the prepared model, optimizer, scheduler and loaders, and what the loop reads besides."""
+
+    args: TrainArguments
+    accelerator: Accelerator
+    model: torch.nn.Module                 # prepared: wrapped for several processes
+    processor: DetrCustomImageProcessor
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loader_generator: torch.Generator      # the train loader's: reseeded at each epoch
+    train_dataset: datasets.Dataset
+    val_dataset: datasets.Dataset
+    categories: Categories
+    steps_per_epoch: int                   # optimizer steps in an epoch (all processes together)
+    total_steps: int
+    num_epochs: int
+    eval_every: int                        # optimizer steps between evaluations
+    save_every: int                        # optimizer steps between checkpoints
+    checkpoint: Path | None                # the one this run resumes from
+    started: float                         # time.time() when the run began loading data
+
+
+def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerator:
+    """The Accelerator, after the checks that must fail before any training: the Hub token, the output_dir."""
+    # several processes without CUDA (`accelerate launch --multi_gpu` / torchrun on CPU machines): gloo on CPU
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=several_cpu_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=log_with, project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if args.push_to_hub:   # fail now, not after hours of training
+        from hub_cards import check_hub_token
+
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/detr-demo).")
+        check_hub_token(args.hub_token)
+    if accelerator.is_main_process:
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir,
+                         resuming=bool(args.resume_from_checkpoint))
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> TrainingSetup:
+    """Accelerator, data, model, loaders, optimizer and scheduler. Keep the order (the seed, the model's
+    initialization, the loaders, prepare): the random streams follow it, so a given seed gives the same run."""
+    report_to = resolve_report_to(args.report_to)
+    accelerator = make_accelerator(args, log_with=report_to)
+    set_seed(args.seed)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    started = time.time()
+
+    train_dataset, val_dataset, categories = load_data(data_args, accelerator)
+    model = build_model(model_args, categories)
+    with accelerator.main_process_first():
+        train_dataset, train_report = check_dataset(train_dataset, num_queries=model.config.num_queries,
+                                                    policy=data_args.check_policy)
+        val_dataset, val_report = check_dataset(val_dataset, num_queries=model.config.num_queries,
+                                                policy=data_args.check_policy)
+    if accelerator.is_main_process:
+        logger.info("train data check: %s\nval data check: %s", train_report, val_report)
+    # images stay undecoded: the collate reads the stored pixels, on which COCO boxes are drawn
+    train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
+    val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
+    processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
+                                               "longest_edge": data_args.max_size})
+    train_loader, val_loader, loader_generator = build_loaders(
+        train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args)
 
     optimizer = build_optimizer(model, args)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch, total_steps)
+    eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     if report_to:
         accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
                                                          for k, v in asdict(a).items() if not isinstance(v, list)})
+    return TrainingSetup(
+        args=args, accelerator=accelerator, model=model, processor=processor, optimizer=optimizer,
+        scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, loader_generator=loader_generator,
+        train_dataset=train_dataset, val_dataset=val_dataset, categories=categories, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch), eval_every=eval_every,
+        save_every=args.save_steps if args.save_steps > 0 else eval_every, checkpoint=checkpoint, started=started)
 
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_AP": None, "best_step": None,
-             "train_history": [], "eval_history": []}
-    if checkpoint is not None:
-        check_checkpoint_classes(checkpoint, len(categories.names))
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        logger.info("resumed from %s at step %d", checkpoint, state["global_step"])
-    last_checkpoint = checkpoint
-    eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
-    save_every = args.save_steps if args.save_steps > 0 else eval_every
 
-    def evaluate_and_save():
-        metrics = evaluate_model(accelerator, model, val_loader, processor, categories, val_dataset)
-        if accelerator.is_main_process:
-            record = {"step": state["global_step"], "epoch": state["global_step"] / steps_per_epoch, **metrics}
-            state["eval_history"].append(record)
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                            step=state["global_step"])
-            logger.info("step %d: AP %.4f AP50 %.4f", state["global_step"], metrics["AP"], metrics["AP50"])
-            if state["best_AP"] is None or metrics["AP"] > state["best_AP"]:
-                state["best_AP"], state["best_step"] = metrics["AP"], state["global_step"]
-        state["best_step"] = broadcast_object_list([state["best_step"]])[0]   # the main process decided
-        if state["best_step"] == state["global_step"]:
-            save_model(accelerator, model, processor, Path(args.output_dir) / "best")
+def epoch_batches(setup: TrainingSetup, epoch: int, *, steps_done: int):
+    """The epoch's batches, less the first `steps_done` optimizer steps' worth (a run resumed mid-epoch). Seeds the
+    shuffle, the augmentations and the workers from (seed, epoch) and the batch count, never from the global RNG."""
+    skip = steps_done * setup.args.gradient_accumulation_steps
+    setup.train_loader.set_epoch(epoch)
+    setup.train_loader.collate_fn.set_epoch(epoch, batches_done=skip)
+    setup.loader_generator.manual_seed(setup.args.seed + epoch)
+    return setup.accelerator.skip_first_batches(setup.train_loader, skip) if skip else setup.train_loader
+
+
+LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error")
+
+
+def train_step(setup: TrainingSetup, batch: dict, *, step: int, epoch: int, last_checkpoint: Path | None) -> dict:
+    """Forward and backward on one batch; clip and step when the accumulated gradients sync. Returns the loss and
+    its logged terms. A non-finite loss stops the run with the step and the batch's image ids."""
+    accelerator, model = setup.accelerator, setup.model
+    with accelerator.accumulate(model):
+        try:
+            outputs = model(**batch)   # batch: pixel_values, pixel_mask, labels
+            if not torch.isfinite(outputs.loss):
+                raise FloatingPointError(f"the loss is {outputs.loss.item()}.")
+        except FloatingPointError as error:   # ours, or the loss's own check of the predictions
+            image_ids = [int(label["image_id"]) for label in batch["labels"]]
+            raise FloatingPointError(
+                f"{error} Stopped at step {step} (epoch {epoch}), batch image ids {image_ids}. Last good "
+                f"checkpoint: {last_checkpoint or 'none'}. Lower the learning rate, keep max_grad_norm > 0, or "
+                "check these images' boxes.") from error
+        accelerator.backward(outputs.loss)
+        if accelerator.sync_gradients and setup.args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), setup.args.max_grad_norm)
+        setup.optimizer.step()
+        setup.scheduler.step()
+        setup.optimizer.zero_grad()
+    losses = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS}
+    return {**losses, "loss": outputs.loss.item()}
+
+
+def log_losses(setup: TrainingSetup, state: RunState, running: list[dict]) -> dict:
+    """Appends to train_history each term's mean over the batches since the last log, then over processes: with the
+    loss's global normalization, that is the loss of the global batch."""
+    names = sorted(running[0])
+    means = [sum(losses[n] for losses in running) / len(running) for n in names]
+    local = torch.tensor(means, device=setup.accelerator.device)
+    record = dict(zip(names, setup.accelerator.reduce(local, reduction="mean").tolist()))
+    record.update(step=state.global_step, epoch=state.global_step / setup.steps_per_epoch,
+                  lr=setup.scheduler.get_last_lr()[0], elapsed_s=round(time.time() - setup.started, 2))
+    state.train_history.append(record)
+    setup.accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.global_step)
+    return record
+
+
+@torch.no_grad()
+def evaluate(setup: TrainingSetup) -> dict:
+    """COCO box metrics on the validation set, on the main process ({} on the others)."""
+    accelerator, model, processor = setup.accelerator, setup.model, setup.processor
+    model.eval()
+    predictions = []
+    for batch in tqdm(setup.val_loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
+        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        target_sizes = torch.stack([label["orig_size"] for label in batch["labels"]])   # [batch, 2], (h, w)
+        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
+        for label, result in zip(batch["labels"], results):
+            detections = {name: value.cpu().tolist() for name, value in result.items()}
+            predictions.append({"image_id": int(label["image_id"]), **detections})
+    predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
+    model.train()
+    if not accelerator.is_main_process:
+        return {}
+    categories = setup.categories
+    evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
+                              categories.label_to_category_id)
+    evaluator.add(predictions, [{"image_id": row["image_id"], "objects": row["objects"]}
+                                for row in setup.val_dataset.select_columns(["image_id", "objects"])])
+    return evaluator.compute()
+
+
+def evaluate_and_save(setup: TrainingSetup, state: RunState) -> None:
+    """Evaluates, records the metrics, and saves best/ when this step has the best AP so far."""
+    accelerator = setup.accelerator
+    metrics = evaluate(setup)
+    if accelerator.is_main_process:
+        state.eval_history.append({"step": state.global_step, "epoch": state.global_step / setup.steps_per_epoch,
+                                   **metrics})
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
+        logger.info("step %d: AP %.4f AP50 %.4f", state.global_step, metrics["AP"], metrics["AP50"])
+        if state.best_AP is None or metrics["AP"] > state.best_AP:
+            state.best_AP, state.best_step = metrics["AP"], state.global_step
+    state.best_step = broadcast_object_list([state.best_step])[0]   # the main process decided
+    if state.best_step == state.global_step:
+        save_model(accelerator, setup.model, setup.processor, Path(setup.args.output_dir) / "best")
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup = build(model_args, data_args, args)
+    accelerator, model = setup.accelerator, setup.model
+    state = RunState()
+    if setup.checkpoint is not None:
+        state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names))
+    last_checkpoint = setup.checkpoint   # named when the loss diverges
 
     model.train()
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
+    progress = tqdm(total=setup.total_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_local_main_process)
-    running = {}
-    for epoch in range(state["epoch"], num_epochs):
-        skip = state["step_in_epoch"] * args.gradient_accumulation_steps if epoch == state["epoch"] else 0
-        train_loader.set_epoch(epoch)
-        train_loader.collate_fn.set_epoch(epoch, batches_done=skip)
-        loader_generator.manual_seed(args.seed + epoch)
-        epoch_loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                try:
-                    outputs = model(**batch)
-                    if not torch.isfinite(outputs.loss):
-                        raise FloatingPointError(f"the loss is {outputs.loss.item()}.")
-                except FloatingPointError as error:
-                    image_ids = [int(label["image_id"]) for label in batch["labels"]]
-                    raise FloatingPointError(
-                        f"{error} Stopped at step {state['global_step']} (epoch {epoch}), batch image ids "
-                        f"{image_ids}. Last good checkpoint: {last_checkpoint or 'none'}. Lower the learning rate, "
-                        "keep max_grad_norm > 0, or check these images' boxes.") from error
-                loss = outputs.loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            for name in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error"):
-                running.setdefault(name, []).append(float(outputs.loss_dict[name].detach()))
-            running.setdefault("loss", []).append(loss.item())
+    running = []   # the loss terms of each batch since the last log
+    for epoch in range(state.epoch, setup.num_epochs):
+        steps_done = state.step_in_epoch if epoch == state.epoch else 0
+        for batch in epoch_batches(setup, epoch, steps_done=steps_done):
+            running.append(train_step(setup, batch, step=state.global_step, epoch=epoch,
+                                      last_checkpoint=last_checkpoint))
             if not accelerator.sync_gradients:
                 continue
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
             progress.update(1)
-            if state["global_step"] % args.logging_steps == 0:
-                # the mean over processes: with the loss's global normalization it is the loss of the global batch
-                names = sorted(running)
-                local = torch.tensor([sum(running[n]) / len(running[n]) for n in names], device=accelerator.device)
-                record = dict(zip(names, accelerator.reduce(local, reduction="mean").tolist()))
-                record.update(step=state["global_step"], epoch=state["global_step"] / steps_per_epoch,
-                              lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 2))
-                state["train_history"].append(record)
-                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["global_step"])
-                progress.set_postfix(loss=f"{record['loss']:.3f}")
-                running = {}
-            done = state["global_step"] >= total_steps
-            if state["global_step"] % eval_every == 0 or done:
-                evaluate_and_save()
-            if state["global_step"] % save_every == 0 or done:
-                state["epoch"] = epoch if state["step_in_epoch"] < steps_per_epoch else epoch + 1
-                state["step_in_epoch"] = state["step_in_epoch"] % steps_per_epoch
-                last_checkpoint = save_checkpoint(accelerator, args, state)
+            if state.global_step % args.logging_steps == 0:
+                progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
+                running = []
+            done = state.global_step >= setup.total_steps
+            if state.global_step % setup.eval_every == 0 or done:
+                evaluate_and_save(setup, state)
+            if state.global_step % setup.save_every == 0 or done:
+                state.set_position(epoch, setup.steps_per_epoch)
+                last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
+                                                  save_total_limit=args.save_total_limit)
             if done:
                 break
-        state["step_in_epoch"] = 0
-        state["epoch"] = epoch + 1
-        if state["global_step"] >= total_steps:
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if state.global_step >= setup.total_steps:
             break
     progress.close()
 
-    save_model(accelerator, model, processor, Path(args.output_dir) / "last")
+    save_model(accelerator, model, setup.processor, Path(args.output_dir) / "last")
     if accelerator.is_main_process:
-        finish(accelerator, train_dataset, val_dataset, categories, state, model_args, data_args, args,
-               time.time() - started, steps_per_epoch)
+        finish(setup, state, model_args=model_args, data_args=data_args)
     accelerator.end_training()
 
 
-def finish(accelerator, train_dataset, val_dataset, categories, state, model_args, data_args, args, wall_time,
-           steps_per_epoch):
-    """metrics.json, curves, predictions picture, model card, push."""
-    from .plots import plot_curves, plot_predictions
-
-    output = Path(args.output_dir)
-    best = next((r for r in state["eval_history"] if r["step"] == state["best_step"]), None)
-    run = {
+def describe_run(setup: TrainingSetup, state: RunState, *, model_args: ModelArguments, data_args: DataArguments,
+                 wall_time: float) -> dict:
+    """metrics.json's "run": the recipe and the machine, as the model card reports them."""
+    args, accelerator = setup.args, setup.accelerator
+    return {
         "model_name_or_path": model_args.model_name_or_path,
         "dataset": data_args.dataset_name or data_args.data_dir or data_args.train_annotation_file,
         "dataset_id": data_args.dataset_name,
-        "train_images": len(train_dataset), "val_images": len(val_dataset),
-        "num_train_epochs": state["global_step"] / steps_per_epoch, "max_steps": args.max_steps,
-        "global_steps": state["global_step"],
+        "train_images": len(setup.train_dataset), "val_images": len(setup.val_dataset),
+        "num_train_epochs": state.global_step / setup.steps_per_epoch, "max_steps": args.max_steps,
+        "global_steps": state.global_step,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
         * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "backbone_learning_rate": args.backbone_learning_rate,
@@ -524,27 +524,37 @@ def finish(accelerator, train_dataset, val_dataset, categories, state, model_arg
         "num_processes": accelerator.num_processes, "wall_time_s": round(wall_time, 1), "seed": args.seed,
         "license": "apache-2.0",
     }
-    metrics = {"run": run, "train_history": state["train_history"], "eval_history": state["eval_history"],
-               "best": best}
+
+
+def finish(setup: TrainingSetup, state: RunState, *, model_args: ModelArguments, data_args: DataArguments) -> None:
+    """On the main process, after last/ is saved: metrics.json, curves, predictions picture, model cards, push."""
+    from hub_cards import push_output_dir, render_model_card
+
+    from .plots import plot_curves, plot_predictions
+
+    args, wall_time = setup.args, time.time() - setup.started
+    output = Path(args.output_dir)
+    best = next((r for r in state.eval_history if r["step"] == state.best_step), None)
+    run = describe_run(setup, state, model_args=model_args, data_args=data_args, wall_time=wall_time)
+    metrics = {"run": run, "train_history": state.train_history, "eval_history": state.eval_history, "best": best}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_curves(state["train_history"], state["eval_history"], output)
+    plot_curves(state.train_history, state.eval_history, output)
     best_dir = output / "best" if (output / "best").exists() else output / "last"
-    plot_predictions(best_dir, val_dataset, categories, output / "predictions.png", args.num_prediction_images)
+    plot_predictions(best_dir, setup.val_dataset, setup.categories, output / "predictions.png",
+                     args.num_prediction_images)
     for folder in {best_dir, output / "last"}:
         for name in ("metrics.json", "loss_curve.png", "map_curve.png", "predictions.png"):
             if (output / name).exists():
                 shutil.copy(output / name, folder / name)
-    from hub_cards import push_output_dir, render_model_card
-
     # each folder's card reports that folder's own evaluation (best: the best step, last: the final step)
-    eval_steps = {output / "last": state["global_step"], best_dir: state["best_step"] or state["global_step"]}
+    eval_steps = {output / "last": state.global_step, best_dir: state.best_step or state.global_step}
     for folder, step in eval_steps.items():
         render_model_card(folder, hub_model_id=args.hub_model_id, eval_step=step)
     if args.push_to_hub:
         push_output_dir(best_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
                         eval_step=eval_steps[best_dir])
-    logger.info("done in %.0f s; best AP %s at step %s; folders: %s", wall_time, state["best_AP"],
-                state["best_step"], best_dir)
+    logger.info("done in %.0f s; best AP %s at step %s; folders: %s", wall_time, state.best_AP, state.best_step,
+                best_dir)
 
 
 if __name__ == "__main__":
