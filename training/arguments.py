@@ -1,0 +1,122 @@
+"""The training script's arguments: three dataclasses parsed by transformers' HfArgumentParser.
+
+A yaml/json file (`--config FILE`) gives the values, the command line overrides them, `--help` lists them all;
+unknown keys in the file are errors.
+"""
+import sys
+from dataclasses import dataclass, field, fields
+
+import yaml
+from transformers import HfArgumentParser
+
+from .transforms import PAPER_CROP_RESIZE_SCALES, PAPER_CROP_SIZE, PAPER_SCALES
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Start from this checkpoint: our folder, a transformers DETR folder/Hub id (e.g. "
+                "facebook/detr-resnet-50) or a converted original. Its class head is replaced to fit the dataset's "
+                "classes. None: a new model from the fields below."})
+    backbone: str = field(default="resnet50", metadata={"help": "timm backbone (new models only)."})
+    use_pretrained_backbone: bool = field(default=False, metadata={
+        "help": "Load timm's ImageNet weights for a new model (needs the Hub)."})
+    freeze_batch_norm: bool = field(default=True, metadata={
+        "help": "Frozen BatchNorm in the backbone (the original). False to train a backbone from scratch."})
+    freeze_backbone_stem: bool = field(default=True, metadata={"help": "Freeze stem + first backbone stage."})
+    dilation: bool = field(default=False, metadata={"help": "DC5: dilation instead of stride in the last stage."})
+    d_model: int = field(default=256, metadata={"help": "Transformer width."})
+    encoder_layers: int = field(default=6, metadata={"help": "Encoder layers."})
+    decoder_layers: int = field(default=6, metadata={"help": "Decoder layers."})
+    num_heads: int = field(default=8, metadata={"help": "Attention heads (encoder and decoder)."})
+    ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width (encoder and decoder)."})
+    num_queries: int = field(default=100, metadata={"help": "Object queries: the most detections per image."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout in the transformer."})
+    position_embedding_type: str = field(default="sine", metadata={"help": "'sine' or 'learned'."})
+    auxiliary_loss: bool = field(default=True, metadata={"help": "Loss on every decoder layer (the original)."})
+    eos_coefficient: float = field(default=0.1, metadata={"help": "Class weight of 'no object'."})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(default=None, metadata={
+        "help": "COCO 2017 layout: DATA_DIR/annotations/instances_{train,val}2017.json, DATA_DIR/{train,val}2017/."})
+    train_annotation_file: str | None = field(default=None, metadata={"help": "Any COCO json (with train_image_dir)."})
+    train_image_dir: str | None = None
+    val_annotation_file: str | None = field(default=None, metadata={"help": "Any COCO json (with val_image_dir)."})
+    val_image_dir: str | None = None
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hub dataset (or a save_to_disk folder) with image + objects{bbox, category, area, id}."})
+    bbox_format: str | None = field(default=None, metadata={
+        "help": "Hub datasets only, required there: 'xywh' or 'xyxy'."})
+    bbox_normalized: bool = field(default=False, metadata={"help": "Hub datasets: boxes are in [0, 1]."})
+    train_split: str = "train"
+    val_split: str = "validation"
+    write_demo_data: bool = field(default=False, metadata={
+        "help": "Write the embedded synthetic dataset into data_dir first (the demo)."})
+    train_scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES), metadata={
+        "help": "Shortest-edge sizes for multi-scale training (paper: 480..800 by 32)."})
+    eval_size: int = field(default=800, metadata={"help": "Shortest edge at evaluation and in the saved processor."})
+    max_size: int = field(default=1333, metadata={"help": "Longest edge limit."})
+    random_crop: bool = field(default=True, metadata={
+        "help": "The paper's random choice between resize and resize + random crop + resize; False: resize only."})
+    crop_resize_scales: list[int] = field(default_factory=lambda: list(PAPER_CROP_RESIZE_SCALES))
+    crop_size: list[int] = field(default_factory=lambda: list(PAPER_CROP_SIZE), metadata={
+        "help": "Min and max side of the random crop."})
+    check_policy: str = field(default="skip", metadata={
+        "help": "Bad images/boxes found by the dataset check: 'skip' (report them) or 'error'."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, metrics, pictures, best/, last/."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Reuse an output_dir that holds a run."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' or a checkpoint folder: continue with the same model, optimizer, scheduler, RNG, data."})
+    seed: int = 42
+    num_train_epochs: float = 300
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = field(default=1e-4, metadata={"help": "Transformer and heads."})
+    backbone_learning_rate: float = field(default=1e-5, metadata={"help": "Backbone (0 freezes it)."})
+    weight_decay: float = 1e-4
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (paper: 0.1); 0 disables."})
+    lr_scheduler_type: str = field(default="step", metadata={"help": "'step' (x0.1 at lr_drop_epochs) or 'cosine'."})
+    lr_drop_epochs: float = 200
+    warmup_steps: int = 0
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through Accelerate)."})
+    eval_every_epochs: float = 1
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps instead of every epoch (> 0)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at each evaluation)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the newest)."})
+    logging_steps: int = 10
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Accelerate trackers: tensorboard, wandb, ..., 'all' or 'none' (tensorboard only if installed)."})
+    num_prediction_images: int = field(default=8, metadata={"help": "Validation images in predictions.png."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool = False
+    hub_token: str | None = None
+
+
+def parse_args(argv=None):
+    """`--config FILE` (yaml or json) gives values, the other flags override them; unknown keys are errors."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        config_file = argv[index + 1]
+        del argv[index:index + 2]
+        with open(config_file) as f:
+            values = yaml.safe_load(f) or {}
+        known = {f.name for dc in (ModelArguments, DataArguments, TrainArguments) for f in fields(dc)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_file}: unknown key(s) {unknown}. See `python -m training.train --help`.")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
