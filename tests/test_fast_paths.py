@@ -1,6 +1,8 @@
 """The fast paths give the outputs of the plain ones: folded BatchNorm, channels_last, the position-encoding cache,
 bf16 autocast, batch-independent inference, the batched matcher and elementwise GIoU. Correctness only, never timing
 (benchmarks/bench_model.py times them)."""
+import pathlib
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -228,3 +230,16 @@ def test_from_pretrained_keeps_the_stem_frozen(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
     assert "model.backbone.body.conv1.weight" not in trainable
+
+
+def test_cpu_bf16_support_reads_the_cpu_flags(monkeypatch):
+    from modeling_detr_custom.fast_paths import cpu_bf16_support
+
+    monkeypatch.delenv("DETR_CUSTOM_CPU_BF16", raising=False)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+        assert cpu_bf16_support()[0] == bool(flags & {"avx512_bf16", "amx_tile", "amx_bf16"})
+    for forced, native in (("native", True), ("emulated", False)):
+        monkeypatch.setenv("DETR_CUSTOM_CPU_BF16", forced)
+        assert cpu_bf16_support() == (native, f"DETR_CUSTOM_CPU_BF16={forced}")
