@@ -85,11 +85,12 @@ def test_failing_reports_keep_the_model_and_checkpoints(tmp_path, data_dir, monk
         raise OSError("no space left for pictures")
 
     monkeypatch.setattr("training.plots.plot_curves", broken_plot)
-    with pytest.raises(RuntimeError, match=r"Training finished and was saved, but writing the reports failed "
-                                           r"\(OSError: no space left for pictures\)\. Kept intact: the final model "
-                                           r"in .*last, the best in .*best .* the training state in .*checkpoint-2\."):
-        _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2))
     run = tmp_path / "run"
+    kept = ", ".join(re.escape(str(run / name)) for name in ("last", "best", "checkpoint-2"))
+    with pytest.raises(RuntimeError, match=r"Training finished and was saved, but writing the reports \(metrics.json, "
+                                           r"pictures, model cards\) failed \(OSError: no space left for pictures\)\. "
+                                           rf"Kept intact: {kept}\.$"):
+        _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2))
     assert DetrCustomForObjectDetection.from_pretrained(run / "last").config.num_labels == 5
     assert DetrCustomImageProcessor.from_pretrained(run / "best").size["shortest_edge"] == 64
     assert missing_files(run / "checkpoint-2") == [] and _state(run / "checkpoint-2")["eval_history"][0]["step"] == 2
@@ -282,6 +283,29 @@ def test_interrupted_save_model_leaves_the_previous_folder_whole(tmp_path, monke
     save_model(accelerator, model, processor, best)   # the next save replaces both
     assert DetrCustomConfig.from_pretrained(best).bbox_cost == 7.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_interrupted_deletion_of_the_previous_folder_leaves_the_new_one_whole(tmp_path, monkeypatch):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+    config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                              decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=2)
+    model, processor = DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+    best = tmp_path / "best"
+    save_model(accelerator, model, processor, best)
+    rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):   # deletes one file of the old folder, then the process dies
+        if Path(path).is_dir() and (Path(path) / "config.json").read_text().find('"bbox_cost": 7.0') < 0:
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt("killed while deleting")
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_halfway)
+    model.config.bbox_cost = 7.0
+    with pytest.raises(KeyboardInterrupt):
+        save_model(accelerator, model, processor, best)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in best.iterdir()}
+    assert DetrCustomConfig.from_pretrained(best).bbox_cost == 7.0   # the new folder, whole; the old one aside
 
 
 def test_interrupted_save_model_in_a_run_leaves_no_best(tmp_path, data_dir, monkeypatch):

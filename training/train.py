@@ -396,11 +396,11 @@ def main(argv=None):
         try:
             finish(setup, state, model_args=model_args, data_args=data_args)
         except Exception as error:   # the reports only: the model and the checkpoints are saved
-            raise RuntimeError(
-                f"Training finished and was saved, but writing the reports failed ({type(error).__name__}: {error}). "
-                f"Kept intact: the final model in {Path(args.output_dir) / 'last'}, the best in "
-                f"{Path(args.output_dir) / 'best'} (if an evaluation ran), the training state in "
-                f"{last_checkpoint}.") from error
+            kept = [str(p) for p in (Path(args.output_dir) / "last", Path(args.output_dir) / "best", last_checkpoint)
+                    if p is not None and p.exists()]
+            raise RuntimeError(f"Training finished and was saved, but writing the reports (metrics.json, pictures, "
+                               f"model cards) failed ({type(error).__name__}: {error}). Kept intact: "
+                               f"{', '.join(kept)}.") from error
     accelerator.end_training()
 
 
