@@ -2,19 +2,32 @@
 
 Every folder is written under a `.partial-` name and renamed when complete, so a run killed while saving never
 leaves a folder that resume would trust. trainer_state.json holds `RunState`; its keys are the checkpoint format.
+Before the first step the output paths are checked (writable, folders where folders go); --overwrite_output_dir
+removes only what a run writes; a Ctrl-C ends with the command that resumes from the newest complete checkpoint.
 """
+import functools
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+# what accelerator.save_state writes for one model, optimizer and scheduler; resume needs each of them
+STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+# what a run writes in output_dir (finish: metrics.json and the pictures; TRACKER_PROJECT: tensorboard's logs, in
+# accelerate's logging_dir = output_dir / the project name given to init_trackers); the rest is the user's
+RUN_FOLDERS = ("best", "last")
+RUN_FILES = ("metrics.json", "loss_curve.png", "map_curve.png", "predictions.png")
+TRACKER_PROJECT = "detr_custom"
 
 
 @dataclass
@@ -31,10 +44,19 @@ class RunState:
 
     @classmethod
     def load(cls, checkpoint: Path) -> "RunState":
-        return cls(**json.loads((checkpoint / STATE_FILE).read_text()))
+        path = checkpoint / STATE_FILE
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:   # truncated, or not ours
+            raise ValueError(f"{path} is damaged ({error}): the checkpoint is incomplete. "
+                             f"{_previous_hint(checkpoint)}") from error
 
     def save(self, checkpoint: Path) -> None:
-        (checkpoint / STATE_FILE).write_text(json.dumps(asdict(self)))
+        """Written to a temporary file and renamed: an interrupted write leaves the previous file whole."""
+        path = checkpoint / STATE_FILE
+        partial = path.with_name(f".partial-{path.name}")
+        partial.write_text(json.dumps(asdict(self)))
+        os.replace(partial, path)
 
     def set_position(self, epoch: int, steps_per_epoch: int) -> None:
         """Where a resumed run continues, (epoch, step_in_epoch): the next epoch once this one's steps are done."""
@@ -42,21 +64,87 @@ class RunState:
         self.step_in_epoch = self.step_in_epoch % steps_per_epoch
 
 
-def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:
-    """Refuses to train into a folder that holds a run unless told to replace it (deleted now) or to continue it."""
+def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, logging_dir: str | None = None) -> None:
+    """Before any training: every path the run writes can be written, and output_dir holds no run unless told to
+    replace it (what a run writes is deleted now, the rest kept) or to continue it."""
     output = Path(output_dir)
-    holds_run = output.exists() and any((output / name).exists() for name in ("metrics.json", "last", "best")) or any(
+    check_writable(output, "--output_dir")
+    folders = [output / name for name in RUN_FOLDERS]
+    if logging_dir is not None:   # accelerate's trackers write there: tensorboard in logging_dir/TRACKER_PROJECT
+        check_writable(Path(logging_dir), "the logging dir (accelerate's project_dir)")
+        folders.append(Path(logging_dir) / TRACKER_PROJECT)
+    for path in folders:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, but the run writes a folder there: move it or choose another "
+                             "--output_dir.")
+    for path in (output / name for name in RUN_FILES):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, but the run writes a file there: move it or choose another "
+                             "--output_dir.")
+    holds_run = any((output / name).exists() for name in ("metrics.json", *RUN_FOLDERS)) or any(
         output.glob(f"{CHECKPOINT_PREFIX}*"))
     if holds_run and not (overwrite or resuming):
         raise ValueError(f"output_dir {output} already holds a run: pass --overwrite_output_dir to replace it or "
                          "--resume_from_checkpoint latest to continue it.")
     if holds_run and overwrite and not resuming:
-        shutil.rmtree(output)
+        remove_run(output, logging_dir=logging_dir)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Creates the folder and writes a probe file in it, so that a bad path fails now, not at the first save."""
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {folder}: {parent} is a file, not a folder. Choose a folder path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what} {folder} is not writable ({error.strerror}): choose a folder you can write to, "
+                         "or fix its permissions.") from error
+
+
+def remove_run(output: Path, *, logging_dir: str | None = None) -> None:
+    """--overwrite_output_dir: deletes what a run writes (checkpoints, partial saves, best/, last/, metrics, pictures,
+    tensorboard logs) and keeps everything else in output_dir (notes, data)."""
+    paths = [*output.glob(f"{CHECKPOINT_PREFIX}*"), *output.glob(".partial-*"),
+             *(output / name for name in (*RUN_FOLDERS, *RUN_FILES))]
+    if logging_dir is not None:
+        paths.append(Path(logging_dir) / TRACKER_PROJECT)
+    removed = []
+    for path in sorted(p for p in set(paths) if p.exists()):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(str(path.relative_to(output)) if path.is_relative_to(output) else str(path))
+    logger.warning("--overwrite_output_dir: removed the previous run's %s from %s (everything else kept)",
+                   ", ".join(removed), output)
 
 
 def _checkpoints(output_dir) -> list[Path]:
     """The complete checkpoints in output_dir, oldest first."""
     return sorted(Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def missing_files(checkpoint: Path) -> list[str]:
+    """The files of a checkpoint that resume needs and that are not there (RNG states aside: see load_checkpoint)."""
+    return [name for name in (*STATE_FILES, STATE_FILE) if not (checkpoint / name).is_file()]
+
+
+def _previous_hint(checkpoint: Path) -> str:
+    """Names the newest complete checkpoint before this one, for an error about a damaged one."""
+    earlier = [c for c in _checkpoints(checkpoint.parent) if c.name != checkpoint.name and not missing_files(c)
+               and int(c.name[len(CHECKPOINT_PREFIX):]) < _step(checkpoint)]
+    if earlier:
+        return f"Resume from the previous complete checkpoint: --resume_from_checkpoint {earlier[-1]}"
+    return (f"There is no earlier complete checkpoint in {checkpoint.parent}: resume from another copy of the run, or "
+            "start again with --overwrite_output_dir.")
+
+
+def _step(checkpoint: Path) -> int:
+    suffix = checkpoint.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else sys.maxsize
 
 
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
@@ -72,6 +160,13 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path
     if not checkpoints:
         raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}.")
     return checkpoints[-1]
+
+
+def check_checkpoint_complete(checkpoint: Path) -> None:
+    """Every file resume needs is there: a damaged folder fails with its name and the checkpoint to use instead."""
+    missing = missing_files(checkpoint)
+    if missing:
+        raise ValueError(f"{checkpoint} is incomplete: {', '.join(missing)} missing. {_previous_hint(checkpoint)}")
 
 
 def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
@@ -90,10 +185,19 @@ def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: int) -> RunState:
-    """Model, optimizer, scheduler and RNG states back into the prepared objects; the run state returned."""
+    """Model, optimizer, scheduler and RNG states back into the prepared objects; the run state returned.
+
+    Without its RNG state file a checkpoint still resumes (the weights, the optimizer and the position are exact, and
+    refusing would leave no way to use them), with a WARNING: the run is no longer bit-identical to an uninterrupted
+    one (dropout and augmentations draw other numbers)."""
+    check_checkpoint_complete(checkpoint)
+    state = RunState.load(checkpoint)   # before load_state: a damaged file fails before the model is touched
     check_checkpoint_classes(checkpoint, num_labels)
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        logger.warning("%s is missing: resuming with fresh random states, so this run is NOT bit-identical to an "
+                       "uninterrupted one (the model, optimizer and position are restored exactly).", rng_file)
     accelerator.load_state(str(checkpoint))
-    state = RunState.load(checkpoint)
     logger.info("resumed from %s at step %d", checkpoint, state.global_step)
     return state
 
@@ -110,13 +214,36 @@ def save_checkpoint(accelerator: Accelerator, state: RunState, *, output_dir: st
     accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         state.save(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        _replace_folder(partial, final)
         for old in _checkpoints(output)[:-max(save_total_limit, 1)]:
-            shutil.rmtree(old)
+            _remove_folder(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def record_evaluation(accelerator: Accelerator, state: RunState, checkpoint: Path) -> None:
+    """Writes the run state (with this step's evaluation and best) into a checkpoint saved before evaluating."""
+    if accelerator.is_main_process:
+        state.save(checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def _replace_folder(partial: Path, final: Path) -> None:
+    """Renames a complete folder into place; an older one is moved aside first (a folder can not be renamed onto a
+    full one) and deleted after, so an interruption leaves the old folder or the new one, never a half of either."""
+    old = final.with_name(f".partial-old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Renamed out of the names resume trusts before it is deleted: an interrupted deletion leaves a .partial-."""
+    doomed = folder.with_name(f".partial-old-{folder.name}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 def save_model(accelerator: Accelerator, model, processor, folder: Path) -> None:
@@ -127,5 +254,52 @@ def save_model(accelerator: Accelerator, model, processor, folder: Path) -> None
         shutil.rmtree(partial, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(partial)
         processor.save_pretrained(partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        _replace_folder(partial, folder)
+    accelerator.wait_for_everyone()
+
+
+def exits_130_on_interrupt(main):
+    """Ctrl-C during `main(argv)`: logs the newest complete checkpoint and the command that resumes from it, then
+    exits with code 130 (what shells report for Ctrl-C), with no traceback. What was saved stays as it was: a save in
+    progress is only a .partial- folder, which resume ignores."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            return main(argv)
+        except KeyboardInterrupt as interrupt:
+            if PartialState().is_main_process:
+                logger.error("%s", interrupted_message(argv))
+            raise TrainingInterrupted(130) from interrupt
+
+    return wrapper
+
+
+class TrainingInterrupted(SystemExit, KeyboardInterrupt):
+    """A handled Ctrl-C: the process exits with its code (130) like any SystemExit, without a traceback, and a
+    caller that catches KeyboardInterrupt (a notebook, a test) still catches it."""
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """Where the newest complete checkpoint is, and the exact command (these arguments) that resumes from it."""
+    from .arguments import parse_args
+
+    output_dir = parse_args(argv)[2].output_dir
+    complete = [c for c in _checkpoints(output_dir) if not missing_files(c)]
+    if not complete:
+        return (f"Interrupted before the first complete checkpoint in {output_dir}: nothing to resume. Run the same "
+                "command again to start over.")
+    kept = []   # the arguments less a previous --resume_from_checkpoint
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--resume_from_checkpoint":
+            skip_value = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    launcher = "python -m training.train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else (
+        f"accelerate launch --num_processes {os.environ['WORLD_SIZE']} -m training.train")
+    command = f"{launcher} {shlex.join([*kept, '--resume_from_checkpoint', str(complete[-1])])}"
+    return f"Interrupted. The last complete checkpoint is {complete[-1]}; resume with:\n    {command}"

@@ -30,7 +30,8 @@ from transformers import get_cosine_schedule_with_warmup
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 
 from .arguments import DataArguments, ModelArguments, TrainArguments, parse_args
-from .checkpoints import RunState, check_output_dir, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoints import (RunState, check_output_dir, exits_130_on_interrupt, find_checkpoint, load_checkpoint,
+                          record_evaluation, save_checkpoint, save_model)
 from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from .metrics import CocoEvaluator
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
@@ -191,7 +192,8 @@ def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerat
         check_hub_token(args.hub_token)
     if accelerator.is_main_process:
         check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir,
-                         resuming=bool(args.resume_from_checkpoint))
+                         resuming=bool(args.resume_from_checkpoint),
+                         logging_dir=accelerator.logging_dir)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -317,10 +319,21 @@ def evaluate(setup: TrainingSetup) -> dict:
     return evaluator.compute()
 
 
-def evaluate_and_save(setup: TrainingSetup, state: RunState) -> None:
-    """Evaluates, records the metrics, and saves best/ when this step has the best AP so far."""
+def evaluate_and_save(setup: TrainingSetup, state: RunState, checkpoint: Path | None = None) -> None:
+    """Evaluates, records the metrics, and saves best/ when this step has the best AP so far. `checkpoint`: the one
+    saved at this step before evaluating; the evaluation is then written into its trainer_state.json."""
     accelerator = setup.accelerator
-    metrics = evaluate(setup)
+    try:
+        # the val loader draws its workers' seed from the global RNG: forked, so that the training's random streams
+        # are the same whether this step's checkpoint holds them before or after the evaluation
+        with torch.random.fork_rng(devices=[]):
+            metrics = evaluate(setup)
+    except Exception as error:
+        if checkpoint is None:
+            raise
+        raise RuntimeError(f"Evaluation at step {state.global_step} failed ({type(error).__name__}: {error}). The "
+                           f"training state was saved before it in {checkpoint} (complete): fix the cause and "
+                           f"resume with --resume_from_checkpoint {checkpoint}") from error
     if accelerator.is_main_process:
         state.eval_history.append({"step": state.global_step, "epoch": state.global_step / setup.steps_per_epoch,
                                    **metrics})
@@ -331,8 +344,11 @@ def evaluate_and_save(setup: TrainingSetup, state: RunState) -> None:
     state.best_step = broadcast_object_list([state.best_step])[0]   # the main process decided
     if state.best_step == state.global_step:
         save_model(accelerator, setup.model, setup.processor, Path(setup.args.output_dir) / "best")
+    if checkpoint is not None:   # after best/: the checkpoint never names a best/ that was not written
+        record_evaluation(accelerator, state, checkpoint)
 
 
+@exits_130_on_interrupt   # Ctrl-C: logs the command that resumes from the newest complete checkpoint
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -361,12 +377,13 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
                 running = []
             done = state.global_step >= setup.total_steps
-            if state.global_step % setup.eval_every == 0 or done:
-                evaluate_and_save(setup, state)
-            if state.global_step % setup.save_every == 0 or done:
+            saving = state.global_step % setup.save_every == 0 or done
+            if saving:   # before evaluating: a failing evaluation loses no training
                 state.set_position(epoch, setup.steps_per_epoch)
                 last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
                                                   save_total_limit=args.save_total_limit)
+            if state.global_step % setup.eval_every == 0 or done:
+                evaluate_and_save(setup, state, checkpoint=last_checkpoint if saving else None)
             if done:
                 break
         state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -376,7 +393,14 @@ def main(argv=None):
 
     save_model(accelerator, model, setup.processor, Path(args.output_dir) / "last")
     if accelerator.is_main_process:
-        finish(setup, state, model_args=model_args, data_args=data_args)
+        try:
+            finish(setup, state, model_args=model_args, data_args=data_args)
+        except Exception as error:   # the reports only: the model and the checkpoints are saved
+            kept = [str(p) for p in (Path(args.output_dir) / "last", Path(args.output_dir) / "best", last_checkpoint)
+                    if p is not None and p.exists()]
+            raise RuntimeError(f"Training finished and was saved, but writing the reports (metrics.json, pictures, "
+                               f"model cards) failed ({type(error).__name__}: {error}). Kept intact: "
+                               f"{', '.join(kept)}.") from error
     accelerator.end_training()
 
 

@@ -1,0 +1,321 @@
+"""What a run keeps when something goes wrong: a failing evaluation or report, a bad output_dir, a Ctrl-C, a damaged
+checkpoint, an interrupted save. Tiny runs on the embedded dataset, as in test_train.py."""
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+from training import checkpoints, train
+from training.checkpoints import check_output_dir, missing_files, save_model
+from training.sample_data import write_sample_dataset
+
+REPO = Path(__file__).parents[1]
+TINY_ARGS = dict(   # test_train.py's tiny model and images
+    backbone="resnet18", use_pretrained_backbone=False, freeze_batch_norm=False, freeze_backbone_stem=False,
+    d_model=32, encoder_layers=1, decoder_layers=2, num_heads=2, ffn_dim=64, num_queries=10, dropout=0.1,
+    train_scales=[64, 80], crop_resize_scales=[64], crop_size=[48, 64], eval_size=64, max_size=128,
+    num_workers=0, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3,
+    backbone_learning_rate=1e-3, lr_scheduler_type="step", lr_drop_epochs=1000, report_to="none",
+    logging_steps=1, num_prediction_images=2,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_sample_dataset(root, num_train=16, num_val=8, seed=0)
+    return root
+
+
+def _config(tmp_path, data_dir, **overrides) -> Path:
+    values = {**TINY_ARGS, "data_dir": str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _run(config, *extra):
+    train.main(["--config", str(config), *extra])
+
+
+def _state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+# 1. a failure in evaluation or in the reports loses no training
+
+def test_failing_evaluation_keeps_the_checkpoint_of_its_step(tmp_path, data_dir, monkeypatch):
+    def broken_compute(self):
+        raise RuntimeError("pycocotools broke")
+
+    monkeypatch.setattr(train.CocoEvaluator, "compute", broken_compute)
+    with pytest.raises(RuntimeError, match=r"Evaluation at step 2 failed \(RuntimeError: pycocotools broke\)\. The "
+                                           r"training state was saved before it in .*checkpoint-2 \(complete\)"):
+        _run(_config(tmp_path, data_dir, max_steps=4, eval_steps=2))
+    run = tmp_path / "run"
+    assert [p.name for p in run.iterdir() if p.name.startswith(("checkpoint-", ".partial"))] == ["checkpoint-2"]
+    assert missing_files(run / "checkpoint-2") == []
+    state = _state(run / "checkpoint-2")
+    assert (state["global_step"], state["eval_history"], state["best_step"]) == (2, [], None)
+    monkeypatch.undo()
+    _run(_config(tmp_path, data_dir, max_steps=4, eval_steps=2, resume_from_checkpoint="latest"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["train_history"]] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics["eval_history"]] == [4]
+    # the checkpoint saved before its evaluation records that evaluation afterwards: what a resume reads
+    assert _state(run / "checkpoint-4")["eval_history"] == metrics["eval_history"]
+    assert _state(run / "checkpoint-4")["best_step"] == 4 and (run / "best" / "model.safetensors").exists()
+
+
+def test_failing_reports_keep_the_model_and_checkpoints(tmp_path, data_dir, monkeypatch):
+    def broken_plot(*args, **kwargs):
+        raise OSError("no space left for pictures")
+
+    monkeypatch.setattr("training.plots.plot_curves", broken_plot)
+    run = tmp_path / "run"
+    kept = ", ".join(re.escape(str(run / name)) for name in ("last", "best", "checkpoint-2"))
+    with pytest.raises(RuntimeError, match=r"Training finished and was saved, but writing the reports \(metrics.json, "
+                                           r"pictures, model cards\) failed \(OSError: no space left for pictures\)\. "
+                                           rf"Kept intact: {kept}\.$"):
+        _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2))
+    assert DetrCustomForObjectDetection.from_pretrained(run / "last").config.num_labels == 5
+    assert DetrCustomImageProcessor.from_pretrained(run / "best").size["shortest_edge"] == 64
+    assert missing_files(run / "checkpoint-2") == [] and _state(run / "checkpoint-2")["eval_history"][0]["step"] == 2
+    assert not list(run.glob(".partial-*"))
+
+
+# 2. output paths are checked before the first step
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if the run gets as far as loading data."""
+    def load_data(*args, **kwargs):
+        raise AssertionError("the run got past its output checks")
+
+    monkeypatch.setattr(train, "load_data", load_data)
+
+
+def test_output_dir_that_is_a_file_fails_before_training(tmp_path, data_dir, no_training):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(ValueError, match=rf"--output_dir {re.escape(str(tmp_path / 'run'))}: "
+                                         rf"{re.escape(str(tmp_path / 'run'))} is a file, not a folder"):
+        _run(_config(tmp_path, data_dir, max_steps=1))
+
+
+def test_output_dir_under_a_file_fails_before_training(tmp_path, data_dir, no_training):
+    (tmp_path / "file").write_text("a file")
+    output = tmp_path / "file" / "sub" / "run"
+    with pytest.raises(ValueError, match=rf"--output_dir {re.escape(str(output))}: "
+                                         rf"{re.escape(str(tmp_path / 'file'))} is a file, not a folder"):
+        _run(_config(tmp_path, data_dir, max_steps=1, output_dir=str(output)))
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, data_dir, no_training, monkeypatch):
+    def refused(*args, **kwargs):   # what a folder without write permission answers (tests run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints.tempfile, "TemporaryFile", refused)
+    with pytest.raises(ValueError, match=rf"--output_dir {re.escape(str(tmp_path / 'run'))} is not writable "
+                                         r"\(Permission denied\): choose a folder you can write to"):
+        _run(_config(tmp_path, data_dir, max_steps=1))
+
+
+def test_run_paths_of_the_wrong_kind_are_refused(tmp_path):
+    (tmp_path / "detr_custom").write_text("not the tensorboard folder")
+    with pytest.raises(ValueError, match=r"detr_custom is a file, but the run writes a folder there"):
+        check_output_dir(str(tmp_path), overwrite=True, resuming=False, logging_dir=str(tmp_path))
+    (tmp_path / "detr_custom").unlink()
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(ValueError, match=r"metrics.json is a folder, but the run writes a file there"):
+        check_output_dir(str(tmp_path), overwrite=True, resuming=False)
+    assert not list(tmp_path.glob(".write-probe-*"))   # the probe cleans up after itself
+
+
+# 3. --overwrite_output_dir removes what a run wrote, nothing else
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path, data_dir, caplog):
+    _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1))
+    run = tmp_path / "run"
+    (run / "notes.txt").write_text("my notes")
+    (run / "data").mkdir()
+    (run / "data" / "images.txt").write_text("my data")
+    (run / "detr_custom").mkdir()   # tensorboard's logs from an earlier run (this one has report_to none)
+    (run / ".partial-checkpoint-9").mkdir()
+    written = {"checkpoint-1", "best", "last", "metrics.json", "loss_curve.png", "map_curve.png", "predictions.png"}
+    assert written <= {p.name for p in run.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
+        _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2, overwrite_output_dir=True))
+    assert (run / "notes.txt").read_text() == "my notes" and (run / "data" / "images.txt").read_text() == "my data"
+    kept = {p.name for p in run.iterdir()}
+    assert kept == written - {"checkpoint-1"} | {"checkpoint-2", "notes.txt", "data"}
+    assert json.loads((run / "metrics.json").read_text())["run"]["global_steps"] == 2
+    removed = [r.getMessage() for r in caplog.records if "--overwrite_output_dir" in r.getMessage()]
+    assert removed == [f"--overwrite_output_dir: removed the previous run's .partial-checkpoint-9, best, "
+                       "checkpoint-1, detr_custom, last, loss_curve.png, map_curve.png, metrics.json, predictions.png "
+                       f"from {run} (everything else kept)"]
+
+
+# 4. Ctrl-C ends with the command that resumes
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, max_steps=500, save_steps=1, eval_steps=1000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    deadline = time.time() + 300
+    while not (run / "checkpoint-1").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    complete = [c for c in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))]
+    assert complete and all(missing_files(c) == [] for c in complete)   # a save cut short is only a .partial-
+    command = (f"python -m training.train --config {config} --resume_from_checkpoint {complete[-1]}")
+    assert f"Interrupted. The last complete checkpoint is {complete[-1]}; resume with:\n    {command}" in stderr
+    step = _state(complete[-1])["global_step"]
+    _run(*shlex.split(command)[4:], "--max_steps", str(step + 1))   # the command's arguments, one step further
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["train_history"]] == list(range(1, step + 2))
+
+
+def test_interrupted_message_without_checkpoint_and_with_an_earlier_resume(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir)
+    assert checkpoints.interrupted_message(["--config", str(config)]) == (
+        f"Interrupted before the first complete checkpoint in {tmp_path / 'run'}: nothing to resume. Run the same "
+        "command again to start over.")
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "trainer_state.json"):
+        (tmp_path / "run" / "checkpoint-3" / name).write_text("")
+    (tmp_path / "run" / "checkpoint-5").mkdir()   # incomplete: not named
+    message = checkpoints.interrupted_message(["--config", str(config), "--resume_from_checkpoint", "latest",
+                                               "--seed", "3"])
+    assert message.endswith(f"python -m training.train --config {config} --seed 3 --resume_from_checkpoint "
+                            f"{tmp_path / 'run' / 'checkpoint-3'}")
+
+
+# 5. a damaged checkpoint is named, with the one to use instead
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("two")
+    _run(_config(root, data_dir, max_steps=2, save_steps=1, eval_steps=100))
+    assert sorted(p.name for p in (root / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    return root / "run"
+
+
+def _damaged_copy(two_checkpoints, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    return run
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors", "scheduler.bin"])
+def test_missing_state_file_is_named_with_the_previous_checkpoint(tmp_path, data_dir, two_checkpoints, name):
+    run = _damaged_copy(two_checkpoints, tmp_path)
+    (run / "checkpoint-2" / name).unlink()
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run / 'checkpoint-2'))} is incomplete: {name} missing\. "
+                                         rf"Resume from the previous complete checkpoint: --resume_from_checkpoint "
+                                         rf"{re.escape(str(run / 'checkpoint-1'))}$"):
+        _run(_config(tmp_path, data_dir, max_steps=3, save_steps=1, resume_from_checkpoint="latest"))
+
+
+def test_truncated_trainer_state_is_named(tmp_path, data_dir, two_checkpoints):
+    run = _damaged_copy(two_checkpoints, tmp_path)
+    state_file = run / "checkpoint-2" / "trainer_state.json"
+    state_file.write_text(state_file.read_text()[:40])
+    (run / "checkpoint-1" / "optimizer.bin").unlink()   # no complete one before it either
+    with pytest.raises(ValueError, match=rf"{re.escape(str(state_file))} is damaged \(.*\): the checkpoint is "
+                                         rf"incomplete\. There is no earlier complete checkpoint in "
+                                         rf"{re.escape(str(run))}: .*--overwrite_output_dir"):
+        _run(_config(tmp_path, data_dir, max_steps=3, save_steps=1, resume_from_checkpoint=str(run / "checkpoint-2")))
+
+
+def test_missing_random_states_resume_with_a_warning(tmp_path, data_dir, two_checkpoints, caplog):
+    """Chosen: resume (the weights, optimizer and position are exact; refusing would strand them) and say loudly
+    that the run is no longer bit-identical."""
+    run = _damaged_copy(two_checkpoints, tmp_path)
+    (run / "checkpoint-2" / "random_states_0.pkl").unlink()
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
+        _run(_config(tmp_path, data_dir, max_steps=3, save_steps=1, eval_steps=100, resume_from_checkpoint="latest"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "random_states_0.pkl" in r.getMessage()]
+    assert len(warnings) == 1 and "NOT bit-identical" in warnings[0].getMessage()
+    assert [r["step"] for r in json.loads((run / "metrics.json").read_text())["train_history"]] == [1, 2, 3]
+
+
+# 6. best/ and last/ are whole or absent
+
+def test_interrupted_save_model_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+    config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                              decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=2)
+    model, processor = DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+    best = tmp_path / "best"
+    save_model(accelerator, model, processor, best)
+    saved = {p.name: p.read_bytes() for p in best.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(saved)
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(DetrCustomImageProcessor, "save_pretrained", killed)
+    model.config.bbox_cost = 7.0   # a different save, to tell the two apart
+    with pytest.raises(KeyboardInterrupt):
+        save_model(accelerator, model, processor, best)
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == saved   # the previous best/, byte for byte
+    assert (tmp_path / ".partial-best" / "model.safetensors").exists()
+    assert not (tmp_path / ".partial-best" / "preprocessor_config.json").exists()
+    monkeypatch.undo()
+    save_model(accelerator, model, processor, best)   # the next save replaces both
+    assert DetrCustomConfig.from_pretrained(best).bbox_cost == 7.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_interrupted_deletion_of_the_previous_folder_leaves_the_new_one_whole(tmp_path, monkeypatch):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+    config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                              decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=2)
+    model, processor = DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+    best = tmp_path / "best"
+    save_model(accelerator, model, processor, best)
+    rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):   # deletes one file of the old folder, then the process dies
+        if Path(path).is_dir() and (Path(path) / "config.json").read_text().find('"bbox_cost": 7.0') < 0:
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt("killed while deleting")
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_halfway)
+    model.config.bbox_cost = 7.0
+    with pytest.raises(KeyboardInterrupt):
+        save_model(accelerator, model, processor, best)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in best.iterdir()}
+    assert DetrCustomConfig.from_pretrained(best).bbox_cost == 7.0   # the new folder, whole; the old one aside
+
+
+def test_interrupted_save_model_in_a_run_leaves_no_best(tmp_path, data_dir, monkeypatch):
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(DetrCustomImageProcessor, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2))
+    run = tmp_path / "run"
+    assert not (run / "best").exists() and not (run / "last").exists()
+    assert (run / ".partial-best").is_dir()
+    assert missing_files(run / "checkpoint-2") == []   # saved before the evaluation and its best/
