@@ -108,16 +108,11 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     if len(np.unique(image_ids)) != len(image_ids):
         raise ValueError(f"{annotation_file}: duplicate image ids in 'images'")
 
-    try:
-        ann_image_ids = np.array([a["image_id"] for a in annotations], dtype=np.int64)      # [num_annotations]
-        ann_ids = np.array([a["id"] for a in annotations], dtype=np.int64)
-        boxes_xywh = _boxes(annotation_file, annotations)                                   # [num_annotations, 4]
-        category_ids = np.array([a["category_id"] for a in annotations], dtype=np.int64)
-    except KeyError as e:
-        raise ValueError(f"{annotation_file}: every annotation needs id, image_id, bbox, category_id (missing {e})")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{annotation_file}: annotation ids, image ids and category ids must be integers: {e}") \
-            from None
+    _check_annotation_ids(annotation_file, annotations)
+    ann_image_ids = np.array([a["image_id"] for a in annotations], dtype=np.int64)          # [num_annotations]
+    ann_ids = np.array([a["id"] for a in annotations], dtype=np.int64)
+    boxes_xywh = _boxes(annotation_file, annotations)                                       # [num_annotations, 4]
+    category_ids = np.array([a["category_id"] for a in annotations], dtype=np.int64)
     # area and iscrowd are optional in COCO-format files made by other tools
     areas = np.array([a.get("area", b[2] * b[3]) for a, b in zip(annotations, boxes_xywh)], dtype=np.float32)
     iscrowd = np.array([a.get("iscrowd") or 0 for a in annotations], dtype=np.int8)
@@ -184,6 +179,22 @@ def _read_json(annotation_file) -> dict:
         if not isinstance(coco[key], list):
             raise ValueError(f"{annotation_file}: {key!r} must be a list, got a {type(coco[key]).__name__}")
     return coco
+
+
+def _check_annotation_ids(annotation_file, annotations) -> None:
+    """Every annotation is an object with integer id, image_id and category_id (and a bbox, see ``_boxes``)."""
+    for k, a in enumerate(annotations):
+        if not isinstance(a, dict):
+            raise ValueError(f"{annotation_file}: annotations[{k}] is a {type(a).__name__}, not an object")
+        missing = [key for key in ("id", "image_id", "bbox", "category_id") if key not in a]
+        if missing:
+            raise ValueError(f"{annotation_file}: annotations[{k}] (id {a.get('id')}, image_id {a.get('image_id')}) "
+                             f"lacks {missing}; every annotation needs id, image_id, bbox and category_id")
+        for key in ("id", "image_id", "category_id"):
+            integral = isinstance(a[key], int) or isinstance(a[key], float) and a[key].is_integer()
+            if isinstance(a[key], bool) or not integral:
+                raise ValueError(f"{annotation_file}: annotations[{k}] (id {a.get('id')}, image_id "
+                                 f"{a.get('image_id')}) has {key} {a[key]!r}; it must be an integer")
 
 
 def _boxes(annotation_file, annotations) -> np.ndarray:
