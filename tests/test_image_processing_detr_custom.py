@@ -196,7 +196,7 @@ def test_ids_and_boxes_in_the_types_transformers_accepts():
             labels = DetrCustomImageProcessor(do_resize=False)(image, annotations=annotation)["labels"][0]
             for key, value in expected.items():
                 assert torch.equal(labels[key], value), (variant, image_id, key)
-    for bad, message in (({"category_id": 3.5}, r"\['category_id'\] must be an integer, got 3.5 \(image_id 42, annotation id 7\)"),
+    for bad, message in (({"category_id": 3.5}, r"\['category_id'\] must be an integer, got 3.5 \(image_id 42"),
                          ({"category_id": True}, "must be an integer, got True"),
                          ({"bbox": [1, float("nan"), 10, 12]}, r"\['bbox'\] value must be a finite number, got nan"),
                          ({"bbox": np.array([1, 2, 10])}, r"must be 4 finite numbers")):

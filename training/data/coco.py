@@ -163,8 +163,10 @@ def _read_json(annotation_file) -> dict:
         with open(annotation_file) as f:
             coco = json.load(f)
     except json.JSONDecodeError as e:
-        truncated = " (the file ends there: truncated?)" if e.pos >= len(e.doc.rstrip()) else ""
-        raise ValueError(f"{annotation_file} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ends = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")
+        truncated = "; the file ends before the JSON does: truncated (an interrupted download or copy)?" \
+            if ends else ""
+        raise ValueError(f"{annotation_file} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
                          f"{truncated}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{annotation_file} is not a UTF-8 text file (JSON): {e}") from None
