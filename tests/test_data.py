@@ -494,6 +494,12 @@ def test_check_reports_modes_the_training_path_cannot_convert(tmp_path):
         assert not report.ok and "no problems found" not in str(report)
         assert report.counts["unsupported_image_mode"] == 1 and clean["image_id"] == [1]
         assert "image_id 2" in report.examples["unsupported_image_mode"][0]
+    # 32-bit values beyond 16 bits would be clipped: found when decoding
+    lab.write_bytes(encoded(PIL.Image.fromarray(np.full((48, 64), 70000, np.int32)), "TIFF"))
+    assert check_dataset(dataset, check_images="header")[1].ok
+    clean, report = check_dataset(dataset, check_images="decode")
+    assert report.counts["unsupported_image_mode"] == 1 and clean["image_id"] == [1]
+    assert "values in [70000, 70000]" in report.examples["unsupported_image_mode"][0]
 
 
 def coco_file(tmp_path, text: str):

@@ -26,6 +26,7 @@ BOX_PROBLEMS = ("non_finite_box", "box_outside_image", "non_positive_size", "unk
                 "duplicate_annotation_id", "unknown_image_id")
 CHECK_IMAGES = ("header", "decode", "auto")
 AUTO_DECODE_MAX_IMAGES = 20_000   # check_images="auto" decodes every image of a set up to this size
+_VALUE_RANGE = {"I": 65535, "F": 255}   # what pil_to_rgb_array maps to 0..255 (I as 16-bit, F as PIL converts it)
 
 
 @dataclass
@@ -180,11 +181,16 @@ def _check_image_file(image: dict, width: int, height: int, decode: bool) -> tup
             if decode:
                 pil_image.load()
             size, mode = pil_image.size, pil_image.mode
+            extrema = pil_image.getextrema() if decode and mode in ("I", "F") else None
     except (OSError, SyntaxError, ValueError) as e:   # PIL raises these for corrupt and truncated files
         return "unreadable_image", f"{name}: {type(e).__name__}: {e}"
     if mode not in SUPPORTED_PIL_MODES:
         return "unsupported_image_mode", (f"{name}: PIL mode {mode!r} has no RGB conversion in the training path "
                                           f"(supported: {', '.join(SUPPORTED_PIL_MODES)}); convert the file")
+    if extrema is not None and (extrema[0] < 0 or extrema[1] > _VALUE_RANGE[mode]):
+        return "unsupported_image_mode", (f"{name}: PIL mode {mode!r} with values in [{extrema[0]}, {extrema[1]}]; "
+                                          f"the training path reads 0..{_VALUE_RANGE[mode]} and would clip the rest: "
+                                          "rescale the file")
     if size != (width, height):
         return "size_mismatch", f"the dataset says {width}x{height}, the file is {size[0]}x{size[1]}"
     return None
