@@ -2,7 +2,8 @@
 
 ``{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id", "area", "iscrowd"}]}`` per image becomes
 ``class_labels``, ``boxes`` (cxcywh normalized by the visible, resized and unpadded image; DESIGN.md), ``area``,
-``iscrowd``, ``orig_size``, ``size``, ``image_id`` and ``num_dropped_boxes``.
+``iscrowd``, ``orig_size``, ``size``, ``image_id``, ``num_dropped_boxes`` (zero width or height after clipping)
+and ``num_dropped_crowd`` (crowd boxes left out of the targets under ``drop_crowd``, not counted in the former).
 """
 import math
 import numbers
@@ -13,54 +14,91 @@ import torch
 from .box_ops import box_xyxy_to_cxcywh
 
 
-def _as_number(value, where: str) -> float:
+def _as_number(value, where: str, ids: str = "") -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
+        raise ValueError(f"{where} must be a finite number, got {value!r}" + (f" ({ids})" if ids else ""))
     return float(value)
+
+
+def _as_int(value, where: str, ids: str = "", allow_string: bool = False) -> int:
+    """An integral id: int, numpy/torch integer, an integral float (3.0, as albumentations returns), or with
+    ``allow_string`` a numeric string ("42"), as transformers' DetrImageProcessor accepts. 3.5, True, NaN: errors."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if allow_string and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
+            float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{where} must be an integer, got {value!r}" + (f" ({ids})" if ids else ""))
+
+
+_EXPECTED = ('one dict per image, {"image_id": int, "annotations": [{"bbox": [x, y, width, height], '
+             '"category_id": int, "area": float, "iscrowd": 0 or 1}, ...]}')
 
 
 def _parse_image_annotations(target, index: int, category_id_to_label) -> dict:
     """Validate one COCO detection dict -> python lists (no tensors yet); errors name image, annotation, field."""
     where = f"annotations[{index}]"
-    if not isinstance(target, dict) or not isinstance(target.get("annotations"), (list, tuple)):
-        raise ValueError(f'{where} must be a dict {{"image_id": int, "annotations": [...]}}, got {type(target)}')
-    image_id = target.get("image_id", index)
-    if isinstance(image_id, bool) or not isinstance(image_id, numbers.Integral):
-        raise ValueError(f"{where}['image_id'] must be an int, got {image_id!r}")
+    if isinstance(target, dict) and "annotations" not in target and "bbox" in target:
+        raise ValueError(f"{where} is a single COCO object annotation (it has 'bbox'), not an image's annotations; "
+                         f"expected {_EXPECTED}: wrap each image's objects as "
+                         '{"image_id": ..., "annotations": [objects]}')
+    if not isinstance(target, dict):
+        raise ValueError(f"{where} is a {type(target).__name__}; expected {_EXPECTED}")
+    if not isinstance(target.get("annotations"), (list, tuple)):
+        found = "no 'annotations' key" if "annotations" not in target else \
+            f"'annotations' is a {type(target['annotations']).__name__}"
+        raise ValueError(f"{where} has {found} (keys: {sorted(map(str, target))}); expected {_EXPECTED}")
+    if "image_id" not in target:  # transformers' DetrImageProcessor requires it too
+        raise ValueError(f"{where} has no 'image_id' (keys: {sorted(map(str, target))}); expected {_EXPECTED}")
+    image_id = _as_int(target["image_id"], f"{where}['image_id']", allow_string=True)
     boxes, classes, areas, crowd = [], [], [], []
     for j, obj in enumerate(target["annotations"]):
         at = f"{where}['annotations'][{j}]"
+        has_id = isinstance(obj, dict) and "id" in obj
+        ids = f"image_id {image_id}" + (f", annotation id {obj['id']}" if has_id else "")
         if not isinstance(obj, dict):
-            raise ValueError(f"{at} must be a dict with 'bbox' and 'category_id', got {type(obj).__name__}")
+            raise ValueError(f"{at} ({ids}) must be a dict with 'bbox' and 'category_id', got {type(obj).__name__}")
         bbox = obj.get("bbox")
         if isinstance(bbox, (np.ndarray, torch.Tensor)):
             bbox = bbox.tolist()
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{at}['bbox'] must be 4 finite numbers [x, y, width, height], got {bbox!r}")
-        bbox = [_as_number(v, f"{at}['bbox'] value") for v in bbox]
+            raise ValueError(f"{at}['bbox'] must be 4 finite numbers [x, y, width, height], got {bbox!r} ({ids})")
+        bbox = [_as_number(v, f"{at}['bbox'] value", ids) for v in bbox]
         if bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(f"{at}['bbox'] has a negative width or height: {bbox} (COCO is [x, y, width, height])")
-        category_id = obj.get("category_id")
-        if isinstance(category_id, (np.integer, torch.Tensor)):
-            category_id = int(category_id)
-        if isinstance(category_id, bool) or not isinstance(category_id, numbers.Integral):
-            raise ValueError(f"{at}['category_id'] must be an int, got {category_id!r}")
+            raise ValueError(f"{at}['bbox'] has a negative width or height: {bbox} ({ids}; COCO is [x, y, width, "
+                             "height])")
+        if "category_id" not in obj:
+            raise ValueError(f"{at} ({ids}) has no 'category_id' (keys: {sorted(map(str, obj))})")
+        category_id = _as_int(obj["category_id"], f"{at}['category_id']", ids)
         if category_id_to_label is not None:
             if category_id not in category_id_to_label:
                 raise ValueError(f"{at}['category_id'] {category_id} is not in category_id_to_label "
-                                 f"(known ids: {sorted(category_id_to_label)[:20]})")
+                                 f"(known ids: {sorted(category_id_to_label)[:20]}; {ids})")
             category_id = category_id_to_label[category_id]
         boxes.append(bbox)
         classes.append(category_id)
-        areas.append(_as_number(obj["area"], f"{at}['area']") if "area" in obj else bbox[2] * bbox[3])
-        crowd.append(1 if obj.get("iscrowd", 0) else 0)
-    return {"image_id": int(image_id), "boxes": boxes, "classes": classes, "areas": areas, "iscrowd": crowd}
+        area = obj.get("area")
+        areas.append(bbox[2] * bbox[3] if area is None else _as_number(area, f"{at}['area']", ids))
+        crowd.append(1 if _as_int(obj.get("iscrowd") or 0, f"{at}['iscrowd']", ids) else 0)
+    return {"image_id": image_id, "boxes": boxes, "classes": classes, "areas": areas, "iscrowd": crowd}
 
 
 def parse_annotations(annotations, num_images: int, category_id_to_label) -> list[dict]:
     """One COCO detection dict (or a list, one per image) -> validated python lists per image, no tensors yet."""
     if isinstance(annotations, dict):
         annotations = [annotations]
+    if not isinstance(annotations, (list, tuple)):
+        raise ValueError(f"annotations is a {type(annotations).__name__}; expected {_EXPECTED}")
+    if annotations and all(isinstance(a, dict) and "bbox" in a and "annotations" not in a for a in annotations):
+        raise ValueError(f"annotations is a bare list of {len(annotations)} COCO object annotations (dicts with "
+                         f"'bbox'); expected {_EXPECTED}. For one image pass "
+                         '{"image_id": ..., "annotations": that_list}')
     if len(annotations) != num_images:
         raise ValueError(f"got {len(annotations)} annotation dicts for {num_images} images; "
                          "pass exactly one per image")
@@ -77,7 +115,11 @@ def make_labels(parsed: dict, orig_hw, new_hw, drop_crowd: bool, normalize_boxes
     boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=orig_h)
     iscrowd = torch.tensor(parsed["iscrowd"], dtype=torch.int64)
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    keep = nonempty & (iscrowd == 0) if drop_crowd else nonempty
+    # crowd regions are not objects to detect: dropped from training targets by default, as facebookresearch/detr
+    # ConvertCocoPolysToMask and transformers' prepare_coco_detection_annotation do; COCOeval still ignores
+    # detections on them, because evaluation reads the crowd boxes from the dataset, not from these labels
+    crowd_dropped = nonempty & (iscrowd == 1) if drop_crowd else torch.zeros_like(nonempty)
+    keep = nonempty & ~crowd_dropped
     boxes = boxes[keep]
     area = torch.tensor(parsed["areas"], dtype=torch.float32)[keep]
     if (new_h, new_w) != (orig_h, orig_w):
@@ -96,4 +138,5 @@ def make_labels(parsed: dict, orig_hw, new_hw, drop_crowd: bool, normalize_boxes
         "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
         "size": torch.tensor([new_h, new_w], dtype=torch.int64),
         "num_dropped_boxes": (~nonempty).sum(),                                       # [], zero-size after clipping
+        "num_dropped_crowd": crowd_dropped.sum(),                                     # [], other crowd boxes dropped
     }

@@ -26,11 +26,26 @@ def _composite_on_white(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return ((rgb * alpha + (1 - alpha)) * 255).round_().to(torch.uint8)
 
 
-def _pil_to_hwc(image: PIL.Image.Image) -> np.ndarray:
-    """PIL image in any common mode -> [height, width, 3] uint8, EXIF orientation applied."""
-    if image.getexif().get(0x0112, 1) != 1:  # 0x0112 = Orientation
+# PIL modes with a defined conversion to RGB here; others (HSV, LAB, La, ...) are refused rather than guessed
+SUPPORTED_PIL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L",
+                       "I;16B", "I;16N", "F")
+
+
+def pil_to_rgb_array(image: PIL.Image.Image, exif_transpose: bool = True, where: str = "image") -> np.ndarray:
+    """PIL image in a supported mode -> [height, width, 3] uint8: what the processor feeds the model for it.
+
+    16-bit grayscale (I;16*, or I as Pillow opens 16-bit PNGs) is scaled 0..65535 -> 0..255 (PIL's own
+    ``convert("RGB")`` saturates it to white); alpha (LA, RGBA, PA, P or RGB with transparency) is composited on
+    white, as transformers' convert_to_rgb does; other modes go through PIL's ``convert("RGB")`` (F as PIL reads it,
+    0..255). ``exif_transpose`` applies the EXIF orientation (the training data path turns it off: COCO boxes are
+    drawn on the stored pixels). The training collate calls this too, so both paths give the same pixels.
+    """
+    if image.mode not in SUPPORTED_PIL_MODES:
+        raise ValueError(f"{where} has PIL mode {image.mode!r}, which has no defined conversion to RGB here; "
+                         f"convert it first (supported: {', '.join(SUPPORTED_PIL_MODES)})")
+    if exif_transpose and image.getexif().get(0x0112, 1) != 1:  # 0x0112 = Orientation
         image = PIL.ImageOps.exif_transpose(image)
-    if image.mode.startswith("I"):  # 16-bit grayscale (I;16*, or I as Pillow opens 16-bit PNGs): 0..65535 -> 0..255
+    if image.mode.startswith("I"):  # 16-bit grayscale: 0..65535 -> 0..255
         gray = np.asarray(image, dtype=np.float64)
         gray = np.clip(np.rint(gray * (255 / 65535)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
@@ -38,7 +53,7 @@ def _pil_to_hwc(image: PIL.Image.Image) -> np.ndarray:
         # composited on white, as transformers' convert_to_rgb does
         white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
-    return np.array(image if image.mode == "RGB" else image.convert("RGB"))  # L, P, CMYK, YCbCr, 1, ...
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))  # L, P, CMYK, YCbCr, 1, F, ...
 
 
 def to_rgb_tensor(image, index: int, input_data_format=None) -> torch.Tensor:
@@ -46,7 +61,8 @@ def to_rgb_tensor(image, index: int, input_data_format=None) -> torch.Tensor:
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image {index} has zero size (height {image.height}, width {image.width})")
-        return torch.from_numpy(_pil_to_hwc(image)).permute(2, 0, 1)  # [3, height, width], channels-last strides
+        rgb = pil_to_rgb_array(image, where=f"image {index}")                       # [height, width, 3] uint8
+        return torch.from_numpy(rgb).permute(2, 0, 1)  # [3, height, width], channels-last strides
     if isinstance(image, np.ndarray):
         if image.dtype.kind not in "uif":
             raise ValueError(f"image {index} has dtype {image.dtype}; expected uint8 (0..255) or float (0..1)")

@@ -10,6 +10,7 @@ This file is the public API: the processor, its settings and the size rule. The 
 uint8 resize, normalizing straight into the padded batch) is in ``image_kernels.py``; annotation validation and
 label building in ``annotations_detr_custom.py``.
 """
+import math
 import numbers
 from types import SimpleNamespace
 
@@ -103,8 +104,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     - ``labels`` (when annotations are given): one dict per image with ``class_labels`` int64 ``[n]``, ``boxes``
       float32 ``[n, 4]`` as ``(center_x, center_y, width, height)`` **normalized by the visible resized image, not the
       padded one**, ``area`` (rescaled to the resized image), ``iscrowd``, ``orig_size`` and ``size`` (height, width
-      before and after resizing, unpadded), ``image_id`` ``[1]``, and ``num_dropped_boxes`` (0-d int64): how many
-      boxes had zero width or height after clipping to the image and were dropped.
+      before and after resizing, unpadded), ``image_id`` ``[1]``, ``num_dropped_boxes`` (0-d int64): how many
+      boxes had zero width or height after clipping to the image and were dropped, and ``num_dropped_crowd``
+      (0-d int64): how many other boxes were crowd regions left out under ``drop_crowd``.
 
     Images: PIL images (any common mode: L, LA, P, RGBA, CMYK, I;16 ... become RGB, alpha composited on white, EXIF
     orientation applied), numpy arrays or torch tensors, HWC or CHW (2-D = grayscale), uint8 in 0..255 or float in
@@ -113,8 +115,12 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     tensors as CHW; pass ``input_data_format`` to say otherwise.
 
     Annotations: COCO detection dicts ``{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": int,
-    "area": float, "iscrowd": 0 or 1}]}``. Boxes are clipped to the image; boxes with zero width or height after
-    clipping are dropped (and counted); crowd boxes are kept with ``iscrowd`` = 1 unless ``drop_crowd=True``.
+    "area": float, "iscrowd": 0 or 1}]}``, one per image; ``image_id`` is required, as in transformers. Ids may be
+    numpy/torch integers, integral floats (3.0, as albumentations returns) or, for ``image_id``, numeric strings;
+    boxes may be lists, numpy arrays or tensors. Boxes are clipped to the image; boxes with zero width or height after
+    clipping are dropped (and counted). Crowd regions (``iscrowd`` = 1) are dropped from the labels (and counted), as
+    transformers' DetrImageProcessor and facebookresearch/detr do: they are not objects to detect, and COCO
+    evaluation ignores detections on them. ``drop_crowd=False`` keeps them, with ``iscrowd`` = 1.
     ``category_id_to_label`` maps dataset category ids to contiguous class labels.
 
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
@@ -137,7 +143,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         do_pad: bool = True,
         pad_size=None,
         do_convert_annotations: bool = True,
-        drop_crowd: bool = False,
+        drop_crowd: bool = True,
         category_id_to_label: dict | None = None,
         **kwargs,
     ):
@@ -257,6 +263,10 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         no target size is given). Detections with score > ``threshold`` are kept in query order; with ``top_k``, the
         ``top_k`` best of them, best first.
         """
+        if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 <= threshold <= 1):
+            raise ValueError(f"threshold is a score in [0, 1] (0 keeps every query), got {threshold!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         pred_boxes = outputs["pred_boxes"] if isinstance(outputs, dict) else outputs.pred_boxes
         probs = logits.softmax(-1)[..., :-1]                                     # [batch, queries, num_labels]
@@ -268,6 +278,10 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             if sizes.ndim != 2 or sizes.shape != (len(logits), 2):
                 raise ValueError(f"target_sizes must hold one (height, width) per image: {len(logits)} pairs, got "
                                  f"shape {tuple(sizes.shape)}")
+            if not torch.isfinite(sizes).all() or (sizes <= 0).any():
+                bad = [i for i, size in enumerate(sizes.tolist()) if not all(math.isfinite(v) and v > 0 for v in size)]
+                raise ValueError(f"target_sizes must be positive (height, width) pairs, the original image sizes; "
+                                 f"image {bad[0]} has {tuple(sizes[bad[0]].tolist())}")
             height, width = sizes.unbind(1)                                      # [batch]
         else:
             height = width = torch.ones(len(logits), dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)

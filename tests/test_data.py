@@ -21,7 +21,7 @@ from training.data import (
     normalize_hub_dataset,
 )
 from training.sample_data import write_sample_dataset
-from training.transforms import make_detr_transforms
+from training.transforms import Compose, RandomHorizontalFlip, make_detr_transforms
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 1, "name": "person"}, {"id": 12, "name": "stop sign"}]
 
@@ -195,8 +195,8 @@ def test_hub_sizes_ids_and_categories_from_the_source():
     assert get_categories(named).id2label == {0: "a", 1: "b"}
     with pytest.raises(ValueError, match="not a ClassLabel"):
         normalize_hub_dataset(source, bbox_format="xyxy", bbox_normalized=True)
-    _, report = check_dataset(train)          # the declared 300x200 is not the image's 30x20
-    assert report.counts["size_mismatch"] == 2 and report.skipped_images == 2
+    with pytest.raises(ValueError, match=r"(?s)size_mismatch: 2\n.*the dataset has no image left"):   # 300x200
+        check_dataset(train)
 
 
 @pytest.fixture()
@@ -249,19 +249,15 @@ def test_check_error_policy_raises_with_the_report(broken):
         check_dataset(clean, policy="ignore")
 
 
-def test_check_finds_size_mismatch_and_truncated_jpeg(tmp_path):
-    path = write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], [])
+def test_check_finds_size_mismatch(tmp_path):
+    path = write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], [ann(1, 2, [1, 1, 5, 5])])
     coco = json.loads(path.read_text())
     coco["images"][0]["width"] = 65
     path.write_text(json.dumps(coco))
-    jpeg = tmp_path / "coco/train2017/000000000002.jpg"
-    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(jpeg)
-    jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])   # the header survives, the pixels do not
     dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
-    _, header_only = check_dataset(dataset)
-    assert header_only.counts["size_mismatch"] == 1 and header_only.counts["unreadable_image"] == 0
-    clean, decoded = check_dataset(dataset, decode_images=True)
-    assert decoded.counts["unreadable_image"] == 1 and len(clean) == 0
+    for check_images in ("header", "decode"):
+        clean, report = check_dataset(dataset, check_images=check_images)
+        assert report.counts["size_mismatch"] == 1 and clean["image_id"] == [2]
 
 
 def test_collate_in_a_two_worker_dataloader(demo):
@@ -359,3 +355,210 @@ def test_collate_keeps_stored_pixels_when_exif_says_rotate(tmp_path):
     target = collate([undecoded[0]])["labels"][0]
     assert target["orig_size"].tolist() == [32, 64]
     assert np.allclose(target["boxes"].numpy(), [[0.125, 0.5, 0.25, 1.0]])
+
+
+def encoded(image: PIL.Image.Image, fmt: str, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def mode_image(mode: str) -> tuple[bytes, str]:
+    """A 20x30 image in `mode`, as a file's bytes; the mode Pillow reopens it in."""
+    rng = np.random.default_rng(1)
+    rgba = PIL.Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
+    if mode in ("I;16", "I"):
+        values = rng.integers(0, 65536, (20, 30)).astype(np.uint16 if mode == "I;16" else np.int32)
+        image = PIL.Image.fromarray(values)
+        return encoded(image, "PNG" if mode == "I;16" else "TIFF"), mode
+    if mode == "F":
+        return encoded(PIL.Image.fromarray(rng.uniform(0, 255, (20, 30)).astype(np.float32), "F"), "TIFF"), "F"
+    if mode == "P+transparency":
+        palette = rgba.convert("RGB").convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=16)
+        return encoded(palette, "PNG", transparency=3), "P"
+    image = rgba if mode == "RGBA" else rgba.convert(mode)
+    return encoded(image, "TIFF" if mode in ("CMYK", "YCbCr") else "PNG"), mode
+
+
+def row(image_bytes: bytes, image_id: int = 1, path=None, boxes=((2.0, 3.0, 10.0, 8.0),), iscrowd=None):
+    iscrowd = list(iscrowd or [0] * len(boxes))
+    return {"image": {"bytes": image_bytes, "path": path}, "image_id": image_id, "objects": {
+        "id": list(range(len(boxes))), "bbox": [list(b) for b in boxes], "category_id": [1] * len(boxes),
+        "area": [b[2] * b[3] for b in boxes], "iscrowd": iscrowd}}
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "P+transparency", "RGB", "RGBA", "CMYK", "YCbCr", "I;16",
+                                  "I", "F"])
+def test_every_mode_reaches_the_model_as_the_processor_sends_it(mode):
+    """collate and processor on the same file give the same pixels; 16-bit data is scaled, not saturated white."""
+    data, reopened = mode_image(mode)
+    assert PIL.Image.open(io.BytesIO(data)).mode == reopened
+    processor = DetrCustomImageProcessor(size={"shortest_edge": 24, "longest_edge": 40})
+    expected = processor(PIL.Image.open(io.BytesIO(data)))
+    batch = DetrCollator(processor, {1: 0})([row(data)])
+    assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+    assert torch.equal(batch["pixel_mask"], expected["pixel_mask"])
+    white = (1 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    assert not torch.allclose(batch["pixel_values"][0], white[:, None, None].expand_as(batch["pixel_values"][0]))
+    # through the augmentations too: a certain flip, no resize, equals the processor's pixels flipped
+    flip = Compose([RandomHorizontalFlip(p=1.0)])
+    flipped = DetrCollator(processor, {1: 0}, flip, seed=0)([row(data)])
+    unresized = processor(PIL.Image.open(io.BytesIO(data)), do_resize=False)["pixel_values"]
+    assert torch.equal(flipped["pixel_values"], unresized.flip(-1))
+
+
+def test_collate_drops_crowd_regions_and_counts_them():
+    data, _ = mode_image("RGB")
+    rows = [row(data, boxes=((0, 0, 12, 10), (14, 2, 8, 8)), iscrowd=[1, 0])]
+    labels = DetrCollator(DetrCustomImageProcessor(do_resize=False), {1: 0})(rows)["labels"][0]
+    torch.testing.assert_close(labels["boxes"], torch.tensor([[18 / 30, 6 / 20, 8 / 30, 8 / 20]]))
+    assert labels["iscrowd"].tolist() == [0] and labels["num_dropped_crowd"].item() == 1
+    kept = DetrCollator(DetrCustomImageProcessor(do_resize=False, drop_crowd=False), {1: 0})(rows)["labels"][0]
+    assert kept["iscrowd"].tolist() == [1, 0] and kept["num_dropped_crowd"].item() == 0
+
+
+def test_seeded_streams_are_per_rank():
+    """Batch k of epoch e on process `rank` draws from default_rng([seed, rank, e, k])."""
+    drawn = []
+
+    def record(image, target, rng):
+        drawn.append(int(rng.integers(2**62)))
+        return image, target
+
+    data, _ = mode_image("RGB")
+    for rank in (0, 1):
+        collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 24, "longest_edge": 40}), {1: 0},
+                               record, seed=5, rank=rank)
+        collate.set_epoch(2, batches_done=3)
+        collate([row(data)])
+        collate([row(data)])
+    expected = [int(np.random.default_rng([5, rank, 2, k]).integers(2**62)) for rank in (0, 1) for k in (3, 4)]
+    assert drawn == expected and len(set(drawn)) == 4
+
+
+def truncated_jpeg() -> bytes:
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    data = encoded(image, "JPEG")
+    return data[:len(data) // 2]   # the header survives, the pixels do not
+
+
+def test_collator_skips_an_undecodable_image_and_reports_it(tmp_path, caplog):
+    good, _ = mode_image("RGB")
+    bad_path = tmp_path / "bad.jpg"
+    bad_path.write_bytes(truncated_jpeg())
+    rows = [row(good, image_id=1), row(None, image_id=2, path=str(bad_path)), row(b"not an image", image_id=3)]
+    collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 24, "longest_edge": 40}), {1: 0})
+    with caplog.at_level("WARNING", logger="training.data"):
+        batch = collate(rows)
+        again = collate(rows)
+    assert [int(label["image_id"]) for label in batch["labels"]] == [1] and len(batch["pixel_values"]) == 1
+    assert torch.equal(again["pixel_values"], batch["pixel_values"])
+    assert [(image_id, path) for image_id, path, _ in collate.skipped] == [(2, str(bad_path)), (3, None)] * 2
+    assert "truncated" in collate.skipped[0][2]
+    warnings = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(warnings) == 2   # once per image, not once per batch
+    assert "image_id 2" in warnings[0] and str(bad_path) in warnings[0] and "embedded bytes" in warnings[1]
+    assert collate(rows[1:]) is None   # nothing decodes: the training loop skips None batches
+
+
+def test_check_images_header_decode_auto(tmp_path, monkeypatch):
+    boxes = [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [1, 1, 5, 5])]
+    path = write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], boxes)
+    jpeg = tmp_path / "coco/train2017/000000000002.jpg"
+    jpeg.write_bytes(truncated_jpeg())
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    _, header = check_dataset(dataset, check_images="header")
+    assert header.ok and header.image_check.startswith("read the headers of 2 images in")
+    clean, decoded = check_dataset(dataset, check_images="decode")
+    assert decoded.counts["unreadable_image"] == 1 and clean["image_id"] == [1]
+    assert decoded.image_check.startswith("decoded 2 images in") and decoded.image_check in str(decoded)
+    message = decoded.examples["unreadable_image"][0]
+    assert message.startswith("image_id 2: ") and str(jpeg) in message and "truncated" in message
+    assert check_dataset(dataset)[1].counts["unreadable_image"] == 1          # auto: 2 <= 20000 images, decoded
+    monkeypatch.setattr("training.data.check.AUTO_DECODE_MAX_IMAGES", 1)
+    assert check_dataset(dataset)[1].image_check.startswith("read the headers")   # auto on a larger set
+    with pytest.raises(ValueError, match=r"unreadable_image: 1\n    e.g. image_id 2: .*000000000002.jpg"):
+        check_dataset(dataset, check_images="decode", policy="error")
+    with pytest.raises(ValueError, match="check_images must be one of"):
+        check_dataset(dataset, check_images=True)
+    assert path.is_file()
+
+
+def test_check_reports_modes_the_training_path_cannot_convert(tmp_path):
+    write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [1, 1, 5, 5])])
+    lab = tmp_path / "coco/train2017/000000000002.jpg"
+    lab.write_bytes(encoded(PIL.Image.new("LAB", (64, 48)), "TIFF"))   # a LAB TIFF behind a .jpg name
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    for check_images in ("header", "decode"):
+        clean, report = check_dataset(dataset, check_images=check_images)
+        assert not report.ok and "no problems found" not in str(report)
+        assert report.counts["unsupported_image_mode"] == 1 and clean["image_id"] == [1]
+        assert "image_id 2" in report.examples["unsupported_image_mode"][0]
+    # 32-bit values beyond 16 bits would be clipped: found when decoding
+    lab.write_bytes(encoded(PIL.Image.fromarray(np.full((48, 64), 70000, np.int32)), "TIFF"))
+    assert check_dataset(dataset, check_images="header")[1].ok
+    clean, report = check_dataset(dataset, check_images="decode")
+    assert report.counts["unsupported_image_mode"] == 1 and clean["image_id"] == [1]
+    assert "values in [70000, 70000]" in report.examples["unsupported_image_mode"][0]
+
+
+def coco_file(tmp_path, text: str):
+    (tmp_path / "annotations").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train2017").mkdir(exist_ok=True)
+    path = tmp_path / "annotations" / "instances_train2017.json"
+    path.write_text(text)
+    return path
+
+
+def test_coco_file_errors_name_the_file(tmp_path):
+    good = json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+                       "annotations": [ann(1, 1, [1, 1, 2, 2])], "categories": CATEGORIES})
+    path = coco_file(tmp_path, good[:40])
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON: Unterminated string .*\(line 1, column 36\); "
+                                         "the file ends before the JSON does: truncated"):
+        load_coco(tmp_path, "train", use_cache=False)
+    coco_file(tmp_path, '{"images": [],\n "annotations": [}')
+    with pytest.raises(ValueError, match=r"not valid JSON: Expecting value \(line 2, column 18\)$"):
+        load_coco(tmp_path, "train", use_cache=False)
+    for missing in ("images", "annotations", "categories"):
+        coco_file(tmp_path, json.dumps({k: v for k, v in json.loads(good).items() if k != missing}))
+        with pytest.raises(ValueError, match=rf"{path} is not a COCO detection file: it lacks \['{missing}'\]"):
+            load_coco(tmp_path, "train", use_cache=False)
+    for bbox in ([1, 2, 3], "1 2 3 4", [1, "2", 3, 4], None):
+        coco = json.loads(good)
+        coco["annotations"][0]["bbox"] = bbox
+        coco_file(tmp_path, json.dumps(coco))
+        with pytest.raises(ValueError, match=rf"{path}: 1 annotations have a bbox that is not 4 numbers .*"
+                                             rf"annotation 1 \(image_id 1\)"):
+            load_coco(tmp_path, "train", use_cache=False)
+    coco = json.loads(good)
+    coco["annotations"][0]["category_id"] = 1.5
+    coco_file(tmp_path, json.dumps(coco))
+    with pytest.raises(ValueError, match=r"annotations\[0\] \(id 1, image_id 1\) has category_id 1.5; it must be an"):
+        load_coco(tmp_path, "train", use_cache=False)
+
+
+def test_check_reports_null_boxes_unknown_ids_and_empty_sets(tmp_path):
+    annotations = [ann(1, 1, [1, 1, 5, 5]), ann(2, 1, [None, 1, 5, 5]), ann(3, 2, [1, float("nan"), 5, 5]),
+                   ann(4, 9, [1, 1, 5, 5]), ann(5, 2, [1, 1, 5, 5], category_id=99)]
+    path = write_coco(tmp_path / "coco", [(1, 64, 48), (2, 64, 48)], annotations)
+    dataset = load_coco(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")   # survives the cache
+    clean, report = check_dataset(dataset)
+    assert {k: v for k, v in report.counts.items() if v} == {"non_finite_box": 2, "unknown_image_id": 1,
+                                                             "unknown_category": 1}
+    assert report.examples["non_finite_box"][0].startswith("image_id 1, annotation 2, bbox [nan, 1.0, 5.0, 5.0]")
+    assert "annotation 4 refers to image_id 9, which is not in 'images'" in report.examples["unknown_image_id"][0]
+    assert str(path) in report.examples["unknown_image_id"][0]
+    assert report.skipped_boxes == 4 and [row["id"] for row in clean["objects"]] == [[1], []]
+    with pytest.raises(ValueError, match="non_finite_box: 2"):
+        check_dataset(dataset, policy="error")
+    # nothing to train on: no images, no boxes, or nothing left after the skips
+    write_coco(tmp_path / "empty", [], [])
+    with pytest.raises(ValueError, match="the dataset has no images: there is nothing to train on"):
+        check_dataset(load_coco(tmp_path / "empty", "train", use_cache=False))
+    write_coco(tmp_path / "boxless", [(1, 64, 48)], [])
+    with pytest.raises(ValueError, match="the dataset has no boxes at all"):
+        check_dataset(load_coco(tmp_path / "boxless", "train", use_cache=False))
+    write_coco(tmp_path / "crowd", [(1, 64, 48)], [ann(1, 1, [1, 1, 5, 5], iscrowd=1)])
+    with pytest.raises(ValueError, match=r"no box \(other than crowd regions\) left"):
+        check_dataset(load_coco(tmp_path / "crowd", "train", use_cache=False))

@@ -1,6 +1,7 @@
 """DetrCustomImageProcessor contracts, checked against transformers' DetrImageProcessor and against values by hand."""
 import io
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -163,13 +164,68 @@ def test_crowd_degenerate_boxes_and_category_mapping():
     ]}
     image = np.zeros((40, 40, 3), np.uint8)
     processor = DetrCustomImageProcessor(do_resize=False, category_id_to_label={11: 0, 12: 1})
-    labels = processor(image, annotations=annotation)["labels"][0]
-    assert labels["class_labels"].tolist() == [0, 1]
-    assert labels["iscrowd"].tolist() == [1, 0]
-    assert labels["area"].tolist() == [100.0, 100.0]
-    assert labels["num_dropped_boxes"].item() == 2
-    labels = processor(image, annotations=annotation, drop_crowd=True)["labels"][0]
+    labels = processor(image, annotations=annotation)["labels"][0]   # crowd dropped by default, as transformers
     assert labels["class_labels"].tolist() == [1] and labels["iscrowd"].tolist() == [0]
+    assert labels["area"].tolist() == [100.0]
+    assert labels["num_dropped_boxes"].item() == 2 and labels["num_dropped_crowd"].item() == 1
+    kept = processor(image, annotations=annotation, drop_crowd=False)["labels"][0]   # the explicit opt-in
+    assert kept["class_labels"].tolist() == [0, 1] and kept["iscrowd"].tolist() == [1, 0]
+    assert kept["area"].tolist() == [100.0, 100.0]
+    assert kept["num_dropped_boxes"].item() == 2 and kept["num_dropped_crowd"].item() == 0
+    annotation["annotations"][3]["area"] = 100.0   # transformers needs every area
+    ours = DetrCustomImageProcessor(do_resize=False)(image, annotations=annotation)["labels"][0]
+    reference = DetrImageProcessor(do_resize=False)(image, annotations=annotation, return_tensors="pt")["labels"][0]
+    for key in ("class_labels", "area", "iscrowd", "image_id"):
+        assert torch.equal(ours[key], reference[key]), key
+    torch.testing.assert_close(ours["boxes"], reference["boxes"])
+
+
+def test_ids_and_boxes_in_the_types_transformers_accepts():
+    image = np.zeros((40, 40, 3), np.uint8)
+    plain = {"image_id": 42, "annotations": [{"bbox": [1.0, 2.0, 10.0, 12.0], "category_id": 3, "iscrowd": 0}]}
+    expected = DetrCustomImageProcessor(do_resize=False)(image, annotations=plain)["labels"][0]
+    variants = [
+        {"category_id": 3.0},                            # albumentations returns class ids as floats
+        {"category_id": np.int64(3)}, {"category_id": np.float32(3.0)}, {"category_id": torch.tensor(3)},
+        {"bbox": np.array([1, 2, 10, 12], np.float32)}, {"bbox": torch.tensor([1.0, 2.0, 10.0, 12.0])},
+        {"bbox": (np.float64(1), 2, 10, 12), "iscrowd": np.int8(0)},
+    ]
+    for variant in variants:
+        for image_id in (42, "42", np.int64(42), torch.tensor(42)):
+            annotation = {"image_id": image_id, "annotations": [{**plain["annotations"][0], **variant}]}
+            labels = DetrCustomImageProcessor(do_resize=False)(image, annotations=annotation)["labels"][0]
+            for key, value in expected.items():
+                assert torch.equal(labels[key], value), (variant, image_id, key)
+    for bad, message in (({"category_id": 3.5}, r"\['category_id'\] must be an integer, got 3.5 \(image_id 42"),
+                         ({"category_id": True}, "must be an integer, got True"),
+                         ({"bbox": [1, float("nan"), 10, 12]}, r"\['bbox'\] value must be a finite number, got nan"),
+                         ({"bbox": np.array([1, 2, 10])}, r"must be 4 finite numbers")):
+        annotation = {"image_id": 42, "annotations": [{**plain["annotations"][0], **bad, "id": 7}]}
+        with pytest.raises(ValueError, match=message) as error:
+            DetrCustomImageProcessor(do_resize=False)(image, annotations=annotation)
+        assert "image_id 42" in str(error.value) and "annotation id 7" in str(error.value)
+    with pytest.raises(ValueError, match=r"annotations\[0\]\['image_id'\] must be an integer, got '4x'"):
+        DetrCustomImageProcessor(do_resize=False)(image, annotations={**plain, "image_id": "4x"})
+
+
+def test_annotation_shape_errors_say_what_is_expected():
+    image = np.zeros((40, 40, 3), np.uint8)
+    objects = [{"bbox": [1, 2, 10, 12], "category_id": 3}, {"bbox": [5, 5, 10, 10], "category_id": 3}]
+    processor = DetrCustomImageProcessor(do_resize=False)
+    expected = r'expected one dict per image, \{"image_id": int, "annotations": \[\{"bbox"'
+    for bare in (objects, objects[:1], objects[0]):   # COCO's annotations without the per-image wrapper
+        with pytest.raises(ValueError, match="bare list of") as error:
+            processor(image, annotations=bare)
+        assert "must be a dict" not in str(error.value)   # the old message said "must be a dict ..., got dict"
+        assert re.search(expected, str(error.value))
+    with pytest.raises(ValueError, match=r"annotations\[1\] is a single COCO object annotation"):
+        processor([image, image], annotations=[{"image_id": 1, "annotations": []}, objects[0]])
+    with pytest.raises(ValueError, match=r"annotations\[0\] has no 'image_id' \(keys: \['annotations'\]\)"):
+        processor(image, annotations={"annotations": objects})   # required, as in transformers' DetrImageProcessor
+    with pytest.raises(ValueError, match=r"annotations\[0\] has no 'annotations' key"):
+        processor(image, annotations={"image_id": 1, "objects": objects})
+    with pytest.raises(ValueError, match=r"annotations\[0\] is a str; expected one dict per image"):
+        processor(image, annotations=["boxes.json"])
 
 
 def test_exif_orientation_is_applied():
@@ -223,6 +279,15 @@ def test_post_process_matches_transformers_and_clips():
     assert all(r["boxes"].min() >= 0 and r["boxes"].max() <= 1 and len(r["scores"]) == 12 for r in unscaled)
     with pytest.raises(ValueError, match="target_sizes"):
         DetrCustomImageProcessor().post_process_object_detection(outputs, 0.3, [(480, 640)])
+    for threshold in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"threshold is a score in \[0, 1\]"):
+            DetrCustomImageProcessor().post_process_object_detection(outputs, threshold, target_sizes)
+    for sizes, bad in (([(480, 640), (0, 200)], r"image 1 has \(0.0, 200.0\)"),
+                       (torch.tensor([[-480, 640], [300, 200]]), r"image 0 has \(-480.0, 640.0\)")):
+        with pytest.raises(ValueError, match=r"target_sizes must be positive \(height, width\) pairs.*" + bad):
+            DetrCustomImageProcessor().post_process_object_detection(outputs, 0.3, sizes)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        DetrCustomImageProcessor().post_process_object_detection(outputs, 0.3, target_sizes, top_k=0)
 
 
 def test_save_pretrained_round_trip(tmp_path):
@@ -277,6 +342,9 @@ def test_reads_transformers_preprocessor_config(tmp_path):
      r"\['bbox'\] has a negative width or height"),
     ([np.zeros((8, 8, 3), np.uint8)], {"image_id": 0, "annotations": [{"bbox": [1, 2, 3, 4], "category_id": 99}]},
      r"annotations\[0\]\['annotations'\]\[0\]\['category_id'\] 99 is not in category_id_to_label"),
+    ([np.zeros((8, 8, 3), np.uint8)], {"image_id": 0, "annotations": [{"bbox": [1, 2, 3, 4], "category_id": 1.5}]},
+     r"annotations\[0\]\['annotations'\]\[0\]\['category_id'\] must be an integer, got 1.5 \(image_id 0\)"),
+    ([PIL.Image.new("HSV", (8, 8))], None, "image 0 has PIL mode 'HSV', which has no defined conversion to RGB"),
 ])
 def test_bad_input_raises_value_error(images, annotations, message):
     processor = DetrCustomImageProcessor(size=SMALL, category_id_to_label={1: 0})

@@ -237,3 +237,20 @@ def test_bad_inputs_are_refused_with_a_message():
         CocoEvaluator(CATEGORIES, {0: 2})
     with pytest.raises(ValueError, match="No references"):
         CocoEvaluator(CATEGORIES).compute()
+
+
+def test_a_detection_on_a_crowd_region_is_not_a_false_positive():
+    """Crowd boxes reach COCOeval as iscrowd=1 (evaluation reads them from the dataset rows, not from the training
+    labels, which leave them out): a detection on one is ignored, not counted as a false positive."""
+    reference = {"image_id": 1, "width": 640, "height": 480, "objects": {
+        "bbox": [[10.0, 10.0, 100.0, 80.0], [300.0, 200.0, 200.0, 150.0]], "category_id": [1, 1],
+        "area": [8000.0, 30000.0], "iscrowd": [0, 1]}}
+    prediction = {"image_id": 1, "scores": [0.6, 0.9], "labels": [0, 0],
+                  "boxes": [[10.0, 10.0, 110.0, 90.0], [320.0, 220.0, 400.0, 300.0]]}   # the second: inside the crowd
+    with_crowd, _ = evaluate_coco([prediction], [reference], CATEGORIES[:1])
+    assert with_crowd["AP"] == pytest.approx(1.0) and with_crowd["AP50"] == pytest.approx(1.0)
+    # the same region given as an ordinary object is missed at high score ... and without it, a false positive
+    as_object = {**reference, "objects": {**reference["objects"], "iscrowd": [0, 0]}}
+    assert evaluate_coco([prediction], [as_object], CATEGORIES[:1])[0]["AP50"] < 1.0
+    without = {**reference, "objects": {key: values[:1] for key, values in reference["objects"].items()}}
+    assert evaluate_coco([prediction], [without], CATEGORIES[:1])[0]["AP50"] < 1.0

@@ -94,3 +94,12 @@ def test_cli(tmp_path, capsys):
     assert len(load(tmp_path / "cli", "val")["images"]) == 2
     main(["--output-dir", str(tmp_path / "cli"), "--num-train", "5", "--num-val", "2", "--seed", "3"])
     assert "already up to date" in capsys.readouterr().out
+
+
+def test_demo_passes_the_full_decode_check(demo, tmp_path):
+    from training.data import check_dataset, load_coco
+
+    dataset = load_coco(demo, "train", use_cache=False)
+    clean, report = check_dataset(dataset, check_images="decode")
+    assert report.ok and len(clean) == 60 and report.image_check.startswith("decoded 60 images in ")
+    assert "no problems found" in str(report) and report.image_check in str(report)

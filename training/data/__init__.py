@@ -8,17 +8,19 @@
 
 images.py opens undecoded images lazily, for the Hub loader, the check and the collate.
 """
-from .check import BOX_PROBLEMS, IMAGE_PROBLEMS, DatasetReport, check_dataset
+from .check import AUTO_DECODE_MAX_IMAGES, BOX_PROBLEMS, CHECK_IMAGES, IMAGE_PROBLEMS, DatasetReport, \
+    check_dataset
 from .coco import CACHE_VERSION, build_coco_dataset, load_coco
 from .collate import DetrCollator
 from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
-from .schema import DETECTION_FEATURES, Categories, get_categories, set_categories
+from .schema import DETECTION_FEATURES, Categories, get_categories, get_load_problems, set_categories
 
 __all__ = [
     "DETECTION_FEATURES",
     "Categories",
     "get_categories",
     "set_categories",
+    "get_load_problems",
     "CACHE_VERSION",
     "load_coco",
     "build_coco_dataset",
@@ -27,6 +29,8 @@ __all__ = [
     "load_hub_detection",
     "normalize_hub_dataset",
     "IMAGE_PROBLEMS",
+    "CHECK_IMAGES",
+    "AUTO_DECODE_MAX_IMAGES",
     "BOX_PROBLEMS",
     "DatasetReport",
     "check_dataset",

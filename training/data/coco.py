@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
-from .schema import DETECTION_FEATURES, Categories, set_categories
+from .schema import DETECTION_FEATURES, Categories, set_categories, set_load_problems
 
 logger = logging.getLogger("training.data")   # one logger for the package, whichever module logs
 
@@ -94,11 +94,8 @@ def _load_coco_file(annotation_file: Path, image_dir: Path, cache_dir, use_cache
 
 def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> datasets.Dataset:
     """Parses a COCO json once and builds the Arrow table column-wise (no per-image scans). In memory."""
-    with open(annotation_file) as f:
-        coco = json.load(f)
-    if "images" not in coco or "categories" not in coco:
-        raise ValueError(f"{annotation_file} is not a COCO detection file: it needs 'images' and 'categories'")
-    images, annotations = coco["images"], coco.get("annotations", [])
+    coco = _read_json(annotation_file)
+    images, annotations = coco["images"], coco["annotations"]
     categories = Categories.from_list(coco["categories"])
 
     try:
@@ -111,18 +108,14 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     if len(np.unique(image_ids)) != len(image_ids):
         raise ValueError(f"{annotation_file}: duplicate image ids in 'images'")
 
-    try:
-        ann_image_ids = np.array([a["image_id"] for a in annotations], dtype=np.int64)      # [num_annotations]
-        ann_ids = np.array([a["id"] for a in annotations], dtype=np.int64)
-        boxes_xywh = np.array([a["bbox"] for a in annotations], dtype=np.float32).reshape(-1, 4)
-        category_ids = np.array([a["category_id"] for a in annotations], dtype=np.int64)
-    except KeyError as e:
-        raise ValueError(f"{annotation_file}: every annotation needs id, image_id, bbox, category_id (missing {e})")
-    except ValueError as e:
-        raise ValueError(f"{annotation_file}: every bbox must be [x, y, w, h]: {e}") from None
+    _check_annotation_ids(annotation_file, annotations)
+    ann_image_ids = np.array([a["image_id"] for a in annotations], dtype=np.int64)          # [num_annotations]
+    ann_ids = np.array([a["id"] for a in annotations], dtype=np.int64)
+    boxes_xywh = _boxes(annotation_file, annotations)                                       # [num_annotations, 4]
+    category_ids = np.array([a["category_id"] for a in annotations], dtype=np.int64)
     # area and iscrowd are optional in COCO-format files made by other tools
     areas = np.array([a.get("area", b[2] * b[3]) for a, b in zip(annotations, boxes_xywh)], dtype=np.float32)
-    iscrowd = np.array([a.get("iscrowd", 0) for a in annotations], dtype=np.int8)
+    iscrowd = np.array([a.get("iscrowd") or 0 for a in annotations], dtype=np.int8)
 
     # index annotations by image once: one sort, then contiguous runs per image
     id_order = np.argsort(image_ids, kind="stable")
@@ -130,10 +123,14 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     position = np.clip(position, 0, len(image_ids) - 1)
     image_index = id_order[position] if len(image_ids) else position
     known = (image_ids[image_index] == ann_image_ids) if len(image_ids) else np.zeros(len(annotations), bool)
+    load_problems = {}
     if not known.all():
         missing = np.unique(ann_image_ids[~known])
         logger.warning("%s: %d annotations refer to %d image ids absent from 'images' (e.g. %s); they are not "
                        "loaded", annotation_file, int((~known).sum()), len(missing), missing[:5].tolist())
+        examples = [f"{annotation_file}: annotation {int(ann_ids[k])} refers to image_id {int(ann_image_ids[k])}, "
+                    "which is not in 'images' (not loaded)" for k in np.flatnonzero(~known)[:5]]
+        load_problems["unknown_image_id"] = {"count": int((~known).sum()), "examples": examples}
     order = np.flatnonzero(known)[np.argsort(image_index[known], kind="stable")]            # [num_kept]
     counts = np.bincount(image_index[order], minlength=len(image_ids))                     # [num_images]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
@@ -154,4 +151,67 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     table = pa.Table.from_arrays([image, pa.array(image_ids), pa.array(widths), pa.array(heights), objects],
                                  schema=DETECTION_FEATURES.arrow_schema)
     dataset = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=DETECTION_FEATURES))
-    return set_categories(dataset, categories)
+    return set_load_problems(set_categories(dataset, categories), load_problems)
+
+
+_COCO_KEYS = ("images", "annotations", "categories")
+
+
+def _read_json(annotation_file) -> dict:
+    """The COCO json, with errors that name the file: invalid or truncated JSON (line and column), missing keys."""
+    try:
+        with open(annotation_file) as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as e:
+        ends = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")
+        truncated = "; the file ends before the JSON does: truncated (an interrupted download or copy)?" \
+            if ends else ""
+        raise ValueError(f"{annotation_file} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+                         f"{truncated}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{annotation_file} is not a UTF-8 text file (JSON): {e}") from None
+    if not isinstance(coco, dict):
+        raise ValueError(f"{annotation_file} holds a JSON {type(coco).__name__}; a COCO detection file is an object "
+                         f"with keys {list(_COCO_KEYS)}")
+    missing = [key for key in _COCO_KEYS if key not in coco]
+    if missing:
+        raise ValueError(f"{annotation_file} is not a COCO detection file: it lacks {missing} (it has "
+                         f"{sorted(coco)[:10]}); it needs {list(_COCO_KEYS)}, each a list (an empty list is fine)")
+    for key in _COCO_KEYS:
+        if not isinstance(coco[key], list):
+            raise ValueError(f"{annotation_file}: {key!r} must be a list, got a {type(coco[key]).__name__}")
+    return coco
+
+
+def _check_annotation_ids(annotation_file, annotations) -> None:
+    """Every annotation is an object with integer id, image_id and category_id (and a bbox, see ``_boxes``)."""
+    for k, a in enumerate(annotations):
+        if not isinstance(a, dict):
+            raise ValueError(f"{annotation_file}: annotations[{k}] is a {type(a).__name__}, not an object")
+        missing = [key for key in ("id", "image_id", "bbox", "category_id") if key not in a]
+        if missing:
+            raise ValueError(f"{annotation_file}: annotations[{k}] (id {a.get('id')}, image_id {a.get('image_id')}) "
+                             f"lacks {missing}; every annotation needs id, image_id, bbox and category_id")
+        for key in ("id", "image_id", "category_id"):
+            integral = isinstance(a[key], int) or isinstance(a[key], float) and a[key].is_integer()
+            if isinstance(a[key], bool) or not integral:
+                raise ValueError(f"{annotation_file}: annotations[{k}] (id {a.get('id')}, image_id "
+                                 f"{a.get('image_id')}) has {key} {a[key]!r}; it must be an integer")
+
+
+def _boxes(annotation_file, annotations) -> np.ndarray:
+    """[num_annotations, 4] float32 xywh. null values become NaN, which ``check_dataset`` reports (non_finite_box)
+    with the image and annotation id; a bbox that is not a list of 4 numbers cannot be stored, so it is an error."""
+    bad = []
+    for a in annotations:
+        box = a["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or \
+                not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in box):
+            bad.append(a)
+    if bad:
+        examples = "; ".join(f"annotation {a.get('id')} (image_id {a.get('image_id')}): bbox {a['bbox']!r}"
+                             for a in bad[:5])
+        raise ValueError(f"{annotation_file}: {len(bad)} annotations have a bbox that is not 4 numbers "
+                         f"[x, y, width, height]: {examples}")
+    boxes = [[np.nan if v is None else v for v in a["bbox"]] for a in annotations]
+    return np.array(boxes, dtype=np.float32).reshape(-1, 4)

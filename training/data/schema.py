@@ -31,6 +31,7 @@ DETECTION_FEATURES = datasets.Features({
     }),
 })
 _CATEGORIES_KEY = "detr_custom_categories"
+_LOAD_PROBLEMS_KEY = "detr_custom_load_problems"
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,31 @@ class Categories:
         return dict(enumerate(self.ids))
 
 
+def _description(dataset: datasets.Dataset) -> dict:
+    try:
+        payload = json.loads(dataset.info.description or "")
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
 def set_categories(dataset: datasets.Dataset, categories: Categories) -> datasets.Dataset:
     """Stores the categories on the dataset (in place) and returns it."""
     payload = [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)]
-    dataset.info.description = json.dumps({_CATEGORIES_KEY: payload})
+    dataset.info.description = json.dumps({**_description(dataset), _CATEGORIES_KEY: payload})
     return dataset
+
+
+def set_load_problems(dataset: datasets.Dataset, problems: dict) -> datasets.Dataset:
+    """Stores what the loader found but could not put in rows (in place): ``{problem: {"count", "examples"}}``,
+    e.g. annotations whose image id is not in the file's images. ``check_dataset`` reports them."""
+    dataset.info.description = json.dumps({**_description(dataset), _LOAD_PROBLEMS_KEY: problems})
+    return dataset
+
+
+def get_load_problems(dataset: datasets.Dataset) -> dict:
+    """What ``set_load_problems`` stored, or {}."""
+    return _description(dataset).get(_LOAD_PROBLEMS_KEY, {})
 
 
 def get_categories(dataset: datasets.Dataset | datasets.DatasetDict) -> Categories:
