@@ -130,7 +130,7 @@ def describe_machine(threads: int | None = None) -> dict:
         usable_cpus=usable,
         torch_threads=threads or torch.get_num_threads(),
         load_1min=os.getloadavg()[0],
-        versions={p: _version(p) for p in ("torch", "transformers", "timm")},
+        versions={"torch": torch.__version__, **{p: _version(p) for p in ("transformers", "timm")}},
     )
     return machine
 
