@@ -81,11 +81,15 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
-def count_flops(function) -> int:
-    """FLOPs of one `function()` call (convolutions, matrix products, attention), by torch's FLOP formulas."""
+def counted(function):
+    """(`function()`, the FLOPs of that call: convolutions, matrix products, attention, by torch's FLOP formulas)."""
     with _FlopCounter() as counter:
-        function()
-    return counter.flops
+        result = function()
+    return result, counter.flops
+
+
+def count_flops(function) -> int:
+    return counted(function)[1]
 
 
 def bf16_skip_reason() -> str | None:
@@ -160,8 +164,9 @@ def inference_rows(reference, ours, height: int, width: int, rounds: int, bf16_s
     if bf16_skip is None:
         functions["bf16"] = run_ours_bf16
     with torch.no_grad():
-        outputs = {name: function() for name, function in functions.items()}
-        flops = {name: count_flops(function) for name, function in functions.items()}
+        outputs, flops = {}, {}
+        for name, function in functions.items():
+            outputs[name], flops[name] = counted(function)
         times = interleaved(functions, rounds)
     expected, actual = outputs["reference"], outputs["ours"]
     diff = max((expected.logits - actual.logits).abs().max().item(),
