@@ -4,13 +4,16 @@
 
 Each benchmark runs in its own process (its own argument parser, memory returned between them). The default is the
 quick model benchmark (384x512), so that the whole run takes a few minutes on 2 CPU cores; `--full` times the model
-at 800x1066 (about 10 minutes more). Ratios are only comparable within one run: note the machine's load (`uptime`).
+at 800x1066 (about 10 minutes more). First it prints what it runs on (benchmarks/machine.py: CPU, vector capability,
+peak estimate, threads, load, versions): ratios are only comparable within one run, and on one kind of CPU.
 """
 import argparse
 import os
 import subprocess
 import sys
 import time
+
+from benchmarks.machine import describe_machine, format_machine
 
 
 def main(argv=None):
@@ -23,8 +26,7 @@ def main(argv=None):
         ["benchmarks.bench_model", *([] if args.full else ["--quick"]), *threads],
         ["benchmarks.bench_image_processing", *threads],
     ]
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(format_machine(describe_machine(args.threads)), flush=True)
     failed = []
     for module, *module_args in benchmarks:
         print(f"\n== python -m {module} {' '.join(module_args)}", flush=True)

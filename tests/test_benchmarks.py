@@ -1,0 +1,123 @@
+"""The benchmarks' pure parts: the machine description from /proc/cpuinfo text, the peak estimate, the bf16 skip
+decision and the FLOP counter. Never timing (the benchmarks measure; tests do not assert speed)."""
+import pytest
+import torch
+
+from benchmarks.bench_model import Row, bf16_skip_reason, count_flops, format_flops
+from benchmarks.machine import describe_cpuinfo, describe_machine, format_machine, is_noisy, parse_cpuinfo
+
+COMMON_FLAGS = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
+                "syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid pni "
+                "pclmulqdq ssse3 fma cx16 sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor "
+                "lahf_lm abm bmi1 avx2 smep bmi2 rdseed adx smap clflushopt sha_ni xsaveopt xsavec xgetbv1")
+ZEN1_FLAGS = COMMON_FLAGS + " cmp_legacy cr8_legacy sse4a misalignsse 3dnowprefetch osvw topoext perfctr_core"
+SAPPHIRE_RAPIDS_FLAGS = COMMON_FLAGS + (" avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl avx_vnni avx512_bf16 "
+                                        "avx512vbmi avx512_vnni avx512_bitalg avx512_vpopcntdq amx_bf16 avx512_fp16 "
+                                        "amx_tile amx_int8")
+
+
+def cpuinfo_text(vendor, family, model, name, mhz, flags, cores, threads_per_core=1) -> str:
+    """/proc/cpuinfo as Linux writes it (a block per logical CPU, SMT siblings sharing a core id)."""
+    blocks = []
+    for processor in range(cores * threads_per_core):
+        blocks.append(f"""processor\t: {processor}
+vendor_id\t: {vendor}
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: {name}
+stepping\t: 2
+microcode\t: 0x1000065
+cpu MHz\t\t: {mhz}
+cache size\t: 512 KB
+physical id\t: 0
+siblings\t: {cores * threads_per_core}
+core id\t\t: {processor % cores}
+cpu cores\t: {cores}
+apicid\t\t: {processor}
+fpu\t\t: yes
+cpuid level\t: 13
+wp\t\t: yes
+flags\t\t: {flags}
+bugs\t\t: sysret_ss_attrs null_seg spectre_v1 spectre_v2
+bogomips\t: 3992.50
+TLB size\t: 2560 4K pages
+clflush size\t: 64
+address sizes\t: 48 bits physical, 48 bits virtual
+power management:
+""")
+    return "\n".join(blocks) + "\n"
+
+
+EPYC_ZEN1 = cpuinfo_text("AuthenticAMD", 23, 1, "AMD EPYC 7551 32-Core Processor", "1996.250", ZEN1_FLAGS, 2, 2)
+EPYC_ZEN2 = cpuinfo_text("AuthenticAMD", 23, 49, "AMD EPYC 7B12", "2249.998", ZEN1_FLAGS, 2)
+XEON_SPR = cpuinfo_text("GenuineIntel", 6, 143, "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "2699.998",
+                        SAPPHIRE_RAPIDS_FLAGS, 4, 2)
+
+
+def test_parse_cpuinfo_gives_one_entry_per_logical_cpu():
+    processors = parse_cpuinfo(EPYC_ZEN1)
+    assert len(processors) == 4
+    assert processors[3]["model name"] == "AMD EPYC 7551 32-Core Processor"
+    assert processors[3]["core id"] == "1" and processors[3]["power management"] == ""
+    with pytest.raises(ValueError):
+        describe_cpuinfo("")
+
+
+@pytest.mark.parametrize("text, capability, bf16_flags, cores, logical, flop_per_cycle, peak_fp32, peak_bf16", [
+    # Zen 1 splits each 256-bit AVX2 instruction over 2 x 128-bit FMA datapaths; SMT siblings share a core
+    (EPYC_ZEN1, "AVX2", [], 2, 4, 16, 2 * 1.99625 * 16, None),
+    (EPYC_ZEN2, "AVX2", [], 2, 2, 32, 2 * 2.249998 * 32, None),
+    (XEON_SPR, "AVX-512", ["amx_bf16", "amx_tile", "avx512_bf16"], 4, 8, 64, 4 * 2.699998 * 64, 4 * 2.699998 * 1024),
+])
+def test_describe_cpuinfo_capability_and_peak(text, capability, bf16_flags, cores, logical, flop_per_cycle,
+                                              peak_fp32, peak_bf16):
+    machine = describe_cpuinfo(text)
+    assert machine["capability"] == capability
+    assert machine["native_bf16_flags"] == bf16_flags
+    assert machine["cores"] == cores and machine["logical_cpus"] == logical
+    assert machine["fp32_flop_per_cycle"] == flop_per_cycle
+    assert machine["peak_fp32_gflops"] == pytest.approx(peak_fp32)
+    assert machine["peak_bf16_gflops"] == (peak_bf16 and pytest.approx(peak_bf16))
+
+
+def test_cpufreq_max_clock_wins_over_cpu_mhz():
+    machine = describe_cpuinfo(EPYC_ZEN2, max_mhz=3300.0)
+    assert machine["mhz_source"] == "cpufreq max"
+    assert machine["peak_fp32_gflops"] == pytest.approx(2 * 3.3 * 32)
+
+
+def test_machine_description_of_this_machine_formats():
+    machine = describe_machine(threads=3)
+    text = format_machine(machine)
+    assert machine["model_name"] in text and "torch threads 3" in text
+    assert f"torch {torch.__version__}" in text and "transformers " in text and "timm " in text
+    assert ("WARNING" in text) == is_noisy(machine)
+    assert is_noisy({**machine, "load_1min": machine["usable_cpus"] * 0.5 + 0.01})
+    assert not is_noisy({**machine, "load_1min": machine["usable_cpus"] * 0.5})
+
+
+@pytest.mark.parametrize("forced, skipped", [("native", False), ("emulated", True)])
+def test_bf16_rows_are_skipped_where_bf16_is_emulated(monkeypatch, forced, skipped):
+    monkeypatch.setenv("DETR_CUSTOM_CPU_BF16", forced)
+    reason = bf16_skip_reason()
+    assert (reason is not None) == skipped
+    if skipped:
+        assert reason == "skipped: DETR_CUSTOM_CPU_BF16=emulated"      # cpu_bf16_support's why, verbatim
+
+
+def test_count_flops_counts_matmuls_and_cpu_attention():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    q = k = v = torch.randn(2, 3, 10, 8)                                # [batch, heads, tokens, head_dim]
+    # two matrix products (q k^T, then weights v) of 2 * tokens * tokens * head_dim each, per batch and head
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: attention(q, k, v)) == 2 * 3 * 2 * (2 * 10 * 10 * 8)
+
+
+def test_format_flops():
+    machine = {"peak_fp32_gflops": 100.0, "peak_bf16_gflops": 1000.0}
+    assert format_flops(Row("fp32", 2.0, 1.0, "", 40e9, 40e9), machine) == ("40.0", "20/40", " 40.0%")
+    assert format_flops(Row("bf16", 2.0, 1.0, "", 40e9, 40e9, bf16=True), machine) == ("40.0", "20/40", "  4.0%")
+    assert format_flops(Row("b2", 2.0, 1.0, "", 40e9, 30e9), machine)[0] == "40.0/30.0"
+    assert format_flops(Row("skipped", None, None, "skipped: why"), machine) == ("", "", "")
+    assert format_flops(Row("no peak", 2.0, 1.0, "", 40e9, 40e9), {})[2] == ""
