@@ -85,7 +85,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         The remaining fields are those of [`DetrCustomModelOutput`], in the order of transformers'
         `DetrObjectDetectionOutput` (`feature_mask`, ours only, last): with `return_dict=False` the model returns
         `to_tuple()` (fields that are None left out), so `loss, loss_dict, logits, pred_boxes, ...` with labels and
-        `logits, pred_boxes, ...` without, as transformers' `DetrForObjectDetection` does.
+        `logits, pred_boxes, ...` without, as transformers' `DetrForObjectDetection` does (like it, the tuple has
+        `auxiliary_outputs` only when labels are given).
     """
 
     loss: torch.Tensor | None = None
@@ -349,6 +350,9 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         if labels is not None:
             loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
                                              labels_checked=True)
+        return_dict = _return_dict(self.config, return_dict)
+        if not return_dict and labels is None:
+            auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
         output = DetrCustomObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -364,4 +368,4 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
         )
-        return output if _return_dict(self.config, return_dict) else output.to_tuple()
+        return output if return_dict else output.to_tuple()
