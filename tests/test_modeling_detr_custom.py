@@ -145,6 +145,7 @@ def test_save_load_round_trip_is_identical(tmp_path):
 
 def test_trust_remote_code_without_the_package(tmp_path):
     model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())))
+    model.config.use_pretrained_backbone = True    # remote code must not fetch backbone weights either
     model.eval().save_pretrained(tmp_path / "folder")
     pixel_values, pixel_mask, _ = padded_batch()
     with torch.no_grad():
@@ -153,6 +154,10 @@ def test_trust_remote_code_without_the_package(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
+        import socket
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"the network was reached: {{args}}")
+        socket.socket.connect = socket.create_connection = refuse
         import torch
         from transformers import AutoModelForObjectDetection
         model = AutoModelForObjectDetection.from_pretrained({str(tmp_path / 'folder')!r}, trust_remote_code=True)
