@@ -11,11 +11,13 @@ from torch import nn
 class DetrCustomAttention(nn.Module):
     """Multi-head attention on batch-first sequences through `F.scaled_dot_product_attention`.
 
-    With `output_attentions=True` the weights are computed explicitly and returned (same result, slower).
+    With `output_attentions=True`, or when the model's `config._attn_implementation` is `"eager"`, the weights are
+    computed explicitly with a softmax (same math, slower); the weights are returned only when asked for.
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, dropout: float, config=None):
         super().__init__()
+        self.config = config                  # read at call time: `set_attn_implementation` changes it in place
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
@@ -40,7 +42,8 @@ class DetrCustomAttention(nn.Module):
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]   # [batch, 1, 1, source]
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if output_attentions:
+        eager = self.config is not None and self.config._attn_implementation == "eager"
+        if output_attentions or eager:
             scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)        # [batch, heads, target, source]
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -49,4 +52,4 @@ class DetrCustomAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         out = out.transpose(1, 2).flatten(2)                                  # [batch, target, d_model]
-        return self.out_proj(out), weights
+        return self.out_proj(out), weights if output_attentions else None

@@ -3,6 +3,8 @@
 Holds the stem freezing of the original DETR and batch-independent inference (`forward_per_size`); the folded
 BatchNorm and channels_last fast paths it switches on come from `fast_paths.py`.
 """
+import contextvars
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,10 @@ from .fast_paths import FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
 
 logger = logging.get_logger(__name__)
 
+# True while `DetrCustomPreTrainedModel.from_pretrained` builds the model: the checkpoint holds every weight, so timm
+# must not fetch ImageNet weights that would be overwritten anyway (transformers' DETR does, transformers#15764)
+LOADING_CHECKPOINT = contextvars.ContextVar("detr_custom_loading_checkpoint", default=False)
+
 
 class DetrCustomBackbone(nn.Module):
     """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
@@ -22,9 +28,10 @@ class DetrCustomBackbone(nn.Module):
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
+        pretrained = config.use_pretrained_backbone and not LOADING_CHECKPOINT.get()
         try:
             body = timm.create_model(
-                config.backbone, pretrained=config.use_pretrained_backbone, features_only=True, out_indices=(-1,),
+                config.backbone, pretrained=pretrained, features_only=True, out_indices=(-1,),
                 in_chans=config.num_channels, **({"output_stride": 16} if config.dilation else {}),
             )
         except (RuntimeError, AssertionError, TypeError, ValueError) as error:

@@ -119,6 +119,53 @@ def check_converted_keys(model_class, config: DetrCustomConfig, state_dict: dict
                          f"unexpected {unexpected[:8]} ({len(unexpected)} in all).")
 
 
+def _looks_like_a_path(name_or_path) -> bool:
+    # "namespace/name" may be a Hub id or a relative folder: only what cannot be a Hub id counts as a path
+    text = os.fspath(name_or_path)
+    return (isinstance(name_or_path, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
+            or (os.sep != "/" and os.sep in text))
+
+
+def check_local_checkpoint(name_or_path, from_pretrained_kwargs: dict) -> None:
+    """Clear errors for local folders that cannot load, raised before transformers gets them: a missing folder
+    (instead of a Hub id format error), a folder without config.json (instead of a default ResNet-50 config that
+    `ignore_mismatched_sizes=True` would fill with whatever fits), and a damaged config.json or model.safetensors.
+    Anything that is not an existing folder and does not look like a path is left to the Hub as usual."""
+    folder = os.path.expanduser(os.fspath(name_or_path))
+    subfolder = from_pretrained_kwargs.get("subfolder") or ""
+    if not os.path.isdir(folder):
+        if _looks_like_a_path(name_or_path) and not os.path.exists(folder):
+            raise FileNotFoundError(
+                f"no such folder: {os.path.abspath(folder)}. from_pretrained takes a folder written by "
+                "save_pretrained or a Hub model id such as 'facebook/detr-resnet-50'; check the path.")
+        return
+    folder = os.path.join(folder, subfolder)
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        if from_pretrained_kwargs.get("config") is not None:
+            return                                                   # the caller gives the config
+        raise FileNotFoundError(
+            f"the folder {os.path.abspath(folder)} has no config.json, so the model's architecture is unknown. Save "
+            "the model with save_pretrained (it writes config.json next to the weights), copy the config.json that "
+            "belongs to these weights into the folder, or pass config=DetrCustomConfig(...).")
+    try:
+        with open(config_file) as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise OSError(f"{os.path.abspath(config_file)} is damaged (not valid JSON: {error}); it may be truncated. "
+                      "Re-download or re-save the model.") from error
+    weights_file = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(weights_file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights_file, framework="pt") as f:
+                f.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise OSError(f"{os.path.abspath(weights_file)} is damaged ({error}); it may be truncated. "
+                          "Re-download or re-save the model.") from error
+
+
 def _load_weights(folder_files: dict) -> dict:
     if "model.safetensors" in folder_files:
         from safetensors.torch import load_file

@@ -24,7 +24,9 @@ class DetrCustomConfig(PreTrainedConfig):
         backbone: any timm model name that supports `features_only=True` (default `"resnet50"`). The last
             feature stage feeds the transformer.
         use_pretrained_backbone: load timm's ImageNet weights when the model is built from a config (needs the
-            Hub). Checkpoints loaded with `from_pretrained` carry their own backbone weights either way.
+            Hub). `from_pretrained` never does: the checkpoint carries every weight, so a saved folder loads
+            offline (also as remote code). The loaded config keeps the saved value, which records how the backbone
+            was first initialized (the model card reads it); a model built anew from that config fetches them.
         num_channels: input image channels.
         dilation: DC5 — replace the stride of the last backbone stage by dilation (output stride 16).
         freeze_backbone_stem: freeze the stem and the first stage of the backbone, as the original does.

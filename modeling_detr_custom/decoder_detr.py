@@ -24,8 +24,9 @@ class DetrCustomDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
         d_model = config.d_model
-        self.self_attn = DetrCustomAttention(d_model, config.decoder_attention_heads, config.attention_dropout)
-        self.cross_attn = DetrCustomAttention(d_model, config.decoder_attention_heads, config.attention_dropout)
+        heads = config.decoder_attention_heads
+        self.self_attn = DetrCustomAttention(d_model, heads, config.attention_dropout, config)
+        self.cross_attn = DetrCustomAttention(d_model, heads, config.attention_dropout, config)
         self.linear1 = nn.Linear(d_model, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, d_model)
         self.norm1 = nn.LayerNorm(d_model)

@@ -21,7 +21,7 @@ class DetrCustomEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
         d_model = config.d_model
-        self.self_attn = DetrCustomAttention(d_model, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn = DetrCustomAttention(d_model, config.encoder_attention_heads, config.attention_dropout, config)
         self.linear1 = nn.Linear(d_model, config.encoder_ffn_dim)
         self.linear2 = nn.Linear(config.encoder_ffn_dim, d_model)
         self.norm1 = nn.LayerNorm(d_model)

@@ -100,10 +100,13 @@ class DetrCustomLoss(nn.Module):
         self.weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient,
                         "loss_giou": config.giou_loss_coefficient}
 
-    def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None) -> tuple[torch.Tensor, dict]:
+    def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False
+                ) -> tuple[torch.Tensor, dict]:
         """Returns (total weighted loss, dict of unweighted terms). `auxiliary_outputs`: list of
-        `{"logits", "pred_boxes"}` for the decoder layers before the last."""
-        self._check_labels(logits, labels)
+        `{"logits", "pred_boxes"}` for the decoder layers before the last. `labels_checked`: the caller already ran
+        `check_labels` (the model does, before its forward)."""
+        if not labels_checked:
+            self.check_labels(labels, batch=logits.shape[0])
         num_boxes, class_weight_sum = self._normalizers(logits, labels)
         # the targets, gathered once for every decoder layer
         targets = {
@@ -122,10 +125,12 @@ class DetrCustomLoss(nn.Module):
                    for name, value in loss_dict.items() if re.sub(r"_\d+$", "", name) in self.weights)
         return loss, loss_dict
 
-    def _check_labels(self, logits: torch.Tensor, labels: list[dict]) -> None:
-        if not isinstance(labels, (list, tuple)) or len(labels) != logits.shape[0]:
+    def check_labels(self, labels: list[dict], batch: int) -> None:
+        """Clear errors for labels the loss cannot use, naming the image: one dict per image with int
+        `class_labels` in [0, num_labels) and finite cxcywh `boxes` in [0, 1]."""
+        if not isinstance(labels, (list, tuple)) or len(labels) != batch:
             length = len(labels) if hasattr(labels, "__len__") else "?"
-            raise ValueError(f"labels must be a list of {logits.shape[0]} dicts (one per image), got "
+            raise ValueError(f"labels must be a list of {batch} dicts (one per image), got "
                              f"{type(labels).__name__} of length {length}.")
         for index, target in enumerate(labels):
             if "class_labels" not in target or "boxes" not in target:

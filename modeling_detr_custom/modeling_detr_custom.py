@@ -22,8 +22,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbone import DetrCustomBackbone
-from .checkpoint_conversion import converted_transformers_folder
+from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
+from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .configuration_detr_custom import DetrCustomConfig
 from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
@@ -36,6 +36,8 @@ from .position_encoding import build_position_embedding
 # encoder_detr.py / decoder_detr.py. The keys are configuration_detr_custom.ENCODER_TYPES / DECODER_TYPES.
 ENCODER_CLASSES = {"detr": DetrCustomEncoder}
 DECODER_CLASSES = {"detr": DetrCustomDecoder}
+# config._attn_implementation: both run `attention_mha.DetrCustomAttention`, through SDPA or an explicit softmax
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass
@@ -80,7 +82,11 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer
             before the last.
-        The remaining fields are those of [`DetrCustomModelOutput`].
+        The remaining fields are those of [`DetrCustomModelOutput`], in the order of transformers'
+        `DetrObjectDetectionOutput` (`feature_mask`, ours only, last): with `return_dict=False` the model returns
+        `to_tuple()` (fields that are None left out), so `loss, loss_dict, logits, pred_boxes, ...` with labels and
+        `logits, pred_boxes, ...` without, as transformers' `DetrForObjectDetection` does (like it, the tuple has
+        `auxiliary_outputs` only when labels are given).
     """
 
     loss: torch.Tensor | None = None
@@ -88,14 +94,19 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     logits: torch.Tensor | None = None
     pred_boxes: torch.Tensor | None = None
     auxiliary_outputs: list[dict] | None = None
+    # in transformers' DetrObjectDetectionOutput order, so that `return_dict=False` tuples line up; ours last
     last_hidden_state: torch.Tensor | None = None
-    encoder_last_hidden_state: torch.Tensor | None = None
-    feature_mask: torch.Tensor | None = None
-    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
-    encoder_attentions: tuple[torch.Tensor, ...] | None = None
     decoder_attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    feature_mask: torch.Tensor | None = None
+
+
+def _return_dict(config: DetrCustomConfig, return_dict: bool | None) -> bool:
+    return config.return_dict if return_dict is None else return_dict
 
 
 class DetrCustomPreTrainedModel(PreTrainedModel):
@@ -105,6 +116,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    _supports_sdpa = True
     _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked"]
 
@@ -133,17 +145,37 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         """Loads our folders and Hub ids, and also transformers' DETR checkpoints (model_type "detr"), whose
         config and weights are converted on the fly (see `checkpoint_conversion.py`). All of
         `PreTrainedModel.from_pretrained`'s options apply, e.g. `num_labels=K, ignore_mismatched_sizes=True` for a
-        new class head."""
+        new class head, `attn_implementation="eager"`.
+
+        The backbone is built without timm's ImageNet weights whatever `use_pretrained_backbone` says: the checkpoint
+        holds every weight, so loading never reaches for the network. The loaded config keeps the saved flag (it
+        says how the backbone was first initialized; a model built from that config fetches the weights again)."""
+        check_local_checkpoint(pretrained_model_name_or_path, kwargs)
         # converted to the keys of the class with heads, whichever class loads them
         heads = DetrCustomForObjectDetection
-        with converted_transformers_folder(pretrained_model_name_or_path, kwargs, heads) as folder:
-            loaded = super().from_pretrained(folder or pretrained_model_name_or_path, *model_args, **kwargs)
+        loading = LOADING_CHECKPOINT.set(True)
+        try:
+            with converted_transformers_folder(pretrained_model_name_or_path, kwargs, heads) as folder:
+                loaded = super().from_pretrained(folder or pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            LOADING_CHECKPOINT.reset(loading)
         # loading replaces the parameters with trainable ones: freeze again what the config freezes
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for module in model.modules():
             if isinstance(module, DetrCustomBackbone) and model.config.freeze_backbone_stem:
                 module._freeze_stem_and_first_stage()
         return loaded
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+        # called by transformers at construction, in from_pretrained and in set_attn_implementation
+        if attn_implementation is None:
+            return "sdpa"
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by {type(self).__name__}; use one of "
+                f"{ATTENTION_IMPLEMENTATIONS}: 'sdpa' (default, torch's scaled_dot_product_attention kernels, which "
+                "pick a flash or memory-efficient kernel where the device has one) or 'eager' (explicit softmax).")
+        return attn_implementation
 
 
 class DetrCustomModel(DetrCustomPreTrainedModel):
@@ -160,6 +192,11 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         self.post_init()
 
     def _check_inputs(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """Clear errors for bad inputs at the entry, before any layer runs (a NaN image in training would otherwise
+        reach the BatchNorm statistics of a trainable backbone first). Returns the mask, all ones when None."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}. Use "
+                             "DetrCustomImageProcessor(images, return_tensors='pt') to build it.")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"pixel_values must be [batch, {self.config.num_channels}, height, width] (config.num_channels="
@@ -167,13 +204,33 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
                 "to build it from images."
             )
         batch, _, height, width = pixel_values.shape
+        if batch == 0 or height == 0 or width == 0:
+            raise ValueError(f"pixel_values is empty (shape {list(pixel_values.shape)}): pass at least one image.")
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}: the model takes normalized float images, not raw "
+                "pixels. Normalize with DetrCustomImageProcessor (rescale to [0, 1], then ImageNet mean / std).")
+        model_dtype = self.dtype
+        if pixel_values.dtype != model_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            raise ValueError(
+                f"pixel_values is {pixel_values.dtype} but the model's weights are {model_dtype}: cast the inputs "
+                f"(pixel_values.to({model_dtype})) or the model (model.to(...)), or run under torch.autocast.")
+        if not bool(torch.isfinite(pixel_values).all()):               # one reduction; indices only on failure
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"pixel_values of images {bad} (batch indices) contain NaN or inf. Check how these "
+                             "images were loaded and normalized.")
         if pixel_mask is None:
             return torch.ones((batch, height, width), dtype=torch.bool, device=pixel_values.device)
-        if tuple(pixel_mask.shape) != (batch, height, width):
+        if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != (batch, height, width):
+            shape = list(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
             raise ValueError(
                 f"pixel_mask must be [batch, height, width] = {[batch, height, width]} to match pixel_values, got "
-                f"{list(pixel_mask.shape)}. It is 1 on real pixels and 0 on padding."
+                f"{shape}. It is 1 on real pixels and 0 on padding."
             )
+        if pixel_mask.is_floating_point() or pixel_mask.is_complex():
+            raise ValueError(
+                f"pixel_mask must be int64 or bool (1 on real pixels, 0 on padding), got {pixel_mask.dtype}. "
+                "DetrCustomImageProcessor returns it as int64.")
         return pixel_mask
 
     def forward(
@@ -184,8 +241,7 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         batch_independent: bool | None = None,
-        **kwargs,
-    ) -> DetrCustomModelOutput:
+    ) -> DetrCustomModelOutput | tuple:
         """
         Args:
             pixel_values: `[batch, num_channels, height, width]`, normalized images padded bottom-right.
@@ -197,6 +253,8 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
                 visible region, as in the original DETR and transformers (a 600x799 image padded to 800x1066: up to
                 0.24 on the logits of a random R50 in both). Costs one backbone call per distinct image size.
                 Default: `config.batch_independent_inference` if set, else False.
+            return_dict: False returns `output.to_tuple()` (None fields left out), as transformers' models do.
+                Default: `config.return_dict` (True).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -219,7 +277,7 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             query_pos = self.query_embed.weight[None].expand(source.shape[0], -1, -1)  # [batch, queries, d_model]
             intermediate, decoder_states, decoder_attentions, cross_attentions = self.decoder(
                 query_pos, memory, memory_pos, key_mask, output_attentions, output_hidden_states)
-        return DetrCustomModelOutput(
+        output = DetrCustomModelOutput(
             last_hidden_state=intermediate[-1],
             intermediate_hidden_states=intermediate,
             encoder_last_hidden_state=memory,
@@ -230,6 +288,7 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             decoder_attentions=decoder_attentions,
             cross_attentions=cross_attentions,
         )
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
 class DetrCustomMLP(nn.Module):
@@ -271,11 +330,12 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         batch_independent: bool | None = None,
-        **kwargs,
-    ) -> DetrCustomObjectDetectionOutput:
+    ) -> DetrCustomObjectDetectionOutput | tuple:
         """See [`DetrCustomModel.forward`]; `labels` as in the class docstring."""
+        if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+            self.criterion.check_labels(labels, batch=len(pixel_values))   # before any layer runs
         outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states,
-                             batch_independent=batch_independent)
+                             return_dict=True, batch_independent=batch_independent)
         intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
         if not self.config.auxiliary_loss:
             intermediate = intermediate[-1:]
@@ -288,8 +348,12 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
                                  for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
         loss, loss_dict = None, None
         if labels is not None:
-            loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs)
-        return DetrCustomObjectDetectionOutput(
+            loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
+                                             labels_checked=True)
+        return_dict = _return_dict(self.config, return_dict)
+        if not return_dict and labels is None:
+            auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
+        output = DetrCustomObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
             logits=all_logits[-1],
@@ -304,3 +368,4 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
         )
+        return output if return_dict else output.to_tuple()

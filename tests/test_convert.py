@@ -164,3 +164,51 @@ def test_not_a_detr_checkpoint(tmp_path):
     torch.save({"model": {"weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an original DETR checkpoint"):
         convert_original_checkpoint(tmp_path / "other.pth")
+
+
+def _saved_tiny_folder(path):
+    from modeling_detr_custom import DetrCustomConfig
+    from modeling_detr_custom.testing_utils import tiny_kwargs
+
+    DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).save_pretrained(path)
+    return path
+
+
+def test_folder_without_config_json_is_a_clear_error(tmp_path):
+    # before: a default ResNet-50 config, which ignore_mismatched_sizes=True then "loaded" with wrong-shaped weights
+    folder = _saved_tiny_folder(tmp_path / "model")
+    (folder / "config.json").unlink()
+    for kwargs in ({}, {"ignore_mismatched_sizes": True}):
+        with pytest.raises(FileNotFoundError, match=rf"the folder {folder} has no config.json.*save_pretrained"):
+            DetrCustomForObjectDetection.from_pretrained(folder, **kwargs)
+    from modeling_detr_custom import DetrCustomConfig
+    from modeling_detr_custom.testing_utils import tiny_kwargs
+
+    # an explicit config is the caller's answer
+    loaded = DetrCustomForObjectDetection.from_pretrained(folder, config=DetrCustomConfig(**tiny_kwargs()))
+    assert loaded.config.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "~/no_such_folder_detr", "runs/a/b"])
+def test_missing_local_folder_is_named(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such folder: .*no.such.folder|no such folder: .*runs/a/b"):
+        DetrCustomForObjectDetection.from_pretrained(name)
+
+
+def test_hub_ids_are_still_hub_ids(monkeypatch, tmp_path):
+    from modeling_detr_custom.checkpoint_conversion import check_local_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("facebook/detr-resnet-50", "detr-resnet-50"):
+        check_local_checkpoint(name, {})     # not a folder, not a path: left to the Hub
+
+
+@pytest.mark.parametrize("file_name, keep", [("config.json", 0.5), ("model.safetensors", 0.5),
+                                             ("model.safetensors", 0.001)])
+def test_truncated_files_are_named_as_damaged(tmp_path, file_name, keep):
+    folder = _saved_tiny_folder(tmp_path / "model")
+    data = (folder / file_name).read_bytes()
+    (folder / file_name).write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(OSError, match=rf"{folder / file_name} is damaged.*Re-download or re-save"):
+        DetrCustomForObjectDetection.from_pretrained(folder)

@@ -1,4 +1,5 @@
 """Contracts of DetrCustomModel / DetrCustomForObjectDetection, and parity with transformers' DETR."""
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def test_save_load_round_trip_is_identical(tmp_path):
 
 def test_trust_remote_code_without_the_package(tmp_path):
     model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())))
+    model.config.use_pretrained_backbone = True    # remote code must not fetch backbone weights either
     model.eval().save_pretrained(tmp_path / "folder")
     pixel_values, pixel_mask, _ = padded_batch()
     with torch.no_grad():
@@ -152,6 +154,10 @@ def test_trust_remote_code_without_the_package(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
+        import socket
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"the network was reached: {{args}}")
+        socket.socket.connect = socket.create_connection = refuse
         import torch
         from transformers import AutoModelForObjectDetection
         model = AutoModelForObjectDetection.from_pretrained({str(tmp_path / 'folder')!r}, trust_remote_code=True)
@@ -221,3 +227,168 @@ def test_bad_pixel_inputs():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="pixel_mask"):
         model(torch.randn(1, 3, 64, 64), torch.ones(1, 32, 64))
+
+
+def _no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the network was reached: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_folder_saved_with_use_pretrained_backbone_loads_without_the_network(tmp_path, monkeypatch):
+    # transformers' DETR asks timm for ImageNet weights again when such a folder is loaded (transformers#15764)
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval()
+    model.config.use_pretrained_backbone = True
+    model.save_pretrained(tmp_path)
+    _no_network(monkeypatch)
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.use_pretrained_backbone   # the saved flag is kept: it tells how the backbone began
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values, pixel_mask).logits, loaded(pixel_values, pixel_mask).logits)
+    with pytest.raises(Exception):   # building from the config (not from the checkpoint) still asks for them
+        DetrCustomForObjectDetection(loaded.config)
+
+
+def test_transformers_folder_saved_with_use_pretrained_backbone_loads_without_the_network(tmp_path, monkeypatch):
+    reference = randomize_(DetrForObjectDetection(DetrConfig(**tiny_kwargs()))).eval()
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "use_pretrained_backbone": True}))
+    _no_network(monkeypatch)
+    ours = DetrCustomForObjectDetection.from_pretrained(tmp_path).eval()
+    assert not ours.config.use_pretrained_backbone   # the conversion never asks for ImageNet weights
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+        assert (expected - ours(pixel_values, pixel_mask).logits).abs().max() <= 1e-4
+
+
+def _tuple_layout(output):
+    # what a Trainer sees: element i's type and shape
+    return [(type(x).__name__, tuple(x.shape) if isinstance(x, torch.Tensor) else None) for x in output]
+
+
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no_labels", "labels"])
+def test_return_dict_false_gives_transformers_tuple_order(tmp_path, with_labels):
+    reference, ours = _transformers_pair(tmp_path, auxiliary_loss=True)
+    pixel_values, pixel_mask, labels = padded_batch()
+    labels = labels if with_labels else None
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels, return_dict=False)
+        actual = ours(pixel_values, pixel_mask, labels=labels, return_dict=False)
+        as_dict = ours(pixel_values, pixel_mask, labels=labels)
+    assert type(actual) is tuple
+    # transformers' fields first, in its order; ours (feature_mask) after them
+    assert _tuple_layout(actual)[:len(expected)] == _tuple_layout(expected)
+    assert len(actual) == len(expected) + 1 and torch.equal(actual[-1], as_dict.feature_mask)
+    first = 2 if with_labels else 0                     # loss, loss_dict first when there are labels
+    assert torch.equal(actual[first], as_dict.logits) and torch.equal(actual[first + 1], as_dict.pred_boxes)
+    assert (actual[first] - expected[first]).abs().max() <= 1e-4
+    if with_labels:
+        assert torch.equal(actual[0], as_dict.loss) and set(actual[1]) == set(as_dict.loss_dict) > set(expected[1])
+
+
+def test_config_return_dict_is_the_default():
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(return_dict=False))).eval()
+    base = DetrCustomModel(DetrCustomConfig(**tiny_kwargs(return_dict=False))).eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert type(model(pixel_values)) is tuple and type(base(pixel_values)) is tuple
+        assert model(pixel_values, return_dict=True).logits.shape == (1, 10, 4)
+
+
+def test_unknown_keyword_arguments_are_refused():
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).eval()
+    base = DetrCustomModel(DetrCustomConfig(**tiny_kwargs())).eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    for module in (model, base):
+        with pytest.raises(TypeError, match="pixel_masks"):     # a typo must not run without the mask
+            module(pixel_values, pixel_masks=pixel_mask)
+
+
+def test_eager_attention_equals_sdpa(tmp_path):
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval()
+    assert model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    eager = DetrCustomForObjectDetection.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    assert all(layer.self_attn.config._attn_implementation == "eager" for layer in eager.model.encoder.layers)
+    calls = []
+    original = F.scaled_dot_product_attention
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+        eager_out = eager(pixel_values, pixel_mask)
+        assert calls == []                                     # the explicit softmax path
+        sdpa_out = model(pixel_values, pixel_mask)
+        assert len(calls) == 2 + 2 * 2                         # 2 encoder layers, 2 decoder layers x 2 attentions
+    assert eager_out.encoder_attentions is None                # weights only when asked for
+    assert (eager_out.logits - sdpa_out.logits).abs().max() <= 1e-5
+    assert (eager_out.pred_boxes - sdpa_out.pred_boxes).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_implementations_are_refused_at_load(tmp_path, implementation):
+    DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).save_pretrained(tmp_path)
+    message = rf"attn_implementation='{implementation}' is not supported.*\('sdpa', 'eager'\)"
+    with pytest.raises(ValueError, match=message):
+        DetrCustomForObjectDetection.from_pretrained(tmp_path, attn_implementation=implementation)
+    with pytest.raises(ValueError, match=message):
+        DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(), attn_implementation=implementation))
+
+
+@pytest.mark.parametrize("pixel_values, pixel_mask, message", [
+    (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), None, "torch.uint8.*DetrCustomImageProcessor"),
+    (torch.randint(0, 255, (1, 3, 64, 64)), None, "torch.int64.*DetrCustomImageProcessor"),
+    (torch.randn(1, 3, 64, 64, dtype=torch.float64), None, r"torch.float64 but the model's weights are torch.float32"),
+    (torch.randn(0, 3, 64, 64), None, "empty.*at least one image"),
+    (torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64), "pixel_mask must be int64 or bool.*torch.float32"),
+    (torch.randn(1, 3, 64, 64), torch.ones(1, 64), r"pixel_mask must be \[batch, height, width\]"),
+    (torch.randn(1, 3, 64, 64).numpy(), None, "torch.Tensor, got ndarray"),
+])
+def test_bad_model_inputs_are_clear_errors(pixel_values, pixel_mask, message):
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).eval()
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values, pixel_mask)
+
+
+def test_non_finite_images_are_named_before_the_backbone_runs():
+    # a trainable BatchNorm would take the NaN into its running statistics for good
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(freeze_batch_norm=False))).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    before = [norm.running_mean.clone() for norm in norms]
+    pixel_values, pixel_mask, labels = padded_batch()
+    pixel_values = torch.cat([pixel_values, pixel_values])
+    pixel_values[1, 0, 5, 5] = float("nan")
+    pixel_values[3, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"pixel_values of images \[1, 3\] \(batch indices\) contain NaN or inf"):
+        model(pixel_values, torch.cat([pixel_mask, pixel_mask]), labels=labels * 2)
+    assert all(torch.equal(b, norm.running_mean) for b, norm in zip(before, norms))
+    assert all(torch.isfinite(norm.running_mean).all() for norm in norms)
+
+
+def test_bad_labels_are_refused_before_the_backbone_runs():
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(freeze_batch_norm=False))).train()
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    pixel_values, pixel_mask, labels = padded_batch()
+    labels[1] = {"class_labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(ValueError, match=r"labels\[1\]\['class_labels'\] must be in \[0, num_labels=3\)"):
+        model(pixel_values, pixel_mask, labels=labels)
+    assert torch.equal(before, norm.running_mean)
+
+
+def test_half_model_takes_half_inputs_on_cpu():
+    # torch >= 2.x runs fp16 convolutions on CPU; the mismatch is what fails deep inside, so it is checked at entry
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval().half()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64).half()).logits.dtype == torch.float16
+        with pytest.raises(ValueError, match=r"torch.float32 but the model's weights are torch.float16"):
+            model(torch.randn(1, 3, 64, 64))
