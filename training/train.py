@@ -392,9 +392,10 @@ def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
     chooses total_steps on the main process and tells the others. Returns the new total."""
     budget, accelerator = setup.budget, setup.accelerator
     accelerator.wait_for_everyone()
-    eval_started = budget.clock()
-    evaluate(setup)
-    eval_seconds = budget.clock() - eval_started
+    with torch.random.fork_rng(devices=[]):   # the val loader's iterator draws its base seed from torch's RNG
+        eval_started = budget.clock()
+        evaluate(setup)
+        eval_seconds = budget.clock() - eval_started
     error, total = None, None
     if accelerator.is_main_process:
         try:
