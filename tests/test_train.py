@@ -184,11 +184,12 @@ def test_non_finite_loss_names_the_step_and_images(tmp_path, data_dir):
 
 def _launch(*args, num_processes=2, env=None) -> subprocess.CompletedProcess:
     """`accelerate launch` of N CPU processes (gloo: train.py picks it where there is no CUDA); stdout + stderr."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    root = Path(__file__).parents[1]   # this checkout first, for scripts too (not an installed copy)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args],
-        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -159,8 +159,11 @@ def build_loaders(train_dataset, val_dataset, *, processor, categories: Categori
                               collate_fn=DetrCollator(processor, categories.category_id_to_label, train_transforms,
                                                       seed=args.seed),
                               drop_last=False, generator=loader_generator, **loader_kwargs)
+    # its own generator too: an evaluation then draws nothing from torch's RNG, so a run that evaluated (at its
+    # last step, or to time a budget) continues with the dropout stream of one that did not
     val_loader = DataLoader(val_dataset, batch_size=args.per_device_eval_batch_size,
-                            collate_fn=DetrCollator(processor, categories.category_id_to_label), **loader_kwargs)
+                            collate_fn=DetrCollator(processor, categories.category_id_to_label),
+                            generator=torch.Generator(), **loader_kwargs)
     return train_loader, val_loader, loader_generator
 
 
@@ -388,14 +391,13 @@ def evaluate_and_save(setup: TrainingSetup, state: RunState) -> None:
 
 
 def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
-    """After the budget's timed steps: times one evaluation (it draws no random numbers, so training is unchanged),
+    """After the budget's timed steps: times one evaluation (it draws no random numbers: training is unchanged),
     chooses total_steps on the main process and tells the others. Returns the new total."""
     budget, accelerator = setup.budget, setup.accelerator
     accelerator.wait_for_everyone()
-    with torch.random.fork_rng(devices=[]):   # the val loader's iterator draws its base seed from torch's RNG
-        eval_started = budget.clock()
-        evaluate(setup)
-        eval_seconds = budget.clock() - eval_started
+    eval_started = budget.clock()
+    evaluate(setup)
+    eval_seconds = budget.clock() - eval_started
     error, total = None, None
     if accelerator.is_main_process:
         try:
