@@ -372,7 +372,7 @@ def test_budget_sizing_math():
     for step in range(1, 6):
         small.step_done(step)
     with pytest.raises(ValueError, match=r"too small: 0\.50 s/step .* fewer than the 50 warm-up steps\. Give at "
-                                         r"least 1\.2 minutes"):
+                                         r"least 0\.7 minutes"):
         small.size(global_step=5, eval_seconds=2.0, eval_every=10, min_steps=50)
 
 
