@@ -203,8 +203,8 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 
 def test_two_processes_follow_one_process_lr_schedule_also_accumulating_and_resumed(tmp_path, data_dir):
-    """The LR at every optimizer step is the one process's: accelerate would step a prepared scheduler once per
-    process per step (measured before the fix: 2 processes reached the cosine's end at step 3 of 6)."""
+    """The LR at every optimizer step is the one process's: accelerate steps a prepared scheduler once per process
+    per step, so before the fix 2 processes followed the schedule at step 2k (1e-3, 5e-4, then 0 at step 3 of 6)."""
     common = dict(max_steps=6, eval_steps=100, save_steps=3, save_total_limit=3, lr_scheduler_type="cosine",
                   warmup_steps=2, gradient_accumulation_steps=2)
     _run(_config(tmp_path / "one", data_dir, per_device_train_batch_size=4, **common))
