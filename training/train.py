@@ -157,7 +157,7 @@ def build_loaders(train_dataset, val_dataset, *, processor, categories: Categori
     loader_generator = torch.Generator()
     train_loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=DetrCollator(processor, categories.category_id_to_label, train_transforms,
-                                                      seed=args.seed),
+                                                      seed=args.seed, rank=rank),
                               drop_last=False, generator=loader_generator, **loader_kwargs)
     # its own generator too: an evaluation then draws nothing from torch's RNG, so a run that evaluated (at its
     # last step, or to time a budget) continues with the dropout stream of one that did not
