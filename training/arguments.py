@@ -65,6 +65,10 @@ class DataArguments:
         "help": "Min and max side of the random crop."})
     check_policy: str = field(default="skip", metadata={
         "help": "Bad images/boxes found by the dataset check: 'skip' (report them) or 'error'."})
+    check_images: str = field(default="auto", metadata={
+        "help": "How the dataset check reads image files: 'decode' (every image fully, in threads: finds truncated "
+                "files; ~1 s per 1000 small images), 'header' (sizes only, fast), 'auto' (decode up to 20000 "
+                "images, else headers). An image that fails later is skipped and logged, never a crash."})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -79,6 +83,12 @@ class TrainArguments:
     seed: int = 42
     num_train_epochs: float = 300
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    max_train_minutes: float = field(default=0, metadata={
+        "help": "A time budget (> 0): the run times its first steps and one evaluation, then trains as many optimizer "
+                "steps as fit, with evaluations and the final save, in this many minutes (max_steps / "
+                "num_train_epochs stay the upper bound), and sizes the LR schedule for them. The measured steps fall "
+                "in the LR warm-up (cosine needs warmup_steps >= 5). metrics.json's run.budget records the decision; "
+                "a resumed run keeps it."})
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -89,7 +99,10 @@ class TrainArguments:
     lr_scheduler_type: str = field(default="step", metadata={"help": "'step' (x0.1 at lr_drop_epochs) or 'cosine'."})
     lr_drop_epochs: float = 200
     warmup_steps: int = 0
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through Accelerate)."})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "'no', 'bf16' or 'fp16' (through Accelerate). On a CPU without native bf16 (AVX512_BF16 / AMX), bf16 "
+                "is emulated and slower than fp32: the run warns and trains in fp32 (metrics.json: "
+                "run.mixed_precision_used)."})
     eval_every_epochs: float = 1
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps instead of every epoch (> 0)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at each evaluation)."})

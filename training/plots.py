@@ -1,5 +1,4 @@
 """Pictures of a run: loss and mAP curves, and validation predictions next to the ground truth."""
-import io
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +9,9 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor  # noqa: E402
+from modeling_detr_custom.image_kernels import pil_to_rgb_array  # noqa: E402
+
+from .data.images import open_image  # noqa: E402
 
 
 def plot_curves(train_history: list[dict], eval_history: list[dict], output_dir: Path) -> None:
@@ -37,11 +39,15 @@ def _plot_history(history: list[dict], styles: dict[str, dict], path: Path, *, y
     plt.close(figure)
 
 
-def _open(image) -> PIL.Image.Image:
-    if isinstance(image, dict):   # undecoded datasets Image
-        return PIL.Image.open(image["path"]).convert("RGB") if image.get("path") else PIL.Image.open(
-            io.BytesIO(image["bytes"])).convert("RGB")
-    return image.convert("RGB")
+def _open(image) -> PIL.Image.Image | None:
+    """The image as the model sees it (the processor's mode conversion, no EXIF rotation: COCO boxes are drawn on the
+    stored pixels), or None when it cannot be decoded (the collate has already named it)."""
+    try:
+        if isinstance(image, dict):   # undecoded datasets Image
+            image = open_image(image)
+        return PIL.Image.fromarray(pil_to_rgb_array(image, exif_transpose=False))
+    except (OSError, ValueError):
+        return None
 
 
 @torch.no_grad()
@@ -50,13 +56,19 @@ def plot_predictions(model_dir: Path, val_dataset, categories, path: Path, num_i
     """Predicted boxes (class and score above `threshold`) on the left, ground truth on the right."""
     model = DetrCustomForObjectDetection.from_pretrained(model_dir).eval()
     processor = DetrCustomImageProcessor.from_pretrained(model_dir)
-    rows = [val_dataset[i] for i in range(min(num_images, len(val_dataset)))]
+    rows, images = [], []
+    for index in range(len(val_dataset)):   # the first num_images validation images that decode
+        if len(rows) == num_images:
+            break
+        image = _open(val_dataset[index]["image"])
+        if image is not None:
+            rows.append(val_dataset[index])
+            images.append(image)
     if not rows:
         return
     figure, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
     id_to_name = dict(zip(categories.ids, categories.names))
-    for row, (left, right) in zip(rows, axes):
-        image = _open(row["image"])
+    for row, image, (left, right) in zip(rows, images, axes):
         inputs = processor(image, return_tensors="pt")
         outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
         result = processor.post_process_object_detection(outputs, threshold=threshold,

@@ -9,6 +9,7 @@ them all.
 main() reads top to bottom like accelerate's examples: build, then the loop of train_step, evaluate_and_save and
 save_checkpoint, then finish. Checkpoints (checkpoints.py) are written atomically and resume bit-identically.
 """
+import itertools
 import json
 import logging
 import math
@@ -16,27 +17,33 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import datasets
+import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.fast_paths import cpu_bf16_support
 
 from .arguments import DataArguments, ModelArguments, TrainArguments, parse_args
+from .budget import TimeBudget
 from .checkpoints import (RunState, check_output_dir, exits_130_on_interrupt, find_checkpoint, load_checkpoint,
                           record_evaluation, save_checkpoint, save_model)
 from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from .metrics import CocoEvaluator
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
 
-logger = logging.getLogger("training.train")
+logger = get_logger("training.train")   # accelerate's: logs on the main process only (in_order / main_process_only)
 
 
 def load_data(data_args: DataArguments, accelerator: Accelerator):
@@ -103,9 +110,17 @@ def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: int):
+def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int]):
+    """LR factor of the optimizer step (the scheduler steps once per optimizer step, see make_accelerator).
+    total_steps is read when needed: a time budget sizes it after the first (warm-up) steps."""
     if args.lr_scheduler_type == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+        def factor(step):   # matches transformers' get_cosine_schedule_with_warmup
+            if step < args.warmup_steps:
+                return float(step) / float(max(1, args.warmup_steps))
+            progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if args.lr_scheduler_type != "step":
         raise ValueError(f"lr_scheduler_type={args.lr_scheduler_type!r}: use 'step' or 'cosine'.")
     drop_step = int(args.lr_drop_epochs * steps_per_epoch)
@@ -130,8 +145,9 @@ def resolve_report_to(report_to: str) -> str | None:
 
 
 def build_loaders(train_dataset, val_dataset, *, processor, categories: Categories, data_args: DataArguments,
-                  args: TrainArguments) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """The train loader (augmented, shuffled by its own generator) and the validation loader."""
+                  args: TrainArguments, rank: int) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """The train loader (augmented, shuffled by its own generator) and the validation loader. The augmentations
+    follow (seed, rank, epoch): each process draws its own; the shuffle is accelerate's, the same on all."""
     if data_args.random_crop:
         train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
                                                 data_args.crop_resize_scales, data_args.crop_size)
@@ -143,10 +159,13 @@ def build_loaders(train_dataset, val_dataset, *, processor, categories: Categori
     loader_generator = torch.Generator()
     train_loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=DetrCollator(processor, categories.category_id_to_label, train_transforms,
-                                                      seed=args.seed),
+                                                      seed=args.seed, rank=rank),
                               drop_last=False, generator=loader_generator, **loader_kwargs)
+    # its own generator too: an evaluation then draws nothing from torch's RNG, so a run that evaluated (at its
+    # last step, or to time a budget) continues with the dropout stream of one that did not
     val_loader = DataLoader(val_dataset, batch_size=args.per_device_eval_batch_size,
-                            collate_fn=DetrCollator(processor, categories.category_id_to_label), **loader_kwargs)
+                            collate_fn=DetrCollator(processor, categories.category_id_to_label),
+                            generator=torch.Generator(), **loader_kwargs)
     return train_loader, val_loader, loader_generator
 
 
@@ -173,17 +192,40 @@ class TrainingSetup:
     save_every: int                        # optimizer steps between checkpoints
     checkpoint: Path | None                # the one this run resumes from
     started: float                         # time.time() when the run began loading data
+    budget: TimeBudget | None = None       # --max_train_minutes: sizes total_steps after the first steps
+
+
+def resolve_mixed_precision(requested: str, *, cuda: bool) -> tuple[str, str | None]:
+    """(the precision to run, a warning or None): bf16 on a CPU that only emulates it runs fp32 instead."""
+    if requested != "bf16" or cuda:
+        return requested, None
+    native, why = cpu_bf16_support()
+    if native:
+        return requested, None
+    return "no", f"--mixed_precision bf16 requested, but {why}: training in fp32 instead."
 
 
 def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerator:
     """The Accelerator, after the checks that must fail before any training: the Hub token, the output_dir."""
     # several processes without CUDA (`accelerate launch --multi_gpu` / torchrun on CPU machines): gloo on CPU
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    mixed_precision, precision_warning = resolve_mixed_precision(
+        args.mixed_precision, cuda=torch.cuda.is_available() and not several_cpu_processes)
     accelerator = Accelerator(
         cpu=several_cpu_processes,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
         log_with=log_with, project_dir=args.output_dir,
+        # train_step steps the scheduler once per optimizer step; prepared with the optimizer, accelerate would
+        # step it num_processes times per step (a schedule sized in optimizer steps would run N times too fast)
+        step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if not accelerator.is_main_process:   # each message once; errors (exceptions) still surface from any rank
+        logging.getLogger().setLevel(logging.ERROR)
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+    if precision_warning:
+        logger.warning(precision_warning)
     if args.push_to_hub:   # fail now, not after hours of training
         from hub_cards import check_hub_token
 
@@ -206,14 +248,15 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     set_seed(args.seed)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     started = time.time()
+    budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes > 0 else None   # its clock starts now
 
     train_dataset, val_dataset, categories = load_data(data_args, accelerator)
     model = build_model(model_args, categories)
     with accelerator.main_process_first():
-        train_dataset, train_report = check_dataset(train_dataset, num_queries=model.config.num_queries,
-                                                    policy=data_args.check_policy)
-        val_dataset, val_report = check_dataset(val_dataset, num_queries=model.config.num_queries,
-                                                policy=data_args.check_policy)
+        check = {"num_queries": model.config.num_queries, "policy": data_args.check_policy,
+                 "check_images": data_args.check_images}
+        train_dataset, train_report = check_dataset(train_dataset, **check)
+        val_dataset, val_report = check_dataset(val_dataset, **check)
     if accelerator.is_main_process:
         logger.info("train data check: %s\nval data check: %s", train_report, val_report)
     # images stay undecoded: the collate reads the stored pixels, on which COCO boxes are drawn
@@ -222,15 +265,26 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
                                                "longest_edge": data_args.max_size})
     train_loader, val_loader, loader_generator = build_loaders(
-        train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args)
+        train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args,
+        rank=accelerator.process_index)
 
     optimizer = build_optimizer(model, args)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if budget is not None:
+        budget.set_upper_bound(total_steps)
+        if args.lr_scheduler_type == "cosine" and args.warmup_steps < budget.measure_steps:
+            raise ValueError(f"max_train_minutes with the cosine schedule needs warmup_steps >= "
+                             f"{budget.measure_steps}: the steps timed before sizing must not depend on the total.")
+        accelerator.register_for_checkpointing(budget)   # a resumed run keeps the sized schedule
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch,
+                                total_steps=lambda: budget.total_steps if budget else total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
+    # the model's initialization and the shuffle (SeedableRandomSampler took the seed in prepare) are the same on
+    # every process; from here each process draws its own dropout: seed + process_index (checkpoints keep each one's)
+    set_seed(args.seed, device_specific=True)
     if report_to:
         accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
                                                          for k, v in asdict(a).items() if not isinstance(v, list)})
@@ -239,7 +293,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, loader_generator=loader_generator,
         train_dataset=train_dataset, val_dataset=val_dataset, categories=categories, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch), eval_every=eval_every,
-        save_every=args.save_steps if args.save_steps > 0 else eval_every, checkpoint=checkpoint, started=started)
+        save_every=args.save_steps if args.save_steps > 0 else eval_every, checkpoint=checkpoint, started=started,
+        budget=budget)
 
 
 def epoch_batches(setup: TrainingSetup, epoch: int, *, steps_done: int):
@@ -248,7 +303,9 @@ def epoch_batches(setup: TrainingSetup, epoch: int, *, steps_done: int):
     skip = steps_done * setup.args.gradient_accumulation_steps
     setup.train_loader.set_epoch(epoch)
     setup.train_loader.collate_fn.set_epoch(epoch, batches_done=skip)
-    setup.loader_generator.manual_seed(setup.args.seed + epoch)
+    # worker seeds (num_workers > 0): per process and epoch
+    seed = np.random.SeedSequence([setup.args.seed, setup.accelerator.process_index, epoch]).generate_state(1)[0]
+    setup.loader_generator.manual_seed(int(seed))
     return setup.accelerator.skip_first_batches(setup.train_loader, skip) if skip else setup.train_loader
 
 
@@ -274,10 +331,20 @@ def train_step(setup: TrainingSetup, batch: dict, *, step: int, epoch: int, last
         if accelerator.sync_gradients and setup.args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), setup.args.max_grad_norm)
         setup.optimizer.step()
-        setup.scheduler.step()
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+            setup.scheduler.step()   # once per optimizer step, on any number of processes
         setup.optimizer.zero_grad()
     losses = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS}
     return {**losses, "loss": outputs.loss.item()}
+
+
+def undecodable_batch(accelerator, batch: dict | None) -> bool:
+    """True when no image of some process's batch could be decoded (its collator returned None and logged each file):
+    every process then skips this batch together, so the processes' gradients and box counts stay in step."""
+    if accelerator.num_processes == 1:
+        return batch is None
+    flag = torch.tensor([int(batch is None)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def log_losses(setup: TrainingSetup, state: RunState, running: list[dict]) -> dict:
@@ -301,6 +368,8 @@ def evaluate(setup: TrainingSetup) -> dict:
     model.eval()
     predictions = []
     for batch in tqdm(setup.val_loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
+        if batch is None:   # no image of this batch could be decoded: the collator logged each file
+            continue
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         target_sizes = torch.stack([label["orig_size"] for label in batch["labels"]])   # [batch, 2], (h, w)
         results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
@@ -314,8 +383,15 @@ def evaluate(setup: TrainingSetup) -> dict:
     categories = setup.categories
     evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
                               categories.label_to_category_id)
-    evaluator.add(predictions, [{"image_id": row["image_id"], "objects": row["objects"]}
-                                for row in setup.val_dataset.select_columns(["image_id", "objects"])])
+    # an image the collator could not decode has no predictions: it leaves the ground truth too, and is named
+    seen = {prediction["image_id"] for prediction in predictions}
+    references = [{"image_id": row["image_id"], "objects": row["objects"]}
+                  for row in setup.val_dataset.select_columns(["image_id", "objects"]) if row["image_id"] in seen]
+    if len(references) < len(setup.val_dataset):
+        logger.warning("evaluation: %d of %d validation images could not be decoded and are not evaluated (see the "
+                       "collator's warnings for the files)", len(setup.val_dataset) - len(references),
+                       len(setup.val_dataset))
+    evaluator.add(predictions, references)
     return evaluator.compute()
 
 
@@ -348,6 +424,31 @@ def evaluate_and_save(setup: TrainingSetup, state: RunState, checkpoint: Path | 
         record_evaluation(accelerator, state, checkpoint)
 
 
+def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
+    """After the budget's timed steps: times one evaluation (it draws no random numbers: training is unchanged),
+    chooses total_steps on the main process and tells the others. Returns the new total."""
+    budget, accelerator = setup.budget, setup.accelerator
+    accelerator.wait_for_everyone()
+    eval_started = budget.clock()
+    evaluate(setup)
+    eval_seconds = budget.clock() - eval_started
+    error, total = None, None
+    if accelerator.is_main_process:
+        try:
+            total = budget.size(global_step=state.global_step, eval_seconds=eval_seconds,
+                                eval_every=setup.eval_every, min_steps=setup.args.warmup_steps)
+        except ValueError as e:
+            error = str(e)
+    error, budget.seconds_per_step, budget.eval_seconds, total = broadcast_object_list(
+        [error, budget.seconds_per_step, budget.eval_seconds, total])
+    if error:
+        raise ValueError(error)
+    budget.total_steps = setup.total_steps = total
+    logger.info("time budget: %.2f s/step and %.1f s per evaluation measured, %d steps fit in %g min (upper bound %d)",
+                budget.seconds_per_step, budget.eval_seconds, total, budget.minutes, budget.upper_bound)
+    return total
+
+
 @exits_130_on_interrupt   # Ctrl-C: logs the command that resumes from the newest complete checkpoint
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
@@ -357,15 +458,23 @@ def main(argv=None):
     state = RunState()
     if setup.checkpoint is not None:
         state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names))
+        if setup.budget is not None:   # the checkpoint's sizing, if it had one
+            setup.total_steps = setup.budget.total_steps
     last_checkpoint = setup.checkpoint   # named when the loss diverges
 
     model.train()
     progress = tqdm(total=setup.total_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_local_main_process)
     running = []   # the loss terms of each batch since the last log
-    for epoch in range(state.epoch, setup.num_epochs):
+    # epochs until total_steps: usually num_epochs, one more when undecodable batches were skipped
+    done = False
+    for epoch in itertools.count(state.epoch):
         steps_done = state.step_in_epoch if epoch == state.epoch else 0
+        batches_trained = 0
         for batch in epoch_batches(setup, epoch, steps_done=steps_done):
+            if undecodable_batch(accelerator, batch):
+                continue
+            batches_trained += 1
             running.append(train_step(setup, batch, step=state.global_step, epoch=epoch,
                                       last_checkpoint=last_checkpoint))
             if not accelerator.sync_gradients:
@@ -373,6 +482,8 @@ def main(argv=None):
             state.global_step += 1
             state.step_in_epoch += 1
             progress.update(1)
+            if setup.budget is not None and setup.budget.step_done(state.global_step):
+                progress.total = size_to_budget(setup, state)
             if state.global_step % args.logging_steps == 0:
                 progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
                 running = []
@@ -386,6 +497,10 @@ def main(argv=None):
                 evaluate_and_save(setup, state, checkpoint=last_checkpoint if saving else None)
             if done:
                 break
+        if batches_trained == 0 and steps_done == 0 and not done:
+            raise ValueError(f"epoch {epoch} gave no batch to train on: no training image could be decoded (see the "
+                             "warnings above for the files). Check the image folder, or run the dataset check with "
+                             "--check_images decode.")
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if state.global_step >= setup.total_steps:
             break
@@ -419,7 +534,8 @@ def describe_run(setup: TrainingSetup, state: RunState, *, model_args: ModelArgu
         * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "backbone_learning_rate": args.backbone_learning_rate,
         "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler_type, "max_grad_norm": args.max_grad_norm,
-        "mixed_precision": args.mixed_precision,
+        "mixed_precision": args.mixed_precision, "mixed_precision_used": accelerator.mixed_precision,
+        "budget": setup.budget.describe() if setup.budget is not None else None,
         "augmentation": f"horizontal flip; multi-scale resize {min(data_args.train_scales)}-"
                         f"{max(data_args.train_scales)}" + (
                             f" or resize {data_args.crop_resize_scales} + random crop {data_args.crop_size} + resize "
