@@ -8,8 +8,8 @@ load from other processes hits all three alike; we print the median time of a ca
 the outputs differ: pixel_mask and labels must be identical, pixel_values differ only by interpolation.
 
 Labels are compared after undoing transformers' padded-size box normalization (transformers#28363): we normalize
-by the visible image (DESIGN.md), so ``boxes_transformers * padded_size / visible_size`` must equal ours, and our
-``size`` is the visible size where transformers reports the padded one.
+by the visible image (docs/ARCHITECTURE.md), so ``boxes_transformers * padded_size / visible_size`` must equal ours,
+and our ``size`` is the visible size where transformers reports the padded one.
 """
 import argparse
 import os

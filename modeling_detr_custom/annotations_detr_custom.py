@@ -1,9 +1,10 @@
 """COCO detection annotations -> DETR labels: validation with messages that name the field, then label building.
 
 ``{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id", "area", "iscrowd"}]}`` per image becomes
-``class_labels``, ``boxes`` (cxcywh normalized by the visible, resized and unpadded image; DESIGN.md), ``area``,
-``iscrowd``, ``orig_size``, ``size``, ``image_id``, ``num_dropped_boxes`` (zero width or height after clipping)
-and ``num_dropped_crowd`` (crowd boxes left out of the targets under ``drop_crowd``, not counted in the former).
+``class_labels``, ``boxes`` (cxcywh normalized by the visible, resized and unpadded image; docs/ARCHITECTURE.md),
+``area``, ``iscrowd``, ``orig_size``, ``size``, ``image_id``, ``num_dropped_boxes`` (zero width or height after
+clipping) and ``num_dropped_crowd`` (crowd boxes left out of the targets under ``drop_crowd``, not counted in the
+former).
 """
 import math
 import numbers
@@ -127,7 +128,7 @@ def make_labels(parsed: dict, orig_hw, new_hw, drop_crowd: bool, normalize_boxes
         boxes = boxes * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=torch.float32)
         area = area * (ratio_w * ratio_h)
     if normalize_boxes:
-        # normalized by the visible image, not the padded batch (DESIGN.md, facebookresearch/detr#286)
+        # normalized by the visible image, not the padded batch (docs/ARCHITECTURE.md, facebookresearch/detr#286)
         boxes = box_xyxy_to_cxcywh(boxes) / torch.tensor([new_w, new_h, new_w, new_h], dtype=torch.float32)
     return {
         "image_id": torch.tensor([parsed["image_id"]], dtype=torch.int64),

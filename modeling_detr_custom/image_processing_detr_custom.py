@@ -1,6 +1,6 @@
 """DetrCustomImageProcessor: images + COCO detection annotations -> pixel_values, pixel_mask, labels.
 
-Conventions (DESIGN.md):
+Conventions (docs/ARCHITECTURE.md):
 - ``pixel_mask`` is 1 on real pixels and 0 on padding (the HF polarity; DETR's NestedTensor mask is the reverse).
 - label boxes are ``(center_x, center_y, width, height)`` normalized by the *visible* (resized, unpadded) image,
   as in the original DETR (facebookresearch/detr#286), not by the padded batch size as transformers does since

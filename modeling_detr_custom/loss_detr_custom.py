@@ -1,7 +1,7 @@
 """Hungarian matcher and DETR's set-prediction loss.
 
 Called explicitly by `DetrCustomForObjectDetection` (never through transformers' `loss_function`, which picks a
-loss by class name and normalizes `num_boxes` differently across processes, see DESIGN.md).
+loss by class name and normalizes `num_boxes` differently across processes, see docs/ARCHITECTURE.md).
 """
 import itertools
 import re
