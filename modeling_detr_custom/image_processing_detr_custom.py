@@ -62,16 +62,16 @@ def _standardize_size(size, max_size=None) -> dict:
     )
 
 
-def get_resize_output_size(height: int, width: int, size: dict, *, detr_rounding: bool = False) -> tuple[int, int]:
-    """Output (height, width) for an input of (height, width) under a standardized `size` dict.
+def get_resize_output_size(height: int, width: int, size: dict) -> tuple[int, int]:
+    """Output (height, width) for an input of (height, width) under a standardized `size` dict: the one resize rule
+    of this package (the processor and training/transforms.py's augmentations both use it).
 
     With ``{"shortest_edge"[, "longest_edge"]}``: the shortest edge becomes ``shortest_edge`` unless the longest edge
-    would then exceed ``longest_edge``; the shortest edge is then the rounded ``longest_edge * short / long``. The two
-    references differ only in that capped case. transformers' get_size_with_aspect_ratio (the default, what
-    DetrImageProcessor and this processor do) scales the long side from the unrounded short side, so it never exceeds
-    ``longest_edge``; facebookresearch/detr datasets/transforms.py get_size_with_aspect_ratio (``detr_rounding=True``,
-    what training/transforms.py's augmentations do) scales it from the rounded one, so it may exceed ``longest_edge``
-    by a few pixels: (height, width) (30, 90) with shortest_edge 96, longest_edge 224 -> (75, 225), not (75, 224).
+    would then exceed ``longest_edge``; the shortest edge is then the rounded ``longest_edge * short / long``. Rounds
+    as transformers' get_size_with_aspect_ratio (DetrImageProcessor): the long side is scaled from the unrounded short
+    side, so it never exceeds ``longest_edge``. facebookresearch/detr's datasets/transforms.py scales it from the
+    rounded one and differs there only, by a pixel or more: (height, width) (30, 90) with shortest_edge 96,
+    longest_edge 224 -> (75, 224) here, (75, 225) in the original.
     """
     if "height" in size:  # exact size, aspect ratio not kept (as transformers' DETR does)
         return size["height"], size["width"]
@@ -87,7 +87,7 @@ def get_resize_output_size(height: int, width: int, size: dict, *, detr_rounding
             return (1, long_edge) if height < width else (long_edge, 1)
     if min(height, width) == short:
         return height, width
-    base = raw_short if raw_short is not None and not detr_rounding else short
+    base = raw_short if raw_short is not None else short
     if width < height:
         return max(1, int(base * height / width)), short
     return short, max(1, int(base * width / height))

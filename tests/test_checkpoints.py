@@ -14,41 +14,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
+from tiny_run import run as _run
+from tiny_run import write_config as _config
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 from training import checkpoints, train
 from training.checkpoints import check_output_dir, missing_files, save_model
-from training.sample_data import write_sample_dataset
 
 REPO = Path(__file__).parents[1]
-TINY_ARGS = dict(   # test_train.py's tiny model and images
-    backbone="resnet18", use_pretrained_backbone=False, freeze_batch_norm=False, freeze_backbone_stem=False,
-    d_model=32, encoder_layers=1, decoder_layers=2, num_heads=2, ffn_dim=64, num_queries=10, dropout=0.1,
-    train_scales=[64, 80], crop_resize_scales=[64], crop_size=[48, 64], eval_size=64, max_size=128,
-    num_workers=0, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3,
-    backbone_learning_rate=1e-3, lr_scheduler_type="step", lr_drop_epochs=1000, report_to="none",
-    logging_steps=1, num_prediction_images=2,
-)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_dataset(root, num_train=16, num_val=8, seed=0)
-    return root
-
-
-def _config(tmp_path, data_dir, **overrides) -> Path:
-    values = {**TINY_ARGS, "data_dir": str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _run(config, *extra):
-    train.main(["--config", str(config), *extra])
 
 
 def _state(checkpoint: Path) -> dict:
@@ -259,11 +232,16 @@ def test_missing_random_states_resume_with_a_warning(tmp_path, data_dir, two_che
 
 # 6. best/ and last/ are whole or absent
 
-def test_interrupted_save_model_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+def _one_process_tiny_model():
+    """What save_model needs from a 1-process run: a stand-in accelerator, a tiny model and a processor."""
     accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
     config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
                               decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=2)
-    model, processor = DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+    return accelerator, DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+
+
+def test_interrupted_save_model_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+    accelerator, model, processor = _one_process_tiny_model()
     best = tmp_path / "best"
     save_model(accelerator, model, processor, best)
     saved = {p.name: p.read_bytes() for p in best.iterdir()}
@@ -286,10 +264,7 @@ def test_interrupted_save_model_leaves_the_previous_folder_whole(tmp_path, monke
 
 
 def test_interrupted_deletion_of_the_previous_folder_leaves_the_new_one_whole(tmp_path, monkeypatch):
-    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
-    config = DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
-                              decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=2)
-    model, processor = DetrCustomForObjectDetection(config), DetrCustomImageProcessor()
+    accelerator, model, processor = _one_process_tiny_model()
     best = tmp_path / "best"
     save_model(accelerator, model, processor, best)
     rmtree = shutil.rmtree

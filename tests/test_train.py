@@ -12,42 +12,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from tiny_run import run as _run
+from tiny_run import write_config as _config
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
 from training import train
 from training.checkpoints import RunState
 from training.data import DetrCollator, get_categories, load_coco
 from training.sample_data import write_sample_dataset
-
-TINY_ARGS = dict(
-    backbone="resnet18", use_pretrained_backbone=False, freeze_batch_norm=False, freeze_backbone_stem=False,
-    d_model=32, encoder_layers=1, decoder_layers=2, num_heads=2, ffn_dim=64, num_queries=10, dropout=0.1,
-    train_scales=[64, 80], crop_resize_scales=[64], crop_size=[48, 64], eval_size=64, max_size=128,
-    num_workers=0, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3,
-    backbone_learning_rate=1e-3, lr_scheduler_type="step", lr_drop_epochs=1000, report_to="none",
-    logging_steps=1, num_prediction_images=2,
-)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_dataset(root, num_train=16, num_val=8, seed=0)
-    return root
-
-
-def _config(tmp_path, data_dir, **overrides) -> Path:
-    values = {**TINY_ARGS, "data_dir": str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _run(config, *extra):
-    train.main(["--config", str(config), *extra])
 
 
 def _histories(run: Path) -> tuple[list, list]:

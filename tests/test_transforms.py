@@ -91,9 +91,9 @@ def is_capped(width, height, shortest, max_size):
 @pytest.mark.parametrize("size,shortest,max_size,expected", [
     ((640, 480), 800, 1333, (1066, 800)),       # matches facebookresearch/detr get_size_with_aspect_ratio
     ((480, 640), 800, 1333, (800, 1066)),
-    ((2000, 500), 800, 1333, (1332, 333)),      # the longest edge caps the shortest
+    ((2000, 500), 800, 1333, (1333, 333)),      # the longest edge caps the shortest (the original: 1332)
     ((800, 600), 600, None, (800, 600)),        # already the right size
-    ((90, 30), 96, 224, (225, 75)),             # capped: the long side comes from the rounded short side
+    ((90, 30), 96, 224, (224, 75)),             # capped: the long side stays <= max_size (the original: 225)
 ])
 def test_resize_matches_original_rounding(size, shortest, max_size, expected):
     resized, _ = resize(rectangle_image(*size, []), make_target([]), shortest, max_size)
@@ -107,27 +107,29 @@ MAX_SIZES = (None, 96, 160, 224, 1333)
 
 
 def test_training_resize_and_processor_share_one_rule():
-    """Training rounds as facebookresearch/detr, the processor as transformers; they agree unless max_size caps."""
-    capped = differ = 0
+    """Training and the processor size every image alike (transformers' rounding); both equal facebookresearch/detr's
+    sizes unless max_size caps, where only the long side may differ (the original's can exceed max_size)."""
+    capped = differ_from_original = 0
     for width, height, shortest, max_size in itertools.product(SIDES, SIDES, SHORTEST, MAX_SIZES):
         size = {"shortest_edge": shortest, "longest_edge": max_size} if max_size else {"shortest_edge": shortest}
-        training = get_resize_output_size(height, width, size, detr_rounding=True)
-        processor = get_resize_output_size(height, width, size)
-        if 0 in detr_size_with_aspect_ratio((width, height), shortest, max_size):
+        rule = get_resize_output_size(height, width, size)
+        assert rule == get_size_with_aspect_ratio((height, width), shortest, max_size) or 0 in (
+            get_size_with_aspect_ratio((height, width), shortest, max_size))   # transformers gives 0 px; we give 1
+        original = detr_size_with_aspect_ratio((width, height), shortest, max_size)
+        if 0 in original:
             # so elongated that the short side rounds to 0 (both references fail there): one pixel, long side capped
-            assert training == processor == ((1, max_size) if height < width else (max_size, 1))
+            assert rule == ((1, max_size) if height < width else (max_size, 1))
             continue
-        assert training == detr_size_with_aspect_ratio((width, height), shortest, max_size)
-        assert processor == get_size_with_aspect_ratio((height, width), shortest, max_size)
         if not is_capped(width, height, shortest, max_size):
-            assert training == processor, (width, height, shortest, max_size)
+            assert rule == original, (width, height, shortest, max_size)
             continue
         capped += 1
-        # capped: the side that was the shortest agrees; only the other may differ (detr's can exceed max_size)
         short_axis = 0 if height <= width else 1
-        assert training[short_axis] == processor[short_axis]
-        differ += training != processor
-    assert capped > 1000 and differ > 500
+        # the long side stays within max_size, unless the image already has the capped short side (kept as is)
+        assert rule[short_axis] == original[short_axis]
+        assert max(rule) <= max_size or rule == (height, width)
+        differ_from_original += rule != original
+    assert capped > 1000 and differ_from_original > 500
 
 
 @pytest.mark.parametrize("width, height, shortest, max_size", [
@@ -142,12 +144,12 @@ def test_training_resize_gives_the_processors_image_size(width, height, shortest
     assert tuple(processor(image)["pixel_values"].shape[-2:]) == (resized.height, resized.width)
 
 
-def test_training_resize_and_processor_differ_only_where_max_size_caps():
+def test_training_resize_and_processor_agree_where_max_size_caps():
     image = rectangle_image(90, 30, [])   # capped: 90 / 30 * 96 > 224
     resized, _ = resize(image, make_target([]), 96, 224)
     processor = DetrCustomImageProcessor(size={"shortest_edge": 96, "longest_edge": 224})
-    assert resized.size == (225, 75)                                      # facebookresearch/detr: 75 * 90 / 30
-    assert tuple(processor(image)["pixel_values"].shape[-2:]) == (75, 224)  # transformers: 74.67 * 90 / 30
+    assert resized.size == (224, 75)                                      # 74.67 * 90 / 30, not the original's 225
+    assert tuple(processor(image)["pixel_values"].shape[-2:]) == (75, 224)
 
 
 def test_crop_clips_and_drops_boxes_consistently_with_pixels():

@@ -70,14 +70,14 @@ def hflip(image: PIL.Image.Image, target: dict) -> tuple[PIL.Image.Image, dict]:
 def resize(image: PIL.Image.Image, target: dict, shortest_edge: int, max_size: int | None = None):
     """Resizes the shortest edge to ``shortest_edge``, the longest capped at ``max_size``; boxes and area follow.
 
-    The size is the processor's rule with facebookresearch/detr's rounding (datasets/transforms.py
-    get_size_with_aspect_ratio); where the cap applies it can differ by a pixel or more from the processor's own,
-    which rounds as transformers does (see ``get_resize_output_size``).
+    The size is the processor's (``get_resize_output_size``): training and evaluation resize by one rule. It equals
+    facebookresearch/detr's get_size_with_aspect_ratio except where ``max_size`` caps, where the long side never
+    exceeds ``max_size`` (the original's can, by a pixel or more).
     """
     size = {"shortest_edge": shortest_edge}
     if max_size is not None:
         size["longest_edge"] = max_size
-    new_height, new_width = get_resize_output_size(image.height, image.width, size, detr_rounding=True)
+    new_height, new_width = get_resize_output_size(image.height, image.width, size)
     ratio_x, ratio_y = new_width / image.width, new_height / image.height
     if (new_width, new_height) != image.size:
         image = image.resize((new_width, new_height), PIL.Image.Resampling.BILINEAR)
