@@ -21,7 +21,7 @@ demo: $(STAMP)
 bench: $(STAMP)  # the issue's sizes (R50 at 800x1066), about 10 minutes on 2 cores
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all --full
 
-bench-quick: $(STAMP)  # the same benchmarks at 384x512, about a minute
+bench-quick: $(STAMP)  # the same benchmarks at 384x512: a few minutes on a quiet 2-core machine
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all
 
 lint: $(STAMP)

@@ -18,7 +18,7 @@ from tiny_run import run as _run
 from tiny_run import write_config as _config
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
-from training import checkpoints, train
+from training import build, checkpoints, train
 from training.checkpoints import check_output_dir, missing_files, save_model
 
 REPO = Path(__file__).parents[1]
@@ -78,7 +78,7 @@ def no_training(monkeypatch):
     def load_data(*args, **kwargs):
         raise AssertionError("the run got past its output checks")
 
-    monkeypatch.setattr(train, "load_data", load_data)
+    monkeypatch.setattr(build, "load_data", load_data)
 
 
 def test_output_dir_that_is_a_file_fails_before_training(tmp_path, data_dir, no_training):

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from tiny_run import run as _run
 from tiny_run import write_config as _config
@@ -115,7 +116,7 @@ def test_interrupted_save_leaves_nothing_resume_trusts(tmp_path, data_dir, monke
         (Path(output_dir) / "model.safetensors").write_bytes(b"half written")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(train.Accelerator, "save_state", crash_while_saving)
+    monkeypatch.setattr(Accelerator, "save_state", crash_while_saving)
     with pytest.raises(KeyboardInterrupt):
         _run(_config(tmp_path, data_dir, max_steps=2, save_steps=1, eval_steps=100))
     run = tmp_path / "run"

@@ -1,0 +1,281 @@
+"""Building a run: the Accelerator (precision, logging once, output checks), the data and its check, the model,
+the loaders with their seeded streams, the optimizer and the LR schedule, the time budget. `build()` returns them
+in a `TrainingSetup`; train.py runs the loop over it."""
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.fast_paths import cpu_bf16_support
+
+from .arguments import DataArguments, ModelArguments, TrainArguments
+from .budget import TimeBudget
+from .checkpoints import check_output_dir, find_checkpoint
+from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
+
+logger = get_logger("training.train")
+
+
+def load_data(data_args: DataArguments, accelerator: Accelerator):
+    if data_args.write_demo_data:
+        from .sample_data import write_sample_dataset
+
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                write_sample_dataset(data_args.data_dir)
+    with accelerator.main_process_first():   # the first process builds the datasets cache, the others read it
+        if data_args.dataset_name:
+            if data_args.bbox_format is None:
+                raise ValueError("--bbox_format ('xywh' or 'xyxy') is required with --dataset_name.")
+            train, val = (load_hub_detection(data_args.dataset_name, split, bbox_format=data_args.bbox_format,
+                                             bbox_normalized=data_args.bbox_normalized)
+                          for split in (data_args.train_split, data_args.val_split))
+        elif data_args.train_annotation_file:
+            train = load_coco(annotation_file=data_args.train_annotation_file, image_dir=data_args.train_image_dir)
+            val = load_coco(annotation_file=data_args.val_annotation_file, image_dir=data_args.val_image_dir)
+        elif data_args.data_dir:
+            train, val = load_coco(data_args.data_dir, "train"), load_coco(data_args.data_dir, "val")
+        else:
+            raise ValueError("Give --data_dir (COCO layout), --train/val_annotation_file + image dirs, "
+                             "or --dataset_name.")
+    categories = get_categories(train)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples:
+        val = val.select(range(min(data_args.max_eval_samples, len(val))))
+    return train, val, categories
+
+
+def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
+    labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
+    if model_args.model_name_or_path:
+        model = DetrCustomForObjectDetection.from_pretrained(
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels)
+        logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
+                    "another count; the rest of the model is loaded)", model_args.model_name_or_path,
+                    labels["num_labels"])
+        return model
+    config = DetrCustomConfig(
+        backbone=model_args.backbone, use_pretrained_backbone=model_args.use_pretrained_backbone,
+        freeze_batch_norm=model_args.freeze_batch_norm, freeze_backbone_stem=model_args.freeze_backbone_stem,
+        dilation=model_args.dilation, d_model=model_args.d_model, encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers, encoder_attention_heads=model_args.num_heads,
+        decoder_attention_heads=model_args.num_heads, encoder_ffn_dim=model_args.ffn_dim,
+        decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
+        attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
+        position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
+        eos_coefficient=model_args.eos_coefficient, **labels)
+    return DetrCustomForObjectDetection(config)
+
+
+def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and ".backbone." in f".{n}"]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and ".backbone." not in f".{n}"]
+    groups = [{"params": rest, "lr": args.learning_rate}]
+    if args.backbone_learning_rate > 0:
+        groups.append({"params": backbone, "lr": args.backbone_learning_rate})
+    else:
+        for p in backbone:
+            p.requires_grad_(False)
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int]):
+    """LR factor of the optimizer step (the scheduler steps once per optimizer step, see make_accelerator).
+    total_steps is read when needed: a time budget sizes it after the first (warm-up) steps."""
+    if args.lr_scheduler_type == "cosine":
+        def factor(step):   # matches transformers' get_cosine_schedule_with_warmup
+            if step < args.warmup_steps:
+                return float(step) / float(max(1, args.warmup_steps))
+            progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if args.lr_scheduler_type != "step":
+        raise ValueError(f"lr_scheduler_type={args.lr_scheduler_type!r}: use 'step' or 'cosine'.")
+    drop_step = int(args.lr_drop_epochs * steps_per_epoch)
+
+    def factor(step):
+        warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+        return warmup * (0.1 if step >= drop_step else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_report_to(report_to: str) -> str | None:
+    """Accelerate's `log_with`: None for 'none', and for 'tensorboard' where it is not installed."""
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+    return report_to
+
+
+def build_loaders(train_dataset, val_dataset, *, processor, categories: Categories, data_args: DataArguments,
+                  args: TrainArguments, rank: int) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """The train loader (augmented, shuffled by its own generator) and the validation loader. The augmentations
+    follow (seed, rank, epoch): each process draws its own; the shuffle is accelerate's, the same on all."""
+    if data_args.random_crop:
+        train_transforms = make_detr_transforms("train", data_args.train_scales, data_args.max_size,
+                                                data_args.crop_resize_scales, data_args.crop_size)
+    else:
+        train_transforms = Compose([RandomHorizontalFlip(), RandomResize(data_args.train_scales, data_args.max_size)])
+    loader_kwargs = {"num_workers": data_args.num_workers, "persistent_workers": data_args.num_workers > 0}
+    # the loader's own generator (reseeded each epoch) gives worker seeds, so starting an iterator never draws
+    # from the global RNG: a run resumed mid-epoch sees the same augmentation and dropout streams
+    loader_generator = torch.Generator()
+    train_loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+                              collate_fn=DetrCollator(processor, categories.category_id_to_label, train_transforms,
+                                                      seed=args.seed, rank=rank),
+                              drop_last=False, generator=loader_generator, **loader_kwargs)
+    # its own generator too: an evaluation then draws nothing from torch's RNG, so a run that evaluated (at its
+    # last step, or to time a budget) continues with the dropout stream of one that did not
+    val_loader = DataLoader(val_dataset, batch_size=args.per_device_eval_batch_size,
+                            collate_fn=DetrCollator(processor, categories.category_id_to_label),
+                            generator=torch.Generator(), **loader_kwargs)
+    return train_loader, val_loader, loader_generator
+
+
+@dataclass
+class TrainingSetup:
+    """What `build` makes: the prepared model, optimizer, scheduler and loaders, and what the loop reads besides."""
+
+    args: TrainArguments
+    accelerator: Accelerator
+    model: torch.nn.Module                 # prepared: wrapped for several processes
+    processor: DetrCustomImageProcessor
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loader_generator: torch.Generator      # the train loader's: reseeded at each epoch
+    train_dataset: datasets.Dataset
+    val_dataset: datasets.Dataset
+    categories: Categories
+    steps_per_epoch: int                   # optimizer steps in an epoch (all processes together)
+    total_steps: int
+    num_epochs: int
+    eval_every: int                        # optimizer steps between evaluations
+    save_every: int                        # optimizer steps between checkpoints
+    checkpoint: Path | None                # the one this run resumes from
+    started: float                         # time.time() when the run began loading data
+    budget: TimeBudget | None = None       # --max_train_minutes: sizes total_steps after the first steps
+
+
+def resolve_mixed_precision(requested: str, *, cuda: bool) -> tuple[str, str | None]:
+    """(the precision to run, a warning or None): bf16 on a CPU that only emulates it runs fp32 instead."""
+    if requested != "bf16" or cuda:
+        return requested, None
+    native, why = cpu_bf16_support()
+    if native:
+        return requested, None
+    return "no", f"--mixed_precision bf16 requested, but {why}: training in fp32 instead."
+
+
+def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerator:
+    """The Accelerator, after the checks that must fail before any training: the Hub token, the output_dir."""
+    # several processes without CUDA (`accelerate launch --multi_gpu` / torchrun on CPU machines): gloo on CPU
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    mixed_precision, precision_warning = resolve_mixed_precision(
+        args.mixed_precision, cuda=torch.cuda.is_available() and not several_cpu_processes)
+    accelerator = Accelerator(
+        cpu=several_cpu_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
+        log_with=log_with, project_dir=args.output_dir,
+        # train_step steps the scheduler once per optimizer step; prepared with the optimizer, accelerate would
+        # step it num_processes times per step (a schedule sized in optimizer steps would run N times too fast)
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if not accelerator.is_main_process:   # each message once; errors (exceptions) still surface from any rank
+        logging.getLogger().setLevel(logging.ERROR)
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+    if precision_warning:
+        logger.warning(precision_warning)
+    if args.push_to_hub:   # fail now, not after hours of training
+        from hub_cards import check_hub_token
+
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/detr-demo).")
+        check_hub_token(args.hub_token)
+    if accelerator.is_main_process:
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir,
+                         resuming=bool(args.resume_from_checkpoint),
+                         logging_dir=accelerator.logging_dir)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> TrainingSetup:
+    """Accelerator, data, model, loaders, optimizer and scheduler. Keep the order (the seed, the model's
+    initialization, the loaders, prepare): the random streams follow it, so a given seed gives the same run."""
+    report_to = resolve_report_to(args.report_to)
+    accelerator = make_accelerator(args, log_with=report_to)
+    set_seed(args.seed)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    started = time.time()
+    budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes > 0 else None   # its clock starts now
+
+    train_dataset, val_dataset, categories = load_data(data_args, accelerator)
+    model = build_model(model_args, categories)
+    with accelerator.main_process_first():
+        check = {"num_queries": model.config.num_queries, "policy": data_args.check_policy,
+                 "check_images": data_args.check_images}
+        train_dataset, train_report = check_dataset(train_dataset, **check)
+        val_dataset, val_report = check_dataset(val_dataset, **check)
+    if accelerator.is_main_process:
+        logger.info("train data check: %s\nval data check: %s", train_report, val_report)
+    # images stay undecoded: the collate reads the stored pixels, on which COCO boxes are drawn
+    train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
+    val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
+    processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
+                                               "longest_edge": data_args.max_size})
+    train_loader, val_loader, loader_generator = build_loaders(
+        train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args,
+        rank=accelerator.process_index)
+
+    optimizer = build_optimizer(model, args)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
+    if budget is not None:
+        budget.set_upper_bound(total_steps)
+        if args.lr_scheduler_type == "cosine" and args.warmup_steps < budget.measure_steps:
+            raise ValueError(f"max_train_minutes with the cosine schedule needs warmup_steps >= "
+                             f"{budget.measure_steps}: the steps timed before sizing must not depend on the total.")
+        accelerator.register_for_checkpointing(budget)   # a resumed run keeps the sized schedule
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch,
+                                total_steps=lambda: budget.total_steps if budget else total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+    # the model's initialization and the shuffle (SeedableRandomSampler took the seed in prepare) are the same on
+    # every process; from here each process draws its own dropout: seed + process_index (checkpoints keep each one's)
+    set_seed(args.seed, device_specific=True)
+    if report_to:
+        accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
+                                                         for k, v in asdict(a).items() if not isinstance(v, list)})
+    return TrainingSetup(
+        args=args, accelerator=accelerator, model=model, processor=processor, optimizer=optimizer,
+        scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, loader_generator=loader_generator,
+        train_dataset=train_dataset, val_dataset=val_dataset, categories=categories, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch), eval_every=eval_every,
+        save_every=args.save_steps if args.save_steps > 0 else eval_every, checkpoint=checkpoint, started=started,
+        budget=budget)
