@@ -118,6 +118,14 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
                       ("augmentation", "Augmentation"), ("image_size", "Image size"), ("hardware", "Hardware")):
         if run.get(key) is not None:
             lines.append((name, _number(run[key])))
+    used = run.get("mixed_precision_used")
+    if used is not None and run.get("mixed_precision") is not None and used != run["mixed_precision"]:
+        lines.append(("Precision used", f"{used} ({run['mixed_precision']} asked; bf16 is emulated on this CPU)"))
+    budget = run.get("budget")
+    if budget and budget.get("total_steps") is not None:
+        lines.append(("Time budget", f"{_number(budget['minutes'])} min: {budget['seconds_per_step']:.2f} s/step and "
+                                     f"{budget['eval_seconds']:.1f} s per evaluation measured, "
+                                     f"{budget['total_steps']} of at most {budget['upper_bound']} steps"))
     if run.get("wall_time_s") is not None:
         lines.append(("Wall time", _duration(run["wall_time_s"])))
     if run.get("seed") is not None:

@@ -411,3 +411,16 @@ def test_push_refuses_what_it_cannot_push_and_keeps_the_card_on_request(hub, sav
     assert commit["files"]["README.md"] == b"# written by hand\n"
     assert (output_dir / "README.md").read_text(encoding="utf-8") == "# written by hand\n"
     assert hub.unexpected == []
+
+
+def test_recipe_reports_the_time_budget_and_the_precision_that_ran():
+    from hub_cards.card_text import describe_recipe
+
+    run = {"mixed_precision": "bf16", "mixed_precision_used": "no", "wall_time_s": 557.0,
+           "budget": {"minutes": 9, "seconds_per_step": 0.3908, "eval_seconds": 1.265, "total_steps": 1361,
+                      "upper_bound": 1900}}
+    lines = dict(describe_recipe(run, {}, None))
+    assert lines["Time budget"] == "9 min: 0.39 s/step and 1.3 s per evaluation measured, 1361 of at most 1900 steps"
+    assert lines["Precision used"] == "no (bf16 asked; bf16 is emulated on this CPU)"
+    plain = dict(describe_recipe({"mixed_precision": "no", "mixed_precision_used": "no", "budget": None}, {}, None))
+    assert "Time budget" not in plain and "Precision used" not in plain
