@@ -9,9 +9,8 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor  # noqa: E402
-from modeling_detr_custom.image_kernels import pil_to_rgb_array  # noqa: E402
 
-from .data.images import open_image  # noqa: E402
+from .data.images import DECODE_ERRORS, decode_rgb  # noqa: E402
 
 
 def plot_curves(train_history: list[dict], eval_history: list[dict], output_dir: Path) -> None:
@@ -43,10 +42,8 @@ def _open(image) -> PIL.Image.Image | None:
     """The image as the model sees it (the processor's mode conversion, no EXIF rotation: COCO boxes are drawn on the
     stored pixels), or None when it cannot be decoded (the collate has already named it)."""
     try:
-        if isinstance(image, dict):   # undecoded datasets Image
-            image = open_image(image)
-        return PIL.Image.fromarray(pil_to_rgb_array(image, exif_transpose=False))
-    except (OSError, ValueError):
+        return PIL.Image.fromarray(decode_rgb(image))
+    except DECODE_ERRORS:
         return None
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from modeling_detr_custom.image_kernels import SUPPORTED_PIL_MODES
 
-from .images import open_image
+from .images import DECODE_ERRORS, open_image
 from .schema import get_categories, get_load_problems
 
 logger = logging.getLogger("training.data")   # one logger for the package, whichever module logs
@@ -182,7 +182,7 @@ def _check_image_file(image: dict, width: int, height: int, decode: bool) -> tup
                 pil_image.load()
             size, mode = pil_image.size, pil_image.mode
             extrema = pil_image.getextrema() if decode and mode in ("I", "F") else None
-    except (OSError, SyntaxError, ValueError) as e:   # PIL raises these for corrupt and truncated files
+    except DECODE_ERRORS as e:
         return "unreadable_image", f"{name}: {type(e).__name__}: {e}"
     if mode not in SUPPORTED_PIL_MODES:
         return "unsupported_image_mode", (f"{name}: PIL mode {mode!r} has no RGB conversion in the training path "

@@ -5,15 +5,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from modeling_detr_custom.image_kernels import pil_to_rgb_array
-
 from ..transforms import objects_to_target, target_to_annotations
-from .images import open_image
+from .images import DECODE_ERRORS, decode_rgb
 
 logger = logging.getLogger("training.data")   # one logger for the package, whichever module logs
-
-# what PIL raises for truncated and corrupt files (UnidentifiedImageError is an OSError), and our unsupported mode
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
 class DetrCollator:
@@ -71,10 +66,7 @@ class DetrCollator:
         image = example["image"]
         path = image.get("path") if isinstance(image, dict) else getattr(image, "filename", None) or None
         try:
-            if isinstance(image, dict):   # an undecoded datasets Image: {"bytes", "path"}
-                image = open_image(image)
-            # no EXIF rotation: COCO boxes are drawn on the stored pixels (the original DETR never rotates either)
-            return pil_to_rgb_array(image, exif_transpose=False, where=f"image_id {example['image_id']}")
+            return decode_rgb(image, where=f"image_id {example['image_id']}")
         except DECODE_ERRORS as error:
             image_id = example["image_id"]
             self.skipped.append((image_id, path, f"{type(error).__name__}: {error}"))
