@@ -375,7 +375,8 @@ def test_time_budget_sizes_the_run_and_resume_keeps_it(tmp_path, data_dir, monke
                for r in caplog.records)
     metrics = json.loads((tmp_path / "budget" / "run" / "metrics.json").read_text())
     assert metrics["run"]["budget"] == {"minutes": 0.25, "seconds_per_step": 1.0, "eval_seconds": 1.0,
-                                        "total_steps": 10, "upper_bound": 50}
+                                        "total_steps": 10, "upper_bound": 50, "timed_steps": 3,
+                                        "stopped_early_at": None}
     assert metrics["run"]["global_steps"] == 10
     # the schedule is the one of a run told 10 steps from step 0 (the timed steps are in the warm-up)
     _run(_config(tmp_path / "plain", data_dir, **{**common, "max_steps": 10}))

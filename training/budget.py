@@ -7,8 +7,14 @@ allocations), then one evaluation, and picks the most steps (at most the max_ste
 
 where final_seconds (the final save, pictures and model cards) is estimated as one more evaluation. The measured
 steps train normally: they fall in the LR warm-up, whose factor does not depend on the total, so the schedule is the
-one a run told the chosen total from step 0 follows. The decision is part of the checkpoint
+one a run told the chosen total from step 0 follows (`timing_window` times as many of the warm-up steps as it can, up
+to 20: a 3-step mean varied by tens of % between runs of the demo). The decision is part of the checkpoint
 (`accelerator.register_for_checkpointing`): a resumed run keeps the sized schedule instead of measuring again.
+
+The estimate can still be wrong (the machine gets busier, evaluations slow down as the model starts detecting), so
+the run also keeps a deadline: once sized, `out_of_time()` is True when only the final evaluation and save still fit
+(each estimated as one measured evaluation); the loop then stops early, saves and evaluates, and `describe()` records
+the step it stopped at. A resumed run has no deadline (its budget was spent by the run it continues).
 """
 import math
 import time
@@ -33,6 +39,8 @@ class TimeBudget:
     eval_seconds: float | None = None
     started: float = 0.0
     step_times: dict = field(default_factory=dict)   # global step -> clock() after it
+    sized_at: int | None = None            # the step this process sized the run at (None: restored from a checkpoint)
+    stopped_early_at: int | None = None    # the step the deadline stopped the run at (out_of_time)
 
     def __post_init__(self):
         if self.minutes <= 0:
@@ -40,6 +48,12 @@ class TimeBudget:
         self.clock = self.clock or now
         self.started = self.clock()   # the run's start: loading data and building count too
         self.set_upper_bound(self.upper_bound)
+
+    @staticmethod
+    def timing_window(warmup_steps: int, untimed_steps: int = 2, most: int = 20) -> int:
+        """How many steps to time: as many of the LR warm-up's steps after the untimed ones as fit, at least 3 and
+        at most `most` (a longer window averages out the step-to-step noise of a busy machine)."""
+        return max(3, min(most, warmup_steps - untimed_steps))
 
     def set_upper_bound(self, upper_bound: int) -> None:
         self.upper_bound = self.total_steps = upper_bound
@@ -81,16 +95,31 @@ class TimeBudget:
                 f"fewer than the {max(min_steps, global_step)} warm-up steps. Give at least "
                 f"{math.ceil(needed / 6) / 10:g} minutes, or lower warmup_steps.")
         self.total_steps = total
+        self.sized_at = global_step
         return total
+
+    def out_of_time(self, global_step: int) -> bool:
+        """After the step that sized the run (in this process): True, and records the step, when the time left holds
+        no more than the final evaluation and save, each estimated as one measured evaluation."""
+        if self.stopped_early_at is not None:
+            return True
+        if self.sized_at is None or global_step <= self.sized_at:   # resumed, or just sized from this clock reading
+            return False
+        left = 60 * self.minutes - (self.clock() - self.started)
+        if global_step < self.total_steps and left <= 2 * self.eval_seconds:
+            self.stopped_early_at = global_step
+        return self.stopped_early_at is not None
 
     def describe(self) -> dict:
         """metrics.json's run.budget."""
         return {"minutes": self.minutes, "seconds_per_step": self.seconds_per_step,
-                "eval_seconds": self.eval_seconds, "total_steps": self.total_steps, "upper_bound": self.upper_bound}
+                "eval_seconds": self.eval_seconds, "total_steps": self.total_steps, "upper_bound": self.upper_bound,
+                "timed_steps": self.timed_steps, "stopped_early_at": self.stopped_early_at}
 
     # accelerate's save_state / load_state (register_for_checkpointing): the decision, not the clock readings
     def state_dict(self) -> dict:
-        return {k: v for k, v in self.describe().items() if k != "minutes"} if self.sized else {}
+        keep = ("seconds_per_step", "eval_seconds", "total_steps", "upper_bound")
+        return {k: v for k, v in self.describe().items() if k in keep} if self.sized else {}
 
     def load_state_dict(self, state: dict) -> None:
         if state:

@@ -232,7 +232,9 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     set_seed(args.seed)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     started = time.time()
-    budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes > 0 else None   # its clock starts now
+    budget = None
+    if args.max_train_minutes > 0:   # its clock starts now
+        budget = TimeBudget(args.max_train_minutes, timed_steps=TimeBudget.timing_window(args.warmup_steps))
 
     train_dataset, val_dataset, categories = load_data(data_args, accelerator)
     model = build_model(model_args, categories)

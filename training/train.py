@@ -183,6 +183,21 @@ def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
     return total
 
 
+def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
+    """The budget's deadline (checked every logging_steps): the main process's clock decides for every process."""
+    budget = setup.budget
+    stop = [budget.out_of_time(state.global_step) if setup.accelerator.is_main_process else None]
+    if setup.accelerator.num_processes > 1:
+        stop = broadcast_object_list(stop)
+    if stop[0] and budget.stopped_early_at is None:   # the other processes record the main one's decision
+        budget.stopped_early_at = state.global_step
+    if stop[0]:
+        logger.warning("time budget: stopping at step %d of %d, where only the final evaluation and save still fit in "
+                       "%g min (the steps ran slower than the %.2f s/step measured)", state.global_step,
+                       setup.total_steps, budget.minutes, budget.seconds_per_step)
+    return bool(stop[0])
+
+
 @exits_130_on_interrupt   # Ctrl-C: logs the command that resumes from the newest complete checkpoint
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
@@ -222,6 +237,8 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
                 running = []
             done = state.global_step >= setup.total_steps
+            if not done and setup.budget is not None and state.global_step % args.logging_steps == 0:
+                done = budget_deadline(setup, state)
             saving = state.global_step % setup.save_every == 0 or done
             if saving:   # before evaluating: a failing evaluation loses no training
                 state.set_position(epoch, setup.steps_per_epoch)
@@ -236,7 +253,7 @@ def main(argv=None):
                              "warnings above for the files). Check the image folder, or run the dataset check with "
                              "--check_images decode.")
         state.epoch, state.step_in_epoch = epoch + 1, 0
-        if state.global_step >= setup.total_steps:
+        if done or state.global_step >= setup.total_steps:
             break
     progress.close()
 

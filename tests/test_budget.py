@@ -1,0 +1,106 @@
+"""The time budget's timing window and deadline (training/budget.py), with a settable clock; the sizing arithmetic and
+a whole budgeted run are tested in test_train.py."""
+import pytest
+
+from training.budget import TimeBudget
+
+
+class SetClock:
+    def __init__(self):
+        self.time = 0.0
+
+    def __call__(self) -> float:
+        return self.time
+
+
+def test_timing_window_uses_the_warmup():
+    assert TimeBudget.timing_window(5) == 3            # the smallest warm-up a cosine budget accepts: 2 + 3
+    assert TimeBudget.timing_window(12) == 10
+    assert TimeBudget.timing_window(100) == 20         # the demo's warm-up: 20 timed steps, not 3
+    assert TimeBudget.timing_window(100, most=50) == 50
+
+
+def _sized_budget(clock, *, timed_steps=20, eval_seconds=5.0):
+    budget = TimeBudget(1.0, upper_bound=1000, timed_steps=timed_steps, clock=clock)
+    step = 0
+    while True:   # 0.5 s per step; untimed steps first
+        step += 1
+        clock.time += 0.5
+        if budget.step_done(step):
+            break
+    assert step == 2 + timed_steps
+    total = budget.size(global_step=step, eval_seconds=eval_seconds, eval_every=1000, min_steps=step)
+    return budget, step, total
+
+
+def test_the_mean_over_the_window_sizes_the_run():
+    clock = SetClock()
+    budget = TimeBudget(1.0, upper_bound=1000, timed_steps=4, clock=clock)
+    for step, seconds in enumerate([9.0, 9.0, 0.5, 0.7, 0.3, 0.5], start=1):   # two slow warm-up steps, then ~0.5 s
+        clock.time += seconds
+        sized = budget.step_done(step)
+    assert sized and budget.size(global_step=6, eval_seconds=1.0, eval_every=1000, min_steps=6) > 0
+    assert budget.seconds_per_step == pytest.approx(0.5)   # the untimed steps are left out of the mean
+    assert budget.describe()["timed_steps"] == 4
+
+
+def test_deadline_stops_the_run_when_only_the_final_evaluation_and_save_fit():
+    clock = SetClock()
+    budget, step, total = _sized_budget(clock)
+    # 11 s spent, 5 s an evaluation (one now, one at the end, one reserved for the final save): 60 - 11 - 10 = 39 s
+    # for (N - 22) * 0.5 s -> N = 100
+    assert total == 100 and not budget.out_of_time(step)
+    clock.time = 49.9                       # 10.1 s left: more than the final evaluation and save need
+    assert not budget.out_of_time(60)
+    clock.time = 50.0                       # the machine got slower: at step 61 only 10 s are left
+    assert budget.out_of_time(61) and budget.stopped_early_at == 61
+    assert budget.out_of_time(62) and budget.stopped_early_at == 61   # stays decided
+    assert budget.describe()["stopped_early_at"] == 61 and budget.describe()["total_steps"] == 100
+
+
+def test_no_deadline_when_on_time_or_resumed():
+    clock = SetClock()
+    budget, step, total = _sized_budget(clock)
+    clock.time = 59.0                      # the last step is reached in time: nothing to stop
+    assert not budget.out_of_time(total)
+    restored = TimeBudget(1.0, upper_bound=1000, clock=clock)
+    restored.load_state_dict(budget.state_dict())
+    clock.time = 1e6                        # a resumed run: its budget was the first run's
+    assert restored.total_steps == 100 and not restored.out_of_time(50)
+    assert "stopped_early_at" not in budget.state_dict()   # the checkpoint holds the decision, not the clock's verdict
+
+
+class SlowingClock:
+    """Ticks `tick` seconds a reading for the first `readings` readings, then `slow` seconds: a machine that gets
+    busier after the run was sized."""
+
+    def __init__(self, tick: float, readings: int, slow: float):
+        self.time, self.tick, self.readings, self.slow, self.count = 0.0, tick, readings, slow, 0
+
+    def __call__(self) -> float:
+        self.count += 1
+        self.time += self.tick if self.count <= self.readings else self.slow
+        return self.time
+
+
+def test_a_run_that_slows_down_stops_at_the_deadline_and_saves(tmp_path, data_dir, monkeypatch, caplog):
+    import json
+
+    from tiny_run import run, write_config
+
+    from training import budget
+
+    # as test_train's budgeted run: 1 s a reading sizes 10 steps into 0.25 min at step 5; from the 10th reading (the
+    # first deadline check, at step 6) each reading is 3 s: at step 7 only 1 s is left, less than the final
+    # evaluation and save need (2 x 1 s)
+    monkeypatch.setattr(budget, "now", SlowingClock(1.0, readings=9, slow=3.0))
+    with caplog.at_level("WARNING"):
+        run(write_config(tmp_path, data_dir, max_steps=50, eval_steps=100, save_steps=100, lr_scheduler_type="cosine",
+                         warmup_steps=5, seed=5, max_train_minutes=0.25))
+    assert any("time budget: stopping at step 7 of 10" in r.getMessage() for r in caplog.records)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["run"]["global_steps"] == 7
+    assert metrics["run"]["budget"]["stopped_early_at"] == 7 and metrics["run"]["budget"]["total_steps"] == 10
+    assert [e["step"] for e in metrics["eval_history"]] == [7]     # the final evaluation ran
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-7").is_dir()             # and the checkpoint a resume would start from
