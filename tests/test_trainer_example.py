@@ -23,6 +23,7 @@ from pathlib import Path
 import albumentations as A
 import datasets
 import numpy as np
+import pytest
 import torch
 from torchmetrics.detection.mean_ap import MeanAveragePrecision
 from transformers import (
@@ -248,3 +249,46 @@ def test_transformers_example_trains_evaluates_saves_and_reloads_our_folder(tmp_
     expected = torch.load(output_dir / "expected.pt")
     with torch.no_grad():
         assert torch.equal(model(expected["pixel_values"]).logits, expected["logits"])
+
+
+def test_annotations_in_the_types_the_example_and_transformers_hand_over():
+    """What albumentations, `datasets` and transformers' processor hand over is read as transformers reads it;
+    what is wrong (3.5 as a class, NaN / inf in a box) is an error naming the field."""
+    from transformers import DetrImageProcessor
+
+    from modeling_detr_custom import DetrCustomImageProcessor
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    plain = {"bbox": [1.0, 2.0, 10.0, 12.0], "category_id": 3, "iscrowd": 0, "area": 120.0}
+    # (as handed over, what it means in python numbers): transformers reads the latter (it refuses float tensors,
+    # and numeric strings since transformers 5; its earlier processors and the example's docs use "0007")
+    variants = [
+        ({"category_id": 3.0}, {}), ({"category_id": np.float64(3.0)}, {}), ({"category_id": torch.tensor(3.0)}, {}),
+        ({"category_id": np.int32(3)}, {}), ({"area": np.float32(120.0)}, {}),
+        ({"bbox": np.array([1, 2, 10, 12], np.float32)}, {}), ({"bbox": torch.tensor([1.0, 2.0, 10.0, 12.0])}, {}),
+        ({"bbox": [torch.tensor(1.0), np.float32(2), 10, 12]}, {}),
+        ({"iscrowd": False}, {}), ({"iscrowd": True}, {"iscrowd": 1}), ({"iscrowd": np.bool_(True)}, {"iscrowd": 1}),
+        ({"iscrowd": torch.tensor(True)}, {"iscrowd": 1}),
+    ]
+    other = {**plain, "bbox": [20.0, 5.0, 8.0, 30.0], "category_id": 1}
+    for variant, meaning in variants:
+        expected = DetrImageProcessor(do_resize=False)(
+            image, annotations={"image_id": 7, "annotations": [{**plain, **meaning}, other]},
+            return_tensors="pt")["labels"][0]
+        for image_id in (7, 7.0, np.int64(7), "0007"):
+            labels = DetrCustomImageProcessor(do_resize=False)(
+                image, annotations={"image_id": image_id, "annotations": [{**plain, **variant}, other]})["labels"][0]
+            for key in ("image_id", "class_labels", "boxes", "area", "iscrowd", "orig_size"):
+                assert torch.equal(labels[key], expected[key].to(labels[key].dtype)), (variant, image_id, key)
+    bad = [({"category_id": 3.5}, r"\['category_id'\] must be an integer, got 3.5 \(image_id 7, annotation id 9\)"),
+           ({"category_id": float("nan")}, r"\['category_id'\] must be an integer, got nan"),
+           ({"bbox": [1, 2, float("inf"), 12]}, r"\['bbox'\] value must be a finite number, got inf"),
+           ({"bbox": np.array([1, np.nan, 10, 12])}, r"\['bbox'\] value must be a finite number, got nan"),
+           ({"area": float("nan")}, r"\['area'\] must be a finite number, got nan"),
+           ({"iscrowd": 0.5}, r"\['iscrowd'\] must be an integer, got 0.5")]
+    for variant, message in bad:
+        with pytest.raises(ValueError, match=message):
+            DetrCustomImageProcessor(do_resize=False)(
+                image, annotations={"image_id": 7, "annotations": [{**plain, **variant, "id": 9}]})
+    with pytest.raises(ValueError, match=r"annotations\[0\]\['image_id'\] must be an integer, got 7.5"):
+        DetrCustomImageProcessor(do_resize=False)(image, annotations={"image_id": 7.5, "annotations": [plain]})
