@@ -117,11 +117,11 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     Annotations: COCO detection dicts ``{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": int,
     "area": float, "iscrowd": 0 or 1}]}``, one per image; ``image_id`` is required, as in transformers. Ids may be
     numpy/torch integers, integral floats (3.0, as albumentations returns) or, for ``image_id``, numeric strings;
-    ``iscrowd`` may also be a bool; boxes may be lists, numpy arrays or tensors. Boxes are clipped to the image; boxes with zero width or height after
+    boxes may be lists, numpy arrays or tensors. Boxes are clipped to the image; boxes with zero width or height after
     clipping are dropped (and counted). Crowd regions (``iscrowd`` = 1) are dropped from the labels (and counted), as
     transformers' DetrImageProcessor and facebookresearch/detr do: they are not objects to detect, and COCO
     evaluation ignores detections on them. ``drop_crowd=False`` keeps them, with ``iscrowd`` = 1.
-    ``category_id_to_label`` maps dataset category ids to contiguous class labels.
+    ``category_id_to_label`` maps dataset category ids to contiguous class labels. ``iscrowd`` may also be a bool.
 
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
     ``DetrFeatureExtractor`` with ``size: 800, max_size: 1333``).
