@@ -38,6 +38,16 @@ def _as_int(value, where: str, ids: str = "", allow_string: bool = False) -> int
     raise ValueError(f"{where} must be an integer, got {value!r}" + (f" ({ids})" if ids else ""))
 
 
+def _as_crowd_flag(value, where: str, ids: str) -> bool:
+    """``iscrowd``: missing / None = 0, an integer as ``_as_int`` reads it, or a bool (python, numpy or torch), as
+    transformers' DetrImageProcessor accepts."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return bool(_as_int(value or 0, where, ids))
+
+
 _EXPECTED = ('one dict per image, {"image_id": int, "annotations": [{"bbox": [x, y, width, height], '
              '"category_id": int, "area": float, "iscrowd": 0 or 1}, ...]}')
 
@@ -86,7 +96,7 @@ def _parse_image_annotations(target, index: int, category_id_to_label) -> dict:
         classes.append(category_id)
         area = obj.get("area")
         areas.append(bbox[2] * bbox[3] if area is None else _as_number(area, f"{at}['area']", ids))
-        crowd.append(1 if _as_int(obj.get("iscrowd") or 0, f"{at}['iscrowd']", ids) else 0)
+        crowd.append(1 if _as_crowd_flag(obj.get("iscrowd"), f"{at}['iscrowd']", ids) else 0)
     return {"image_id": image_id, "boxes": boxes, "classes": classes, "areas": areas, "iscrowd": crowd}
 
 

@@ -121,7 +121,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     clipping are dropped (and counted). Crowd regions (``iscrowd`` = 1) are dropped from the labels (and counted), as
     transformers' DetrImageProcessor and facebookresearch/detr do: they are not objects to detect, and COCO
     evaluation ignores detections on them. ``drop_crowd=False`` keeps them, with ``iscrowd`` = 1.
-    ``category_id_to_label`` maps dataset category ids to contiguous class labels.
+    ``category_id_to_label`` maps dataset category ids to contiguous class labels. ``iscrowd`` may also be a bool.
 
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
     ``DetrFeatureExtractor`` with ``size: 800, max_size: 1333``).
