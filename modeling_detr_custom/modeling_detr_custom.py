@@ -331,7 +331,8 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
 
     `labels`: one dict per image with `class_labels` int64 `[num_objects]` in `[0, num_labels)` and `boxes` float
     `[num_objects, 4]`, (center_x, center_y, width, height) normalized by the image's unpadded size. The loss is
-    computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]).
+    computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]). The class
+    head follows `config.classification_loss` (`class_head.py`): softmax with "no object" (DETR) or per-class sigmoid.
     """
 
     def __init__(self, config: DetrCustomConfig):

@@ -180,9 +180,8 @@ def test_sigmoid_remote_code_folder_pipeline_without_the_package(tmp_path):
     import textwrap
 
     model, image = _save_sigmoid_folder(tmp_path / "folder")
-    expected = pipeline("object-detection", model=model,
-                        image_processor=DetrCustomImageProcessor.from_pretrained(tmp_path / "folder"))(image,
-                                                                                                    threshold=0.0)
+    processor = DetrCustomImageProcessor.from_pretrained(tmp_path / "folder")
+    expected = pipeline("object-detection", model=model, image_processor=processor)(image, threshold=0.0)
     script = textwrap.dedent(f"""
         import json, sys
         sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
