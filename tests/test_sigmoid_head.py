@@ -81,6 +81,20 @@ def test_softmax_checkpoint_fine_tunes_into_a_focal_head(tmp_path, caplog):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in loaded.items())
 
 
+def test_transformers_detr_checkpoint_fine_tunes_into_a_varifocal_head_with_new_classes(tmp_path, caplog):
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    randomize_(DetrForObjectDetection(DetrConfig(**tiny_kwargs()))).save_pretrained(tmp_path)
+    reference = DetrCustomForObjectDetection.from_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = DetrCustomForObjectDetection.from_pretrained(tmp_path, classification_loss="varifocal", num_labels=5)
+    assert "has a softmax class head" in caplog.text
+    assert model.class_embed.weight.shape == (5, 32)               # 5 classes, no "no object" column
+    old, new = reference.state_dict(), model.state_dict()
+    assert sorted(k for k in old if old[k].shape != new[k].shape or not torch.equal(old[k], new[k])) == [
+        "class_embed.bias", "class_embed.weight"]
+
+
 def _outputs(batch, queries, classes, seed):
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn((batch, queries, classes), generator=generator) * 2
