@@ -80,9 +80,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         loss: scalar, only when `labels` are given: the weighted sum of the set-prediction losses.
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
             `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
-        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; with a sigmoid head
-            (`config.classification_loss` "focal" or "varifocal", [`DetrCustomSigmoidObjectDetectionOutput`])
-            `[batch, num_queries, num_labels]`, one independent sigmoid logit per class.
+        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; a sigmoid head's
+            ([`DetrCustomSigmoidObjectDetectionOutput`]) `[batch, num_queries, num_labels]`, one logit per class.
         pred_boxes: `[batch, num_queries, 4]`, (center_x, center_y, width, height) in [0, 1] relative to each
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer
@@ -93,9 +92,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         `logits, pred_boxes, ...` without, as transformers' `DetrForObjectDetection` does (like it, the tuple has
         `auxiliary_outputs` only when labels are given).
 
-    `class_activation` (a class attribute, not a field) says how to read `logits`: `"softmax"` here, `"sigmoid"` in
-    the subclass the sigmoid heads return. `DetrCustomImageProcessor.post_process_object_detection` follows it, also
-    inside `pipeline("object-detection")`, which rebuilds the outputs with the same class.
+    The class attribute `class_activation` ("softmax"; "sigmoid" in the subclass) tells the post-processing how to
+    read `logits` (see `DetrCustomImageProcessor.post_process_object_detection`).
     """
 
     class_activation: ClassVar[str] = "softmax"
