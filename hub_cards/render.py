@@ -180,8 +180,15 @@ def render_model_card(output_dir, *, hub_model_id: str | None = None,
 
 
 def _limitations(config: dict, run: dict) -> list[str]:
-    limits = [f"At most {config.get('num_queries')} detections per image (one per object query).",
-              "Scores are the softmax probability of the predicted class; they are not calibrated.",
+    if config.get("classification_loss") in ("focal", "varifocal"):   # a sigmoid class head (class_head.py)
+        head = ["At most 100 detections per image: the best (query, class) pairs, a query may give several classes.",
+                "Scores are per-class sigmoid probabilities"
+                + (" trained toward the box's IoU" if config["classification_loss"] == "varifocal" else "")
+                + "; they are not calibrated."]
+    else:
+        head = [f"At most {config.get('num_queries')} detections per image (one per object query).",
+                "Scores are the softmax probability of the predicted class; they are not calibrated."]
+    limits = [*head,
               "DETR is weaker on small objects than on large ones (see AP small below when it was measured)."]
     if isinstance(run.get("train_images"), int) and run["train_images"] < 10000:
         limits.append(f"Trained on {run['train_images']} images only: expect failures on images unlike them.")

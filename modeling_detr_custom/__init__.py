@@ -23,6 +23,7 @@ from .modeling_detr_custom import (
     DetrCustomModelOutput,
     DetrCustomObjectDetectionOutput,
     DetrCustomPreTrainedModel,
+    DetrCustomSigmoidObjectDetectionOutput,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "DetrCustomPreTrainedModel",
     "DetrCustomModelOutput",
     "DetrCustomObjectDetectionOutput",
+    "DetrCustomSigmoidObjectDetectionOutput",
     "DetrCustomLoss",
     "HungarianMatcher",
 ]

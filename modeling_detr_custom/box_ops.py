@@ -56,3 +56,8 @@ def elementwise_generalized_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torc
     """Generalized IoU of matched pairs: [..., 4] x [..., 4] -> [...]; equals the diagonal of
     `generalized_box_iou` without computing the N x N matrix."""
     return _generalized_iou(boxes1_xyxy, boxes2_xyxy)
+
+
+def elementwise_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
+    """IoU of matched pairs: [..., 4] x [..., 4] -> [...], in [0, 1] (the varifocal loss's target)."""
+    return _iou_and_union(boxes1_xyxy, boxes2_xyxy)[0]

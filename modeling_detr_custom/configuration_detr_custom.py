@@ -7,6 +7,16 @@ POSITION_EMBEDDING_TYPES = ("sine", "learned")
 ENCODER_TYPES = ("detr",)
 DECODER_TYPES = ("detr",)
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
+# config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
+# outputs (no "no object" column) and the matcher the focal cost
+CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "varifocal")
+SIGMOID_CLASSIFICATION_LOSSES = ("focal", "varifocal")
+
+
+def uses_sigmoid_classes(config) -> bool:
+    """True when the class head is per-class sigmoid (num_labels logits), False for softmax + "no object" (num_labels +
+    1). Configs saved before `classification_loss` existed are softmax."""
+    return getattr(config, "classification_loss", "cross_entropy") in SIGMOID_CLASSIFICATION_LOSSES
 
 
 class DetrCustomConfig(PreTrainedConfig):
@@ -59,9 +69,34 @@ class DetrCustomConfig(PreTrainedConfig):
             image's outputs do not depend on the other images of its batch (padding changes the convolutions near
             the visible border, in the original DETR and transformers too). Costs one backbone call per image size.
         class_cost, bbox_cost, giou_cost: Hungarian matcher weights.
-        bbox_loss_coefficient, giou_loss_coefficient: loss weights of L1 and GIoU (the class loss has weight 1).
-        eos_coefficient: cross-entropy weight of the "no object" class.
+        bbox_loss_coefficient, giou_loss_coefficient: loss weights of L1 and GIoU (the class term's:
+            `class_loss_coefficient`).
+        eos_coefficient: cross-entropy weight of the "no object" class (`classification_loss="cross_entropy"` only).
         init_xavier_std: gain of the xavier-uniform init of linear and projection weights.
+        classification_loss: the class term of the set loss (logged as `loss_ce` whatever it is) and, with it, the
+            class head and the matching cost:
+
+            - `"cross_entropy"` (default): the published DETR. Softmax over num_labels + 1 logits (last = "no
+              object", weighted by `eos_coefficient`), matching cost -p(class). Unchanged, bit for bit.
+            - `"focal"`: per-class sigmoid focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection"),
+              as Deformable DETR (Zhu et al. 2021) brought it to DETR: num_labels logits, no "no object" column,
+              unmatched queries are all-zero targets; the sum over queries and classes is divided by `num_boxes`.
+              The matching cost takes the same focal form, alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma
+              (-log(1 - p)) at the target class, and the class bias starts at the prior -log((1 - 0.01) / 0.01), so
+              that the first steps are not swamped by the easy negatives.
+            - `"varifocal"`: IoU-aware classification as RT-DETR (Lv et al. 2023) uses VariFocal loss (Zhang et al.
+              2021, "VarifocalNet"): the same sigmoid head and focal matching cost, but the target of a matched
+              query's class is the IoU (detached) of its box with the target box, so scores rank boxes by quality;
+              positives are weighted by that IoU, negatives by `varifocal_alpha` p^gamma. Chosen over the IoU-aware
+              BCE of Stable-DINO / Align-DETR because it has a reference to test against (transformers'
+              `RTDetrLoss.loss_labels_vfl`, the RT-DETR recipe) and needs no extra exponent to tune.
+        focal_alpha, focal_gamma: the focal loss's positive weight alpha and focusing exponent gamma (0.25 and 2, as
+            RetinaNet and Deformable DETR); the focal matching cost uses them for both sigmoid losses (RT-DETR's
+            matcher_alpha / matcher_gamma).
+        varifocal_alpha: weight of the negatives in the varifocal loss (0.75, as VarifocalNet and RT-DETR's
+            focal_loss_alpha; its gamma is `focal_gamma`).
+        class_loss_coefficient: weight of the class term in the total loss (1, as DETR and RT-DETR; Deformable DETR
+            and DINO use 2 with focal loss, with class_cost 2).
     """
 
     model_type = "detr_custom"
@@ -99,6 +134,11 @@ class DetrCustomConfig(PreTrainedConfig):
     # last, so that the earlier fields keep their positions
     encoder_type: str = "detr"               # one of ENCODER_TYPES
     decoder_type: str = "detr"               # one of DECODER_TYPES
+    classification_loss: str = "cross_entropy"   # one of CLASSIFICATION_LOSSES
+    focal_alpha: float | int = 0.25
+    focal_gamma: float | int = 2.0
+    varifocal_alpha: float | int = 0.75
+    class_loss_coefficient: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -125,6 +165,17 @@ class DetrCustomConfig(PreTrainedConfig):
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {choices}.")
         if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(f"activation_function={self.activation_function!r}: use 'relu' or 'gelu'.")
+        if self.classification_loss not in CLASSIFICATION_LOSSES:
+            raise ValueError(f"classification_loss={self.classification_loss!r} is not supported; use one of "
+                             f"{CLASSIFICATION_LOSSES} ('cross_entropy' is the published DETR's softmax).")
+        for field in ("focal_alpha", "varifocal_alpha"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ValueError(f"{field}={getattr(self, field)} must be in [0, 1]: it weighs positives against "
+                                 "negatives (0.25 for focal_alpha, 0.75 for varifocal_alpha are the papers').")
+        for field in ("focal_gamma", "class_loss_coefficient"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field}={getattr(self, field)} must be >= 0 (focal_gamma 2 and "
+                                 "class_loss_coefficient 1 are the defaults).")
         if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
             raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0: the matcher needs a cost.")
         _check_timm_backbone(self.backbone)

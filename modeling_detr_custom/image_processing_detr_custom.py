@@ -10,6 +10,7 @@ This file is the public API: the processor, its settings and the size rule. The 
 uint8 resize, normalizing straight into the padded batch) is in ``image_kernels.py``; annotation validation and
 label building in ``annotations_detr_custom.py``.
 """
+import json
 import math
 import numbers
 from types import SimpleNamespace
@@ -22,6 +23,10 @@ from .annotations_detr_custom import make_labels, parse_annotations
 from .box_ops import box_cxcywh_to_xyxy
 from .image_kernels import to_padded_batch, to_rgb_tensor
 
+# post_process_object_detection: how the class head's logits become scores, and the sigmoid head's default top-k
+# over queries x classes (Deformable DETR's)
+CLASS_ACTIVATIONS = ("softmax", "sigmoid")
+SIGMOID_TOP_K = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL resampling ids (what preprocessor_config.json stores) -> torch interpolate modes
@@ -39,6 +44,7 @@ class DetrCustomImageProcessorKwargs(ImagesKwargs, total=False):
     do_convert_annotations: bool
     drop_crowd: bool
     category_id_to_label: dict
+    class_activation: str
 
 
 # the constructor's settings; preprocess(..., key=value) overrides one for a call
@@ -123,6 +129,10 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     evaluation ignores detections on them. ``drop_crowd=False`` keeps them, with ``iscrowd`` = 1.
     ``category_id_to_label`` maps dataset category ids to contiguous class labels. ``iscrowd`` may also be a bool.
 
+    ``class_activation`` (None, ``"softmax"`` or ``"sigmoid"``) says how ``post_process_object_detection`` reads
+    logits whose outputs do not say it themselves; ``from_pretrained`` sets it from the model's config.json in the
+    same folder (see ``get_image_processor_dict``).
+
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
     ``DetrFeatureExtractor`` with ``size: 800, max_size: 1333``).
     """
@@ -145,6 +155,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         do_convert_annotations: bool = True,
         drop_crowd: bool = True,
         category_id_to_label: dict | None = None,
+        class_activation: str | None = None,
         **kwargs,
     ):
         # transformers' DETR configs: old names and keys that mean nothing here
@@ -174,7 +185,37 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.category_id_to_label = (
             None if category_id_to_label is None else {int(k): int(v) for k, v in category_id_to_label.items()}
         )
+        if class_activation not in (None, *CLASS_ACTIVATIONS):
+            raise ValueError(f"class_activation must be one of {CLASS_ACTIVATIONS} or None, got {class_activation!r}")
+        self.class_activation = class_activation
         self._check_settings(self)
+
+    @classmethod
+    def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' loading, plus `class_activation` from the model's config.json next to the processor's when
+        the processor's does not say it (folders saved before the setting, or with None): a sigmoid model's folder
+        then post-processes with sigmoid, also in `pipeline("object-detection", model=folder)`, whose outputs no
+        longer carry their class. A processor that says the other activation than its model is a clear error."""
+        processor_dict, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+        from transformers.utils import cached_file
+
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token", "local_files_only")
+                      if kwargs.get(k) is not None}
+        config_file = cached_file(pretrained_model_name_or_path, "config.json",
+                                  _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if config_file is None:
+            return processor_dict, kwargs
+        with open(config_file) as f:
+            loss = json.load(f).get("classification_loss", "cross_entropy")
+        model_activation = "sigmoid" if loss in ("focal", "varifocal") else "softmax"
+        saved = processor_dict.get("class_activation")
+        if saved is not None and saved != model_activation:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: preprocessor_config.json says class_activation={saved!r} but the "
+                f"model's config.json has classification_loss={loss!r}, a {model_activation} class head; scores would "
+                f"mean nothing. Set class_activation to {model_activation!r} or null in preprocessor_config.json.")
+        processor_dict["class_activation"] = model_activation
+        return processor_dict, kwargs
 
     @staticmethod
     def _check_settings(settings):
@@ -254,23 +295,33 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             ]
         return batch
 
-    def post_process_object_detection(self, outputs, threshold: float = 0.5, target_sizes=None, top_k=None):
+    def post_process_object_detection(self, outputs, threshold: float = 0.5, target_sizes=None, top_k=None,
+                                      class_activation: str | None = None):
         """Raw outputs -> one dict per image: ``scores`` [k], ``labels`` [k], ``boxes`` [k, 4] absolute x0, y0, x1, y1.
 
-        ``outputs`` has ``logits`` [batch, queries, num_labels + 1] (last = no object) and ``pred_boxes``
-        [batch, queries, 4] (cx, cy, w, h in [0, 1] of the visible image). Boxes are scaled to each image's
-        ``target_sizes`` (height, width) - a [batch, 2] tensor or a list of pairs - and clipped to it (to [0, 1] when
-        no target size is given). Detections with score > ``threshold`` are kept in query order; with ``top_k``, the
-        ``top_k`` best of them, best first.
+        ``outputs`` has ``logits`` and ``pred_boxes`` [batch, queries, 4] (cx, cy, w, h in [0, 1] of the visible
+        image). Boxes are scaled to each image's ``target_sizes`` (height, width) - a [batch, 2] tensor or a list of
+        pairs - and clipped to it (to [0, 1] when no target size is given).
+
+        How scores are read follows the class head: ``class_activation`` if given, else the outputs' own
+        (``type(outputs).class_activation``, which our model's output classes carry), else the processor's
+        ``class_activation`` (set from the model's config.json by ``from_pretrained``: ``pipeline("object-detection")``
+        rebuilds the outputs as a plain ``ModelOutput``), else softmax. A ``class_activation`` that contradicts the
+        outputs' own is an error.
+
+        - ``"softmax"``: ``logits`` [batch, queries, num_labels + 1] (last = no object); each query's best class,
+          kept when its score > ``threshold``, in query order; with ``top_k``, the ``top_k`` best of them, best first.
+        - ``"sigmoid"`` (focal / varifocal heads): ``logits`` [batch, queries, num_labels]; the ``top_k`` (default
+          100) best (query, class) pairs over queries x classes, best first, then those with score > ``threshold``,
+          as Deformable DETR (a query may give several classes).
         """
         if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 <= threshold <= 1):
             raise ValueError(f"threshold is a score in [0, 1] (0 keeps every query), got {threshold!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        activation = _class_activation(outputs, class_activation, self.class_activation)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         pred_boxes = outputs["pred_boxes"] if isinstance(outputs, dict) else outputs.pred_boxes
-        probs = logits.softmax(-1)[..., :-1]                                     # [batch, queries, num_labels]
-        scores, labels = probs.max(-1)                                           # [batch, queries]
         boxes_xyxy = box_cxcywh_to_xyxy(pred_boxes)                              # [batch, queries, 4], in [0, 1]
         if target_sizes is not None:
             sizes = torch.as_tensor(target_sizes if not isinstance(target_sizes, list)
@@ -287,6 +338,10 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             height = width = torch.ones(len(logits), dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
         scale = torch.stack([width, height, width, height], dim=1)[:, None, :]   # [batch, 1, 4]
         boxes_xyxy = torch.minimum((boxes_xyxy * scale).clamp(min=0), scale)
+        if activation == "sigmoid":
+            return _sigmoid_top_k(logits, boxes_xyxy, threshold, SIGMOID_TOP_K if top_k is None else top_k)
+        probs = logits.softmax(-1)[..., :-1]                                     # [batch, queries, num_labels]
+        scores, labels = probs.max(-1)                                           # [batch, queries]
         results = []
         for image_scores, image_labels, image_boxes in zip(scores, labels, boxes_xyxy):
             keep = image_scores > threshold
@@ -296,3 +351,29 @@ class DetrCustomImageProcessor(BaseImageProcessor):
                 image_scores, image_labels, image_boxes = image_scores[order], image_labels[order], image_boxes[order]
             results.append({"scores": image_scores, "labels": image_labels, "boxes": image_boxes})
         return results
+
+
+def _class_activation(outputs, requested: str | None, processor_setting: str | None) -> str:
+    """How to read the logits (see post_process_object_detection). The outputs' own activation, when they carry one,
+    is the truth: a caller's choice that contradicts it is an error rather than scores that mean nothing, and the
+    processor's setting is only the fallback for outputs that do not carry it."""
+    carried = getattr(type(outputs), "class_activation", None)
+    if requested is not None and requested not in CLASS_ACTIVATIONS:
+        raise ValueError(f"class_activation must be one of {CLASS_ACTIVATIONS} or None (follow the outputs), got "
+                         f"{requested!r}")
+    if requested is not None and carried is not None and requested != carried:
+        raise ValueError(f"class_activation={requested!r}, but these outputs come from a {carried} class head "
+                         f"({type(outputs).__name__}): leave class_activation=None to follow the model.")
+    return requested or carried or processor_setting or "softmax"
+
+
+def _sigmoid_top_k(logits, boxes_xyxy, threshold: float, top_k: int) -> list[dict]:
+    """Deformable DETR's post-processing: top-k over queries x classes of per-class sigmoid scores."""
+    num_labels = logits.shape[-1]
+    probs = logits.sigmoid().flatten(1)                                          # [batch, queries * num_labels]
+    scores, flat_index = probs.topk(min(top_k, probs.shape[1]), dim=1)           # [batch, k], best first
+    queries = torch.div(flat_index, num_labels, rounding_mode="floor")           # [batch, k]
+    labels = flat_index % num_labels
+    boxes_xyxy = boxes_xyxy.gather(1, queries[..., None].expand(-1, -1, 4))      # [batch, k, 4]
+    keep = scores > threshold
+    return [{"scores": s[k], "labels": c[k], "boxes": b[k]} for s, c, b, k in zip(scores, labels, boxes_xyxy, keep)]

@@ -1,4 +1,5 @@
-"""Hungarian matcher and DETR's set-prediction loss.
+"""Hungarian matcher and DETR's set-prediction loss, with the class term chosen by `config.classification_loss`:
+softmax cross-entropy (DETR), sigmoid focal (Deformable DETR) or varifocal (RT-DETR).
 
 Called explicitly by `DetrCustomForObjectDetection` (never through transformers' `loss_function`, which picks a
 loss by class name and normalizes `num_boxes` differently across processes, see docs/ARCHITECTURE.md).
@@ -12,7 +13,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou, generalized_box_iou
+from .configuration_detr_custom import uses_sigmoid_classes
 
 BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
 
@@ -20,22 +22,27 @@ BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets, per image, at minimum cost.
 
-    cost = class_cost * (-p[target class]) + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for all
+    cost = class_cost * class cost + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for all
     images at once on targets padded to the largest count (`[batch, queries, max_targets]`: no cross-image pairs),
-    copied to the CPU once and solved per image with scipy's `linear_sum_assignment`.
+    copied to the CPU once and solved per image with scipy's `linear_sum_assignment`. The class cost is -p(target
+    class) under a softmax (DETR), or with `focal_alpha` set the focal cost of a sigmoid head (Deformable DETR):
+    alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), p the sigmoid of the target class's logit.
     """
 
-    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
+                 focal_alpha: float | None = None, focal_gamma: float = 2.0):
         super().__init__()
         if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
             raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0.")
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     @torch.no_grad()
     def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], padded_targets=None):
         """
         Args:
-            logits: `[batch, queries, num_labels + 1]`; pred_boxes: `[batch, queries, 4]`, cxcywh in [0, 1].
+            logits: `[batch, queries, num_labels + 1]` (softmax) or `[batch, queries, num_labels]` (focal cost);
+                pred_boxes: `[batch, queries, 4]`, cxcywh in [0, 1].
             labels: per image, `class_labels` `[num_targets]` and `boxes` `[num_targets, 4]` cxcywh.
             padded_targets: `pad_targets(labels)`, when the caller matches the same labels several times.
         Returns:
@@ -58,10 +65,15 @@ class HungarianMatcher(nn.Module):
         target_ids, target_boxes = padded_targets if padded_targets is not None else pad_targets(labels)
         target_ids = target_ids.to(logits.device)                      # [batch, max_targets], padding: class 0
         target_boxes = target_boxes.to(logits.device).float()          # [batch, max_targets, 4]
-        probs = logits.float().softmax(-1)                             # [batch, queries, num_labels + 1]
         boxes_cxcywh = pred_boxes.float()                              # [batch, queries, 4]
-        # 1 - p(class) ranks matches the same as -p(class), so the constant is dropped
-        cost_class = -probs.gather(2, target_ids[:, None, :].expand(-1, num_queries, -1))  # [batch, queries, max_t]
+        target_columns = target_ids[:, None, :].expand(-1, num_queries, -1)   # [batch, queries, max_targets]
+        if self.focal_alpha is None:
+            probs = logits.float().softmax(-1)                         # [batch, queries, num_labels + 1]
+            # 1 - p(class) ranks matches the same as -p(class), so the constant is dropped
+            cost_class = -probs.gather(2, target_columns)              # [batch, queries, max_targets]
+        else:
+            probs = logits.float().sigmoid().gather(2, target_columns)  # [batch, queries, max_targets]
+            cost_class = focal_matching_cost(probs, self.focal_alpha, self.focal_gamma)
         cost_bbox = torch.cdist(boxes_cxcywh, target_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))
         cost = self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
@@ -73,6 +85,34 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+def focal_matching_cost(probs: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """The focal loss of a positive minus that of a negative, per sigmoid probability (any shape); the 1e-8 inside the
+    logs matches Deformable DETR's matcher (models/matcher.py) and transformers' DeformableDetrHungarianMatcher."""
+    positive = alpha * (1 - probs) ** gamma * -(probs + 1e-8).log()
+    negative = (1 - alpha) * probs ** gamma * -(1 - probs + 1e-8).log()
+    return positive - negative
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Elementwise focal loss (Lin et al. 2017) of per-class sigmoid logits against 0 / 1 targets, same shape:
+    alpha_t (1 - p_t)^gamma BCE(logits, targets). Matches Deformable DETR's models/segmentation.py
+    sigmoid_focal_loss before its reduction."""
+    probs = logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probs * targets + (1 - probs) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * (1 - p_t) ** gamma * bce
+
+
+def varifocal_loss(logits: torch.Tensor, target_scores: torch.Tensor, positives: torch.Tensor, alpha: float,
+                   gamma: float) -> torch.Tensor:
+    """Elementwise varifocal loss (Zhang et al. 2021) as RT-DETR's loss_labels_vfl: BCE against `target_scores` (the
+    IoU at a matched query's class, 0 elsewhere), weighted by the target score on `positives` (1 there, 0 elsewhere)
+    and by alpha p^gamma (p detached) on the negatives."""
+    weight = alpha * logits.detach().sigmoid() ** gamma * (1 - positives) + target_scores
+    return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="none")
+
+
 def pad_targets(labels: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image targets padded to the largest count: class ids `[batch, max_targets]` (padding 0) and cxcywh boxes
     `[batch, max_targets, 4]` (padding: the whole image, a valid box whose cost columns are never read)."""
@@ -82,8 +122,11 @@ def pad_targets(labels: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DetrCustomLoss(nn.Module):
-    """DETR's set-prediction loss: Hungarian matching, then cross-entropy (no-object weighted by
-    `eos_coefficient`), L1 and GIoU on matched boxes; repeated on every auxiliary decoder output.
+    """DETR's set-prediction loss: Hungarian matching, then a class term, L1 and GIoU on matched boxes; repeated on
+    every auxiliary decoder output. The class term (`loss_ce`) is `config.classification_loss`: cross-entropy with
+    "no object" weighted by `eos_coefficient` (DETR), or over the num_labels sigmoid logits the focal loss
+    (Deformable DETR) or the varifocal loss with the matched box's IoU as target (RT-DETR), each summed over queries
+    and classes and divided by `num_boxes`; the matcher then uses the focal cost.
 
     Box losses are divided by `num_boxes`: matched targets summed over all processes / number of processes
     (at least 1), as in the original. The cross-entropy is a weighted mean whose denominator (the sum of class
@@ -94,10 +137,16 @@ class DetrCustomLoss(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost)
+        self.classification_loss = getattr(config, "classification_loss", "cross_entropy")
+        self.sigmoid = uses_sigmoid_classes(config)
+        self.focal_alpha, self.focal_gamma = config.focal_alpha, config.focal_gamma
+        self.varifocal_alpha = config.varifocal_alpha
+        self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost,
+                                        focal_alpha=self.focal_alpha if self.sigmoid else None,
+                                        focal_gamma=self.focal_gamma)
         self.num_labels = config.num_labels
         self.eos_coefficient = config.eos_coefficient
-        self.weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient,
+        self.weights = {"loss_ce": config.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
                         "loss_giou": config.giou_loss_coefficient}
 
     def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False
@@ -177,24 +226,47 @@ class DetrCustomLoss(nn.Module):
         flat_target_idx = torch.cat([target + offset for (_, target), offset in zip(indices, targets["offsets"])])
         flat_target_idx = flat_target_idx.to(logits.device)            # [num_matched]
         matched_classes = targets["classes"][flat_target_idx]          # [num_matched]
-        target_classes = torch.full(logits.shape[:2], self.num_labels, dtype=torch.int64, device=logits.device)
-        target_classes[batch_idx, query_idx] = matched_classes        # [batch, queries], unmatched = no object
-        class_weight = torch.ones(self.num_labels + 1, device=logits.device)
-        class_weight[-1] = self.eos_coefficient
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
-        losses = {"loss_ce": loss_ce / class_weight_sum}
-
         matched_boxes = pred_boxes[batch_idx, query_idx]               # [num_matched, 4]
         target_boxes = targets["boxes"][flat_target_idx]               # [num_matched, 4]
+        matched = (batch_idx, query_idx, matched_classes)
+        if self.sigmoid:
+            losses = {"loss_ce": self._sigmoid_class_loss(logits, matched, matched_boxes, target_boxes, num_boxes)}
+        else:
+            target_classes = torch.full(logits.shape[:2], self.num_labels, dtype=torch.int64, device=logits.device)
+            target_classes[batch_idx, query_idx] = matched_classes    # [batch, queries], unmatched = no object
+            class_weight = torch.ones(self.num_labels + 1, device=logits.device)
+            class_weight[-1] = self.eos_coefficient
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+            losses = {"loss_ce": loss_ce / class_weight_sum}
+
         losses["loss_bbox"] = F.l1_loss(matched_boxes, target_boxes, reduction="none").sum() / num_boxes
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
         losses["loss_giou"] = (1 - giou).sum() / num_boxes             # giou: [num_matched]
 
         with torch.no_grad():   # logging only
-            predicted_objects = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()     # [batch]
+            if self.sigmoid:   # an object where some class has p > 0.5, as Deformable DETR's transformers loss
+                predicted_objects = (logits.max(-1).values > 0).sum(1).float()                   # [batch]
+            else:
+                predicted_objects = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # [batch]
             losses["cardinality_error"] = F.l1_loss(predicted_objects, targets["counts"])
             if log:
                 # no matched objects: nothing to get wrong, 0 % error
                 correct = (logits[batch_idx, query_idx].argmax(-1) == matched_classes).float()
                 losses["class_error"] = 100 * (1 - correct.mean()) if len(correct) else logits.new_zeros(())
         return losses
+
+    def _sigmoid_class_loss(self, logits, matched, matched_boxes, target_boxes, num_boxes: float) -> torch.Tensor:
+        """Focal or varifocal loss over `[batch, queries, num_labels]` sigmoid logits, summed / num_boxes (Deformable
+        DETR's and RT-DETR's normalization: their mean over queries times the number of queries)."""
+        batch_idx, query_idx, matched_classes = matched
+        positives = torch.zeros_like(logits)                            # [batch, queries, num_labels]
+        positives[batch_idx, query_idx, matched_classes] = 1.0
+        if self.classification_loss == "focal":
+            loss = sigmoid_focal_loss(logits, positives, self.focal_alpha, self.focal_gamma)
+        else:
+            with torch.no_grad():   # the target is the box's quality, not something to optimize through
+                iou = elementwise_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
+            target_scores = torch.zeros_like(logits)
+            target_scores[batch_idx, query_idx, matched_classes] = iou.to(logits.dtype)
+            loss = varifocal_loss(logits, target_scores, positives, self.varifocal_alpha, self.focal_gamma)
+        return loss.sum() / num_boxes

@@ -1,7 +1,8 @@
 """DETR (Carion et al. 2020) as a Hugging Face model.
 
 backbone (timm, frozen BatchNorm) -> 1x1 input projection -> transformer encoder (post-norm) -> decoder with
-learned object queries -> class head (num_labels + 1, last = "no object") and 3-layer box MLP with sigmoid.
+learned object queries -> class head (num_labels + 1, last = "no object"; num_labels per-class sigmoid logits with a
+focal or varifocal `classification_loss`) and 3-layer box MLP with sigmoid.
 
 Conventions: `pixel_mask` is 1 on real pixels and 0 on padding (the HF polarity; the original DETR's
 `NestedTensor.mask` is the reverse). Boxes are (center_x, center_y, width, height), normalized by the unpadded
@@ -10,10 +11,11 @@ output is the `memory`, the learned object queries are `query_pos` and the decod
 
 This file holds the outputs, the models and the box head; the parts are one concept per file, as in
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
-`decoder_detr.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading transformers checkpoints in
-`checkpoint_conversion.py`.
+`decoder_detr.py`, `class_head.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading transformers
+checkpoints in `checkpoint_conversion.py`.
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,8 @@ from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
-from .configuration_detr_custom import DetrCustomConfig
+from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
+from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
 from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
 from .fast_paths import fp32_on_cpu
@@ -77,7 +80,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         loss: scalar, only when `labels` are given: the weighted sum of the set-prediction losses.
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
             `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
-        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object".
+        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; a sigmoid head's
+            ([`DetrCustomSigmoidObjectDetectionOutput`]) `[batch, num_queries, num_labels]`, one logit per class.
         pred_boxes: `[batch, num_queries, 4]`, (center_x, center_y, width, height) in [0, 1] relative to each
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer
@@ -87,7 +91,12 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         `to_tuple()` (fields that are None left out), so `loss, loss_dict, logits, pred_boxes, ...` with labels and
         `logits, pred_boxes, ...` without, as transformers' `DetrForObjectDetection` does (like it, the tuple has
         `auxiliary_outputs` only when labels are given).
+
+    The class attribute `class_activation` ("softmax"; "sigmoid" in the subclass) tells the post-processing how to
+    read `logits` (see `DetrCustomImageProcessor.post_process_object_detection`).
     """
+
+    class_activation: ClassVar[str] = "softmax"
 
     loss: torch.Tensor | None = None
     loss_dict: dict | None = None
@@ -103,6 +112,13 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
     feature_mask: torch.Tensor | None = None
+
+
+@dataclass
+class DetrCustomSigmoidObjectDetectionOutput(DetrCustomObjectDetectionOutput):
+    """[`DetrCustomObjectDetectionOutput`] of a sigmoid class head: `logits` `[batch, num_queries, num_labels]`."""
+
+    class_activation: ClassVar[str] = "sigmoid"
 
 
 def _return_dict(config: DetrCustomConfig, return_dict: bool | None) -> bool:
@@ -139,6 +155,8 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
+        if module is getattr(self, "class_embed", None):
+            init_class_head_bias_(module, self.config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -151,6 +169,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         holds every weight, so loading never reaches for the network. The loaded config keeps the saved flag (it
         says how the backbone was first initialized; a model built from that config fetches the weights again)."""
         check_local_checkpoint(pretrained_model_name_or_path, kwargs)
+        replace_class_head_for_a_new_loss(pretrained_model_name_or_path, kwargs)
         # converted to the keys of the class with heads, whichever class loads them
         heads = DetrCustomForObjectDetection
         loading = LOADING_CHECKPOINT.set(True)
@@ -310,13 +329,14 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
 
     `labels`: one dict per image with `class_labels` int64 `[num_objects]` in `[0, num_labels)` and `boxes` float
     `[num_objects, 4]`, (center_x, center_y, width, height) normalized by the image's unpadded size. The loss is
-    computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]).
+    computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]). The class
+    head follows `config.classification_loss` (`class_head.py`): softmax with "no object" (DETR) or per-class sigmoid.
     """
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config)
         self.model = DetrCustomModel(config)
-        self.class_embed = nn.Linear(config.d_model, config.num_labels + 1)   # + 1: "no object"
+        self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
         self.bbox_embed = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
         self.criterion = DetrCustomLoss(config)
         self.post_init()
@@ -340,7 +360,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         if not self.config.auxiliary_loss:
             intermediate = intermediate[-1:]
         with fp32_on_cpu(intermediate) as intermediate:
-            all_logits = self.class_embed(intermediate)                 # [layers, batch, queries, num_labels + 1]
+            all_logits = self.class_embed(intermediate)                 # [layers, batch, queries, classes]
             all_boxes = self.bbox_embed(intermediate).sigmoid()         # [layers, batch, queries, 4]
         auxiliary_outputs = None
         if self.config.auxiliary_loss:
@@ -353,7 +373,9 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         return_dict = _return_dict(self.config, return_dict)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
-        output = DetrCustomObjectDetectionOutput(
+        output_class = (DetrCustomSigmoidObjectDetectionOutput if uses_sigmoid_classes(self.config)
+                        else DetrCustomObjectDetectionOutput)
+        output = output_class(
             loss=loss,
             loss_dict=loss_dict,
             logits=all_logits[-1],

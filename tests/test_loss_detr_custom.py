@@ -1,5 +1,6 @@
 """Matcher and set-prediction loss: optimality, batch invariance, edge cases, gradients, multi-process."""
 import itertools
+import math
 import os
 
 import pytest
@@ -156,3 +157,101 @@ def test_loss_is_the_same_on_one_and_two_processes():
              nprocs=2, join=True)
     # box losses are normalized by all matched boxes / world size, the class loss by all class weights / world size
     assert results[0] == pytest.approx(single, rel=1e-5) and results[1] == pytest.approx(single, rel=1e-5)
+
+
+# ---------------------------------------------------------------- sigmoid heads against transformers' references
+
+
+def _sigmoid_case(seed, batch=3, queries=12, classes=5):
+    generator = torch.Generator().manual_seed(seed)
+    layers = [(torch.randn((batch, queries, classes), generator=generator) * 2,
+               _random_boxes(batch * queries, generator).view(batch, queries, 4)) for _ in range(2)]
+    counts = [3, 0, 5][:batch]
+    labels = [{"class_labels": torch.randint(0, classes, (n,), generator=generator),
+               "boxes": _random_boxes(n, generator)} for n in counts]
+    return layers, labels
+
+
+def _sigmoid_config(loss, classes=5, **overrides):
+    return DetrCustomConfig(**tiny_kwargs(num_labels=classes, classification_loss=loss, class_cost=2.0, **overrides))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_focal_matcher_and_loss_equal_transformers_deformable_detr(seed):
+    from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher, DeformableDetrImageLoss
+
+    (last, aux), labels = _sigmoid_case(seed)
+    criterion = DetrCustomLoss(_sigmoid_config("focal"))
+    reference_matcher = DeformableDetrHungarianMatcher(class_cost=2.0, bbox_cost=5.0, giou_cost=2.0)
+    ours = criterion.matcher(*last, labels)
+    theirs = reference_matcher({"logits": last[0], "pred_boxes": last[1]}, labels)
+    assert [[t.tolist() for t in pair] for pair in ours] == [[t.tolist() for t in pair] for pair in theirs]
+
+    reference = DeformableDetrImageLoss(reference_matcher, num_classes=5, focal_alpha=0.25,
+                                        losses=["labels", "boxes", "cardinality"])
+    expected = reference({"logits": last[0], "pred_boxes": last[1],
+                          "auxiliary_outputs": [{"logits": aux[0], "pred_boxes": aux[1]}]}, labels)
+    _, found = criterion(*last, labels, auxiliary_outputs=[{"logits": aux[0], "pred_boxes": aux[1]}])
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "loss_ce_0", "loss_bbox_0", "loss_giou_0"):
+        assert found[name].item() == pytest.approx(expected[name].item(), rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_varifocal_matcher_and_loss_equal_transformers_rt_detr(seed):
+    from transformers import RTDetrConfig
+    from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher, RTDetrLoss
+
+    (last, aux), labels = _sigmoid_case(seed)
+    reference_config = RTDetrConfig(num_labels=5, use_focal_loss=True)   # matcher 2 / 5 / 2, alpha .25, VFL alpha .75
+    criterion = DetrCustomLoss(_sigmoid_config("varifocal"))
+    ours = criterion.matcher(*last, labels)
+    theirs = RTDetrHungarianMatcher(reference_config)({"logits": last[0], "pred_boxes": last[1]}, labels)
+    assert [[t.tolist() for t in pair] for pair in ours] == [[t.tolist() for t in pair] for pair in theirs]
+
+    # RTDetrLoss returns weighted terms (vfl 1, bbox 5, giou 2) and names auxiliary ones <name>_aux_<layer>
+    expected = RTDetrLoss(reference_config)({"logits": last[0], "pred_boxes": last[1],
+                                             "auxiliary_outputs": [{"logits": aux[0], "pred_boxes": aux[1]}]}, labels)
+    _, found = criterion(*last, labels, auxiliary_outputs=[{"logits": aux[0], "pred_boxes": aux[1]}])
+    for ours_name, theirs_name, weight in (("loss_ce", "loss_vfl", 1), ("loss_bbox", "loss_bbox", 5),
+                                           ("loss_giou", "loss_giou", 2), ("loss_ce_0", "loss_vfl_aux_0", 1),
+                                           ("loss_bbox_0", "loss_bbox_aux_0", 5)):
+        assert found[ours_name].item() * weight == pytest.approx(expected[theirs_name].item(), rel=1e-6, abs=1e-7)
+
+
+def test_focal_and_varifocal_losses_equal_the_formulas_on_hand_cases():
+    # one image, one query, two classes; the query is matched to class 1 with a box of IoU 0.5 with its target
+    logits = torch.tensor([[[0.5, -1.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4]]])
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    p0, p1 = torch.sigmoid(torch.tensor(0.5)).item(), torch.sigmoid(torch.tensor(-1.0)).item()
+    alpha, gamma = 0.25, 2.0
+    # focal: class 0 negative, class 1 positive; / num_boxes = 1
+    focal = (1 - alpha) * p0 ** gamma * -math.log(1 - p0) + alpha * (1 - p1) ** gamma * -math.log(p1)
+    _, found = DetrCustomLoss(_sigmoid_config("focal", classes=2, auxiliary_loss=False))(logits, boxes, labels)
+    assert found["loss_ce"].item() == pytest.approx(focal, rel=1e-6)
+    # varifocal: target q = IoU = 0.5 at class 1, weighted by q; class 0 negative weighted by 0.75 p^gamma
+    iou = 0.5
+    varifocal = (0.75 * p0 ** gamma * -math.log(1 - p0)
+                 + iou * -(iou * math.log(p1) + (1 - iou) * math.log(1 - p1)))
+    _, found = DetrCustomLoss(_sigmoid_config("varifocal", classes=2, auxiliary_loss=False))(logits, boxes, labels)
+    assert found["loss_ce"].item() == pytest.approx(varifocal, rel=1e-6)
+    # the focal matching cost prefers the query whose target class is likely
+    matcher = HungarianMatcher(class_cost=1.0, bbox_cost=0.0, giou_cost=0.0, focal_alpha=0.25)
+    (query, _), = matcher(torch.tensor([[[-3.0, 0.0], [3.0, 0.0]]]), torch.rand(1, 2, 4) * 0.2 + 0.4,
+                          [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])
+    assert query.tolist() == [1]
+
+
+def test_varifocal_target_is_detached_and_focal_normalizes_globally():
+    (last, _), labels = _sigmoid_case(0)
+    logits, boxes = last[0].clone().requires_grad_(), last[1].clone().requires_grad_()
+    _, found = DetrCustomLoss(_sigmoid_config("varifocal", auxiliary_loss=False))(logits, boxes, labels)
+    found["loss_ce"].backward()
+    assert boxes.grad is None or boxes.grad.abs().sum() == 0       # the IoU target carries no box gradient
+    assert logits.grad.abs().sum() > 0
+    # the class weight applies to the class term only, and 1.0 leaves today's total unchanged
+    config = _sigmoid_config("focal", auxiliary_loss=False)
+    total, terms = DetrCustomLoss(config)(*last, labels)
+    config.class_loss_coefficient = 2.0
+    doubled, _ = DetrCustomLoss(config)(*last, labels)
+    assert (doubled - total).item() == pytest.approx(terms["loss_ce"].item(), rel=1e-5)

@@ -35,6 +35,18 @@ class ModelArguments:
     position_embedding_type: str = field(default="sine", metadata={"help": "'sine' or 'learned'."})
     auxiliary_loss: bool = field(default=True, metadata={"help": "Loss on every decoder layer (the original)."})
     eos_coefficient: float = field(default=0.1, metadata={"help": "Class weight of 'no object'."})
+    # the class term (configuration_detr_custom.DetrCustomConfig's fields of the same names); None: the checkpoint's
+    # value with model_name_or_path, the config's default for a new model
+    classification_loss: str | None = field(default=None, metadata={
+        "help": "'cross_entropy' (DETR: softmax + 'no object'), 'focal' (Deformable DETR: per-class sigmoid focal "
+                "loss) or 'varifocal' (RT-DETR: the matched box's IoU as class target). A sigmoid one on a softmax "
+                "checkpoint gives it a new class head. None: the checkpoint's (new models: cross_entropy).",
+        "choices": ["cross_entropy", "focal", "varifocal"]})
+    focal_alpha: float | None = field(default=None, metadata={"help": "Focal loss and matching cost alpha (0.25)."})
+    focal_gamma: float | None = field(default=None, metadata={"help": "Focal and varifocal gamma (2)."})
+    varifocal_alpha: float | None = field(default=None, metadata={"help": "Varifocal weight of negatives (0.75)."})
+    class_loss_coefficient: float | None = field(default=None, metadata={
+        "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
 
 
 @dataclass
