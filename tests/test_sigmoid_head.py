@@ -213,3 +213,18 @@ def test_sigmoid_remote_code_folder_pipeline_without_the_package(tmp_path):
     found = [tuple(d) for d in json.loads(result.stdout.strip().splitlines()[-1])]
     assert len(found) == 30
     assert found == [(d["label"], round(d["score"], 5), d["box"]) for d in expected]
+
+
+def test_training_script_trains_a_varifocal_model_and_fine_tuning_keeps_its_head(tmp_path, data_dir):
+    """--classification_loss reaches the new model's config; fine-tuning its folder without the option keeps it."""
+    from tiny_run import run, write_config
+
+    run(write_config(tmp_path / "new", data_dir, max_steps=2, eval_steps=2, classification_loss="varifocal",
+                     class_cost=2.0))
+    folder = tmp_path / "new" / "run" / "last"
+    model = DetrCustomForObjectDetection.from_pretrained(folder)
+    assert model.config.classification_loss == "varifocal" and model.config.class_cost == 2.0
+    assert model.class_embed.out_features == model.config.num_labels          # no "no object" column
+    run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder)))
+    tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
+    assert tuned.config.classification_loss == "varifocal" and tuned.config.class_cost == 2.0

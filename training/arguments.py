@@ -47,6 +47,8 @@ class ModelArguments:
     varifocal_alpha: float | None = field(default=None, metadata={"help": "Varifocal weight of negatives (0.75)."})
     class_loss_coefficient: float | None = field(default=None, metadata={
         "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
+    class_cost: float | None = field(default=None, metadata={
+        "help": "Matching cost weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
 
 
 @dataclass

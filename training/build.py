@@ -60,11 +60,19 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
     return train, val, categories
 
 
+# ModelArguments fields that are None unless given: then the checkpoint's value (model_name_or_path) or the config's
+# default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
+OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
+                          "class_loss_coefficient", "class_cost")
+
+
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
     labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
+    options = {name: getattr(model_args, name) for name in OPTIONAL_CONFIG_FIELDS
+               if getattr(model_args, name) is not None}
     if model_args.model_name_or_path:
         model = DetrCustomForObjectDetection.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels)
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **options)
         logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
                     "another count; the rest of the model is loaded)", model_args.model_name_or_path,
                     labels["num_labels"])
@@ -78,7 +86,7 @@ def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDe
         decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
         attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
         position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
-        eos_coefficient=model_args.eos_coefficient, **labels)
+        eos_coefficient=model_args.eos_coefficient, **labels, **options)
     return DetrCustomForObjectDetection(config)
 
 
