@@ -32,35 +32,40 @@ def multi_scale_deformable_attention(
                                           # 0 first, then level 1, ...
     attention_weights: torch.Tensor,      # [batch, queries, heads, points]
     num_points: Sequence[int],            # points per level, summing to `points`
-    level_start_index: Sequence[int] | None = None,   # [levels] where each level starts in `sequence`
+    level_start_index=None,               # [levels] where each level starts in `sequence`; only checked
 ) -> torch.Tensor:                        # [batch, queries, heads * head_dim]
     """Bilinear samples of each level's value at the given locations, weighted and summed over points and levels.
 
-    One `grid_sample` per level with the heads folded into the batch (the reference's layout). A location outside
-    [0, 1] reads zeros, as does the half pixel beyond the outermost centres.
+    One `grid_sample` per level with the heads folded into the batch, as the reference; a location outside [0, 1]
+    reads zeros, as does the half pixel beyond the outermost centres. Faster on CPU than the reference's layout
+    (benchmarks/bench_attention_deformable.py): each level's value is handed over channels-last (one cache-friendly
+    copy per level instead of a transpose of the whole value), the points are the rows of the sampled grid so the
+    weighted sum runs over a middle dimension with the queries innermost, and the value is split rather than sliced
+    (its gradient is one concatenation, not a zero-filled full-size tensor per level).
     """
     batch, _, heads, head_dim = value.shape
     queries = sampling_locations.shape[1]
     shapes = _shapes_as_list(spatial_shapes)
-    if level_start_index is None:
-        level_start_index = [0, *itertools.accumulate(h * w for h, w in shapes[:-1])]
-    elif isinstance(level_start_index, torch.Tensor):
-        level_start_index = level_start_index.tolist()
+    sizes = [height * width for height, width in shapes]
+    if level_start_index is not None:
+        starts = level_start_index.tolist() if isinstance(level_start_index, torch.Tensor) else level_start_index
+        if [int(start) for start in starts] != [0, *itertools.accumulate(sizes[:-1])]:
+            raise ValueError(f"level_start_index {list(starts)} does not match spatial_shapes {shapes}: the levels "
+                             f"are concatenated in order, so level l starts at the sum of the earlier h * w.")
     # sampled in the wider of the two dtypes (fp32 locations with a bf16 value: fp32, as autocast does), returned in
     # the value's dtype
     dtype, out_dtype = torch.promote_types(value.dtype, sampling_locations.dtype), value.dtype
-    # one copy for all levels: [batch * heads, head_dim, sequence], each level a view of it
-    value = value.permute(0, 2, 3, 1).flatten(0, 1).to(dtype)
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)   # [batch * heads, queries, points, 2]
-    weights = attention_weights.transpose(1, 2).flatten(0, 1)            # [batch * heads, queries, points]
-    grids, weights = grids.split(list(num_points), dim=2), weights.split(list(num_points), dim=2)
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 1, 4).flatten(0, 1)   # [batch * heads, points, queries, 2]
+    weights = attention_weights.permute(0, 2, 3, 1).flatten(0, 1)              # [batch * heads, points, queries]
+    grids, weights = grids.split(list(num_points), dim=1), weights.split(list(num_points), dim=1)
     output = None
-    for (height, width), start, grid, weight in zip(shapes, level_start_index, grids, weights):
-        value_level = value[:, :, start:start + height * width].unflatten(-1, (height, width))
-        # [batch * heads, head_dim, queries, points of this level]
-        sampled = F.grid_sample(value_level, grid.to(dtype), mode="bilinear", padding_mode="zeros",
-                                align_corners=False)
-        level_output = (sampled * weight[:, None]).sum(-1)              # [batch * heads, head_dim, queries]
+    for (height, width), value_level, grid, weight in zip(shapes, value.split(sizes, dim=1), grids, weights):
+        # [batch * heads, head_dim, height, width], channels-last in memory
+        value_level = value_level.transpose(1, 2).reshape(batch * heads, height, width, head_dim).to(dtype)
+        # [batch * heads, head_dim, points, queries]
+        sampled = F.grid_sample(value_level.permute(0, 3, 1, 2), grid.to(dtype), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)
+        level_output = (sampled * weight[:, None]).sum(2)               # [batch * heads, head_dim, queries]
         output = level_output if output is None else output + level_output
     return output.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype)
 

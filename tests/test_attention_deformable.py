@@ -226,9 +226,27 @@ def test_bad_inputs_say_what_to_fix():
         ours(query, reference, value, SHAPES[:2])
     with pytest.raises(ValueError, match="reference_points"):
         ours(query, reference[..., :1], value, SHAPES)
+    with pytest.raises(ValueError, match="level_start_index"):
+        ours(query, reference, value, SHAPES, level_start_index=[0, 40, 54])
     with pytest.raises(ValueError, match="value_mask"):
         ours(query, reference, value, SHAPES, value_mask=mask[:, :-1])
     with pytest.raises(ValueError, match="divisible"):
         DetrCustomDeformableAttention(30, 4, 3)
     with pytest.raises(ValueError, match="num_points"):
         DetrCustomDeformableAttention(32, 4, 3, num_points=[4, 4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_in_fp32_and_runs_bf16_autocast():
+    _, ours = transformers_and_ours()
+    inputs = make_inputs(4)
+    query, reference, value, mask = inputs
+    with torch.no_grad():
+        expected, _ = ours(query, reference, value, SHAPES, value_mask=mask)
+        ours = ours.cuda()
+        cuda_inputs = [tensor.cuda() for tensor in inputs]
+        output, _ = ours(*cuda_inputs[:3], SHAPES, value_mask=cuda_inputs[3])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16, _ = ours(*cuda_inputs[:3], SHAPES, value_mask=cuda_inputs[3])
+    torch.testing.assert_close(output.cpu(), expected, atol=1e-5, rtol=1e-5)
+    assert (bf16.float().cpu() - expected).abs().max() < 0.02 * expected.abs().max()
