@@ -132,7 +132,7 @@ class DetrCustomDeformableAttention(nn.Module):
             if reference_points.shape[-1] == 2:
                 scaled = torch.stack([level_offsets[..., 0] / width, level_offsets[..., 1] / height], -1)
             else:
-                scaled = level_offsets * (self.offset_scale / points) * reference[..., 2:]
+                scaled = level_offsets / points * reference[..., 2:] * self.offset_scale   # Deformable DETR's order
             locations.append(reference[..., :2] + scaled)   # [batch, queries, heads, points of this level, 2]
         return torch.cat(locations, dim=3)
 
