@@ -1,5 +1,6 @@
 """Deformable decoder: parity with transformers' DeformableDetrDecoderLayer / DeformableDetrDecoder (copied weights,
 with and without iterative box refinement), the stop-gradient between layers, inverse_sigmoid."""
+import functools
 import re
 
 import pytest
@@ -157,3 +158,26 @@ def test_bad_inputs_say_what_to_fix():
         decoder(query, query_pos, reference[..., :3], memory, SHAPES)
     with pytest.raises(ValueError, match="box_heads"):
         decoder(query, query_pos, reference, memory, SHAPES, box_heads=box_heads()[:2])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, our_config = configs()
+    decoder = randomize_(DetrCustomDeformableDecoder(our_config, len(SHAPES), POINTS)).train()
+    heads = box_heads()
+    query, query_pos, reference, memory, valid_ratios, mask = make_inputs(4)
+
+    def gradients():
+        decoder.zero_grad()
+        output = decoder(query, query_pos, reference, memory, SHAPES, valid_ratios, mask, box_heads=heads)
+        (output.intermediate.square().mean() + output.boxes.sum()).backward()
+        return [p.grad.clone() for p in decoder.parameters()]
+
+    calls = []
+    decoder.layers[0].cross_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    expected = gradients()
+    for layer in decoder.layers:      # what PreTrainedModel.gradient_checkpointing_enable sets on each layer
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for actual, wanted in zip(gradients(), expected):
+        torch.testing.assert_close(actual, wanted)
+    assert len(calls) == 3            # once without checkpointing; forward + recompute in backward with it
