@@ -50,13 +50,15 @@ class DetrCustomDeformableDecoderOutput(ModelOutput):
 
 class DetrCustomDeformableDecoderLayer(GradientCheckpointingLayer):
     """Post-norm layer: self-attention between the queries (position added to queries and keys), deformable
-    cross-attention from `hidden_states + query_pos` to the memory's levels, FFN (Deformable DETR's decoder layer)."""
+    cross-attention from `hidden_states + query_pos` to the memory's levels, FFN (Deformable DETR's decoder layer,
+    and RT-DETRv2's, whose box offsets may be scaled by another `offset_scale`)."""
 
-    def __init__(self, config: DetrCustomConfig, num_levels: int, num_points: int | list[int] = 4):
+    def __init__(self, config: DetrCustomConfig, num_levels: int, num_points: int | list[int] = 4,
+                 offset_scale: float = 0.5):
         super().__init__()
         d_model, heads = config.d_model, config.decoder_attention_heads
         self.self_attn = DetrCustomAttention(d_model, heads, config.attention_dropout, config)
-        self.cross_attn = DetrCustomDeformableAttention(d_model, heads, num_levels, num_points)
+        self.cross_attn = DetrCustomDeformableAttention(d_model, heads, num_levels, num_points, offset_scale)
         self.linear1 = nn.Linear(d_model, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -91,30 +93,36 @@ class DetrCustomDeformableDecoder(nn.Module):
     """Stack of deformable decoder layers with optional iterative box refinement (no final LayerNorm: each layer
     ends in one, as in Deformable DETR)."""
 
-    def __init__(self, config: DetrCustomConfig, num_levels: int, num_points: int | list[int] = 4):
+    def __init__(self, config: DetrCustomConfig, num_levels: int, num_points: int | list[int] = 4,
+                 offset_scale: float = 0.5):
         super().__init__()
-        self.layers = nn.ModuleList(DetrCustomDeformableDecoderLayer(config, num_levels, num_points)
+        self.layers = nn.ModuleList(DetrCustomDeformableDecoderLayer(config, num_levels, num_points, offset_scale)
                                     for _ in range(config.decoder_layers))
 
     def forward(
         self,
         query: torch.Tensor,                          # [batch, queries, d_model], the content part (tgt)
-        query_pos: torch.Tensor,                      # [batch, queries, d_model]
+        query_pos: torch.Tensor | None,               # [batch, queries, d_model]; None with query_pos_head
         reference_points: torch.Tensor,               # [batch, queries, 2] (x, y) or [.., 4] cxcywh, in [0, 1]
         memory: torch.Tensor,                         # [batch, sequence, d_model]
         spatial_shapes,                               # [levels] of (height, width)
         valid_ratios: torch.Tensor | None = None,     # [batch, levels, 2] visible (w, h) fraction; None = no padding
         memory_mask: torch.Tensor | None = None,      # [batch, sequence], True = real pixel
         box_heads=None,                               # one module per layer: d_model -> 4 box-delta logits
+        query_pos_head=None,                          # module: references [.., 2 or 4] -> query_pos [.., d_model]
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> DetrCustomDeformableDecoderOutput:
         """With `box_heads`, each layer's refined boxes (`refine_boxes`) are the next layer's reference, detached
         (stop-gradient between layers, as Deformable DETR and RT-DETR); without, every layer uses the given
-        references."""
+        references. With `query_pos_head`, each layer's query position is computed from the references it samples
+        around (RT-DETR, DAB-DETR) instead of being `query_pos`."""
         if reference_points.shape[-1] not in (2, 4) or reference_points.shape[:2] != query.shape[:2]:
             raise ValueError(f"reference_points must be [batch, queries, 2] (x, y) or [batch, queries, 4] (cx, cy, "
                              f"w, h) = {list(query.shape[:2])} + [2 or 4], got {list(reference_points.shape)}.")
+        if query_pos is None and query_pos_head is None:
+            raise ValueError("pass query_pos (learned query positions) or query_pos_head (positions from the "
+                             "reference boxes).")
         if box_heads is not None and len(box_heads) != len(self.layers):
             raise ValueError(f"box_heads has {len(box_heads)} heads for {len(self.layers)} layers; pass one per "
                              f"layer (or None for no refinement).")
@@ -127,6 +135,8 @@ class DetrCustomDeformableDecoder(nn.Module):
         for index, layer in enumerate(self.layers):
             ratios = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             level_references = reference_points[:, :, None] * ratios[:, None]   # [batch, queries, levels, 2 or 4]
+            if query_pos_head is not None:
+                query_pos = query_pos_head(reference_points)
             hidden_states, cross_weights = layer(hidden_states, query_pos, level_references, memory, spatial_shapes,
                                                  memory_mask)
             intermediate.append(hidden_states)

@@ -1,15 +1,17 @@
 """Deformable decoder: parity with transformers' DeformableDetrDecoderLayer / DeformableDetrDecoder (copied weights,
-with and without iterative box refinement), the stop-gradient between layers, inverse_sigmoid."""
+with and without iterative box refinement) and RTDetrV2Decoder (query positions from the boxes), the stop-gradient
+between layers, inverse_sigmoid, gradient checkpointing."""
 import functools
 import re
 
 import pytest
 import torch
 from torch import nn
-from transformers import DeformableDetrConfig
+from transformers import DeformableDetrConfig, RTDetrV2Config
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrDecoder, DeformableDetrDecoderLayer, DeformableDetrMLPPredictionHead)
 from transformers.models.deformable_detr.modeling_deformable_detr import inverse_sigmoid as reference_inverse_sigmoid
+from transformers.models.rt_detr_v2.modeling_rt_detr_v2 import RTDetrV2Decoder
 
 from modeling_detr_custom import DetrCustomConfig
 from modeling_detr_custom.decoder_deformable import (
@@ -123,6 +125,35 @@ def test_decoder_matches_transformers(reference_dim, refine):
             assert torch.equal(layer_reference, expected_reference)
 
 
+def test_decoder_matches_transformers_rt_detr_v2():
+    their_config = RTDetrV2Config(d_model=D_MODEL, decoder_attention_heads=HEADS, decoder_ffn_dim=64,
+                                  decoder_n_levels=len(SHAPES), decoder_n_points=POINTS, decoder_layers=LAYERS,
+                                  decoder_offset_scale=0.6, **NO_DROPOUT)
+    _, our_config = configs()
+    theirs = randomize_(RTDetrV2Decoder(their_config)).eval()
+    for layer in theirs.layers:
+        layer.encoder_attn.n_points_scale.fill_(1.0 / POINTS)       # a buffer (1 / points per level), not a weight
+    theirs.bbox_embed = heads = box_heads()
+    ours = DetrCustomDeformableDecoder(our_config, len(SHAPES), POINTS, offset_scale=0.6).eval()
+    ours.load_state_dict({k: v for k, v in converted(theirs.state_dict()).items()
+                          if not k.startswith(("bbox_embed", "query_pos_head")) and "n_points_scale" not in k})
+    query, _, _, memory, _, _ = make_inputs(4)
+    box_logits = torch.randn(BATCH, QUERIES, 4, generator=torch.Generator().manual_seed(5))
+    shapes, level_start_index = spatial_inputs()
+    with torch.no_grad():
+        expected = theirs(inputs_embeds=query, encoder_hidden_states=memory, reference_points=box_logits,
+                          spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=level_start_index)
+        output = ours(query, None, box_logits.sigmoid(), memory, SHAPES, box_heads=heads,
+                      query_pos_head=theirs.query_pos_head)
+    expected_states = expected.intermediate_hidden_states.transpose(0, 1)
+    torch.testing.assert_close(output.intermediate[0], expected_states[0], atol=1e-5, rtol=1e-5)
+    # RT-DETRv2 scales box offsets by a stored float32 1 / points, we divide (Deformable DETR's order): ~1e-6 apart
+    # after one layer, and each refined box moves the next layer's samples, ~5x more per layer
+    torch.testing.assert_close(output.intermediate, expected_states, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(output.boxes, expected.intermediate_reference_points.transpose(0, 1),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_refinement_stops_gradients_between_layers():
     _, our_config = configs()
     decoder = randomize_(DetrCustomDeformableDecoder(our_config, len(SHAPES), POINTS))
@@ -156,6 +187,8 @@ def test_bad_inputs_say_what_to_fix():
     query, query_pos, reference, memory, valid_ratios, mask = make_inputs(4)
     with pytest.raises(ValueError, match="reference_points"):
         decoder(query, query_pos, reference[..., :3], memory, SHAPES)
+    with pytest.raises(ValueError, match="query_pos_head"):
+        decoder(query, None, reference, memory, SHAPES)
     with pytest.raises(ValueError, match="box_heads"):
         decoder(query, query_pos, reference, memory, SHAPES, box_heads=box_heads()[:2])
 
