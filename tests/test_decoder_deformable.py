@@ -108,7 +108,10 @@ def test_decoder_matches_transformers(reference_dim, refine):
                           object_queries_position_embeddings=query_pos, reference_points=reference,
                           spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=level_start_index,
                           valid_ratios=valid_ratios)
-        output = ours(query, query_pos, reference, memory, SHAPES, valid_ratios, mask, box_heads=heads)
+        output = ours(query, query_pos, reference, memory, SHAPES, valid_ratios, mask, box_heads=heads,
+                      output_attentions=True, output_hidden_states=True)
+    assert len(output.hidden_states) == LAYERS + 1 and output.hidden_states[0] is query
+    assert [tuple(w.shape) for w in output.cross_attentions] == [(BATCH, QUERIES, HEADS, len(SHAPES) * POINTS)] * 3
     torch.testing.assert_close(output.intermediate, expected.intermediate_hidden_states.transpose(0, 1),
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(output.intermediate[-1], expected.last_hidden_state, atol=1e-5, rtol=1e-5)
