@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -109,19 +110,21 @@ class DetrCustomDeformableAttention(nn.Module):
     def reset_parameters(self):
         """Deformable DETR's init: offsets start on a ring of directions, one per head (cos, sin of 2 pi h / heads,
         scaled so the larger coordinate is 1), the k-th point of each level k times as far out; uniform attention
-        weights; xavier-uniform projections with zero bias."""
-        nn.init.zeros_(self.sampling_offsets.weight)
+        weights; xavier-uniform projections with zero bias. Written with transformers' `initialization` functions,
+        which leave alone a parameter that `from_pretrained` has already loaded, so a model's `_init_weights` may
+        call this."""
+        init.zeros_(self.sampling_offsets.weight)
         angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
         directions = torch.stack([angles.cos(), angles.sin()], -1)                 # [heads, 2]
         directions = directions / directions.abs().max(-1, keepdim=True).values
         # point k of a level (counted from 1 within its level) goes k steps along its head's direction
         steps = torch.cat([torch.arange(1, n + 1, dtype=torch.float32) for n in self.num_points])   # [points]
-        self.sampling_offsets.bias.copy_((directions[:, None, :] * steps[None, :, None]).flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        init.copy_(self.sampling_offsets.bias, (directions[:, None, :] * steps[None, :, None]).flatten())
+        init.zeros_(self.attention_weights.weight)
+        init.zeros_(self.attention_weights.bias)
         for projection in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(projection.weight)
-            nn.init.zeros_(projection.bias)
+            init.xavier_uniform_(projection.weight)
+            init.zeros_(projection.bias)
 
     def _sampling_locations(self, reference_points, offsets, shapes):
         # per level: the reference's points (x, y) plus the offsets in that level's units
