@@ -97,6 +97,17 @@ class DetrCustomConfig(PreTrainedConfig):
             focal_loss_alpha; its gamma is `focal_gamma`).
         class_loss_coefficient: weight of the class term in the total loss (1, as DETR and RT-DETR; Deformable DETR
             and DINO use 2 with focal loss, with class_cost 2).
+        backbone_weights: path of a local weights file (`.pth` / `.safetensors`) loaded into the backbone when the
+            model is built from a config: pretrained weights without the Hub. It replaces timm's download (whatever
+            `use_pretrained_backbone` says) and is loaded strictly: timm's key format (a timm model's `state_dict()`;
+            torchvision's ResNets have the same keys) or torchvision's MobileNetV2 (mapped onto timm's
+            `mobilenetv2_100`), see `backbone_weights.py`; a missing, unexpected or mis-shaped tensor is an error that
+            lists them, except the classifier / head tensors that `features_only` drops, which are ignored.
+            `from_pretrained` never reads the file (the checkpoint holds every weight): a saved folder loads where
+            the file does not exist. The loaded config keeps the path as a record; a model built anew from that
+            config reads the file again.
+        backbone_weights_sha256: the file's expected sha256 (64 hex digits), checked before loading; None skips the
+            check.
     """
 
     model_type = "detr_custom"
@@ -139,6 +150,8 @@ class DetrCustomConfig(PreTrainedConfig):
     focal_gamma: float | int = 2.0
     varifocal_alpha: float | int = 0.75
     class_loss_coefficient: float | int = 1.0
+    backbone_weights: str | None = None      # a local .pth / .safetensors file for the backbone
+    backbone_weights_sha256: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
