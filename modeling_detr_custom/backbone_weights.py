@@ -145,9 +145,11 @@ def load_backbone_weights(model: nn.Module, path: str | pathlib.Path, sha256: st
                   for key in set(state_dict) & set(expected) if state_dict[key].shape != expected[key].shape}
     if missing or unexpected or mis_shaped:
         hint = ""
-        if not set(state_dict) & set(expected):
-            hint = (f"\n  No key of the file matches: it is another architecture than {name} (file keys look like "
-                    f"{sorted(state_dict)[:3]}, the backbone's like {sorted(expected)[:3]}).")
+        fitting = len(set(state_dict) & set(expected)) - len(mis_shaped)
+        if fitting < len(expected) / 2:
+            hint = (f"\n  Only {fitting} of the backbone's {len(expected)} tensors are in the file with their shape: "
+                    f"the file holds another architecture than {name} (file keys look like {sorted(state_dict)[:3]}, "
+                    f"the backbone's like {sorted(expected)[:3]}).")
         raise ValueError(
             f"backbone weights file {path} ({source_format} format, {len(state_dict)} tensors) does not fit backbone "
             f"{name}:" + (_listing("missing from the file", missing) if missing else "")

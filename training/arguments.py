@@ -49,6 +49,13 @@ class ModelArguments:
         "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
     class_cost: float | None = field(default=None, metadata={
         "help": "Matching cost weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
+    backbone_weights: str | None = field(default=None, metadata={
+        "help": "A local .pth / .safetensors file of pretrained backbone weights (new models only; no Hub): timm's "
+                "keys, torchvision's ResNet or MobileNetV2 (mapped). Loaded strictly; replaces "
+                "use_pretrained_backbone. `make weights` fetches ImageNet MobileNetV2 weights (backbone "
+                "mobilenetv2_100)."})
+    backbone_weights_sha256: str | None = field(default=None, metadata={
+        "help": "The backbone_weights file's expected sha256, checked before loading."})
 
 
 @dataclass

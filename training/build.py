@@ -86,7 +86,8 @@ def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDe
         decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
         attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
         position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
-        eos_coefficient=model_args.eos_coefficient, **labels, **options)
+        eos_coefficient=model_args.eos_coefficient, backbone_weights=model_args.backbone_weights,
+        backbone_weights_sha256=model_args.backbone_weights_sha256, **labels, **options)
     return DetrCustomForObjectDetection(config)
 
 
