@@ -104,7 +104,10 @@ def torchvision_mobilenet_v2_to_timm(state_dict, timm_keys) -> dict[str, torch.T
 def keys_dropped_by_features_only(body: nn.Module, model_name: str, **create_kwargs) -> set[str]:
     """The state-dict keys of the full timm model (built on the meta device: no memory, no init cost) that its
     `features_only` version `body` lacks: the classifier and whatever head sits after the last feature stage."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            full = timm.create_model(model_name, pretrained=False, **create_kwargs)
+    except Exception:  # noqa: BLE001 - a model whose init cannot run on meta tensors is built for real
         full = timm.create_model(model_name, pretrained=False, **create_kwargs)
     return set(full.state_dict()) - set(body.state_dict())
 

@@ -65,11 +65,16 @@ def test_torchvision_mobilenet_v2_keys_map_onto_timm_with_torchvision_outputs(tm
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_torchvision_resnet18_file_gives_torchvision_features(tmp_path, suffix):
+def test_torchvision_resnet18_file_gives_torchvision_features(tmp_path, suffix, monkeypatch):
     reference = _randomized(torchvision.models.resnet18())
     path = _save(reference.state_dict(), tmp_path / f"resnet18{suffix}")
-    backbone = DetrCustomBackbone(DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=False,
+    pretrained_asked = []
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: pretrained_asked.append(
+        kwargs.get("pretrained")) or create_model(*args, **kwargs))
+    backbone = DetrCustomBackbone(DetrCustomConfig(backbone="resnet18", use_pretrained_backbone=True,
                                                    backbone_weights=str(path))).eval()
+    assert True not in pretrained_asked          # the local file replaces timm's download: the Hub is never asked
     for name, tensor in backbone.body.state_dict().items():   # frozen BatchNorm keeps weight, bias and statistics
         torch.testing.assert_close(tensor, reference.state_dict()[name], rtol=0, atol=0)
     pixel_values, pixel_mask, _ = padded_batch()
