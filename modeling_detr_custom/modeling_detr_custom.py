@@ -81,8 +81,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
             `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
         logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object". In training with
-            `config.num_query_groups = K > 1`, `K * num_queries` predictions (all groups, in order) here and in
-            every field below; in eval mode only the first group runs.
+            `config.num_query_groups = K > 1`, `K * num_queries` predictions (all groups, in order) here, in
+            `pred_boxes`, `auxiliary_outputs` and the decoder's fields; in eval mode only the first group runs.
         pred_boxes: `[batch, num_queries, 4]`, (center_x, center_y, width, height) in [0, 1] relative to each
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer

@@ -145,8 +145,8 @@ def test_one_group_checkpoint_starts_the_extra_groups_from_its_queries(tmp_path)
     single = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(**NO_DROPOUT))))
     single.save_pretrained(tmp_path)
     torch.manual_seed(0)
-    grouped, info = DetrCustomForObjectDetection.from_pretrained(tmp_path, num_query_groups=4,
-                                                                output_loading_info=True)
+    grouped, info = DetrCustomForObjectDetection.from_pretrained(
+        tmp_path, num_query_groups=4, output_loading_info=True)
     assert grouped.config.num_query_groups == 4 and len(info["missing_keys"]) == 3
     first = grouped.model.query_embed.weight
     assert torch.equal(first, single.model.query_embed.weight)
@@ -157,7 +157,8 @@ def test_one_group_checkpoint_starts_the_extra_groups_from_its_queries(tmp_path)
     assert not torch.equal(extras[0], extras[1])                               # the groups are not copies
     pixel_values, pixel_mask, _ = padded_batch()
     with torch.no_grad():
-        assert torch.equal(grouped.eval()(pixel_values, pixel_mask).logits, single.eval()(pixel_values, pixel_mask).logits)
+        expected = single.eval()(pixel_values, pixel_mask).logits
+        assert torch.equal(grouped.eval()(pixel_values, pixel_mask).logits, expected)
         trained = grouped.train()(pixel_values, pixel_mask)
     # the extra groups start as near-copies of the trained queries: their predictions are close to group 0's
     for group in (1, 2, 3):
@@ -178,8 +179,8 @@ def test_save_load_round_trip_and_other_group_counts(tmp_path):
     extra = "model.extra_query_embeds.{}.weight".format
     # fewer groups: the first ones are kept, the rest dropped silently (ignored unexpected keys)
     for groups in (1, 2):
-        fewer, info = DetrCustomForObjectDetection.from_pretrained(tmp_path, num_query_groups=groups,
-                                                                  output_loading_info=True)
+        fewer, info = DetrCustomForObjectDetection.from_pretrained(
+            tmp_path, num_query_groups=groups, output_loading_info=True)
         assert not info["unexpected_keys"] and not info["missing_keys"]
         assert fewer.state_dict().keys() == {key for key in saved if key != extra(1) and (groups == 2
                                                                                           or key != extra(0))}
