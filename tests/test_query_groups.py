@@ -163,6 +163,11 @@ def test_one_group_checkpoint_starts_the_extra_groups_from_its_queries(tmp_path)
     # the extra groups start as near-copies of the trained queries: their predictions are close to group 0's
     for group in (1, 2, 3):
         assert (_group(trained.pred_boxes, group) - _group(trained.pred_boxes, 0)).abs().mean() < 0.05
+    # the training script's fine-tuning call (a new class head) does the same
+    finetuned = DetrCustomForObjectDetection.from_pretrained(tmp_path, num_query_groups=2, num_labels=5,
+                                                             ignore_mismatched_sizes=True)
+    relative = (finetuned.model.extra_query_embeds[0].weight - first).std() / first.std()
+    assert finetuned.class_embed.out_features == 6 and relative.item() < 1.5 * GROUP_INIT_NOISE
 
 
 def test_save_load_round_trip_and_other_group_counts(tmp_path):
