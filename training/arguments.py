@@ -35,10 +35,10 @@ class ModelArguments:
     position_embedding_type: str = field(default="sine", metadata={"help": "'sine' or 'learned'."})
     auxiliary_loss: bool = field(default=True, metadata={"help": "Loss on every decoder layer (the original)."})
     eos_coefficient: float = field(default=0.1, metadata={"help": "Class weight of 'no object'."})
-    num_query_groups: int = field(default=1, metadata={
+    num_query_groups: int | None = field(default=None, metadata={
         "help": "Group DETR: K groups of num_queries queries at training, each matched to the targets on its own "
-                "(LW-DETR / RF-DETR use 13); inference runs one group. 1 = off. Also for model_name_or_path: extra "
-                "groups start from the checkpoint's queries."})
+                "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
+                "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
 
 
 @dataclass
