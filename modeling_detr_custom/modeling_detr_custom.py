@@ -30,7 +30,7 @@ from .encoder_detr import DetrCustomEncoder
 from .fast_paths import fp32_on_cpu
 from .loss_detr_custom import DetrCustomLoss
 from .position_encoding import build_position_embedding
-from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_groups_, training_queries
+from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_groups_, object_queries
 
 # the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
@@ -46,9 +46,8 @@ class DetrCustomModelOutput(ModelOutput):
     """Output of [`DetrCustomModel`].
 
     Args:
-        last_hidden_state: `[batch, num_queries, d_model]`, the decoder's output after its final LayerNorm. In
-            training with `config.num_query_groups = K > 1`, every query dimension here is `K * num_queries`, the
-            groups in order (see `query_groups.py`); in eval mode it is `num_queries`.
+        last_hidden_state: `[batch, num_queries, d_model]`, the decoder's output after its final LayerNorm.
+            (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)
         intermediate_hidden_states: `[decoder_layers, batch, num_queries, d_model]`, every decoder layer's output as
             given to the heads (layer-normed); the last entry equals `last_hidden_state`.
         encoder_last_hidden_state: `[batch, height * width, d_model]`, the `memory`.
@@ -80,9 +79,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
         loss: scalar, only when `labels` are given: the weighted sum of the set-prediction losses.
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
             `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
-        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object". In training with
-            `config.num_query_groups = K > 1`, `K * num_queries` predictions (all groups, in order) here, in
-            `pred_boxes`, `auxiliary_outputs` and the decoder's fields; in eval mode only the first group runs.
+        logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object".
+            (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)
         pred_boxes: `[batch, num_queries, 4]`, (center_x, center_y, width, height) in [0, 1] relative to each
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer
@@ -123,7 +121,6 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
-    # extra query groups beyond the config's num_query_groups are dropped (query_groups.py)
     _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked", r"extra_query_embeds\.\d+\.weight"]
 
     @torch.no_grad()
@@ -156,8 +153,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         The backbone is built without timm's ImageNet weights whatever `use_pretrained_backbone` says: the checkpoint
         holds every weight, so loading never reaches for the network. The loaded config keeps the saved flag (it
         says how the backbone was first initialized; a model built from that config fetches the weights again).
-        Query groups the checkpoint lacks start from its first group's queries (`query_groups.init_missing_groups_`).
-        """
+        Query groups the checkpoint lacks start from its first group's queries (`query_groups.py`)."""
         check_local_checkpoint(pretrained_model_name_or_path, kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         # converted to the keys of the class with heads, whichever class loads them
@@ -285,9 +281,8 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             key_mask = feature_mask.flatten(1) if has_padding else None       # [batch, height * width]
             memory, encoder_states, encoder_attentions = self.encoder(
                 source, memory_pos, key_mask, output_attentions, output_hidden_states)
-            query_pos, self_attn_mask = self.query_embed.weight, None                 # [queries, d_model]
-            if self.training and len(self.extra_query_embeds):    # Group DETR: K groups apart (query_groups.py)
-                query_pos, self_attn_mask = training_queries(self.query_embed, self.extra_query_embeds)
+            # the query_embed table; in training with K query groups all K, kept apart by the mask (query_groups.py)
+            query_pos, self_attn_mask = object_queries(self.query_embed, self.extra_query_embeds, self.training)
             query_pos = query_pos[None].expand(source.shape[0], -1, -1)             # [batch, queries, d_model]
             intermediate, decoder_states, decoder_attentions, cross_attentions = self.decoder(
                 query_pos, memory, memory_pos, key_mask, output_attentions, output_hidden_states, self_attn_mask)
@@ -362,8 +357,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
                                  for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
         loss, loss_dict = None, None
         if labels is not None:
-            # one group (eval mode, or num_query_groups=1): the criterion's own call; K groups: K matchings
-            num_groups = all_logits.shape[2] // self.config.num_queries
+            num_groups = all_logits.shape[2] // self.config.num_queries     # 1 = the criterion's own call
             loss, loss_dict = grouped_loss(self.criterion, all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
                                            num_groups)
         return_dict = _return_dict(self.config, return_dict)
