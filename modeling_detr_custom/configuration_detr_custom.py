@@ -97,6 +97,11 @@ class DetrCustomConfig(PreTrainedConfig):
             focal_loss_alpha; its gamma is `focal_gamma`).
         class_loss_coefficient: weight of the class term in the total loss (1, as DETR and RT-DETR; Deformable DETR
             and DINO use 2 with focal loss, with class_cost 2).
+        num_query_groups: Group DETR's one-to-many training (Chen et al. 2023; 13 in LW-DETR and RF-DETR), 1 = off.
+            With K > 1, training runs K groups of `num_queries` queries, kept apart by a self-attention mask and each
+            matched one-to-one to the targets, and averages their losses; eval mode runs the first group only, so
+            inference outputs and cost are those of one group. See `query_groups.py`, also for how checkpoints with
+            another number of groups load (the first group is always `query_embed`).
     """
 
     model_type = "detr_custom"
@@ -139,6 +144,7 @@ class DetrCustomConfig(PreTrainedConfig):
     focal_gamma: float | int = 2.0
     varifocal_alpha: float | int = 0.75
     class_loss_coefficient: float | int = 1.0
+    num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -155,6 +161,10 @@ class DetrCustomConfig(PreTrainedConfig):
                          "decoder_ffn_dim", "num_channels"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if isinstance(self.num_query_groups, bool) or not isinstance(self.num_query_groups, int) \
+                or self.num_query_groups < 1:
+            raise ValueError(f"num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), "
+                             f"got {self.num_query_groups!r}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"position_embedding_type={self.position_embedding_type!r} is not supported; "

@@ -49,6 +49,10 @@ class ModelArguments:
         "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
     class_cost: float | None = field(default=None, metadata={
         "help": "Matching cost weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
+    num_query_groups: int | None = field(default=None, metadata={
+        "help": "Group DETR: K groups of num_queries queries at training, each matched to the targets on its own "
+                "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
+                "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
 
 
 @dataclass
