@@ -108,6 +108,11 @@ class DetrCustomConfig(PreTrainedConfig):
             config reads the file again.
         backbone_weights_sha256: the file's expected sha256 (64 hex digits), checked before loading; None skips the
             check.
+        num_query_groups: Group DETR's one-to-many training (Chen et al. 2023; 13 in LW-DETR and RF-DETR), 1 = off.
+            With K > 1, training runs K groups of `num_queries` queries, kept apart by a self-attention mask and each
+            matched one-to-one to the targets, and averages their losses; eval mode runs the first group only, so
+            inference outputs and cost are those of one group. See `query_groups.py`, also for how checkpoints with
+            another number of groups load (the first group is always `query_embed`).
     """
 
     model_type = "detr_custom"
@@ -152,6 +157,7 @@ class DetrCustomConfig(PreTrainedConfig):
     class_loss_coefficient: float | int = 1.0
     backbone_weights: str | None = None      # a local .pth / .safetensors file for the backbone
     backbone_weights_sha256: str | None = None
+    num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -168,6 +174,10 @@ class DetrCustomConfig(PreTrainedConfig):
                          "decoder_ffn_dim", "num_channels"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if isinstance(self.num_query_groups, bool) or not isinstance(self.num_query_groups, int) \
+                or self.num_query_groups < 1:
+            raise ValueError(f"num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), "
+                             f"got {self.num_query_groups!r}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"position_embedding_type={self.position_embedding_type!r} is not supported; "

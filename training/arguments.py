@@ -56,6 +56,10 @@ class ModelArguments:
                 "mobilenetv2_100)."})
     backbone_weights_sha256: str | None = field(default=None, metadata={
         "help": "The backbone_weights file's expected sha256, checked before loading."})
+    num_query_groups: int | None = field(default=None, metadata={
+        "help": "Group DETR: K groups of num_queries queries at training, each matched to the targets on its own "
+                "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
+                "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
 
 
 @dataclass
