@@ -104,3 +104,13 @@ def test_ema_resumes_bit_exactly_and_is_what_is_saved_and_evaluated(tmp_path, da
     setup.ema = None
     recorded = {k: v for k, v in metrics["eval_history"][-1].items() if k not in ("step", "epoch")}
     assert train.evaluate(setup) == recorded
+
+
+def test_zero_decay_is_off_and_resuming_with_ema_needs_the_average(tmp_path, data_dir):
+    _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=100, ema_decay=0.0))
+    run = tmp_path / "run"
+    assert not (run / "checkpoint-1" / EMA_FILE).exists()
+    assert json.loads((run / "metrics.json").read_text())["run"]["ema"] is None
+    with pytest.raises(ValueError, match=r"checkpoint-1 holds no average of the weights \(ema\.safetensors\): it was "
+                                         r"saved with EMA off\. Resume with the run's own setting \(--ema_decay 0\)"):
+        _run(_config(tmp_path, data_dir, max_steps=2, ema_decay=0.9, resume_from_checkpoint="latest"))
