@@ -1,6 +1,6 @@
 """Building a run: the Accelerator (precision, logging once, output checks), the data and its check, the model,
-the loaders with their seeded streams, the optimizer and the LR schedule, the time budget. `build()` returns them
-in a `TrainingSetup`; train.py runs the loop over it."""
+the loaders with their seeded streams, the optimizer and the LR schedule, the time budget, the weights' average
+(--ema_decay). `build()` returns them in a `TrainingSetup`; train.py runs the loop over it."""
 import logging
 import math
 import os

@@ -2,6 +2,7 @@
 
 Every folder is written under a `.partial-` name and renamed when complete, so a run killed while saving never
 leaves a folder that resume would trust. trainer_state.json holds `RunState`; its keys are the checkpoint format.
+With --ema_decay, ema.safetensors holds the weights' average and its step count (training/ema.py).
 Before the first step the output paths are checked (writable, folders where folders go); --overwrite_output_dir
 removes only what a run writes; a Ctrl-C ends with the command that resumes from the newest complete checkpoint.
 """
