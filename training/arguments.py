@@ -128,6 +128,12 @@ class TrainArguments:
         "help": "'no', 'bf16' or 'fp16' (through Accelerate). On a CPU without native bf16 (AVX512_BF16 / AMX), bf16 "
                 "is emulated and slower than fp32: the run warns and trains in fp32 (metrics.json: "
                 "run.mixed_precision_used)."})
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "An exponential moving average of the weights (RT-DETR, LW-DETR) with this decay, in [0, 1): "
+                "evaluations, best/ and last/ use the average; checkpoints hold it. None or 0: off. RT-DETR: 0.9999 "
+                "(hundreds of thousands of steps); ~0.993 for a run of ~1000 steps."})
+    ema_warmup_steps: int = field(default=2000, metadata={
+        "help": "The decay ramps up as ema_decay * (1 - exp(-step / ema_warmup_steps)) (RT-DETR: 2000); 0: none."})
     eval_every_epochs: float = 1
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps instead of every epoch (> 0)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at each evaluation)."})
