@@ -49,6 +49,15 @@ class ModelArguments:
         "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
     class_cost: float | None = field(default=None, metadata={
         "help": "Matching cost weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
+    # the deformable variant (DetrCustomConfig's fields of the same names); None: the checkpoint's / the default
+    decoder_type: str | None = field(default=None, metadata={
+        "help": "'detr' (default) or 'deformable' (Deformable DETR's decoder with box refinement on multi-scale "
+                "features; use a sigmoid classification_loss with it). None: the checkpoint's (new models: detr).",
+        "choices": ["detr", "deformable"]})
+    num_feature_levels: int | None = field(default=None, metadata={
+        "help": "Feature levels the deformable decoder reads (4: ResNet strides 8-32 + one extra). None: 1."})
+    decoder_n_points: int | None = field(default=None, metadata={
+        "help": "Deformable decoder: sampling points per head and level (4)."})
 
 
 @dataclass
