@@ -238,3 +238,20 @@ def test_it_learns_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.4 * losses[0], losses[::10]
+
+
+def test_training_script_trains_the_deformable_variant_and_its_folder_loads(tmp_path, data_dir):
+    """--decoder_type / --num_feature_levels / --decoder_n_points reach a new model's config; the saved folder
+    loads as the same variant, and fine-tuning it without the options keeps it."""
+    from tiny_run import run, write_config
+
+    run(write_config(tmp_path / "new", data_dir, max_steps=2, eval_steps=2, decoder_type="deformable",
+                     num_feature_levels=3, decoder_n_points=2, classification_loss="focal"))
+    folder = tmp_path / "new" / "run" / "last"
+    model = DetrCustomForObjectDetection.from_pretrained(folder)
+    assert (model.config.decoder_type, model.config.num_feature_levels, model.config.decoder_n_points) == (
+        "deformable", 3, 2)
+    assert json.loads((tmp_path / "new" / "run" / "metrics.json").read_text())
+    run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder)))
+    tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
+    assert tuned.config.decoder_type == "deformable" and tuned.config.classification_loss == "focal"
