@@ -76,6 +76,8 @@ class DetrCustomDeformableDetector(nn.Module):
         self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
                                          for _ in range(config.decoder_layers))
         self.bbox_embed = nn.ModuleList(_mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
+        for class_head in self.class_embed:
+            class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
         self.config = config
         self.reset_parameters()
 

@@ -165,7 +165,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
-        if module is getattr(self, "class_embed", None):
+        if module is getattr(self, "class_embed", None) or getattr(module, "is_class_head", False):
             init_class_head_bias_(module, self.config)
         elif isinstance(module, DetrCustomDeformableDetector):   # after its children's generic init (post-order)
             module.reset_parameters()

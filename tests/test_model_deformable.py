@@ -138,6 +138,18 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     assert torch.equal(expected.logits, found.logits) and torch.equal(expected.pred_boxes, found.pred_boxes)
 
 
+def test_a_new_class_head_on_a_loaded_model_starts_at_the_prior_and_the_rest_is_loaded(tmp_path):
+    model = _model(seed=1)
+    model.save_pretrained(tmp_path)
+    loaded = DetrCustomForObjectDetection.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    prior = -np.log((1 - SIGMOID_CLASS_PRIOR) / SIGMOID_CLASS_PRIOR)
+    for head in loaded.model.class_embed:                              # newly built for 5 classes
+        assert head.out_features == 5 and torch.allclose(head.bias, torch.full((5,), prior, dtype=torch.float32))
+    for name, tensor in model.state_dict().items():
+        if "class_embed" not in name:
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
 def _save_folder(path):
     model = _model(seed=2)
     model.save_pretrained(path)
