@@ -127,6 +127,14 @@ def test_the_padded_memory_is_never_read():
     assert torch.allclose(clean.logits, dirty.logits, atol=1e-4)
 
 
+def test_a_loaded_model_keeps_its_stem_frozen(tmp_path):
+    DetrCustomForObjectDetection(_config(freeze_backbone_stem=True)).save_pretrained(tmp_path)
+    loaded = DetrCustomForObjectDetection.from_pretrained(tmp_path)
+    body = loaded.model.backbone.body
+    assert not body.conv1.weight.requires_grad and not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+
+
 def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     model = _model(seed=1)
     model.save_pretrained(tmp_path)
