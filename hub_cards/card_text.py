@@ -126,6 +126,10 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
         lines.append(("Time budget", f"{_number(budget['minutes'])} min: {budget['seconds_per_step']:.2f} s/step and "
                                      f"{budget['eval_seconds']:.1f} s per evaluation measured, "
                                      f"{budget['total_steps']} of at most {budget['upper_bound']} steps"))
+    ema = run.get("ema")
+    if ema:
+        lines.append(("Weights", f"exponential moving average of the trained weights (decay {_number(ema['decay'])}, "
+                                 f"warm-up {ema['warmup_steps']} steps): evaluated and saved"))
     if run.get("wall_time_s") is not None:
         lines.append(("Wall time", _duration(run["wall_time_s"])))
     if run.get("seed") is not None:

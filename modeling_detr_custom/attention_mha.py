@@ -36,10 +36,13 @@ class DetrCustomAttention(nn.Module):
         value: torch.Tensor,                      # [batch, source, d_model]
         key_mask: torch.Tensor | None = None,     # [batch, source] bool, True = attend; None = attend everywhere
         output_attentions: bool = False,
+        attn_mask: torch.Tensor | None = None,    # [target, source] bool, True = attend (e.g. query groups)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self._split_heads(self.q_proj(query)), self._split_heads(self.k_proj(key)), self._split_heads(
             self.v_proj(value))
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]   # [batch, 1, 1, source]
+        if key_mask is not None:
+            key_mask = key_mask[:, None, None, :]                              # [batch, 1, 1, source]
+            attn_mask = key_mask if attn_mask is None else key_mask & attn_mask  # [batch, 1, target, source]
         dropout = self.dropout if self.training else 0.0
         weights = None
         eager = self.config is not None and self.config._attn_implementation == "eager"

@@ -1,7 +1,8 @@
 """The backbone: a timm `features_only` model whose last feature map feeds the transformer, with its mask.
 
 Holds the stem freezing of the original DETR and batch-independent inference (`forward_per_size`); the folded
-BatchNorm and channels_last fast paths it switches on come from `fast_paths.py`.
+BatchNorm and channels_last fast paths it switches on come from `fast_paths.py`, the loading of a local weights file
+(`config.backbone_weights`) from `backbone_weights.py`.
 """
 import contextvars
 
@@ -12,6 +13,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 from transformers.utils import logging
 
+from .backbone_weights import keys_dropped_by_features_only, load_backbone_weights
 from .configuration_detr_custom import DetrCustomConfig
 from .fast_paths import FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
 
@@ -26,20 +28,28 @@ class DetrCustomBackbone(nn.Module):
     """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
     feature map and its mask."""
 
-    def __init__(self, config: DetrCustomConfig):
+    def __init__(self, config: DetrCustomConfig, out_indices: tuple | None = (-1,)):
+        """`out_indices`: the stages `body` returns (timm's; None = every stage, for `multiscale.py`)."""
         super().__init__()
-        pretrained = config.use_pretrained_backbone and not LOADING_CHECKPOINT.get()
+        loading_checkpoint = LOADING_CHECKPOINT.get()
+        # a local weights file replaces timm's download: the Hub is never asked when one is given
+        weights_file = config.backbone_weights
+        pretrained = config.use_pretrained_backbone and weights_file is None and not loading_checkpoint
+        create_kwargs = {"in_chans": config.num_channels, **({"output_stride": 16} if config.dilation else {})}
+        stages = {} if out_indices is None else {"out_indices": out_indices}
         try:
             body = timm.create_model(
-                config.backbone, pretrained=pretrained, features_only=True, out_indices=(-1,),
-                in_chans=config.num_channels, **({"output_stride": 16} if config.dilation else {}),
-            )
+                config.backbone, pretrained=pretrained, features_only=True, **stages, **create_kwargs)
         except (RuntimeError, AssertionError, TypeError, ValueError) as error:
             raise ValueError(
                 f"timm could not build backbone={config.backbone!r} with features_only=True"
                 f"{' and output_stride=16 (dilation)' if config.dilation else ''}: {error}. Pick a timm model that "
                 "supports features_only (e.g. resnet50, resnet101, convnext_tiny)."
             ) from error
+        if weights_file is not None and not loading_checkpoint:      # the checkpoint holds these weights already
+            load_backbone_weights(
+                body, weights_file, sha256=config.backbone_weights_sha256, model_name=config.backbone,
+                ignored_keys=keys_dropped_by_features_only(body, config.backbone, **create_kwargs))
         self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
         # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
         self.fold_batch_norm = config.freeze_batch_norm
@@ -55,11 +65,17 @@ class DetrCustomBackbone(nn.Module):
     def _freeze_stem_and_first_stage(self):
         # the original trains only layer2-4 of its ResNet; generalized: everything up to the first stage at stride 4
         first_stage = next(info["module"] for info in self.body.feature_info.info if info["reduction"] >= 4)
-        first_stage = first_stage.replace(".", "_")                  # FeatureListNet flattens nested names
-        for name, child in self.body.named_children():
-            child.requires_grad_(False)
-            if name == first_stage:
+        modules = dict(self.body.named_modules())
+        # FeatureListNet flattens nested names (layer1, stages_0); EfficientNetFeatures keeps them (blocks.1)
+        first_stage = first_stage if first_stage in modules else first_stage.replace(".", "_")
+        assert first_stage in modules, f"{first_stage} is not a module of {type(self.body).__name__}"
+        inside_seen = False
+        for name, parameter in self.body.named_parameters():       # in registration order: stem first
+            inside = name.startswith(first_stage + ".")
+            if inside_seen and not inside:
                 break
+            inside_seen |= inside
+            parameter.requires_grad_(False)
 
     def folded_body(self) -> nn.Module:
         """`self.body` with each frozen BatchNorm folded into the convolution before it (`fold_frozen_batch_norm`):
@@ -73,13 +89,17 @@ class DetrCustomBackbone(nn.Module):
             self._folded = (self.body, folded)                         # a tuple: not registered as a submodule
         return self._folded[1]
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The body's feature maps (those of `out_indices`), through the fast paths on large enough images."""
         body = self.body
         if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
             body = self.folded_body() if self.fold_batch_norm else self.body
             # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU (forward and backward)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        features = body(pixel_values)[-1]                              # [batch, channels, height, width]
+        return body(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.run_body(pixel_values)[-1]                     # [batch, channels, height, width]
         # nearest-neighbour downsampling of the mask, as the original does
         feature_mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask                                  # mask: [batch, height, width], True = real

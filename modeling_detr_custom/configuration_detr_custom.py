@@ -119,6 +119,22 @@ class DetrCustomConfig(PreTrainedConfig):
             focal_loss_alpha; its gamma is `focal_gamma`).
         class_loss_coefficient: weight of the class term in the total loss (1, as DETR and RT-DETR; Deformable DETR
             and DINO use 2 with focal loss, with class_cost 2).
+        backbone_weights: path of a local weights file (`.pth` / `.safetensors`) loaded into the backbone when the
+            model is built from a config: pretrained weights without the Hub. It replaces timm's download (whatever
+            `use_pretrained_backbone` says) and is loaded strictly: timm's key format (a timm model's `state_dict()`;
+            torchvision's ResNets have the same keys) or torchvision's MobileNetV2 (mapped onto timm's
+            `mobilenetv2_100`), see `backbone_weights.py`; a missing, unexpected or mis-shaped tensor is an error that
+            lists them, except the classifier / head tensors that `features_only` drops, which are ignored.
+            `from_pretrained` never reads the file (the checkpoint holds every weight): a saved folder loads where
+            the file does not exist. The loaded config keeps the path as a record; a model built anew from that
+            config reads the file again.
+        backbone_weights_sha256: the file's expected sha256 (64 hex digits), checked before loading; None skips the
+            check.
+        num_query_groups: Group DETR's one-to-many training (Chen et al. 2023; 13 in LW-DETR and RF-DETR), 1 = off.
+            With K > 1, training runs K groups of `num_queries` queries, kept apart by a self-attention mask and each
+            matched one-to-one to the targets, and averages their losses; eval mode runs the first group only, so
+            inference outputs and cost are those of one group. See `query_groups.py`, also for how checkpoints with
+            another number of groups load (the first group is always `query_embed`).
         num_feature_levels: feature maps the decoder reads (`multiscale.py`): 1 = the last backbone stage (DETR);
             L > 1 (`decoder_type="deformable"` only) = the last L backbone stages at stride >= 8, finest first, each
             projected to d_model (1x1 conv + GroupNorm), plus extra stride-2 levels when L exceeds them (4 with a
@@ -167,6 +183,9 @@ class DetrCustomConfig(PreTrainedConfig):
     focal_gamma: float | int = 2.0
     varifocal_alpha: float | int = 0.75
     class_loss_coefficient: float | int = 1.0
+    backbone_weights: str | None = None      # a local .pth / .safetensors file for the backbone
+    backbone_weights_sha256: str | None = None
+    num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
     num_feature_levels: int = 1              # backbone levels (+ extra stride-2 levels) fed to the decoder
     decoder_n_points: int = 4                # deformable decoder: sampling points per head and level
 
@@ -193,6 +212,10 @@ class DetrCustomConfig(PreTrainedConfig):
                          "decoder_ffn_dim", "num_channels"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if isinstance(self.num_query_groups, bool) or not isinstance(self.num_query_groups, int) \
+                or self.num_query_groups < 1:
+            raise ValueError(f"num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), "
+                             f"got {self.num_query_groups!r}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"position_embedding_type={self.position_embedding_type!r} is not supported; "
@@ -217,6 +240,9 @@ class DetrCustomConfig(PreTrainedConfig):
         for positive in ("num_feature_levels", "decoder_n_points"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if self.decoder_type == "deformable" and self.num_query_groups > 1:
+            raise ValueError(f"num_query_groups={self.num_query_groups} is not supported with decoder_type="
+                             "'deformable' yet (its queries carry reference boxes); use num_query_groups=1.")
         if self.num_feature_levels > 1 and self.decoder_type != "deformable":
             raise ValueError(f"num_feature_levels={self.num_feature_levels} needs decoder_type='deformable': the "
                              f"{self.decoder_type!r} decoder attends to one feature map (use num_feature_levels=1).")

@@ -5,8 +5,10 @@ One of the interchangeable decoders chosen by `config.decoder_type` (`"detr"`, s
 `modeling_detr_custom.py`). A decoder takes `(query_pos, memory, memory_pos, memory_mask, output_attentions,
 output_hidden_states)`, with query_pos `[batch, num_queries, d_model]`, memory and memory_pos
 `[batch, height * width, d_model]` and memory_mask `[batch, height * width]` (True = real cell; None = no padding),
-and returns `(intermediate, hidden_states, self_attentions, cross_attentions)`: every layer's output as given to
-the heads `[decoder_layers, batch, num_queries, d_model]`, then the per-layer tuples or None.
+optionally self_attn_mask `[num_queries, num_queries]` bool (True = may attend; the query groups' block-diagonal
+mask in training, see `query_groups.py`; None = every query sees every query), and returns
+`(intermediate, hidden_states, self_attentions, cross_attentions)`: every layer's output as given to the heads
+`[decoder_layers, batch, num_queries, d_model]`, then the per-layer tuples or None.
 """
 import torch
 import torch.nn.functional as F
@@ -36,9 +38,11 @@ class DetrCustomDecoderLayer(GradientCheckpointingLayer):
         self.activation_dropout = config.activation_dropout
         self.activation = ACT2FN[config.activation_function]
 
-    def forward(self, hidden_states, query_pos, memory, memory_pos, memory_mask=None, output_attentions=False):
+    def forward(self, hidden_states, query_pos, memory, memory_pos, memory_mask=None, output_attentions=False,
+                self_attn_mask=None):
         query_key = hidden_states + query_pos
-        attended, self_weights = self.self_attn(query_key, query_key, hidden_states, None, output_attentions)
+        attended, self_weights = self.self_attn(
+            query_key, query_key, hidden_states, None, output_attentions, self_attn_mask)
         hidden_states = self.norm1(hidden_states + F.dropout(attended, self.dropout, self.training))
         attended, cross_weights = self.cross_attn(
             hidden_states + query_pos, memory + memory_pos, memory, memory_mask, output_attentions)
@@ -63,13 +67,14 @@ class DetrCustomDecoder(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.normalize_residual = config.normalize_decoder_residual
 
-    def forward(self, query_pos, memory, memory_pos, memory_mask, output_attentions, output_hidden_states):
+    def forward(self, query_pos, memory, memory_pos, memory_mask, output_attentions, output_hidden_states,
+                self_attn_mask=None):
         hidden_states = torch.zeros_like(query_pos)                    # [batch, num_queries, d_model]
         intermediate, all_states = [], ((hidden_states,) if output_hidden_states else None)
         self_attentions, cross_attentions = ((), ()) if output_attentions else (None, None)
         for layer in self.layers:
             hidden_states, self_weights, cross_weights = layer(
-                hidden_states, query_pos, memory, memory_pos, memory_mask, output_attentions)
+                hidden_states, query_pos, memory, memory_pos, memory_mask, output_attentions, self_attn_mask)
             if self.normalize_residual:
                 hidden_states = self.norm(hidden_states)
             intermediate.append(hidden_states if self.normalize_residual else self.norm(hidden_states))

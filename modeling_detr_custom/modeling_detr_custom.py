@@ -12,7 +12,8 @@ output is the `memory`, the learned object queries are `query_pos` and the decod
 This file holds the outputs, the models and the box head; the parts are one concept per file, as in
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
 `decoder_detr.py`, `class_head.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading transformers
-checkpoints in `checkpoint_conversion.py`.
+checkpoints in `checkpoint_conversion.py`, Group DETR's query groups (`config.num_query_groups`) in
+`query_groups.py`.
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -36,6 +37,7 @@ from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
 from .position_encoding import build_position_embedding
+from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_groups_, object_queries
 
 # the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
@@ -54,6 +56,7 @@ class DetrCustomModelOutput(ModelOutput):
 
     Args:
         last_hidden_state: `[batch, num_queries, d_model]`, the decoder's output after its final LayerNorm.
+            (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)
         intermediate_hidden_states: `[decoder_layers, batch, num_queries, d_model]`, every decoder layer's output as
             given to the heads (layer-normed); the last entry equals `last_hidden_state`.
         encoder_last_hidden_state: `[batch, height * width, d_model]`, the `memory`.
@@ -87,6 +90,7 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
             `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
         logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; a sigmoid head's
             ([`DetrCustomSigmoidObjectDetectionOutput`]) `[batch, num_queries, num_labels]`, one logit per class.
+            (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)
         pred_boxes: `[batch, num_queries, 4]`, (center_x, center_y, width, height) in [0, 1] relative to each
             image's unpadded size.
         auxiliary_outputs: with `config.auxiliary_loss`, one `{"logits", "pred_boxes"}` dict per decoder layer
@@ -144,7 +148,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer",
                          "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer"]
-    _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked"]
+    _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked", r"extra_query_embeds\.\d+\.weight"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -179,23 +183,26 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
 
         The backbone is built without timm's ImageNet weights whatever `use_pretrained_backbone` says: the checkpoint
         holds every weight, so loading never reaches for the network. The loaded config keeps the saved flag (it
-        says how the backbone was first initialized; a model built from that config fetches the weights again)."""
+        says how the backbone was first initialized; a model built from that config fetches the weights again).
+        Query groups the checkpoint lacks start from its first group's queries (`query_groups.py`)."""
         check_local_checkpoint(pretrained_model_name_or_path, kwargs)
         replace_class_head_for_a_new_loss(pretrained_model_name_or_path, kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
         # converted to the keys of the class with heads, whichever class loads them
         heads = DetrCustomForObjectDetection
         loading = LOADING_CHECKPOINT.set(True)
         try:
             with converted_transformers_folder(pretrained_model_name_or_path, kwargs, heads) as folder:
-                loaded = super().from_pretrained(folder or pretrained_model_name_or_path, *model_args, **kwargs)
+                model, loading_info = super().from_pretrained(
+                    folder or pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         finally:
             LOADING_CHECKPOINT.reset(loading)
+        init_missing_groups_(model, loading_info["missing_keys"])
         # loading replaces the parameters with trainable ones: freeze again what the config freezes
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
         for module in model.modules():
             if isinstance(module, DetrCustomBackbone) and model.config.freeze_backbone_stem:
                 module._freeze_stem_and_first_stage()
-        return loaded
+        return (model, loading_info) if output_loading_info else model
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
         # called by transformers at construction, in from_pretrained and in set_attn_implementation
@@ -223,6 +230,7 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         self.query_embed = nn.Embedding(config.num_queries, config.d_model)   # the learned object queries
         self.encoder = ENCODER_CLASSES[config.encoder_type](config)
         self.decoder = DECODER_CLASSES[config.decoder_type](config)
+        self.extra_query_embeds = build_extra_query_embeds(config)   # query groups 1..K-1, used in training only
         self.post_init()
 
     def _check_inputs(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
@@ -270,9 +278,11 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             key_mask = feature_mask.flatten(1) if has_padding else None       # [batch, height * width]
             memory, encoder_states, encoder_attentions = self.encoder(
                 source, memory_pos, key_mask, output_attentions, output_hidden_states)
-            query_pos = self.query_embed.weight[None].expand(source.shape[0], -1, -1)  # [batch, queries, d_model]
+            # the query_embed table; in training with K query groups all K, kept apart by the mask (query_groups.py)
+            query_pos, self_attn_mask = object_queries(self.query_embed, self.extra_query_embeds, self.training)
+            query_pos = query_pos[None].expand(source.shape[0], -1, -1)             # [batch, queries, d_model]
             intermediate, decoder_states, decoder_attentions, cross_attentions = self.decoder(
-                query_pos, memory, memory_pos, key_mask, output_attentions, output_hidden_states)
+                query_pos, memory, memory_pos, key_mask, output_attentions, output_hidden_states, self_attn_mask)
         output = DetrCustomModelOutput(
             last_hidden_state=intermediate[-1],
             intermediate_hidden_states=intermediate,
@@ -353,8 +363,9 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
                                  for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
         loss, loss_dict = None, None
         if labels is not None:
-            loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
-                                             labels_checked=True)
+            num_groups = all_logits.shape[2] // self.config.num_queries     # 1 = the criterion's own call
+            loss, loss_dict = grouped_loss(self.criterion, all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
+                                           num_groups)
         return_dict = _return_dict(self.config, return_dict)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there

@@ -11,15 +11,12 @@ DETR backbone does; `valid_ratios` are the visible fraction (width, height) of e
 """
 import math
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
-from .backbone import LOADING_CHECKPOINT
+from .backbone import DetrCustomBackbone
 from .configuration_detr_custom import DetrCustomConfig
-from .fast_paths import FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
 
 # stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
 MIN_LEVEL_REDUCTION = 8
@@ -29,57 +26,24 @@ def _group_norm(d_model: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, d_model), d_model)   # 32 groups, or the most that divide d_model
 
 
-class DetrCustomMultiScaleBackbone(nn.Module):
-    """A timm `features_only` model returning its last stages at stride >= 8 (at most `num_feature_levels`), BatchNorm
-    frozen unless `config.freeze_batch_norm=False`, the stem and first stage frozen with `freeze_backbone_stem` (as
-    `backbone.DetrCustomBackbone`, whose single-map contract the DETR path keeps)."""
+class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
+    """`backbone.DetrCustomBackbone` (frozen BatchNorm, stem freezing, `backbone_weights`, the fast paths) with every
+    stage out; `forward` returns the levels: its last stages at stride >= 8, at most `num_feature_levels`, finest
+    first."""
 
     def __init__(self, config: DetrCustomConfig):
-        super().__init__()
-        pretrained = config.use_pretrained_backbone and not LOADING_CHECKPOINT.get()
-        try:
-            # every stage comes out (they are computed anyway); `level_indices` picks the levels
-            body = timm.create_model(config.backbone, pretrained=pretrained, features_only=True,
-                                     in_chans=config.num_channels,
-                                     **({"output_stride": 16} if config.dilation else {}))
-        except (RuntimeError, AssertionError, TypeError, ValueError) as error:
-            raise ValueError(
-                f"timm could not build backbone={config.backbone!r} with features_only=True for "
-                f"num_feature_levels={config.num_feature_levels}: {error}. Pick a timm model that supports "
-                "features_only (e.g. resnet18, resnet50, convnext_tiny).") from error
-        reductions = body.feature_info.reduction()
+        super().__init__(config, out_indices=None)
+        reductions = self.body.feature_info.reduction()
         candidates = [i for i, reduction in enumerate(reductions) if reduction >= MIN_LEVEL_REDUCTION]
         if not candidates:
             raise ValueError(f"backbone={config.backbone!r} has no feature stage at stride >= {MIN_LEVEL_REDUCTION} "
                              f"(reductions {reductions}); pick a timm model with a stride-8 or coarser stage.")
         self.level_indices = candidates[-config.num_feature_levels:]    # into the body's outputs, finest first
-        self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
-        self.fold_batch_norm = config.freeze_batch_norm
-        self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
-        self._folded = None
-        self.channels = [body.feature_info.channels()[i] for i in self.level_indices]   # per backbone level
-        if config.freeze_backbone_stem:
-            self._freeze_stem_and_first_stage()
-        for module in self.body.modules():
-            module._is_hf_initialized = True   # timm initialized these (or a checkpoint loads them)
-
-    def _freeze_stem_and_first_stage(self):
-        # as DetrCustomBackbone: everything up to and including the first stage at stride 4
-        first_stage = next(info["module"] for info in self.body.feature_info.info if info["reduction"] >= 4)
-        for name, child in self.body.named_children():
-            child.requires_grad_(False)
-            if name == first_stage.replace(".", "_"):
-                break
+        self.channels = [self.body.feature_info.channels()[i] for i in self.level_indices]   # per backbone level
+        self.num_channels = self.channels[-1]
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:   # per level [batch, channels, h, w]
-        body = self.body
-        if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
-            if self.fold_batch_norm:
-                if self._folded is None or self._folded[0] is not self.body:
-                    self._folded = (self.body, fold_frozen_batch_norm(self.body))   # a tuple: not a submodule
-                body = self._folded[1]
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        features = body(pixel_values)
+        features = self.run_body(pixel_values)
         return [features[i] for i in self.level_indices]
 
 

@@ -1,5 +1,7 @@
 """The benchmarks' pure parts: the machine description from /proc/cpuinfo text, the peak estimate, the bf16 skip
 decision and the FLOP counter. Never timing (the benchmarks measure; tests do not assert speed)."""
+import json
+
 import pytest
 import torch
 
@@ -121,3 +123,44 @@ def test_format_flops():
     assert format_flops(Row("b2", 2.0, 1.0, "", 40e9, 30e9), machine)[0] == "40.0/30.0"
     assert format_flops(Row("skipped", None, None, "skipped: why"), machine) == ("", "", "")
     assert format_flops(Row("no peak", 2.0, 1.0, "", 40e9, 40e9), {})[2] == ""
+
+
+def test_convergence_variants_with_missing_fields_fail_naming_them():
+    from benchmarks.bench_convergence import VARIANTS, check_variants
+
+    check_variants(["baseline", "ema"])
+    with pytest.raises(ValueError, match=r"'x' sets not_a_field, other_missing: not a config field of this "
+                                         r"checkout's training script .*--variants baseline"):
+        check_variants(["baseline", "x"], variants={**VARIANTS, "x": {"not_a_field": 1, "other_missing": 2}})
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['nope'\]"):
+        check_variants(["nope"])
+
+
+def test_convergence_table_format():
+    from benchmarks.bench_convergence import format_table
+
+    rows = [{"variant": "baseline", "AP": 0.0112, "AP50": 0.0581, "AR@100": 0.1, "steps/s": 2.345, "wall time": 612.0},
+            {"variant": "ema", "AP": 0.02, "AP50": 0.07, "AR@100": 0.125, "steps/s": 2.3, "wall time": 42.0}]
+    assert format_table(rows).splitlines() == [
+        "| variant | AP | AP50 | AR@100 | steps/s | wall time |", "|---|---:|---:|---:|---:|---:|",
+        "| baseline | 0.011 | 0.058 | 0.100 | 2.35 | 10.2 min |", "| ema | 0.020 | 0.070 | 0.125 | 2.30 | 42 s |"]
+
+
+def test_convergence_benchmark_runs_at_a_tiny_size(tmp_path, data_dir):
+    """Two steps of the tiny model, in a process as the benchmark runs each variant: the row read back from the run,
+    the markdown written."""
+    import yaml
+    from tiny_run import TINY_ARGS
+
+    from benchmarks.bench_convergence import COLUMNS, main
+
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({**TINY_ARGS, "data_dir": str(data_dir), "seed": 3}))
+    rows = main(["--base-config", str(base), "--steps", "2", "--variants", "ema", "--output-dir", str(tmp_path / "b")])
+    assert len(rows) == 1 and list(rows[0]) == list(COLUMNS) and rows[0]["variant"] == "ema"
+    assert all(0 <= rows[0][c] <= 1 for c in ("AP", "AP50", "AR@100"))
+    assert rows[0]["steps/s"] > 0 and rows[0]["wall time"] > 0
+    run = json.loads((tmp_path / "b" / "ema" / "run" / "metrics.json").read_text())["run"]
+    assert run["ema"]["decay"] == 0.993 and run["global_steps"] == 2 and run["budget"] is None
+    table = (tmp_path / "b" / "convergence.md").read_text().splitlines()
+    assert table[0] == "| variant | AP | AP50 | AR@100 | steps/s | wall time |" and table[2].startswith("| ema | ")

@@ -180,9 +180,10 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 def test_two_processes_follow_one_process_lr_schedule_also_accumulating_and_resumed(tmp_path, data_dir):
     """The LR at every optimizer step is the one process's: accelerate steps a prepared scheduler once per process
-    per step, so before the fix 2 processes followed the schedule at step 2k (1e-3, 5e-4, then 0 at step 3 of 6)."""
+    per step, so before the fix 2 processes followed the schedule at step 2k (1e-3, 5e-4, then 0 at step 3 of 6).
+    With EMA on (BatchNorm trains here: process 0's averaged statistics are shared), the resumed run's average too."""
     common = dict(max_steps=6, eval_steps=100, save_steps=3, save_total_limit=3, lr_scheduler_type="cosine",
-                  warmup_steps=2, gradient_accumulation_steps=2)
+                  warmup_steps=2, gradient_accumulation_steps=2, ema_decay=0.9, ema_warmup_steps=2)
     _run(_config(tmp_path / "one", data_dir, per_device_train_batch_size=4, **common))
     two = _config(tmp_path / "two", data_dir, per_device_train_batch_size=2, **common)
     _launch("-m", "training.train", "--config", str(two))
@@ -193,8 +194,13 @@ def test_two_processes_follow_one_process_lr_schedule_also_accumulating_and_resu
            for name in ("one", "two", "resumed")}
     assert len(lrs["one"]) == 6 and lrs["one"][:2] == [5e-4, 1e-3] and lrs["one"][-1] == 0.0   # warm-up, cosine
     assert lrs["two"] == lrs["one"] and lrs["resumed"] == lrs["one"]
-    # per-rank random streams come back with the checkpoint: the resumed 2-process run ends with the same weights
+    # per-rank random streams come back with the checkpoint: the resumed 2-process run ends with the same weights,
+    # trained and averaged (last/ holds the average), and the same logs and evaluation
     assert _same_weights(_weights(tmp_path / "two" / "run"), _weights(tmp_path / "resumed"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert _same_weights(load_file(tmp_path / "two" / "run" / "checkpoint-6" / name),
+                             load_file(tmp_path / "resumed" / "checkpoint-6" / name)), name
+    assert _histories(tmp_path / "two" / "run") == _histories(tmp_path / "resumed")
 
 
 def test_two_processes_step_schedule_and_logs_once(tmp_path, data_dir):

@@ -49,6 +49,17 @@ class ModelArguments:
         "help": "Weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
     class_cost: float | None = field(default=None, metadata={
         "help": "Matching cost weight of the class term (1; Deformable DETR uses 2 with focal loss)."})
+    backbone_weights: str | None = field(default=None, metadata={
+        "help": "A local .pth / .safetensors file of pretrained backbone weights (new models only; no Hub): timm's "
+                "keys, torchvision's ResNet or MobileNetV2 (mapped). Loaded strictly; replaces "
+                "use_pretrained_backbone. `make weights` fetches ImageNet MobileNetV2 weights (backbone "
+                "mobilenetv2_100)."})
+    backbone_weights_sha256: str | None = field(default=None, metadata={
+        "help": "The backbone_weights file's expected sha256, checked before loading."})
+    num_query_groups: int | None = field(default=None, metadata={
+        "help": "Group DETR: K groups of num_queries queries at training, each matched to the targets on its own "
+                "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
+                "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
     # the deformable variant (DetrCustomConfig's fields of the same names); None: the checkpoint's / the default
     decoder_type: str | None = field(default=None, metadata={
         "help": "'detr' (default) or 'deformable' (Deformable DETR's decoder with box refinement on multi-scale "
@@ -126,6 +137,12 @@ class TrainArguments:
         "help": "'no', 'bf16' or 'fp16' (through Accelerate). On a CPU without native bf16 (AVX512_BF16 / AMX), bf16 "
                 "is emulated and slower than fp32: the run warns and trains in fp32 (metrics.json: "
                 "run.mixed_precision_used)."})
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "An exponential moving average of the weights (RT-DETR, LW-DETR) with this decay, in [0, 1): "
+                "evaluations, best/ and last/ use the average; checkpoints hold it. None or 0: off. RT-DETR: 0.9999 "
+                "(hundreds of thousands of steps); ~0.993 for a run of ~1000 steps."})
+    ema_warmup_steps: int = field(default=2000, metadata={
+        "help": "The decay ramps up as ema_decay * (1 - exp(-step / ema_warmup_steps)) (RT-DETR: 2000); 0: none."})
     eval_every_epochs: float = 1
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps instead of every epoch (> 0)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at each evaluation)."})

@@ -1,6 +1,6 @@
 """Building a run: the Accelerator (precision, logging once, output checks), the data and its check, the model,
-the loaders with their seeded streams, the optimizer and the LR schedule, the time budget. `build()` returns them
-in a `TrainingSetup`; train.py runs the loop over it."""
+the loaders with their seeded streams, the optimizer and the LR schedule, the time budget, the weights' average
+(--ema_decay). `build()` returns them in a `TrainingSetup`; train.py runs the loop over it."""
 import logging
 import math
 import os
@@ -25,6 +25,7 @@ from .arguments import DataArguments, ModelArguments, TrainArguments
 from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
 from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from .ema import WeightEma, check_ema_arguments
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
 
 logger = get_logger("training.train")
@@ -63,8 +64,8 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
 # ModelArguments fields that are None unless given: then the checkpoint's value (model_name_or_path) or the config's
 # default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
 OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
-                          "class_loss_coefficient", "class_cost", "decoder_type", "num_feature_levels",
-                          "decoder_n_points")
+                          "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
+                          "num_feature_levels", "decoder_n_points")
 
 
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
@@ -87,7 +88,8 @@ def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDe
         decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
         attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
         position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
-        eos_coefficient=model_args.eos_coefficient, **labels, **options)
+        eos_coefficient=model_args.eos_coefficient, backbone_weights=model_args.backbone_weights,
+        backbone_weights_sha256=model_args.backbone_weights_sha256, **labels, **options)
     return DetrCustomForObjectDetection(config)
 
 
@@ -186,6 +188,7 @@ class TrainingSetup:
     checkpoint: Path | None                # the one this run resumes from
     started: float                         # time.time() when the run began loading data
     budget: TimeBudget | None = None       # --max_train_minutes: sizes total_steps after the first steps
+    ema: WeightEma | None = None           # --ema_decay: the average that is evaluated and saved
 
 
 def resolve_mixed_precision(requested: str, *, cuda: bool) -> tuple[str, str | None]:
@@ -236,6 +239,7 @@ def make_accelerator(args: TrainArguments, *, log_with: str | None) -> Accelerat
 def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> TrainingSetup:
     """Accelerator, data, model, loaders, optimizer and scheduler. Keep the order (the seed, the model's
     initialization, the loaders, prepare): the random streams follow it, so a given seed gives the same run."""
+    check_ema_arguments(args.ema_decay, args.ema_warmup_steps)
     report_to = resolve_report_to(args.report_to)
     accelerator = make_accelerator(args, log_with=report_to)
     set_seed(args.seed)
@@ -280,6 +284,9 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     # the model's initialization and the shuffle (SeedableRandomSampler took the seed in prepare) are the same on
     # every process; from here each process draws its own dropout: seed + process_index (checkpoints keep each one's)
     set_seed(args.seed, device_specific=True)
+    # a copy of the prepared model's weights (identical on every process); it draws no random numbers
+    ema = WeightEma(accelerator.unwrap_model(model), decay=args.ema_decay, warmup_steps=args.ema_warmup_steps) if (
+        args.ema_decay) else None
     if report_to:
         accelerator.init_trackers("detr_custom", config={k: v for a in (model_args, data_args, args)
                                                          for k, v in asdict(a).items() if not isinstance(v, list)})
@@ -289,4 +296,4 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         train_dataset=train_dataset, val_dataset=val_dataset, categories=categories, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch), eval_every=eval_every,
         save_every=args.save_steps if args.save_steps > 0 else eval_every, checkpoint=checkpoint, started=started,
-        budget=budget)
+        budget=budget, ema=ema)

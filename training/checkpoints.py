@@ -2,6 +2,7 @@
 
 Every folder is written under a `.partial-` name and renamed when complete, so a run killed while saving never
 leaves a folder that resume would trust. trainer_state.json holds `RunState`; its keys are the checkpoint format.
+With --ema_decay, ema.safetensors holds the weights' average and its step count (training/ema.py).
 Before the first step the output paths are checked (writable, folders where folders go); --overwrite_output_dir
 removes only what a run writes; a Ctrl-C ends with the command that resumes from the newest complete checkpoint.
 """
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator, PartialState
+
+from .ema import EMA_FILE
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -184,8 +187,20 @@ def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
                          "with the same dataset, or start a new run with --model_name_or_path to fine-tune.")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: int) -> RunState:
-    """Model, optimizer, scheduler and RNG states back into the prepared objects; the run state returned.
+def check_checkpoint_ema(checkpoint: Path, *, ema_on: bool) -> None:
+    """EMA on needs the checkpoint's average: starting it afresh mid-run would silently change the run."""
+    if ema_on and not (checkpoint / EMA_FILE).is_file():
+        raise ValueError(f"{checkpoint} holds no average of the weights ({EMA_FILE}): it was saved with EMA off. "
+                         "Resume with the run's own setting (--ema_decay 0), or start a new run with EMA from a saved "
+                         "model (--model_name_or_path OUTPUT_DIR/last).")
+    if not ema_on and (checkpoint / EMA_FILE).is_file():
+        logger.warning("%s holds an average of the weights (%s) but --ema_decay is off: resuming without it "
+                       "(evaluations and best/ and last/ use the trained weights from here on).", checkpoint, EMA_FILE)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: int, ema=None) -> RunState:
+    """Model, optimizer, scheduler and RNG states back into the prepared objects (and the weights' average into
+    `ema`, a training.ema.WeightEma, when EMA is on); the run state returned.
 
     Without its RNG state file a checkpoint still resumes (the weights, the optimizer and the position are exact, and
     refusing would leave no way to use them), with a WARNING: the run is no longer bit-identical to an uninterrupted
@@ -193,17 +208,22 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: i
     check_checkpoint_complete(checkpoint)
     state = RunState.load(checkpoint)   # before load_state: a damaged file fails before the model is touched
     check_checkpoint_classes(checkpoint, num_labels)
+    check_checkpoint_ema(checkpoint, ema_on=ema is not None)
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
         logger.warning("%s is missing: resuming with fresh random states, so this run is NOT bit-identical to an "
                        "uninterrupted one (the model, optimizer and position are restored exactly).", rng_file)
     accelerator.load_state(str(checkpoint))
+    if ema is not None:
+        ema.load(checkpoint)
     logger.info("resumed from %s at step %d", checkpoint, state.global_step)
     return state
 
 
-def save_checkpoint(accelerator: Accelerator, state: RunState, *, output_dir: str, save_total_limit: int) -> Path:
-    """accelerator.save_state into a temporary folder, renamed when complete. Keeps the newest save_total_limit."""
+def save_checkpoint(accelerator: Accelerator, state: RunState, *, output_dir: str, save_total_limit: int,
+                    ema=None) -> Path:
+    """accelerator.save_state (and the weights' average, `ema`, when EMA is on) into a temporary folder, renamed
+    when complete. Keeps the newest save_total_limit."""
     output = Path(output_dir)
     final = output / f"{CHECKPOINT_PREFIX}{state.global_step}"
     partial = output / f".partial-{CHECKPOINT_PREFIX}{state.global_step}"
@@ -213,6 +233,8 @@ def save_checkpoint(accelerator: Accelerator, state: RunState, *, output_dir: st
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
+        if ema is not None:   # the same average on every process: the main one writes it
+            ema.save(partial)
         state.save(partial)
         _replace_folder(partial, final)
         for old in _checkpoints(output)[:-max(save_total_limit, 1)]:

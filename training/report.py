@@ -33,6 +33,8 @@ def describe_run(setup: TrainingSetup, state: RunState, *, model_args: ModelArgu
         "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler_type, "max_grad_norm": args.max_grad_norm,
         "mixed_precision": args.mixed_precision, "mixed_precision_used": accelerator.mixed_precision,
         "budget": setup.budget.describe() if setup.budget is not None else None,
+        # the saved weights are this average of the trained ones (None: the trained weights themselves)
+        "ema": setup.ema.describe() if setup.ema is not None else None,
         "augmentation": f"horizontal flip; multi-scale resize {min(data_args.train_scales)}-"
                         f"{max(data_args.train_scales)}" + (
                             f" or resize {data_args.crop_resize_scales} + random crop {data_args.crop_size} + resize "

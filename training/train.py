@@ -8,7 +8,8 @@ transformers' HfArgumentParser: a yaml/json file gives the values, the command l
 them all.
 main() reads top to bottom like accelerate's examples: build (build.py), then the loop of train_step,
 save_checkpoint and evaluate_and_save, then finish (report.py). Checkpoints (checkpoints.py) are written atomically
-and resume bit-identically.
+and resume bit-identically. With --ema_decay, an average of the weights (ema.py) is updated after each optimizer
+step, and it is what the evaluations measure and best/ and last/ hold.
 """
 import itertools
 import logging
@@ -67,6 +68,8 @@ def train_step(setup: TrainingSetup, batch: dict, *, step: int, epoch: int, last
         setup.optimizer.step()
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             setup.scheduler.step()   # once per optimizer step, on any number of processes
+            if setup.ema is not None:
+                setup.ema.step(accelerator.unwrap_model(model), accelerator)
         setup.optimizer.zero_grad()
     losses = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS}
     return {**losses, "loss": outputs.loss.item()}
@@ -95,10 +98,16 @@ def log_losses(setup: TrainingSetup, state: RunState, running: list[dict]) -> di
     return record
 
 
+def evaluated_model(setup: TrainingSetup) -> torch.nn.Module:
+    """What evaluations measure and best/ and last/ hold: the weights' average when EMA is on."""
+    return setup.model if setup.ema is None else setup.ema.module
+
+
 @torch.no_grad()
 def evaluate(setup: TrainingSetup) -> dict:
-    """COCO box metrics on the validation set, on the main process ({} on the others)."""
-    accelerator, model, processor = setup.accelerator, setup.model, setup.processor
+    """COCO box metrics on the validation set, on the main process ({} on the others), of the model that is saved:
+    the trained one, or its average with --ema_decay."""
+    accelerator, model, processor = setup.accelerator, evaluated_model(setup), setup.processor
     model.eval()
     predictions = []
     for batch in tqdm(setup.val_loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
@@ -111,7 +120,8 @@ def evaluate(setup: TrainingSetup) -> dict:
             detections = {name: value.cpu().tolist() for name, value in result.items()}
             predictions.append({"image_id": int(label["image_id"]), **detections})
     predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
-    model.train()
+    if setup.ema is None:   # the average stays in eval mode
+        model.train()
     if not accelerator.is_main_process:
         return {}
     categories = setup.categories
@@ -153,7 +163,7 @@ def evaluate_and_save(setup: TrainingSetup, state: RunState, checkpoint: Path | 
             state.best_AP, state.best_step = metrics["AP"], state.global_step
     state.best_step = broadcast_object_list([state.best_step])[0]   # the main process decided
     if state.best_step == state.global_step:
-        save_model(accelerator, setup.model, setup.processor, Path(setup.args.output_dir) / "best")
+        save_model(accelerator, evaluated_model(setup), setup.processor, Path(setup.args.output_dir) / "best")
     if checkpoint is not None:   # after best/: the checkpoint never names a best/ that was not written
         record_evaluation(accelerator, state, checkpoint)
 
@@ -206,7 +216,7 @@ def main(argv=None):
     accelerator, model = setup.accelerator, setup.model
     state = RunState()
     if setup.checkpoint is not None:
-        state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names))
+        state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names), ema=setup.ema)
         if setup.budget is not None:   # the checkpoint's sizing, if it had one
             setup.total_steps = setup.budget.total_steps
     last_checkpoint = setup.checkpoint   # named when the loss diverges
@@ -243,7 +253,7 @@ def main(argv=None):
             if saving:   # before evaluating: a failing evaluation loses no training
                 state.set_position(epoch, setup.steps_per_epoch)
                 last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
-                                                  save_total_limit=args.save_total_limit)
+                                                  save_total_limit=args.save_total_limit, ema=setup.ema)
             if state.global_step % setup.eval_every == 0 or done:
                 evaluate_and_save(setup, state, checkpoint=last_checkpoint if saving else None)
             if done:
@@ -257,7 +267,7 @@ def main(argv=None):
             break
     progress.close()
 
-    save_model(accelerator, model, setup.processor, Path(args.output_dir) / "last")
+    save_model(accelerator, evaluated_model(setup), setup.processor, Path(args.output_dir) / "last")
     if accelerator.is_main_process:
         try:
             finish(setup, state, model_args=model_args, data_args=data_args)
