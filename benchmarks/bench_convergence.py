@@ -42,6 +42,10 @@ VARIANTS = {
     "groups": {"num_query_groups": 13},
     "ema": EMA,
     "all": {"classification_loss": "varifocal", "num_query_groups": 13, **EMA},
+    # issue 17: training/configs/demo_deformable.yaml's changes to demo.yaml (Deformable DETR's decoder, 4 levels)
+    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4,
+                   "classification_loss": "focal", "class_cost": 2.0, "class_loss_coefficient": 2.0,
+                   "num_queries": 30},
 }
 COLUMNS = ("variant", "AP", "AP50", "AR@100", "steps/s", "wall time")
 QUICK_STEPS = 50

@@ -277,3 +277,10 @@ def test_training_script_trains_the_deformable_variant_and_its_folder_loads(tmp_
     run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder)))
     tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
     assert tuned.config.decoder_type == "deformable" and tuned.config.classification_loss == "focal"
+
+
+def test_the_convergence_benchmark_has_the_deformable_variant():
+    from benchmarks.bench_convergence import VARIANTS, check_variants
+
+    check_variants(["baseline", "deformable"])
+    assert VARIANTS["deformable"]["decoder_type"] == "deformable"
