@@ -318,6 +318,8 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     `[num_objects, 4]`, (center_x, center_y, width, height) normalized by the image's unpadded size. The loss is
     computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]). The class
     head follows `config.classification_loss` (`class_head.py`): softmax with "no object" (DETR) or per-class sigmoid.
+    With `config.decoder_type="deformable"` its `model` is a `DetrCustomDeformableDetector` (`model_deformable.py`),
+    which holds one class and box head per decoder layer; the outputs and the loss are the same fields.
     """
 
     def __init__(self, config: DetrCustomConfig):
