@@ -35,16 +35,24 @@ REPO = Path(__file__).parents[1]
 # a few thousand steps): an average over the last ~140 steps; RT-DETR's 0.9999 / 2000 would still be ramping up at
 # step 1000 (decay 0.39 there) and change little
 EMA = {"ema_decay": 0.993, "ema_warmup_steps": 100}
+# the class terms with the matching cost their papers use: Deformable DETR (focal) class cost 2 and class loss weight
+# 2; RT-DETR (varifocal) class cost 2, loss weight 1
+FOCAL = {"classification_loss": "focal", "class_cost": 2.0, "class_loss_coefficient": 2.0}
+VARIFOCAL = {"classification_loss": "varifocal", "class_cost": 2.0}
+# training/configs/demo_pretrained.yaml's backbone: torchvision's ImageNet MobileNetV2 (`make weights`)
+PRETRAINED = {"backbone": "mobilenetv2_100", "backbone_weights": ".weights/mobilenet_v2-b0353104.pth",
+              "freeze_batch_norm": True, "freeze_backbone_stem": True, "backbone_learning_rate": 1.0e-4}
 VARIANTS = {
     "baseline": {},
-    "focal": {"classification_loss": "focal"},
-    "iou-aware": {"classification_loss": "varifocal"},
+    "focal": FOCAL,
+    "iou-aware": VARIFOCAL,
     "groups": {"num_query_groups": 13},
     "ema": EMA,
-    "all": {"classification_loss": "varifocal", "num_query_groups": 13, **EMA},
+    "all": {**VARIFOCAL, "num_query_groups": 13, **EMA},
+    "pretrained": PRETRAINED,
+    "pretrained-all": {**PRETRAINED, **VARIFOCAL, "num_query_groups": 13, **EMA},
     # issue 17: training/configs/demo_deformable.yaml's changes to demo.yaml (Deformable DETR's decoder, 4 levels)
-    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4,
-                   "classification_loss": "focal", "class_cost": 2.0, "class_loss_coefficient": 2.0,
+    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, **FOCAL,
                    "num_queries": 30},
 }
 COLUMNS = ("variant", "AP", "AP50", "AR@100", "steps/s", "wall time")

@@ -97,6 +97,10 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
         lines.append(("Initialized from", f"`{run['model_name_or_path']}`"))
     else:
         backbone = "ImageNet weights from timm" if config.get("use_pretrained_backbone") else "random weights"
+        if config.get("backbone_weights"):   # a local file replaces timm's download; its name only (no local paths)
+            sha256 = config.get("backbone_weights_sha256")
+            backbone = (f"the local weights file `{Path(config['backbone_weights']).name}`"
+                        + (f" (sha256 {sha256[:12]}…)" if sha256 else ""))
         lines.append(("Initialized from", f"no DETR checkpoint: transformer and heads from scratch, backbone from "
                                           f"{backbone}"))
     steps = f" ({run['global_steps']} optimizer steps)" if run.get("global_steps") is not None else ""
@@ -125,7 +129,16 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
     if budget and budget.get("total_steps") is not None:
         lines.append(("Time budget", f"{_number(budget['minutes'])} min: {budget['seconds_per_step']:.2f} s/step and "
                                      f"{budget['eval_seconds']:.1f} s per evaluation measured, "
-                                     f"{budget['total_steps']} of at most {budget['upper_bound']} steps"))
+                                     f"{budget['total_steps']} of at most {budget['upper_bound']} steps"
+                                     + (f"; stopped at step {budget['stopped_early_at']} by its deadline (the steps "
+                                        "ran slower than measured)" if budget.get("stopped_early_at") else "")))
+    if config.get("classification_loss", "cross_entropy") != "cross_entropy":
+        paper = {"focal": "Deformable DETR", "varifocal": "RT-DETR"}.get(config["classification_loss"], "")
+        lines.append(("Class loss", f"{config['classification_loss']} ({paper}): per-class sigmoid, no 'no object' "
+                                    "class"))
+    if (config.get("num_query_groups") or 1) > 1:
+        lines.append(("Query groups", f"{config['num_query_groups']} groups of {config.get('num_queries')} queries at "
+                                      "training (Group DETR), one group at inference"))
     ema = run.get("ema")
     if ema:
         lines.append(("Weights", f"exponential moving average of the trained weights (decay {_number(ema['decay'])}, "

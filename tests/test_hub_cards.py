@@ -424,3 +424,24 @@ def test_recipe_reports_the_time_budget_and_the_precision_that_ran():
     assert lines["Precision used"] == "no (bf16 asked; bf16 is emulated on this CPU)"
     plain = dict(describe_recipe({"mixed_precision": "no", "mixed_precision_used": "no", "budget": None}, {}, None))
     assert "Time budget" not in plain and "Precision used" not in plain
+
+
+def test_recipe_names_the_local_backbone_file_the_levers_and_an_early_stop():
+    from hub_cards.card_text import describe_recipe
+
+    config = {"backbone_weights": "/home/me/weights/mobilenet_v2-b0353104.pth",
+              "backbone_weights_sha256": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+              "classification_loss": "varifocal", "num_query_groups": 13, "num_queries": 10}
+    run = {"budget": {"minutes": 9, "seconds_per_step": 0.4, "eval_seconds": 1.0, "total_steps": 1300,
+                      "upper_bound": 1900, "stopped_early_at": 1250}}
+    lines = dict(describe_recipe(run, config, None))
+    assert lines["Initialized from"].endswith("backbone from the local weights file `mobilenet_v2-b0353104.pth` "
+                                              "(sha256 b03531047ffa…)")
+    assert "/home/me" not in str(lines)                       # no local paths in a card that goes to the Hub
+    assert lines["Class loss"].startswith("varifocal (RT-DETR)")
+    assert lines["Query groups"].startswith("13 groups of 10 queries at training")
+    assert lines["Time budget"].endswith("1300 of at most 1900 steps; stopped at step 1250 by its deadline (the steps "
+                                         "ran slower than measured)")
+    plain = dict(describe_recipe({}, {"classification_loss": "cross_entropy", "num_query_groups": 1}, None))
+    assert "Class loss" not in plain and "Query groups" not in plain
+    assert plain["Initialized from"].endswith("backbone from random weights")

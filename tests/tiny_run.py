@@ -1,9 +1,12 @@
 """The training tests' tiny run: a tiny model on small images of the embedded dataset (16 train, 8 val images), a
 config written as yaml, and `train.main` called in-process. Shared by test_train.py and test_checkpoints.py;
 the dataset is conftest.py's `data_dir` fixture."""
+import json
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from training import train
 
@@ -28,3 +31,18 @@ def write_config(tmp_path, data_dir, **overrides) -> Path:
 
 def run(config, *extra):
     train.main(["--config", str(config), *extra])
+
+
+def histories(run_dir: Path) -> tuple[list, list]:
+    """metrics.json's train and eval histories, less the wall-clock times."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    train_history = [{k: v for k, v in record.items() if k != "elapsed_s"} for record in metrics["train_history"]]
+    return train_history, metrics["eval_history"]
+
+
+def last_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "last" / "model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

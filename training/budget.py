@@ -85,15 +85,18 @@ class TimeBudget:
         total = choose_total_steps(budget_seconds=60 * self.minutes - elapsed - eval_seconds, done=global_step,
                                    seconds_per_step=self.seconds_per_step, eval_seconds=eval_seconds,
                                    eval_every=eval_every, upper_bound=self.upper_bound)
-        if total < max(min_steps, global_step):
+        # too small: the warm-up does not fit, or nothing fits after the timed steps (while more were allowed)
+        if total < max(min_steps, global_step) or global_step == total < self.upper_bound:
             needed = elapsed + eval_seconds + run_seconds(
                 max(min_steps, global_step + 1), done=global_step, seconds_per_step=self.seconds_per_step,
                 eval_seconds=eval_seconds, eval_every=eval_every)
+            least = max(min_steps, global_step)
+            short = (f"fewer than the {least} warm-up steps" if total < least
+                     else f"no training after the {global_step} timed steps")
             raise ValueError(
                 f"max_train_minutes={self.minutes:g} is too small: {self.seconds_per_step:.2f} s/step and "
                 f"{eval_seconds:.1f} s per evaluation measured, {elapsed:.0f} s spent, so only {total} steps fit, "
-                f"fewer than the {max(min_steps, global_step)} warm-up steps. Give at least "
-                f"{math.ceil(needed / 6) / 10:g} minutes, or lower warmup_steps.")
+                f"{short}. Give at least {math.ceil(needed / 6) / 10:g} minutes, or lower warmup_steps.")
         self.total_steps = total
         self.sized_at = global_step
         return total
