@@ -51,6 +51,9 @@ VARIANTS = {
     "all": {**VARIFOCAL, "num_query_groups": 13, **EMA},
     "pretrained": PRETRAINED,
     "pretrained-all": {**PRETRAINED, **VARIFOCAL, "num_query_groups": 13, **EMA},
+    # issue 17: training/configs/demo_deformable.yaml's changes to demo.yaml (Deformable DETR's decoder, 4 levels)
+    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, **FOCAL,
+                   "num_queries": 30},
 }
 COLUMNS = ("variant", "AP", "AP50", "AR@100", "steps/s", "wall time")
 QUICK_STEPS = 50

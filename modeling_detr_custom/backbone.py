@@ -28,16 +28,18 @@ class DetrCustomBackbone(nn.Module):
     """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
     feature map and its mask."""
 
-    def __init__(self, config: DetrCustomConfig):
+    def __init__(self, config: DetrCustomConfig, out_indices: tuple | None = (-1,)):
+        """`out_indices`: the stages `body` returns (timm's; None = every stage, for `multiscale.py`)."""
         super().__init__()
         loading_checkpoint = LOADING_CHECKPOINT.get()
         # a local weights file replaces timm's download: the Hub is never asked when one is given
         weights_file = config.backbone_weights
         pretrained = config.use_pretrained_backbone and weights_file is None and not loading_checkpoint
         create_kwargs = {"in_chans": config.num_channels, **({"output_stride": 16} if config.dilation else {})}
+        stages = {} if out_indices is None else {"out_indices": out_indices}
         try:
             body = timm.create_model(
-                config.backbone, pretrained=pretrained, features_only=True, out_indices=(-1,), **create_kwargs)
+                config.backbone, pretrained=pretrained, features_only=True, **stages, **create_kwargs)
         except (RuntimeError, AssertionError, TypeError, ValueError) as error:
             raise ValueError(
                 f"timm could not build backbone={config.backbone!r} with features_only=True"
@@ -87,13 +89,17 @@ class DetrCustomBackbone(nn.Module):
             self._folded = (self.body, folded)                         # a tuple: not registered as a submodule
         return self._folded[1]
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The body's feature maps (those of `out_indices`), through the fast paths on large enough images."""
         body = self.body
         if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
             body = self.folded_body() if self.fold_batch_norm else self.body
             # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU (forward and backward)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        features = body(pixel_values)[-1]                              # [batch, channels, height, width]
+        return body(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.run_body(pixel_values)[-1]                     # [batch, channels, height, width]
         # nearest-neighbour downsampling of the mask, as the original does
         feature_mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask                                  # mask: [batch, height, width], True = real

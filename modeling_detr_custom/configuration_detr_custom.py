@@ -5,12 +5,29 @@ POSITION_EMBEDDING_TYPES = ("sine", "learned")
 # the names of the interchangeable transformer parts; modeling_detr_custom.ENCODER_CLASSES / DECODER_CLASSES map them
 # to classes (kept here as names so that the config never imports the model)
 ENCODER_TYPES = ("detr",)
-DECODER_TYPES = ("detr",)
+DECODER_TYPES = ("detr", "deformable")
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
 # outputs (no "no object" column) and the matcher the focal cost
 CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "varifocal")
 SIGMOID_CLASSIFICATION_LOSSES = ("focal", "varifocal")
+
+
+# `DetrCustomConfig.from_preset(name)`: a preset is only a set of config values (STYLE.md); the figures are the
+# papers' own (COCO val2017, ResNet-50), quoted, not reproduced here
+PRESETS = {
+    # Carion et al. 2020, "End-to-End Object Detection with Transformers": the defaults; 42.0 AP after 500 epochs
+    # (facebookresearch/detr README)
+    "detr": {},
+    # Zhu et al. 2021, "Deformable DETR: Deformable Transformers for End-to-End Object Detection", with iterative
+    # bounding box refinement: 46.2 AP after 50 epochs in its README (fundamentalvision/Deformable-DETR; 44.5
+    # without refinement, 45.4 in the paper's table 1). Its decoder, levels, points, queries, FFN width and focal
+    # loss; the encoder differs: one DETR encoder layer on the coarsest level (RT-DETR's AIFI, Zhao et al. 2024)
+    # instead of six deformable encoder layers, and the queries carry learned anchor boxes (DAB-DETR).
+    "deformable": dict(decoder_type="deformable", num_feature_levels=4, decoder_n_points=4, num_queries=300,
+                       encoder_layers=1, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                       classification_loss="focal", class_cost=2.0, class_loss_coefficient=2.0),
+}
 
 
 def uses_sigmoid_classes(config) -> bool:
@@ -45,9 +62,14 @@ class DetrCustomConfig(PreTrainedConfig):
             randomly initialized timm ResNet zero-initializes the last BatchNorm of each block, and frozen there it
             would keep every residual branch off forever.
         num_queries: number of object queries, the upper bound on detections per image.
-        encoder_type, decoder_type: which transformer encoder / decoder to build, by name (`"detr"`, the only
-            choice for now: the original's post-norm layers, `encoder_detr.py` / `decoder_detr.py`). Alternative
-            encoders and decoders plug in here, each in its own `encoder_*.py` / `decoder_*.py`.
+        encoder_type, decoder_type: which transformer encoder / decoder to build, by name. `"detr"`: the original's
+            post-norm layers (`encoder_detr.py` / `decoder_detr.py`). `decoder_type="deformable"`: Deformable DETR's
+            decoder (`decoder_deformable.py`, wired in `model_deformable.py`): multi-scale deformable
+            cross-attention, learned content queries with learned reference boxes (DAB-DETR's anchors) refined by
+            every layer (iterative box refinement), one class and box head per layer; the `"detr"` encoder then runs
+            on the coarsest backbone level only (RT-DETR's AIFI), the other levels pass through. It is best with a
+            sigmoid `classification_loss` (`from_preset("deformable")`). Alternative encoders and decoders plug in
+            here, each in its own `encoder_*.py` / `decoder_*.py`.
         d_model: transformer width.
         encoder_layers, decoder_layers: transformer depth.
         encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
@@ -113,6 +135,12 @@ class DetrCustomConfig(PreTrainedConfig):
             matched one-to-one to the targets, and averages their losses; eval mode runs the first group only, so
             inference outputs and cost are those of one group. See `query_groups.py`, also for how checkpoints with
             another number of groups load (the first group is always `query_embed`).
+        num_feature_levels: feature maps the decoder reads (`multiscale.py`): 1 = the last backbone stage (DETR);
+            L > 1 (`decoder_type="deformable"` only) = the last L backbone stages at stride >= 8, finest first, each
+            projected to d_model (1x1 conv + GroupNorm), plus extra stride-2 levels when L exceeds them (4 with a
+            ResNet: strides 8, 16, 32 and 64, as Deformable DETR).
+        decoder_n_points: sampling points per attention head and level of the deformable decoder (4, as Deformable
+            DETR).
     """
 
     model_type = "detr_custom"
@@ -158,6 +186,16 @@ class DetrCustomConfig(PreTrainedConfig):
     backbone_weights: str | None = None      # a local .pth / .safetensors file for the backbone
     backbone_weights_sha256: str | None = None
     num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
+    num_feature_levels: int = 1              # backbone levels (+ extra stride-2 levels) fed to the decoder
+    decoder_n_points: int = 4                # deformable decoder: sampling points per head and level
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DetrCustomConfig":
+        """A config from one of `PRESETS` (a preset is only a set of field values, see there for the papers they
+        follow), with `overrides` on top: `DetrCustomConfig.from_preset("deformable", num_labels=3)`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; use one of {tuple(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -199,6 +237,15 @@ class DetrCustomConfig(PreTrainedConfig):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}={getattr(self, field)} must be >= 0 (focal_gamma 2 and "
                                  "class_loss_coefficient 1 are the defaults).")
+        for positive in ("num_feature_levels", "decoder_n_points"):
+            if getattr(self, positive) < 1:
+                raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
+        if self.decoder_type == "deformable" and self.num_query_groups > 1:
+            raise ValueError(f"num_query_groups={self.num_query_groups} is not supported with decoder_type="
+                             "'deformable' yet (its queries carry reference boxes); use num_query_groups=1.")
+        if self.num_feature_levels > 1 and self.decoder_type != "deformable":
+            raise ValueError(f"num_feature_levels={self.num_feature_levels} needs decoder_type='deformable': the "
+                             f"{self.decoder_type!r} decoder attends to one feature map (use num_feature_levels=1).")
         if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
             raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0: the matcher needs a cost.")
         _check_timm_backbone(self.backbone)

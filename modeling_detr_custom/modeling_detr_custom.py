@@ -29,10 +29,13 @@ from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
+from .decoder_deformable import DetrCustomDeformableDecoder
 from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
 from .fast_paths import fp32_on_cpu
+from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
+from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
 from .position_encoding import build_position_embedding
 from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_groups_, object_queries
 
@@ -40,7 +43,9 @@ from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_g
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
 # encoder_detr.py / decoder_detr.py. The keys are configuration_detr_custom.ENCODER_TYPES / DECODER_TYPES.
 ENCODER_CLASSES = {"detr": DetrCustomEncoder}
-DECODER_CLASSES = {"detr": DetrCustomDecoder}
+# "deformable" reads multi-scale memories and needs a box head per layer: DetrCustomForObjectDetection builds it inside
+# model_deformable.DetrCustomDeformableDetector
+DECODER_CLASSES = {"detr": DetrCustomDecoder, "deformable": DetrCustomDeformableDecoder}
 # config._attn_implementation: both run `attention_mha.DetrCustomAttention`, through SDPA or an explicit softmax
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -129,6 +134,10 @@ def _return_dict(config: DetrCustomConfig, return_dict: bool | None) -> bool:
     return config.return_dict if return_dict is None else return_dict
 
 
+def _output_class(config: DetrCustomConfig) -> type:
+    return DetrCustomSigmoidObjectDetectionOutput if uses_sigmoid_classes(config) else DetrCustomObjectDetectionOutput
+
+
 class DetrCustomPreTrainedModel(PreTrainedModel):
     config_class = DetrCustomConfig
     config: DetrCustomConfig
@@ -137,7 +146,8 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
+    _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer",
+                         "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked", r"extra_query_embeds\.\d+\.weight"]
 
     @torch.no_grad()
@@ -159,8 +169,10 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
-        if module is getattr(self, "class_embed", None):
+        if module is getattr(self, "class_embed", None) or getattr(module, "is_class_head", False):
             init_class_head_bias_(module, self.config)
+        elif isinstance(module, DetrCustomDeformableDetector):   # after its children's generic init (post-order)
+            module.reset_parameters()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -209,6 +221,9 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config)
+        if config.decoder_type == "deformable":
+            raise ValueError("decoder_type='deformable' has its heads inside the decoder (box refinement): use "
+                             "DetrCustomForObjectDetection (its `model` is a DetrCustomDeformableDetector).")
         self.backbone = DetrCustomBackbone(config)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.position_embedding = build_position_embedding(config)
@@ -219,46 +234,8 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         self.post_init()
 
     def _check_inputs(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
-        """Clear errors for bad inputs at the entry, before any layer runs (a NaN image in training would otherwise
-        reach the BatchNorm statistics of a trainable backbone first). Returns the mask, all ones when None."""
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}. Use "
-                             "DetrCustomImageProcessor(images, return_tensors='pt') to build it.")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be [batch, {self.config.num_channels}, height, width] (config.num_channels="
-                f"{self.config.num_channels}), got shape {list(pixel_values.shape)}. Use DetrCustomImageProcessor "
-                "to build it from images."
-            )
-        batch, _, height, width = pixel_values.shape
-        if batch == 0 or height == 0 or width == 0:
-            raise ValueError(f"pixel_values is empty (shape {list(pixel_values.shape)}): pass at least one image.")
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}: the model takes normalized float images, not raw "
-                "pixels. Normalize with DetrCustomImageProcessor (rescale to [0, 1], then ImageNet mean / std).")
-        model_dtype = self.dtype
-        if pixel_values.dtype != model_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
-            raise ValueError(
-                f"pixel_values is {pixel_values.dtype} but the model's weights are {model_dtype}: cast the inputs "
-                f"(pixel_values.to({model_dtype})) or the model (model.to(...)), or run under torch.autocast.")
-        if not bool(torch.isfinite(pixel_values).all()):               # one reduction; indices only on failure
-            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"pixel_values of images {bad} (batch indices) contain NaN or inf. Check how these "
-                             "images were loaded and normalized.")
-        if pixel_mask is None:
-            return torch.ones((batch, height, width), dtype=torch.bool, device=pixel_values.device)
-        if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != (batch, height, width):
-            shape = list(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
-            raise ValueError(
-                f"pixel_mask must be [batch, height, width] = {[batch, height, width]} to match pixel_values, got "
-                f"{shape}. It is 1 on real pixels and 0 on padding."
-            )
-        if pixel_mask.is_floating_point() or pixel_mask.is_complex():
-            raise ValueError(
-                f"pixel_mask must be int64 or bool (1 on real pixels, 0 on padding), got {pixel_mask.dtype}. "
-                "DetrCustomImageProcessor returns it as int64.")
-        return pixel_mask
+        """Clear errors for bad inputs at the entry (`inputs_detr_custom.py`). Returns the mask, all ones when None."""
+        return check_pixel_inputs(pixel_values, pixel_mask, self.config.num_channels, self.dtype)
 
     def forward(
         self,
@@ -341,13 +318,18 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     `[num_objects, 4]`, (center_x, center_y, width, height) normalized by the image's unpadded size. The loss is
     computed whenever labels are given, in train or eval mode, by our own criterion ([`DetrCustomLoss`]). The class
     head follows `config.classification_loss` (`class_head.py`): softmax with "no object" (DETR) or per-class sigmoid.
+    With `config.decoder_type="deformable"` its `model` is a `DetrCustomDeformableDetector` (`model_deformable.py`),
+    which holds one class and box head per decoder layer; the outputs and the loss are the same fields.
     """
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config)
-        self.model = DetrCustomModel(config)
-        self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
-        self.bbox_embed = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
+        if config.decoder_type == "deformable":   # multi-scale, with one class and box head per decoder layer
+            self.model = DetrCustomDeformableDetector(config)
+        else:
+            self.model = DetrCustomModel(config)
+            self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
+            self.bbox_embed = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
         self.criterion = DetrCustomLoss(config)
         self.post_init()
 
@@ -364,6 +346,11 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         """See [`DetrCustomModel.forward`]; `labels` as in the class docstring."""
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
             self.criterion.check_labels(labels, batch=len(pixel_values))   # before any layer runs
+        if self.config.decoder_type == "deformable":   # model_deformable.py: multi-scale features to per-layer heads
+            output = _output_class(self.config)(**deformable_detection_fields(
+                self, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
+                _return_dict(self.config, return_dict), batch_independent))
+            return output if _return_dict(self.config, return_dict) else output.to_tuple()
         outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states,
                              return_dict=True, batch_independent=batch_independent)
         intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
@@ -384,9 +371,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         return_dict = _return_dict(self.config, return_dict)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
-        output_class = (DetrCustomSigmoidObjectDetectionOutput if uses_sigmoid_classes(self.config)
-                        else DetrCustomObjectDetectionOutput)
-        output = output_class(
+        output = _output_class(self.config)(
             loss=loss,
             loss_dict=loss_dict,
             logits=all_logits[-1],

@@ -189,7 +189,7 @@ def test_base_model_outputs():
     ({"position_embedding_type": "rope"}, "position_embedding_type"),
     ({"backbone": "resnet5000"}, "not a timm model"),
     ({"encoder_type": "deformable"}, r"encoder_type='deformable' is not supported; use one of \('detr',\)"),
-    ({"decoder_type": "deformable"}, r"decoder_type='deformable' is not supported; use one of \('detr',\)"),
+    ({"decoder_type": "rtdetr"}, r"decoder_type='rtdetr' is not supported; use one of \('detr', 'deformable'\)"),
 ])
 def test_impossible_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

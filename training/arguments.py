@@ -60,6 +60,15 @@ class ModelArguments:
         "help": "Group DETR: K groups of num_queries queries at training, each matched to the targets on its own "
                 "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
                 "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
+    # the deformable variant (DetrCustomConfig's fields of the same names); None: the checkpoint's / the default
+    decoder_type: str | None = field(default=None, metadata={
+        "help": "'detr' (default) or 'deformable' (Deformable DETR's decoder with box refinement on multi-scale "
+                "features; use a sigmoid classification_loss with it). None: the checkpoint's (new models: detr).",
+        "choices": ["detr", "deformable"]})
+    num_feature_levels: int | None = field(default=None, metadata={
+        "help": "Feature levels the deformable decoder reads (4: ResNet strides 8-32 + one extra). None: 1."})
+    decoder_n_points: int | None = field(default=None, metadata={
+        "help": "Deformable decoder: sampling points per head and level (4)."})
 
 
 @dataclass

@@ -64,7 +64,8 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
 # ModelArguments fields that are None unless given: then the checkpoint's value (model_name_or_path) or the config's
 # default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
 OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
-                          "class_loss_coefficient", "class_cost", "num_query_groups")
+                          "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
+                          "num_feature_levels", "decoder_n_points")
 
 
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:

@@ -1,0 +1,168 @@
+"""The deformable variant (`config.decoder_type="deformable"`): Deformable DETR's decoder (Zhu et al. 2021) on
+multi-scale features, wired as one module that `DetrCustomForObjectDetection` holds as its `model`.
+
+multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et
+al. 2024; the other levels pass through) -> learned content queries with learned reference boxes (DAB-DETR's anchors,
+kept in inverse-sigmoid space) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
+with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
+
+The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
+layer; `deformable_detection_fields` returns the same fields as the DETR path's output (logits, pred_boxes,
+auxiliary_outputs, loss), so loss, post-processing, pipeline and training work unchanged.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .class_head import class_head_outputs, init_class_head_bias_
+from .configuration_detr_custom import DetrCustomConfig
+from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid
+from .encoder_detr import DetrCustomEncoder
+from .fast_paths import fp32_on_cpu
+from .inputs_detr_custom import check_pixel_inputs
+from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
+                         valid_ratios)
+from .position_encoding import build_position_embedding
+
+# the learned reference boxes start with random centres over the image and this width and height
+INITIAL_BOX_SIZE = 0.1
+
+
+def _mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn.Sequential:
+    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+    layers = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@dataclass
+class DetrCustomDeformableDetectorOutput(ModelOutput):
+    """What [`DetrCustomDeformableDetector`] returns; the per-layer heads' outputs first."""
+
+    logits: torch.Tensor | None = None                # [decoder_layers, batch, queries, classes]
+    pred_boxes: torch.Tensor | None = None            # [decoder_layers, batch, queries, 4] cxcywh in [0, 1]
+    last_hidden_state: torch.Tensor | None = None     # [batch, queries, d_model]
+    intermediate_hidden_states: torch.Tensor | None = None   # [decoder_layers, batch, queries, d_model]
+    encoder_last_hidden_state: torch.Tensor | None = None    # [batch, sequence, d_model], all levels flattened
+    feature_mask: torch.Tensor | None = None          # [batch, height, width] bool, the encoder level's mask
+    spatial_shapes: list | None = None                # [levels] of (height, width), finest first
+    encoder_hidden_states: tuple | None = None        # with output_hidden_states: [batch, h * w, d_model] of the
+    encoder_attentions: tuple | None = None           # coarsest level; attentions [batch, heads, h * w, h * w]
+    decoder_hidden_states: tuple | None = None        # [batch, queries, d_model], input + each layer
+    cross_attentions: tuple | None = None             # per layer [batch, queries, heads, levels * points]
+
+
+class DetrCustomDeformableDetector(nn.Module):
+    """Backbone to per-layer class logits and refined boxes for `decoder_type="deformable"` (see the module
+    docstring). Holds `reference_boxes` as its own parameter, so that transformers calls the model's `_init_weights`
+    on it, which calls `reset_parameters` after the generic Linear init of its children."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        d_model = config.d_model
+        self.backbone = DetrCustomMultiScaleBackbone(config)
+        self.input_proj = DetrCustomMultiScaleProjection(config, self.backbone.channels)
+        self.encoder_level = len(self.backbone.channels) - 1          # the coarsest backbone level
+        self.position_embedding = build_position_embedding(config)
+        self.encoder = DetrCustomEncoder(config)
+        self.query_embed = nn.Embedding(config.num_queries, d_model)   # the learned content queries (tgt)
+        self.reference_boxes = nn.Parameter(torch.empty(config.num_queries, 4))   # cxcywh, inverse sigmoid
+        self.query_pos_head = _mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
+        self.decoder = DetrCustomDeformableDecoder(config, config.num_feature_levels, config.decoder_n_points)
+        self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
+                                         for _ in range(config.decoder_layers))
+        self.bbox_embed = nn.ModuleList(_mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
+        for class_head in self.class_embed:
+            class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
+        self.config = config
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The inits that the model's generic `_init_weights` (xavier on every Linear) would otherwise undo: the
+        deformable attention's direction grid and uniform weights, the class heads' prior, zero box deltas (each
+        layer starts from its reference box, as Deformable DETR's refinement) and the reference boxes. Written with
+        transformers' `initialization` functions, which leave alone what `from_pretrained` loaded."""
+        for layer in self.decoder.layers:
+            layer.cross_attn.reset_parameters()
+        for class_head in self.class_embed:
+            init_class_head_bias_(class_head, self.config)
+        for box_head in self.bbox_embed:
+            init.zeros_(box_head[-1].weight)
+            init.zeros_(box_head[-1].bias)
+        centres = torch.rand(self.reference_boxes.shape[0], 2)
+        sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
+        init.copy_(self.reference_boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,            # [batch, channels, height, width]
+        pixel_mask: torch.Tensor,              # [batch, height, width], 1 = real pixel (checked by the caller)
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> DetrCustomDeformableDetectorOutput:
+        features = self.backbone(pixel_values)                        # per level [batch, channels, h, w]
+        with fp32_on_cpu(pixel_values):                               # features cast below, under CPU autocast
+            if features[0].device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                features = [feature.float() for feature in features]
+            maps = self.input_proj(features)                          # per level [batch, d_model, h, w]
+            masks = level_masks(pixel_mask, maps)                     # per level [batch, h, w], True = real
+            # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
+            level, level_mask = maps[self.encoder_level], masks[self.encoder_level]
+            has_padding = not bool(level_mask.all())
+            position = self.position_embedding(level_mask, has_padding).to(level.dtype)   # [batch, h * w, d_model]
+            encoded, encoder_states, encoder_attentions = self.encoder(
+                level.flatten(2).transpose(1, 2), position, level_mask.flatten(1) if has_padding else None,
+                output_attentions, output_hidden_states)
+            maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
+            memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
+            batch = pixel_values.shape[0]
+            query = self.query_embed.weight[None].expand(batch, -1, -1)          # [batch, queries, d_model]
+            reference = self.reference_boxes.sigmoid()[None].expand(batch, -1, -1)   # [batch, queries, 4]
+            decoded = self.decoder(
+                query, None, reference, memory, spatial_shapes, valid_ratios=valid_ratios(masks),
+                memory_mask=memory_mask, box_heads=self.bbox_embed,
+                query_pos_head=self.query_pos_head, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states)
+            logits = torch.stack([head(states) for head, states in zip(self.class_embed, decoded.intermediate)])
+        return DetrCustomDeformableDetectorOutput(
+            logits=logits, pred_boxes=decoded.boxes, last_hidden_state=decoded.intermediate[-1],
+            intermediate_hidden_states=decoded.intermediate, encoder_last_hidden_state=memory,
+            feature_mask=level_mask, spatial_shapes=spatial_shapes, encoder_hidden_states=encoder_states,
+            encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
+            cross_attentions=decoded.cross_attentions)
+
+
+def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
+                                return_dict, batch_independent) -> dict:
+    """`DetrCustomForObjectDetection.forward` for `decoder_type="deformable"`: the fields of its output dataclass
+    (`model` is the `DetrCustomForObjectDetection`, whose `model` is a [`DetrCustomDeformableDetector`])."""
+    config = model.config
+    if batch_independent or (batch_independent is None and getattr(config, "batch_independent_inference", False)):
+        raise ValueError("batch_independent inference is not supported with decoder_type='deformable' yet; pass "
+                         "batch_independent=False (and config.batch_independent_inference=False).")
+    output_attentions = config.output_attentions if output_attentions is None else output_attentions
+    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    pixel_mask = check_pixel_inputs(pixel_values, pixel_mask, config.num_channels, model.dtype)
+    outputs = model.model(pixel_values, pixel_mask, output_attentions, output_hidden_states)
+    all_logits, all_boxes = outputs.logits, outputs.pred_boxes    # [layers, batch, queries, classes / 4]
+    auxiliary_outputs = None
+    if config.auxiliary_loss:
+        auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes}
+                             for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
+    loss, loss_dict = None, None
+    if labels is not None:
+        loss, loss_dict = model.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
+                                          labels_checked=True)
+    if not return_dict and labels is None:
+        auxiliary_outputs = None   # as the DETR path: the tuple has them only with labels
+    return dict(loss=loss, loss_dict=loss_dict, logits=all_logits[-1], pred_boxes=all_boxes[-1],
+                auxiliary_outputs=auxiliary_outputs, last_hidden_state=outputs.last_hidden_state,
+                encoder_last_hidden_state=outputs.encoder_last_hidden_state, feature_mask=outputs.feature_mask,
+                encoder_hidden_states=outputs.encoder_hidden_states,
+                decoder_hidden_states=outputs.decoder_hidden_states, encoder_attentions=outputs.encoder_attentions,
+                cross_attentions=outputs.cross_attentions)

@@ -1,0 +1,98 @@
+"""Multi-scale features for the deformable variant (`config.num_feature_levels > 1`): the timm backbone's last stages,
+each projected to d_model, extra stride-2 levels above them, and the flattened memory with its masks, shapes and
+valid ratios, as Deformable DETR (Zhu et al. 2021) and RT-DETR (Zhao et al. 2024) feed their deformable decoders.
+
+Levels: the backbone stages at stride >= 8 (timm's `feature_info` reductions: C3, C4, C5 of a ResNet), the last
+`num_feature_levels` of them, finest first; if `num_feature_levels` exceeds them, each extra level is a 3x3 stride-2
+convolution of the level below (the first of the last backbone map itself, as Deformable DETR). Every level goes
+through a 1x1 convolution + GroupNorm (Deformable DETR's and RT-DETR's `input_proj`; 3x3 stride 2 + GroupNorm for the
+extra levels). Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the
+DETR backbone does; `valid_ratios` are the visible fraction (width, height) of each level's padded map.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import DetrCustomBackbone
+from .configuration_detr_custom import DetrCustomConfig
+
+# stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
+MIN_LEVEL_REDUCTION = 8
+
+
+def _group_norm(d_model: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, d_model), d_model)   # 32 groups, or the most that divide d_model
+
+
+class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
+    """`backbone.DetrCustomBackbone` (frozen BatchNorm, stem freezing, `backbone_weights`, the fast paths) with every
+    stage out; `forward` returns the levels: its last stages at stride >= 8, at most `num_feature_levels`, finest
+    first."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__(config, out_indices=None)
+        reductions = self.body.feature_info.reduction()
+        candidates = [i for i, reduction in enumerate(reductions) if reduction >= MIN_LEVEL_REDUCTION]
+        if not candidates:
+            raise ValueError(f"backbone={config.backbone!r} has no feature stage at stride >= {MIN_LEVEL_REDUCTION} "
+                             f"(reductions {reductions}); pick a timm model with a stride-8 or coarser stage.")
+        self.level_indices = candidates[-config.num_feature_levels:]    # into the body's outputs, finest first
+        self.channels = [self.body.feature_info.channels()[i] for i in self.level_indices]   # per backbone level
+        self.num_channels = self.channels[-1]
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:   # per level [batch, channels, h, w]
+        features = self.run_body(pixel_values)
+        return [features[i] for i in self.level_indices]
+
+
+class DetrCustomMultiScaleProjection(nn.Module):
+    """Each backbone level to d_model (1x1 conv + GroupNorm), then the extra stride-2 levels (3x3 conv + GroupNorm)
+    up to `config.num_feature_levels`."""
+
+    def __init__(self, config: DetrCustomConfig, backbone_channels: list[int]):
+        super().__init__()
+        d_model = config.d_model
+        self.levels = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, d_model, kernel_size=1), _group_norm(d_model))
+                                    for channels in backbone_channels)
+        extra = config.num_feature_levels - len(backbone_channels)
+        self.extra_levels = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(backbone_channels[-1] if i == 0 else d_model, d_model, 3, stride=2, padding=1),
+                          _group_norm(d_model))
+            for i in range(extra))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:   # per level [batch, d_model, h, w]
+        maps = [projection(feature) for projection, feature in zip(self.levels, features)]
+        source = features[-1]
+        for extra in self.extra_levels:
+            source = extra(source)
+            maps.append(source)
+        return maps
+
+
+def level_masks(pixel_mask: torch.Tensor, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`pixel_mask` [batch, height, width] (1 = real) downsampled nearest-neighbour to each map: [batch, h, w] bool."""
+    mask = pixel_mask[None].float()
+    return [F.interpolate(mask, size=level.shape[-2:]).to(torch.bool)[0] for level in maps]
+
+
+def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:      # [batch, levels, 2], (width, height) in (0, 1]
+    """The visible fraction of each level's padded map, as Deformable DETR's `get_valid_ratio`: boxes relative to the
+    visible image times these ratios are the levels' padded coordinates."""
+    ratios = []
+    for mask in masks:
+        height, width = mask.shape[-2:]
+        visible_height = mask[:, :, 0].sum(1).float() / height
+        visible_width = mask[:, 0, :].sum(1).float() / width
+        ratios.append(torch.stack([visible_width, visible_height], -1))
+    return torch.stack(ratios, 1)
+
+
+def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Concatenate the levels row-major, finest first: memory [batch, sequence, d_model], memory_mask [batch,
+    sequence] (True = real) and spatial_shapes as Python ints (so shapes never need a device sync)."""
+    spatial_shapes = [(int(level.shape[-2]), int(level.shape[-1])) for level in maps]
+    memory = torch.cat([level.flatten(2).transpose(1, 2) for level in maps], 1)
+    memory_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
+    return memory, memory_mask, spatial_shapes
