@@ -1,7 +1,7 @@
 """Convergence at equal steps: the training levers of issue 14 against today's DETR, on the demo data.
 
     .venv/bin/python -m benchmarks.bench_convergence [--steps 1000] [--variants baseline,ema] [--quick]
-                                                     [--base-config training/configs/demo.yaml]
+                                                     [--base-config training/configs/demo_detr.yaml]
                                                      [--output-dir outputs/bench_convergence]
 
 Each variant is the base config (the demo's by default) plus a few overrides (VARIANTS below), trained by the
@@ -51,7 +51,7 @@ VARIANTS = {
     "all": {**VARIFOCAL, "num_query_groups": 13, **EMA},
     "pretrained": PRETRAINED,
     "pretrained-all": {**PRETRAINED, **VARIFOCAL, "num_query_groups": 13, **EMA},
-    # issue 17: training/configs/demo_deformable.yaml's changes to demo.yaml (Deformable DETR's decoder, 4 levels)
+    # issue 17: training/configs/demo.yaml's changes to demo_detr.yaml (Deformable DETR's decoder, 4 levels)
     "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, **FOCAL,
                    "num_queries": 30},
 }
@@ -140,7 +140,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps a variant (default 1000; --quick 50)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--base-config", default=str(REPO / "training" / "configs" / "demo.yaml"))
+    parser.add_argument("--base-config", default=str(REPO / "training" / "configs" / "demo_detr.yaml"))
     parser.add_argument("--output-dir", default="outputs/bench_convergence", help="a folder per variant + the table")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps: checks that everything runs")
     args = parser.parse_args(argv)

@@ -194,7 +194,7 @@ def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
 
 
 def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
-    """The budget's deadline (checked every logging_steps): the main process's clock decides for every process."""
+    """The budget's deadline: the main process's clock decides for every process."""
     budget = setup.budget
     stop = [budget.out_of_time(state.global_step) if setup.accelerator.is_main_process else None]
     if setup.accelerator.num_processes > 1:
@@ -247,7 +247,9 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
                 running = []
             done = state.global_step >= setup.total_steps
-            if not done and setup.budget is not None and state.global_step % args.logging_steps == 0:
+            # the deadline: every step on one process, every logging_steps on several (it costs a broadcast there)
+            if not done and setup.budget is not None and (
+                    accelerator.num_processes == 1 or state.global_step % args.logging_steps == 0):
                 done = budget_deadline(setup, state)
             saving = state.global_step % setup.save_every == 0 or done
             if saving:   # before evaluating: a failing evaluation loses no training
