@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou, generalized_box_iou
-from .configuration_detr_custom import uses_sigmoid_classes
+from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
 
 BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
 
@@ -139,14 +139,15 @@ class DetrCustomLoss(nn.Module):
         super().__init__()
         self.classification_loss = getattr(config, "classification_loss", "cross_entropy")
         self.sigmoid = uses_sigmoid_classes(config)
-        self.focal_alpha, self.focal_gamma = config.focal_alpha, config.focal_gamma
-        self.varifocal_alpha = config.varifocal_alpha
+        # a transformers DetrConfig (or a config saved before these fields) works too: the fields' defaults apply
+        for name in ("focal_alpha", "focal_gamma", "varifocal_alpha", "class_loss_coefficient"):
+            setattr(self, name, getattr(config, name, getattr(DetrCustomConfig, name)))
         self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost,
                                         focal_alpha=self.focal_alpha if self.sigmoid else None,
                                         focal_gamma=self.focal_gamma)
         self.num_labels = config.num_labels
         self.eos_coefficient = config.eos_coefficient
-        self.weights = {"loss_ce": config.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
+        self.weights = {"loss_ce": self.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
                         "loss_giou": config.giou_loss_coefficient}
 
     def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False
