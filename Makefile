@@ -47,7 +47,7 @@ weights: $(STAMP)
 test: $(STAMP) weights  # weights: the tests of backbone_weights.py run on the real file
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) weights   # fine-tunes from the ImageNet MobileNetV2 file
 	HF_HUB_OFFLINE=1 $(PY) -m training.train --config training/configs/demo.yaml
 
 bench: $(STAMP)  # the issue's sizes (R50 at 800x1066), about 10 minutes on 2 cores

@@ -39,7 +39,7 @@ EMA = {"ema_decay": 0.993, "ema_warmup_steps": 100}
 # 2; RT-DETR (varifocal) class cost 2, loss weight 1
 FOCAL = {"classification_loss": "focal", "class_cost": 2.0, "class_loss_coefficient": 2.0}
 VARIFOCAL = {"classification_loss": "varifocal", "class_cost": 2.0}
-# training/configs/demo_pretrained.yaml's backbone: torchvision's ImageNet MobileNetV2 (`make weights`)
+# training/configs/demo.yaml's backbone: torchvision's ImageNet MobileNetV2 (`make weights`)
 PRETRAINED = {"backbone": "mobilenetv2_100", "backbone_weights": ".weights/mobilenet_v2-b0353104.pth",
               "freeze_batch_norm": True, "freeze_backbone_stem": True, "backbone_learning_rate": 1.0e-4}
 VARIANTS = {

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.bench_query_groups [--groups 1 4 13] [--rounds 7] [--threads N]
 
-The model of training/configs/demo_detr.yaml (resnet18 from scratch with trainable BatchNorm, d_model 128, 2 + 2 layers,
+The model of training/configs/demo_detr.yaml (resnet18 from scratch, trainable BatchNorm, d_model 128, 2 + 2 layers,
 4 heads, FFN 256, 10 queries, auxiliary loss, dropout 0), a batch of 8 random 128 x 128 images with 1-4 objects of
 3 classes each. One train step = forward + loss + backward + AdamW step; "loss" times the matching + loss alone on
 the step's outputs (K matchings per decoder layer, scipy on the CPU). Rounds are interleaved (K = 1, 4, 13, 1, ...)

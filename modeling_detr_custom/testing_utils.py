@@ -116,3 +116,31 @@ def remote_code_files() -> set[str]:
             needed.add(module)
             todo.extend(graph[module])
     return {f"{module}.py" for module in needed}
+
+
+def pipeline_detections_without_the_package(folder: pathlib.Path, digits: int = 5) -> list[tuple]:
+    """Runs `pipeline("object-detection", model=folder, trust_remote_code=True)` on `folder/image.png` in a fresh
+    process where this package cannot be imported (so the folder's own code files run), threshold 0; returns
+    `(label, score rounded to digits, box)` per detection."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
+        import PIL.Image
+        from transformers import pipeline
+        folder = {str(folder)!r}
+        detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+        assert type(detector.model).__module__.startswith("transformers_modules")
+        found = detector(PIL.Image.open(folder + "/image.png"), threshold=0.0)
+        print(json.dumps([(d["label"], round(d["score"], {digits}), d["box"]) for d in found]))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(pathlib.Path(folder).parent / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(folder).parent, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(d) for d in json.loads(result.stdout.strip().splitlines()[-1])]

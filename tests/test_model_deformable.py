@@ -2,10 +2,6 @@
 gradients, masks, saving and loading, remote code, pipeline, gradient checkpointing, bf16 autocast, and that it
 learns a fixed batch."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
@@ -18,7 +14,8 @@ from modeling_detr_custom.attention_deformable import DetrCustomDeformableAttent
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
 from modeling_detr_custom.modeling_detr_custom import DetrCustomModel
 from modeling_detr_custom.multiscale import level_masks, valid_ratios
-from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
+from modeling_detr_custom.testing_utils import (padded_batch, pipeline_detections_without_the_package, randomize_,
+                                                tiny_kwargs)
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -179,21 +176,7 @@ def test_pipeline_and_remote_code_folder_without_the_package(tmp_path):
         p.name for p in (tmp_path / "folder").glob("*.py")}
     expected = _detections(pipeline("object-detection", model=str(tmp_path / "folder"))(image, threshold=0.0))
     assert len(expected) == 30 and {label for label, _, _ in expected} <= set(ID2LABEL.values())
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
-        import PIL.Image
-        from transformers import pipeline
-        folder = {str(tmp_path / 'folder')!r}
-        detector = pipeline("object-detection", model=folder, trust_remote_code=True)
-        assert type(detector.model).__module__.startswith("transformers_modules")
-        found = detector(PIL.Image.open(folder + "/image.png"), threshold=0.0)
-        print(json.dumps([(d["label"], round(d["score"], 4), d["box"]) for d in found]))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = [tuple(d) for d in json.loads(result.stdout.strip().splitlines()[-1])]
+    found = pipeline_detections_without_the_package(tmp_path / "folder", digits=4)
     assert found == [tuple(d) for d in expected]
 
 

@@ -11,7 +11,8 @@ from transformers import DeformableDetrImageProcessor, pipeline
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
-from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
+from modeling_detr_custom.testing_utils import (padded_batch, pipeline_detections_without_the_package, randomize_,
+                                                tiny_kwargs)
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 
@@ -187,30 +188,10 @@ def test_processor_takes_the_activation_from_the_model_folder_and_refuses_a_cont
 
 
 def test_sigmoid_remote_code_folder_pipeline_without_the_package(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     model, image = _save_sigmoid_folder(tmp_path / "folder")
     processor = DetrCustomImageProcessor.from_pretrained(tmp_path / "folder")
     expected = pipeline("object-detection", model=model, image_processor=processor)(image, threshold=0.0)
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.modules["modeling_detr_custom"] = None   # the package cannot be imported in this process
-        import PIL.Image
-        from transformers import pipeline
-        folder = {str(tmp_path / 'folder')!r}
-        detector = pipeline("object-detection", model=folder, trust_remote_code=True)
-        assert type(detector.model).__module__.startswith("transformers_modules")
-        found = detector(PIL.Image.open(folder + "/image.png"), threshold=0.0)
-        print(json.dumps([(d["label"], round(d["score"], 5), d["box"]) for d in found]))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = [tuple(d) for d in json.loads(result.stdout.strip().splitlines()[-1])]
+    found = pipeline_detections_without_the_package(tmp_path / "folder", digits=5)
     assert len(found) == 30
     assert found == [(d["label"], round(d["score"], 5), d["box"]) for d in expected]
 
