@@ -24,6 +24,12 @@ logger = logging.get_logger(__name__)
 LOADING_CHECKPOINT = contextvars.ContextVar("detr_custom_loading_checkpoint", default=False)
 
 
+def downsample_mask(pixel_mask: torch.Tensor, size) -> torch.Tensor:
+    """`pixel_mask` [batch, height, width] (1 = real) to a feature map's size, nearest-neighbour as the original
+    DETR: [batch, h, w] bool, True = real."""
+    return F.interpolate(pixel_mask[None].float(), size=size).to(torch.bool)[0]
+
+
 class DetrCustomBackbone(nn.Module):
     """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
     feature map and its mask."""
@@ -100,8 +106,7 @@ class DetrCustomBackbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.run_body(pixel_values)[-1]                     # [batch, channels, height, width]
-        # nearest-neighbour downsampling of the mask, as the original does
-        feature_mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        feature_mask = downsample_mask(pixel_mask, features.shape[-2:])
         return features, feature_mask                                  # mask: [batch, height, width], True = real
 
     def forward_per_size(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):

@@ -46,25 +46,16 @@ def check_sha256(path: pathlib.Path, expected: str) -> None:
 
 
 def read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors or torch.save file (`weights_only=True`: no pickled code runs)."""
+    """The tensors of a .safetensors or torch.save file (`weights_only=True`: no pickled code runs), through timm's
+    own reader: it unwraps {"state_dict": ...} / {"model": ...} and strips DDP's "module." prefix."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reader failure means the same thing to the user
         kind = "safetensors" if path.suffix == ".safetensors" else "a torch.save state dict"
         raise ValueError(f"cannot read backbone weights file {path} as {kind}: {error}") from error
-    for wrapper in ("state_dict", "model"):                 # checkpoints of training scripts
-        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"backbone weights file {path} holds {type(state_dict).__name__}, not a state dict "
                          "(a dict from names to tensors, e.g. `torch.save(model.state_dict(), path)`).")
-    if state_dict and all(key.startswith("module.") for key in state_dict):   # saved from DistributedDataParallel
-        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
     return state_dict
 
 

@@ -346,11 +346,12 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         """See [`DetrCustomModel.forward`]; `labels` as in the class docstring."""
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
             self.criterion.check_labels(labels, batch=len(pixel_values))   # before any layer runs
+        return_dict = _return_dict(self.config, return_dict)
         if self.config.decoder_type == "deformable":   # model_deformable.py: multi-scale features to per-layer heads
             output = _output_class(self.config)(**deformable_detection_fields(
-                self, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
-                _return_dict(self.config, return_dict), batch_independent))
-            return output if _return_dict(self.config, return_dict) else output.to_tuple()
+                self, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states, return_dict,
+                batch_independent))
+            return output if return_dict else output.to_tuple()
         outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states,
                              return_dict=True, batch_independent=batch_independent)
         intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
@@ -368,7 +369,6 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             num_groups = all_logits.shape[2] // self.config.num_queries     # 1 = the criterion's own call
             loss, loss_dict = grouped_loss(self.criterion, all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
                                            num_groups)
-        return_dict = _return_dict(self.config, return_dict)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
         output = _output_class(self.config)(

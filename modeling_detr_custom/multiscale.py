@@ -12,10 +12,9 @@ DETR backbone does; `valid_ratios` are the visible fraction (width, height) of e
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DetrCustomBackbone
+from .backbone import DetrCustomBackbone, downsample_mask
 from .configuration_detr_custom import DetrCustomConfig
 
 # stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
@@ -73,8 +72,7 @@ class DetrCustomMultiScaleProjection(nn.Module):
 
 def level_masks(pixel_mask: torch.Tensor, maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """`pixel_mask` [batch, height, width] (1 = real) downsampled nearest-neighbour to each map: [batch, h, w] bool."""
-    mask = pixel_mask[None].float()
-    return [F.interpolate(mask, size=level.shape[-2:]).to(torch.bool)[0] for level in maps]
+    return [downsample_mask(pixel_mask, level.shape[-2:]) for level in maps]
 
 
 def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:      # [batch, levels, 2], (width, height) in (0, 1]

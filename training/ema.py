@@ -23,7 +23,8 @@ import math
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 EMA_FILE = "ema.safetensors"   # in checkpoint-N: the average's state dict, its step count in the metadata
@@ -79,12 +80,10 @@ class WeightEma(ModelEmaV3):
 
     def load(self, checkpoint) -> None:
         """Back from checkpoint/EMA_FILE: the same average, the same step count (a resumed run stays bit-exact)."""
-        from safetensors import safe_open
-
-        path = checkpoint / EMA_FILE
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(checkpoint / EMA_FILE), "pt") as f:   # one read: the tensors and the step count
             updates = int(f.metadata()["updates"])
-        self.module.load_state_dict(load_file(str(path)), strict=True)
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+        self.module.load_state_dict(state_dict, strict=True)
         self.updates = updates
 
     def describe(self) -> dict:
