@@ -12,6 +12,7 @@ label building in ``annotations_detr_custom.py``.
 """
 import json
 import math
+import os
 import numbers
 from types import SimpleNamespace
 
@@ -130,8 +131,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     ``category_id_to_label`` maps dataset category ids to contiguous class labels. ``iscrowd`` may also be a bool.
 
     ``class_activation`` (None, ``"softmax"`` or ``"sigmoid"``) says how ``post_process_object_detection`` reads
-    logits whose outputs do not say it themselves; ``from_pretrained`` sets it from the model's config.json in the
-    same folder (see ``get_image_processor_dict``).
+    logits whose outputs do not say it themselves; ``save_pretrained`` into a folder that holds the model's
+    config.json stores the model's activation, and ``from_pretrained`` fills it from that config.json for folders
+    saved without it (see ``get_image_processor_dict``).
 
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
     ``DetrFeatureExtractor`` with ``size: 800, max_size: 1333``).
@@ -193,9 +195,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     @classmethod
     def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
         """transformers' loading, plus `class_activation` from the model's config.json next to the processor's when
-        the processor's does not say it (folders saved before the setting, or with None): a sigmoid model's folder
-        then post-processes with sigmoid, also in `pipeline("object-detection", model=folder)`, whose outputs no
-        longer carry their class. A processor that says the other activation than its model is a clear error."""
+        the processor's does not say it (folders saved before the setting, or with None). A processor that says the
+        other activation than its model is a clear error. `AutoImageProcessor` (transformers >= 5.25) reads the file
+        without calling this: `save_pretrained` therefore writes the activation into the folder (see there)."""
         processor_dict, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
         from transformers.utils import cached_file
 
@@ -203,19 +205,26 @@ class DetrCustomImageProcessor(BaseImageProcessor):
                       if kwargs.get(k) is not None}
         config_file = cached_file(pretrained_model_name_or_path, "config.json",
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        if config_file is None:
-            return processor_dict, kwargs
-        with open(config_file) as f:
-            loss = json.load(f).get("classification_loss", "cross_entropy")
-        model_activation = "sigmoid" if loss in ("focal", "varifocal") else "softmax"
-        saved = processor_dict.get("class_activation")
-        if saved is not None and saved != model_activation:
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: preprocessor_config.json says class_activation={saved!r} but the "
-                f"model's config.json has classification_loss={loss!r}, a {model_activation} class head; scores would "
-                f"mean nothing. Set class_activation to {model_activation!r} or null in preprocessor_config.json.")
-        processor_dict["class_activation"] = model_activation
+        if config_file is not None:
+            processor_dict["class_activation"] = _activation_agreeing_with_model(
+                processor_dict.get("class_activation"), config_file, pretrained_model_name_or_path)
         return processor_dict, kwargs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saving; a processor whose `class_activation` is None, saved into a folder that already holds
+        its model's config.json (`model.save_pretrained(d)` first, as Trainer and our training script do), stores the
+        model's activation, so that `pipeline("object-detection", model=d)` and `AutoImageProcessor` post-process a
+        sigmoid model with sigmoid on every transformers version. A stored activation that contradicts the model's is
+        the same error as at loading."""
+        config_file = os.path.join(save_directory, "config.json")
+        if not os.path.isfile(config_file):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        activation = _activation_agreeing_with_model(self.class_activation, config_file, save_directory)
+        saved, self.class_activation = self.class_activation, activation
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.class_activation = saved
 
     @staticmethod
     def _check_settings(settings):
@@ -351,6 +360,20 @@ class DetrCustomImageProcessor(BaseImageProcessor):
                 image_scores, image_labels, image_boxes = image_scores[order], image_labels[order], image_boxes[order]
             results.append({"scores": image_scores, "labels": image_labels, "boxes": image_boxes})
         return results
+
+
+def _activation_agreeing_with_model(activation: str | None, config_file: str, where) -> str:
+    """The class activation of the model whose config.json is `config_file`; `activation` (a processor's setting) must
+    be None or the same."""
+    with open(config_file) as f:
+        loss = json.load(f).get("classification_loss", "cross_entropy")
+    model_activation = "sigmoid" if loss in ("focal", "varifocal") else "softmax"
+    if activation is not None and activation != model_activation:
+        raise ValueError(
+            f"{where}: the image processor's class_activation={activation!r} but the model's config.json has "
+            f"classification_loss={loss!r}, a {model_activation} class head; scores would mean nothing. Set "
+            f"class_activation to {model_activation!r} or null in preprocessor_config.json.")
+    return model_activation
 
 
 def _class_activation(outputs, requested: str | None, processor_setting: str | None) -> str:

@@ -1,5 +1,6 @@
 """Sigmoid class heads (classification_loss "focal" / "varifocal"): the head, its init, loading, and the
 post-processing that follows it, against transformers' Deformable DETR and RT-DETR implementations."""
+import json
 import logging
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import DeformableDetrImageProcessor, pipeline
+from transformers import AutoImageProcessor, DeformableDetrImageProcessor, pipeline
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
@@ -173,18 +174,38 @@ def test_pipeline_on_a_sigmoid_model_equals_model_plus_post_processing(tmp_path)
 
 
 def test_processor_takes_the_activation_from_the_model_folder_and_refuses_a_contradiction(tmp_path):
-    _save_sigmoid_folder(tmp_path / "sigmoid")
+    _save_sigmoid_folder(tmp_path / "sigmoid")                      # model first, then a processor with None
     assert DetrCustomImageProcessor.from_pretrained(tmp_path / "sigmoid").class_activation == "sigmoid"
     softmax = tmp_path / "softmax"
     _model().save_pretrained(softmax)
-    DetrCustomImageProcessor().save_pretrained(softmax)             # saved with None: derived at load
+    DetrCustomImageProcessor().save_pretrained(softmax)
     assert DetrCustomImageProcessor.from_pretrained(softmax).class_activation == "softmax"
-    DetrCustomImageProcessor(class_activation="softmax").save_pretrained(tmp_path / "sigmoid")
+    with pytest.raises(ValueError, match="class_activation='softmax' but the model's config.json has "
+                                         "classification_loss='focal'"):
+        DetrCustomImageProcessor(class_activation="softmax").save_pretrained(tmp_path / "sigmoid")
+    # a folder written by hand (or by an older version) that says the wrong one is refused at loading
+    file = tmp_path / "sigmoid" / "preprocessor_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "class_activation": "softmax"}))
     with pytest.raises(ValueError, match="class_activation='softmax' but the model's config.json has "
                                          "classification_loss='focal'"):
         DetrCustomImageProcessor.from_pretrained(tmp_path / "sigmoid")
     with pytest.raises(ValueError, match="class_activation must be one of"):
         DetrCustomImageProcessor(class_activation="tanh")
+
+
+def test_saved_folder_states_its_activation_for_auto_image_processor(tmp_path):
+    """transformers >= 5.25's AutoImageProcessor (and so pipeline(model=folder)) reads preprocessor_config.json
+    without our loading hook: the file itself must say sigmoid, and a processor saved without a model beside it keeps
+    None."""
+    _save_sigmoid_folder(tmp_path / "sigmoid")
+    saved = json.loads((tmp_path / "sigmoid" / "preprocessor_config.json").read_text())
+    assert saved["class_activation"] == "sigmoid"
+    loaded = AutoImageProcessor.from_pretrained(tmp_path / "sigmoid", trust_remote_code=True)
+    assert loaded.class_activation == "sigmoid"
+    processor = DetrCustomImageProcessor()
+    processor.save_pretrained(tmp_path / "alone")
+    assert json.loads((tmp_path / "alone" / "preprocessor_config.json").read_text()).get("class_activation") is None
+    assert processor.class_activation is None                       # saving does not change the object
 
 
 def test_sigmoid_remote_code_folder_pipeline_without_the_package(tmp_path):

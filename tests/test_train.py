@@ -233,6 +233,10 @@ if accelerator.is_main_process:
     model = accelerator.unwrap_model(setup.model)
     torch.save({"state": model.state_dict(), "grads": {n: p.grad for n, p in model.named_parameters()
                                                       if p.grad is not None}}, f"{out}/model.pt")
+# leave together: a rank that exits while the other still holds the gloo group can abort in gloo's threads
+# ("terminate called without an active exception", seen once in a full-suite run)
+accelerator.wait_for_everyone()
+accelerator.end_training()
 """
 
 
