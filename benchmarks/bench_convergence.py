@@ -42,6 +42,7 @@ VARIFOCAL = {"classification_loss": "varifocal", "class_cost": 2.0}
 # training/configs/demo.yaml's backbone: torchvision's ImageNet MobileNetV2 (`make weights`)
 PRETRAINED = {"backbone": "mobilenetv2_100", "backbone_weights": ".weights/mobilenet_v2-b0353104.pth",
               "freeze_batch_norm": True, "freeze_backbone_stem": True, "backbone_learning_rate": 1.0e-4}
+DEFORMABLE = {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, **FOCAL, "num_queries": 30}
 VARIANTS = {
     "baseline": {},
     "focal": FOCAL,
@@ -52,8 +53,11 @@ VARIANTS = {
     "pretrained": PRETRAINED,
     "pretrained-all": {**PRETRAINED, **VARIFOCAL, "num_query_groups": 13, **EMA},
     # issue 17: training/configs/demo.yaml's changes to demo_detr.yaml (Deformable DETR's decoder, 4 levels)
-    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, **FOCAL,
-                   "num_queries": 30},
+    "deformable": DEFORMABLE,
+    # + query selection (the queries start at the encoder's top proposals), with focal loss (two-stage Deformable
+    # DETR) and with varifocal (RT-DETR's IoU-aware query selection)
+    "two-stage": {**DEFORMABLE, "two_stage": True},
+    "two-stage-iou-aware": {**DEFORMABLE, **VARIFOCAL, "two_stage": True},
 }
 COLUMNS = ("variant", "AP", "AP50", "AR@100", "steps/s", "wall time")
 QUICK_STEPS = 50

@@ -141,6 +141,21 @@ class DetrCustomConfig(PreTrainedConfig):
             ResNet: strides 8, 16, 32 and 64, as Deformable DETR).
         decoder_n_points: sampling points per attention head and level of the deformable decoder (4, as Deformable
             DETR).
+        two_stage: query selection (`decoder_type="deformable"` only; `query_selection.py`): every encoder position
+            proposes a box, a class head scores it, and the `num_queries` best give the decoder's reference boxes
+            and content queries, as two-stage Deformable DETR and RT-DETR; the selected proposals get the set loss
+            too (`loss_*_enc`). False: learned reference boxes (DAB-DETR's anchors).
+        learn_initial_query: with `two_stage`, the content queries are learned embeddings (`query_embed`) instead of
+            the selected positions' features (RT-DETR's option of the same name; False is its default).
+        num_denoising: contrastive denoising training (`decoder_type="deformable"` with a sigmoid
+            `classification_loss`; `denoising.py`): about this many noised copies of the ground truth join the
+            decoder's queries at training, in groups that the matching queries cannot see, and learn to reconstruct
+            their targets (positives) or reject near misses (negatives); terms `loss_*_dn_<layer>`. 0 = off; RT-DETR
+            uses 100. Inference never runs them.
+        label_noise_ratio: denoising: a label is replaced by a random class with probability label_noise_ratio / 2
+            (0.5, RT-DETR's).
+        box_noise_scale: denoising: positives' corners move by up to box_noise_scale half box sizes, negatives' by
+            between 1 and 2 times that (1.0, RT-DETR's).
     """
 
     model_type = "detr_custom"
@@ -188,6 +203,11 @@ class DetrCustomConfig(PreTrainedConfig):
     num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
     num_feature_levels: int = 1              # backbone levels (+ extra stride-2 levels) fed to the decoder
     decoder_n_points: int = 4                # deformable decoder: sampling points per head and level
+    two_stage: bool = False                  # deformable decoder: queries from the top encoder proposals
+    learn_initial_query: bool = False        # with two_stage: learned content queries instead of selected features
+    num_denoising: int = 0                   # deformable decoder: denoising queries at training (0 = off)
+    label_noise_ratio: float | int = 0.5     # denoising: twice the fraction of labels flipped
+    box_noise_scale: float | int = 1.0       # denoising: box noise, in half box sizes
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DetrCustomConfig":
@@ -243,6 +263,20 @@ class DetrCustomConfig(PreTrainedConfig):
         if self.decoder_type == "deformable" and self.num_query_groups > 1:
             raise ValueError(f"num_query_groups={self.num_query_groups} is not supported with decoder_type="
                              "'deformable' yet (its queries carry reference boxes); use num_query_groups=1.")
+        if (self.two_stage or self.learn_initial_query) and self.decoder_type != "deformable":
+            raise ValueError("two_stage and learn_initial_query need decoder_type='deformable': query selection gives "
+                             "the deformable decoder its reference boxes (DETR's decoder has none).")
+        if self.num_denoising < 0 or not 0 <= self.label_noise_ratio <= 1 or self.box_noise_scale < 0:
+            raise ValueError(f"num_denoising >= 0, label_noise_ratio in [0, 1] and box_noise_scale >= 0 are needed, "
+                             f"got {self.num_denoising}, {self.label_noise_ratio}, {self.box_noise_scale}.")
+        if self.num_denoising > 0 and (self.decoder_type != "deformable" or not uses_sigmoid_classes(self)):
+            raise ValueError(f"num_denoising={self.num_denoising} needs decoder_type='deformable' and a sigmoid "
+                             f"classification_loss ('focal' or 'varifocal'), got {self.decoder_type!r} and "
+                             f"{self.classification_loss!r}: denoising queries start from boxes, and their negatives "
+                             "learn 'no object' as all-zero sigmoid targets.")
+        if self.learn_initial_query and not self.two_stage:
+            raise ValueError("learn_initial_query=True only means something with two_stage=True (without query "
+                             "selection the content queries are always learned).")
         if self.num_feature_levels > 1 and self.decoder_type != "deformable":
             raise ValueError(f"num_feature_levels={self.num_feature_levels} needs decoder_type='deformable': the "
                              f"{self.decoder_type!r} decoder attends to one feature map (use num_feature_levels=1).")

@@ -76,9 +76,10 @@ class DetrCustomDeformableDecoderLayer(GradientCheckpointingLayer):
         memory: torch.Tensor,                      # [batch, sequence, d_model], levels flattened and concatenated
         spatial_shapes,                            # [levels] of (height, width)
         memory_mask: torch.Tensor | None = None,   # [batch, sequence], True = real pixel
+        self_attn_mask: torch.Tensor | None = None,   # [queries, queries] bool, True = may attend (denoising)
     ) -> tuple[torch.Tensor, torch.Tensor]:        # [batch, queries, d_model], [batch, queries, heads, points]
         query_key = hidden_states + query_pos
-        attended, _ = self.self_attn(query_key, query_key, hidden_states)
+        attended, _ = self.self_attn(query_key, query_key, hidden_states, attn_mask=self_attn_mask)
         hidden_states = self.norm1(hidden_states + F.dropout(attended, self.dropout, self.training))
         attended, cross_weights = self.cross_attn(hidden_states + query_pos, reference_points, memory, spatial_shapes,
                                                   value_mask=memory_mask)
@@ -112,6 +113,7 @@ class DetrCustomDeformableDecoder(nn.Module):
         query_pos_head=None,                          # module: references [.., 2 or 4] -> query_pos [.., d_model]
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        self_attn_mask: torch.Tensor | None = None,   # [queries, queries] bool, True = may attend
     ) -> DetrCustomDeformableDecoderOutput:
         """With `box_heads`, each layer's refined boxes (`refine_boxes`) are the next layer's reference, detached
         (stop-gradient between layers, as Deformable DETR and RT-DETR); without, every layer uses the given
@@ -138,7 +140,7 @@ class DetrCustomDeformableDecoder(nn.Module):
             if query_pos_head is not None:
                 query_pos = query_pos_head(reference_points)
             hidden_states, cross_weights = layer(hidden_states, query_pos, level_references, memory, spatial_shapes,
-                                                 memory_mask)
+                                                 memory_mask, self_attn_mask)
             intermediate.append(hidden_states)
             references.append(reference_points)
             if box_heads is not None:

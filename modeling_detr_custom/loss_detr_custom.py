@@ -113,6 +113,11 @@ def varifocal_loss(logits: torch.Tensor, target_scores: torch.Tensor, positives:
     return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="none")
 
 
+def _term(name: str) -> str:
+    """`loss_ce_3` / `loss_ce_enc` / `loss_ce_dn_0` -> `loss_ce`: every layer's terms weigh as the last's."""
+    return re.sub(r"_(\d+|enc|dn_\d+)$", "", name)
+
+
 def pad_targets(labels: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image targets padded to the largest count: class ids `[batch, max_targets]` (padding 0) and cxcywh boxes
     `[batch, max_targets, 4]` (padding: the whole image, a valid box whose cost columns are never read)."""
@@ -150,11 +155,17 @@ class DetrCustomLoss(nn.Module):
         self.weights = {"loss_ce": self.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
                         "loss_giou": config.giou_loss_coefficient}
 
-    def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False
+    def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False,
+                encoder_outputs: dict | None = None, denoising_outputs: dict | None = None
                 ) -> tuple[torch.Tensor, dict]:
         """Returns (total weighted loss, dict of unweighted terms). `auxiliary_outputs`: list of
-        `{"logits", "pred_boxes"}` for the decoder layers before the last. `labels_checked`: the caller already ran
-        `check_labels` (the model does, before its forward)."""
+        `{"logits", "pred_boxes"}` for the decoder layers before the last (terms `loss_ce_0`, ...).
+        `encoder_outputs`: `{"logits", "pred_boxes"}` of the encoder's selected proposals (query selection; terms
+        `loss_ce_enc`, ..., weighted as the others, as RT-DETR). `denoising_outputs`: `{"logits", "pred_boxes"}`
+        `[decoder_layers, batch, denoising, ...]` of the denoising queries, with `indices` (their fixed assignment,
+        `denoising.denoising_indices`) and `num_groups`: every layer's terms `loss_ce_dn_0`, ..., normalized by
+        num_boxes x num_groups, as RT-DETR. `labels_checked`: the caller already ran `check_labels` (the model does,
+        before its forward)."""
         if not labels_checked:
             self.check_labels(labels, batch=logits.shape[0])
         num_boxes, class_weight_sum = self._normalizers(logits, labels)
@@ -171,8 +182,19 @@ class DetrCustomLoss(nn.Module):
             aux_losses = self._layer_losses(
                 aux["logits"], aux["pred_boxes"], labels, targets, num_boxes, class_weight_sum, log=False)
             loss_dict.update({f"{name}_{layer}": value for name, value in aux_losses.items()})
-        loss = sum(value * self.weights[re.sub(r"_\d+$", "", name)]
-                   for name, value in loss_dict.items() if re.sub(r"_\d+$", "", name) in self.weights)
+        if encoder_outputs is not None:
+            encoder_losses = self._layer_losses(encoder_outputs["logits"], encoder_outputs["pred_boxes"], labels,
+                                                targets, num_boxes, class_weight_sum, log=False)
+            loss_dict.update({f"{name}_enc": value for name, value in encoder_losses.items()})
+        if denoising_outputs is not None:
+            for layer, (layer_logits, layer_boxes) in enumerate(zip(denoising_outputs["logits"],
+                                                                    denoising_outputs["pred_boxes"])):
+                denoising_losses = self._layer_losses(
+                    layer_logits, layer_boxes, labels, targets, num_boxes * denoising_outputs["num_groups"],
+                    class_weight_sum, log=False, indices=denoising_outputs["indices"])
+                loss_dict.update({f"{name}_dn_{layer}": value for name, value in denoising_losses.items()})
+        loss = sum(value * self.weights[_term(name)]
+                   for name, value in loss_dict.items() if _term(name) in self.weights)
         return loss, loss_dict
 
     def check_labels(self, labels: list[dict], batch: int) -> None:
@@ -218,9 +240,11 @@ class DetrCustomLoss(nn.Module):
         return max(num_boxes, 1.0), class_weight_sum
 
     def _layer_losses(self, logits, pred_boxes, labels, targets: dict, num_boxes: float, class_weight_sum: float,
-                      log: bool) -> dict:
+                      log: bool, indices=None) -> dict:
+        """`indices`: per image (query indices, target indices); None = the Hungarian matching."""
         logits, pred_boxes = logits.float(), pred_boxes.float()        # losses in fp32, also under autocast
-        indices = self.matcher(logits, pred_boxes, labels, targets["padded"])
+        if indices is None:
+            indices = self.matcher(logits, pred_boxes, labels, targets["padded"])
         batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([query for query, _ in indices]).to(logits.device)
         # position of each matched target in the concatenation of all images' targets

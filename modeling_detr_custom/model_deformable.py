@@ -3,7 +3,8 @@ multi-scale features, wired as one module that `DetrCustomForObjectDetection` ho
 
 multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et
 al. 2024; the other levels pass through) -> learned content queries with learned reference boxes (DAB-DETR's anchors,
-kept in inverse-sigmoid space) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
+kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals (`query_selection.py`) ->
+deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
 with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
 
 The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
@@ -20,12 +21,14 @@ from transformers.utils import ModelOutput
 from .class_head import class_head_outputs, init_class_head_bias_
 from .configuration_detr_custom import DetrCustomConfig
 from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid
+from .denoising import denoising_groups, denoising_indices
 from .encoder_detr import DetrCustomEncoder
 from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
                          valid_ratios)
 from .position_encoding import build_position_embedding
+from .query_selection import DetrCustomQuerySelection
 
 # the learned reference boxes start with random centres over the image and this width and height
 INITIAL_BOX_SIZE = 0.1
@@ -54,6 +57,10 @@ class DetrCustomDeformableDetectorOutput(ModelOutput):
     encoder_attentions: tuple | None = None           # coarsest level; attentions [batch, heads, h * w, h * w]
     decoder_hidden_states: tuple | None = None        # [batch, queries, d_model], input + each layer
     cross_attentions: tuple | None = None             # per layer [batch, queries, heads, levels * points]
+    enc_logits: torch.Tensor | None = None            # two_stage: the selected proposals' [batch, queries, classes]
+    enc_pred_boxes: torch.Tensor | None = None        # two_stage: and their boxes [batch, queries, 4]
+    denoising: dict | None = None                     # training with num_denoising: the denoising queries' per-layer
+    #                                                   logits and pred_boxes, indices and num_groups (the loss's)
 
 
 class DetrCustomDeformableDetector(nn.Module):
@@ -69,8 +76,17 @@ class DetrCustomDeformableDetector(nn.Module):
         self.encoder_level = len(self.backbone.channels) - 1          # the coarsest backbone level
         self.position_embedding = build_position_embedding(config)
         self.encoder = DetrCustomEncoder(config)
-        self.query_embed = nn.Embedding(config.num_queries, d_model)   # the learned content queries (tgt)
-        self.reference_boxes = nn.Parameter(torch.empty(config.num_queries, 4))   # cxcywh, inverse sigmoid
+        two_stage = getattr(config, "two_stage", False)
+        # the learned content queries (tgt); with query selection, only if learn_initial_query
+        learned_query = not two_stage or getattr(config, "learn_initial_query", False)
+        self.query_embed = nn.Embedding(config.num_queries, d_model) if learned_query else None
+        # cxcywh, inverse sigmoid; with query selection the boxes come from the encoder's proposals
+        self.reference_boxes = None if two_stage else nn.Parameter(torch.empty(config.num_queries, 4))
+        self.query_selection = DetrCustomQuerySelection(config) if two_stage else None
+        # the denoising queries' content: their noised labels' embeddings, the last row for padding slots
+        self.denoising_class_embed = None
+        if getattr(config, "num_denoising", 0) > 0:
+            self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d_model, padding_idx=config.num_labels)
         self.query_pos_head = _mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
         self.decoder = DetrCustomDeformableDecoder(config, config.num_feature_levels, config.decoder_n_points)
         self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
@@ -94,9 +110,12 @@ class DetrCustomDeformableDetector(nn.Module):
         for box_head in self.bbox_embed:
             init.zeros_(box_head[-1].weight)
             init.zeros_(box_head[-1].bias)
-        centres = torch.rand(self.reference_boxes.shape[0], 2)
-        sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
-        init.copy_(self.reference_boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
+        if self.query_selection is not None:
+            self.query_selection.reset_parameters()
+        if self.reference_boxes is not None:
+            centres = torch.rand(self.reference_boxes.shape[0], 2)
+            sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
+            init.copy_(self.reference_boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
 
     def forward(
         self,
@@ -104,6 +123,7 @@ class DetrCustomDeformableDetector(nn.Module):
         pixel_mask: torch.Tensor,              # [batch, height, width], 1 = real pixel (checked by the caller)
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        labels: list[dict] | None = None,      # in training with num_denoising: the denoising queries' targets
     ) -> DetrCustomDeformableDetectorOutput:
         features = self.backbone(pixel_values)                        # per level [batch, channels, h, w]
         with fp32_on_cpu(pixel_values):                               # features cast below, under CPU autocast
@@ -120,21 +140,48 @@ class DetrCustomDeformableDetector(nn.Module):
                 output_attentions, output_hidden_states)
             maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
-            batch = pixel_values.shape[0]
-            query = self.query_embed.weight[None].expand(batch, -1, -1)          # [batch, queries, d_model]
-            reference = self.reference_boxes.sigmoid()[None].expand(batch, -1, -1)   # [batch, queries, 4]
+            batch, selected = pixel_values.shape[0], None
+            if self.query_selection is not None:
+                selected = self.query_selection(memory, memory_mask, spatial_shapes)
+                reference = selected.reference                                   # [batch, queries, 4], detached
+            else:
+                reference = self.reference_boxes.sigmoid()[None].expand(batch, -1, -1)   # [batch, queries, 4]
+            if self.query_embed is not None:
+                query = self.query_embed.weight[None].expand(batch, -1, -1)      # [batch, queries, d_model]
+            else:
+                query = selected.content                                         # [batch, queries, d_model]
+            groups = None
+            if self.training and labels is not None and self.denoising_class_embed is not None:
+                config = self.config
+                groups = denoising_groups(labels, self.denoising_class_embed, config.num_labels, query.shape[1],
+                                          config.num_denoising, config.label_noise_ratio, config.box_noise_scale)
+            if groups is not None:   # the denoising queries first, kept from the matching ones by the mask
+                query = torch.cat([groups.content.to(query.dtype), query], 1)   # [batch, denoising + queries, d]
+                reference = torch.cat([groups.reference.to(reference.dtype), reference], 1)
             decoded = self.decoder(
                 query, None, reference, memory, spatial_shapes, valid_ratios=valid_ratios(masks),
                 memory_mask=memory_mask, box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states)
+                output_hidden_states=output_hidden_states, self_attn_mask=None if groups is None else groups.attn_mask)
             logits = torch.stack([head(states) for head, states in zip(self.class_embed, decoded.intermediate)])
+            denoising, boxes = None, decoded.boxes
+            if groups is not None:   # split off the denoising queries: everything else sees only the matching ones
+                split = groups.num_queries
+                denoising = {"logits": logits[:, :, :split], "pred_boxes": boxes[:, :, :split],
+                             "indices": denoising_indices(groups, labels), "num_groups": groups.num_groups}
+                logits, boxes = logits[:, :, split:], boxes[:, :, split:]
+                decoded.intermediate = decoded.intermediate[:, :, split:]
+                if decoded.hidden_states is not None:
+                    decoded.hidden_states = tuple(states[:, split:] for states in decoded.hidden_states)
+                if decoded.cross_attentions is not None:
+                    decoded.cross_attentions = tuple(weights[:, split:] for weights in decoded.cross_attentions)
         return DetrCustomDeformableDetectorOutput(
-            logits=logits, pred_boxes=decoded.boxes, last_hidden_state=decoded.intermediate[-1],
+            logits=logits, pred_boxes=boxes, last_hidden_state=decoded.intermediate[-1],
             intermediate_hidden_states=decoded.intermediate, encoder_last_hidden_state=memory,
             feature_mask=level_mask, spatial_shapes=spatial_shapes, encoder_hidden_states=encoder_states,
             encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
-            cross_attentions=decoded.cross_attentions)
+            cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
+            enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
 
 
 def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
@@ -148,7 +195,7 @@ def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
     pixel_mask = check_pixel_inputs(pixel_values, pixel_mask, config.num_channels, model.dtype)
-    outputs = model.model(pixel_values, pixel_mask, output_attentions, output_hidden_states)
+    outputs = model.model(pixel_values, pixel_mask, output_attentions, output_hidden_states, labels=labels)
     all_logits, all_boxes = outputs.logits, outputs.pred_boxes    # [layers, batch, queries, classes / 4]
     auxiliary_outputs = None
     if config.auxiliary_loss:
@@ -156,8 +203,12 @@ def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_
                              for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
     loss, loss_dict = None, None
     if labels is not None:
+        encoder_outputs = None
+        if outputs.enc_logits is not None:   # query selection: the selected proposals get the set loss too
+            encoder_outputs = {"logits": outputs.enc_logits, "pred_boxes": outputs.enc_pred_boxes}
         loss, loss_dict = model.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
-                                          labels_checked=True)
+                                          labels_checked=True, encoder_outputs=encoder_outputs,
+                                          denoising_outputs=outputs.denoising)
     if not return_dict and labels is None:
         auxiliary_outputs = None   # as the DETR path: the tuple has them only with labels
     return dict(loss=loss, loss_dict=loss_dict, logits=all_logits[-1], pred_boxes=all_boxes[-1],

@@ -150,6 +150,16 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
                          "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked", r"extra_query_embeds\.\d+\.weight"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips a custom-code module without parameters of its own (it takes it for initialized); the
+        # deformable detector must be reached, since its reset_parameters re-applies the inits that the generic pass
+        # over its children wipes, and with two_stage it has no parameter of its own (no learned reference boxes)
+        if isinstance(module, DetrCustomDeformableDetector) and not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
     @torch.no_grad()
     def _init_weights(self, module):
         # every Linear and Conv2d outside the backbone (transformer, input_proj and both heads): xavier-uniform with
@@ -169,6 +179,8 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight[module.padding_idx].zero_()   # the denoising labels' padding slot
         if module is getattr(self, "class_embed", None) or getattr(module, "is_class_head", False):
             init_class_head_bias_(module, self.config)
         elif isinstance(module, DetrCustomDeformableDetector):   # after its children's generic init (post-order)

@@ -69,6 +69,20 @@ class ModelArguments:
         "help": "Feature levels the deformable decoder reads (4: ResNet strides 8-32 + one extra). None: 1."})
     decoder_n_points: int | None = field(default=None, metadata={
         "help": "Deformable decoder: sampling points per head and level (4)."})
+    two_stage: bool | None = field(default=None, metadata={
+        "help": "Deformable decoder: query selection, the queries start at the encoder's top num_queries proposals "
+                "(two-stage Deformable DETR, RT-DETR) instead of learned boxes. None: the checkpoint's (new: off)."})
+    learn_initial_query: bool | None = field(default=None, metadata={
+        "help": "With two_stage: learned content queries instead of the selected encoder features (RT-DETR's "
+                "option). None: the checkpoint's (new: off)."})
+    num_denoising: int | None = field(default=None, metadata={
+        "help": "Deformable decoder with a sigmoid classification_loss: about this many noised ground-truth queries "
+                "at training (contrastive denoising, DINO / RT-DETR, which uses 100); 0 = off. None: the "
+                "checkpoint's (new: 0)."})
+    label_noise_ratio: float | None = field(default=None, metadata={
+        "help": "Denoising: labels flipped with probability label_noise_ratio / 2 (0.5)."})
+    box_noise_scale: float | None = field(default=None, metadata={
+        "help": "Denoising: box noise in half box sizes (1.0)."})
 
 
 @dataclass

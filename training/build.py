@@ -65,7 +65,8 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
 # default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
 OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
                           "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
-                          "num_feature_levels", "decoder_n_points")
+                          "num_feature_levels", "decoder_n_points", "two_stage", "learn_initial_query",
+                          "num_denoising", "label_noise_ratio", "box_noise_scale")
 
 
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
