@@ -23,6 +23,7 @@ from .configuration_detr_custom import DetrCustomConfig
 from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid
 from .denoising import denoising_groups, denoising_indices
 from .encoder_detr import DetrCustomEncoder
+from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
@@ -76,6 +77,11 @@ class DetrCustomDeformableDetector(nn.Module):
         self.encoder_level = len(self.backbone.channels) - 1          # the coarsest backbone level
         self.position_embedding = build_position_embedding(config)
         self.encoder = DetrCustomEncoder(config)
+        # encoder_type="hybrid": RT-DETR's cross-scale fusion of the backbone levels after AIFI
+        self.fusion = None
+        if config.encoder_type == "hybrid":
+            self.fusion = DetrCustomCrossScaleFusion(d_model, len(self.backbone.channels),
+                                                     getattr(config, "hidden_expansion", 1.0))
         two_stage = getattr(config, "two_stage", False)
         # the learned content queries (tgt); with query selection, only if learn_initial_query
         learned_query = not two_stage or getattr(config, "learn_initial_query", False)
@@ -139,6 +145,8 @@ class DetrCustomDeformableDetector(nn.Module):
                 level.flatten(2).transpose(1, 2), position, level_mask.flatten(1) if has_padding else None,
                 output_attentions, output_hidden_states)
             maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
+            if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
+                maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             batch, selected = pixel_values.shape[0], None
             if self.query_selection is not None:

@@ -32,6 +32,7 @@ from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
 from .decoder_deformable import DetrCustomDeformableDecoder
 from .decoder_detr import DetrCustomDecoder
 from .encoder_detr import DetrCustomEncoder
+from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
@@ -42,7 +43,9 @@ from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_g
 # the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
 # encoder_detr.py / decoder_detr.py. The keys are configuration_detr_custom.ENCODER_TYPES / DECODER_TYPES.
-ENCODER_CLASSES = {"detr": DetrCustomEncoder}
+# "hybrid" (RT-DETR's) is the "detr" encoder on the coarsest level followed by this cross-scale fusion of the levels,
+# with the deformable decoder only: model_deformable.DetrCustomDeformableDetector builds both
+ENCODER_CLASSES = {"detr": DetrCustomEncoder, "hybrid": DetrCustomCrossScaleFusion}
 # "deformable" reads multi-scale memories and needs a box head per layer: DetrCustomForObjectDetection builds it inside
 # model_deformable.DetrCustomDeformableDetector
 DECODER_CLASSES = {"detr": DetrCustomDecoder, "deformable": DetrCustomDeformableDecoder}

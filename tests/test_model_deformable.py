@@ -39,14 +39,29 @@ def test_presets_are_config_values_and_detr_is_the_default():
         "deformable", 4, 4, 300)
     assert (config.classification_loss, config.class_cost, config.class_loss_coefficient) == ("focal", 2.0, 2.0)
     assert config.num_labels == 3 and config.backbone == "resnet18"
-    with pytest.raises(ValueError, match="unknown preset 'rtdetr'; use one of"):
-        DetrCustomConfig.from_preset("rtdetr")
+    with pytest.raises(ValueError, match="unknown preset 'yolo'; use one of"):
+        DetrCustomConfig.from_preset("yolo")
     with pytest.raises(ValueError, match="needs decoder_type='deformable'"):
         DetrCustomConfig(**tiny_kwargs(num_feature_levels=3))
     with pytest.raises(ValueError, match="num_query_groups=2 is not supported with decoder_type='deformable'"):
         _config(num_query_groups=2)
     with pytest.raises(ValueError, match="decoder_n_points must be >= 1"):
         _config(decoder_n_points=0)
+
+
+def test_the_rt_detr_preset_holds_every_piece_and_they_run_together():
+    config = DetrCustomConfig.from_preset("rtdetr", num_labels=3, backbone="resnet18")
+    assert (config.decoder_type, config.encoder_type, config.num_feature_levels, config.num_queries) == (
+        "deformable", "hybrid", 3, 300)
+    assert (config.classification_loss, config.two_stage, config.num_denoising) == ("varifocal", True, 100)
+    small = {key: value for key, value in tiny_kwargs().items() if key not in ("num_queries",)}
+    torch.manual_seed(0)
+    model = DetrCustomForObjectDetection(DetrCustomConfig.from_preset("rtdetr", **{**small, **NO_DROPOUT},
+                                                                      id2label=ID2LABEL, num_queries=20)).train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    out = model(pixel_values, pixel_mask, labels=labels)
+    assert {"loss_ce_enc", "loss_ce_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
+    assert out.logits.shape == (2, 20, 3) and model.model.fusion is not None
 
 
 def test_a_fresh_model_keeps_the_deformable_inits_that_the_generic_init_would_wipe():

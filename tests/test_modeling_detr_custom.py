@@ -188,7 +188,7 @@ def test_base_model_outputs():
     ({"num_queries": 0}, "num_queries"),
     ({"position_embedding_type": "rope"}, "position_embedding_type"),
     ({"backbone": "resnet5000"}, "not a timm model"),
-    ({"encoder_type": "deformable"}, r"encoder_type='deformable' is not supported; use one of \('detr',\)"),
+    ({"encoder_type": "deformable"}, r"encoder_type='deformable' is not supported; use one of \('detr', 'hybrid'\)"),
     ({"decoder_type": "rtdetr"}, r"decoder_type='rtdetr' is not supported; use one of \('detr', 'deformable'\)"),
 ])
 def test_impossible_config_values(kwargs, message):

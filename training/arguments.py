@@ -61,6 +61,12 @@ class ModelArguments:
                 "(LW-DETR / RF-DETR use 13); inference runs one group; 1 = off. With model_name_or_path, groups the "
                 "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
     # the deformable variant (DetrCustomConfig's fields of the same names); None: the checkpoint's / the default
+    encoder_type: str | None = field(default=None, metadata={
+        "help": "'detr' (default) or 'hybrid' (with decoder_type deformable: RT-DETR's hybrid encoder, attention on "
+                "the coarsest level + cross-scale convolutional fusion). None: the checkpoint's (new models: detr).",
+        "choices": ["detr", "hybrid"]})
+    hidden_expansion: float | None = field(default=None, metadata={
+        "help": "encoder_type hybrid: width of the fusion blocks as a multiple of d_model (1.0)."})
     decoder_type: str | None = field(default=None, metadata={
         "help": "'detr' (default) or 'deformable' (Deformable DETR's decoder with box refinement on multi-scale "
                 "features; use a sigmoid classification_loss with it). None: the checkpoint's (new models: detr).",

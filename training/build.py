@@ -66,7 +66,8 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
 OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
                           "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
                           "num_feature_levels", "decoder_n_points", "two_stage", "learn_initial_query",
-                          "num_denoising", "label_noise_ratio", "box_noise_scale")
+                          "num_denoising", "label_noise_ratio", "box_noise_scale", "encoder_type",
+                          "hidden_expansion")
 
 
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
