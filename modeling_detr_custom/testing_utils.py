@@ -77,6 +77,42 @@ def padded_batch(seed: int = 0, height: int = 160, width: int = 128):
     return pixel_values, pixel_mask, labels
 
 
+def train_on_a_fixed_batch(model: torch.nn.Module, steps: int = 50, lr: float = 1e-3) -> list[float]:
+    """`steps` AdamW steps (clipping 0.1) of `model` on `padded_batch` at 64 x 64, the backbone frozen (its cost
+    dominates on CPU); the training losses. The tests of each variant check that the loss drops."""
+    model.train()
+    model.model.backbone.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    pixel_values, pixel_mask, labels = padded_batch(height=64, width=64)
+    losses = []
+    for _ in range(steps):
+        loss = model(pixel_values, pixel_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def outputs_with_garbage_in_the_padding(model: torch.nn.Module, pixel_values, pixel_mask, value: float = 1e3):
+    """(outputs, outputs with every padded cell of every level set to `value` after the deformable variant's level
+    projections), in no_grad: equal when nothing reads the padded memory."""
+    from .multiscale import level_masks
+
+    def fill_padding(module, inputs, maps):
+        return [level.masked_fill(~mask[:, None], value) for level, mask in zip(maps, level_masks(pixel_mask, maps))]
+
+    with torch.no_grad():
+        clean = model(pixel_values, pixel_mask)
+        handle = model.model.input_proj.register_forward_hook(fill_padding)
+        try:
+            dirty = model(pixel_values, pixel_mask)
+        finally:
+            handle.remove()
+    return clean, dirty
+
+
 def package_import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
     """Module name -> the package modules it imports, read with `ast` from every file of the package, imports inside
     functions included. Each must be `from .module import name`: the only form transformers' remote-code copier

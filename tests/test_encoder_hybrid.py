@@ -8,7 +8,7 @@ from transformers.models.rt_detr.modeling_rt_detr import RTDetrHybridEncoder
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.encoder_hybrid import DetrCustomCrossScaleFusion
-from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
+from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs, train_on_a_fixed_batch
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -79,18 +79,7 @@ def test_the_hybrid_variant_trains_saves_and_loads(tmp_path):
 
 def test_it_learns_a_fixed_batch():
     torch.manual_seed(0)
-    model = DetrCustomForObjectDetection(_config()).train()
-    model.model.backbone.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    pixel_values, pixel_mask, labels = padded_batch(height=64, width=64)
-    losses = []
-    for _ in range(50):
-        loss = model(pixel_values, pixel_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_a_fixed_batch(DetrCustomForObjectDetection(_config()))
     assert losses[-1] < 0.4 * losses[0], losses[::10]
 
 

@@ -14,8 +14,9 @@ from modeling_detr_custom.attention_deformable import DetrCustomDeformableAttent
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
 from modeling_detr_custom.modeling_detr_custom import DetrCustomModel
 from modeling_detr_custom.multiscale import level_masks, valid_ratios
-from modeling_detr_custom.testing_utils import (padded_batch, pipeline_detections_without_the_package, randomize_,
-                                                tiny_kwargs)
+from modeling_detr_custom.testing_utils import (outputs_with_garbage_in_the_padding, padded_batch,
+                                                pipeline_detections_without_the_package, randomize_, tiny_kwargs,
+                                                train_on_a_fixed_batch)
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -124,19 +125,8 @@ def test_the_padded_memory_is_never_read():
     decoder's value mask hold the padding out. (Before that, the backbone's convolutions near the visible border and
     the projections' GroupNorm statistics see the padding, as in Deformable DETR: a padded image's predictions are
     close to, not equal to, its unpadded ones.)"""
-    model = _model()
     pixel_values, pixel_mask, _ = padded_batch()
-
-    def fill_padding(module, inputs, maps):
-        return [level.masked_fill(~mask[:, None], 1e3) for level, mask in zip(maps, level_masks(pixel_mask, maps))]
-
-    with torch.no_grad():
-        clean = model(pixel_values, pixel_mask)
-        handle = model.model.input_proj.register_forward_hook(fill_padding)
-        try:
-            dirty = model(pixel_values, pixel_mask)
-        finally:
-            handle.remove()
+    clean, dirty = outputs_with_garbage_in_the_padding(_model(), pixel_values, pixel_mask)
     assert torch.allclose(clean.pred_boxes, dirty.pred_boxes, atol=1e-5)
     assert torch.allclose(clean.logits, dirty.logits, atol=1e-4)
 
@@ -245,18 +235,7 @@ def test_it_learns_a_fixed_batch():
     """One batch of two 64 x 64 images, 50 AdamW steps, the backbone frozen (its cost dominates on CPU): the loss of
     the projections, encoder, queries, refining decoder and sigmoid heads drops a lot."""
     torch.manual_seed(0)
-    model = DetrCustomForObjectDetection(_config()).train()
-    model.model.backbone.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    pixel_values, pixel_mask, labels = padded_batch(height=64, width=64)
-    losses = []
-    for _ in range(50):
-        loss = model(pixel_values, pixel_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_a_fixed_batch(DetrCustomForObjectDetection(_config()))
     assert losses[-1] < 0.4 * losses[0], losses[::10]
 
 

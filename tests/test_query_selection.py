@@ -14,8 +14,9 @@ from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection,
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
 from modeling_detr_custom.loss_detr_custom import DetrCustomLoss
 from modeling_detr_custom.query_selection import DetrCustomQuerySelection, encoder_proposals
-from modeling_detr_custom.testing_utils import (padded_batch, pipeline_detections_without_the_package, randomize_,
-                                                tiny_kwargs)
+from modeling_detr_custom.testing_utils import (outputs_with_garbage_in_the_padding, padded_batch,
+                                                pipeline_detections_without_the_package, randomize_, tiny_kwargs,
+                                                train_on_a_fixed_batch)
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -129,21 +130,8 @@ def test_every_trainable_parameter_gets_a_gradient(learn_initial_query):
 
 
 def test_the_padded_memory_is_never_selected_or_read():
-    model = _model()
     pixel_values, pixel_mask, _ = padded_batch()
-
-    def fill_padding(module, inputs, maps):
-        from modeling_detr_custom.multiscale import level_masks
-
-        return [level.masked_fill(~mask[:, None], 1e3) for level, mask in zip(maps, level_masks(pixel_mask, maps))]
-
-    with torch.no_grad():
-        clean = model(pixel_values, pixel_mask)
-        handle = model.model.input_proj.register_forward_hook(fill_padding)
-        try:
-            dirty = model(pixel_values, pixel_mask)
-        finally:
-            handle.remove()
+    clean, dirty = outputs_with_garbage_in_the_padding(_model(), pixel_values, pixel_mask)
     assert torch.allclose(clean.pred_boxes, dirty.pred_boxes, atol=1e-5)
     assert torch.allclose(clean.logits, dirty.logits, atol=1e-4)
 
@@ -169,21 +157,9 @@ def test_save_load_pipeline_and_remote_code_folder(tmp_path):
 
 
 def test_it_learns_a_fixed_batch():
-    """As test_model_deformable's: 50 AdamW steps on two 64 x 64 images, backbone frozen; the loss (decoder and encoder
-    terms) drops a lot."""
+    """As test_model_deformable's; the loss (decoder and encoder terms) drops a lot."""
     torch.manual_seed(0)
-    model = DetrCustomForObjectDetection(_config(num_queries=10)).train()
-    model.model.backbone.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    pixel_values, pixel_mask, labels = padded_batch(height=64, width=64)
-    losses = []
-    for _ in range(50):
-        loss = model(pixel_values, pixel_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_a_fixed_batch(DetrCustomForObjectDetection(_config(num_queries=10)))
     assert losses[-1] < 0.4 * losses[0], losses[::10]
 
 
