@@ -153,3 +153,21 @@ def test_training_script_option_reaches_the_model(tmp_path, data_dir):
                      two_stage=True))
     model = DetrCustomForObjectDetection.from_pretrained(tmp_path / "new" / "run" / "last")
     assert model.config.num_denoising == 20 and model.model.denoising_class_embed is not None
+
+
+def test_resume_is_bit_identical_with_every_rt_detr_option(tmp_path, data_dir):
+    """The denoising noise is drawn from torch's generator, which the checkpoint restores: a run resumed at step 2
+    ends with the straight run's weights and logs, with query selection, the hybrid encoder and denoising on."""
+    from tiny_run import histories, last_weights, run, write_config
+
+    options = dict(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2,
+                   classification_loss="varifocal", two_stage=True, num_denoising=20, eval_steps=2, save_steps=2,
+                   seed=3)
+    run(write_config(tmp_path / "straight", data_dir, max_steps=4, **options))
+    run(write_config(tmp_path / "resumed", data_dir, max_steps=2, **options))
+    run(write_config(tmp_path / "resumed", data_dir, max_steps=4, resume_from_checkpoint="latest", **options))
+    straight, resumed = last_weights(tmp_path / "straight" / "run"), last_weights(tmp_path / "resumed" / "run")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert histories(tmp_path / "straight" / "run") == histories(tmp_path / "resumed" / "run")
+    config = DetrCustomForObjectDetection.from_pretrained(tmp_path / "resumed" / "run" / "last").config
+    assert (config.num_denoising, config.two_stage, config.encoder_type) == (20, True, "hybrid")
