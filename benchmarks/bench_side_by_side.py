@@ -133,7 +133,7 @@ def train_and_evaluate(name: str, train, val, categories, args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps))
     category_to_label = categories.category_id_to_label
     started, step_seconds = time.perf_counter(), []
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)   # again: the models' builds draw different amounts; training starts equal
     stream = batches(train, args.steps, args.batch_size, args.size, args.seed, category_to_label)
     for step, (pixel_values, labels) in enumerate(stream):
         tick = time.perf_counter()

@@ -27,6 +27,16 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn.Sequential:
+    """Linear layers with ReLU between them (Deformable DETR's and RT-DETR's MLP): the box heads, the query position
+    head and the query selection's box head."""
+    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+    layers = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
 def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Boxes `sigmoid(delta + inverse_sigmoid(reference))`, cxcywh in [0, 1]. A point reference `(x, y)` refines the
     centre only; the box head's w, h logits become the box's size (Deformable DETR)."""

@@ -12,8 +12,8 @@ label building in ``annotations_detr_custom.py``.
 """
 import json
 import math
-import os
 import numbers
+import os
 from types import SimpleNamespace
 
 import torch
@@ -22,6 +22,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .annotations_detr_custom import make_labels, parse_annotations
 from .box_ops import box_cxcywh_to_xyxy
+from .configuration_detr_custom import SIGMOID_CLASSIFICATION_LOSSES
 from .image_kernels import to_padded_batch, to_rgb_tensor
 
 # post_process_object_detection: how the class head's logits become scores, and the sigmoid head's default top-k
@@ -367,7 +368,7 @@ def _activation_agreeing_with_model(activation: str | None, config_file: str, wh
     be None or the same."""
     with open(config_file) as f:
         loss = json.load(f).get("classification_loss", "cross_entropy")
-    model_activation = "sigmoid" if loss in ("focal", "varifocal") else "softmax"
+    model_activation = "sigmoid" if loss in SIGMOID_CLASSIFICATION_LOSSES else "softmax"
     if activation is not None and activation != model_activation:
         raise ValueError(
             f"{where}: the image processor's class_activation={activation!r} but the model's config.json has "

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .class_head import class_head_outputs, init_class_head_bias_
 from .configuration_detr_custom import DetrCustomConfig
-from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid
+from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid, mlp
 from .denoising import denoising_groups, denoising_indices
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
@@ -33,14 +33,6 @@ from .query_selection import DetrCustomQuerySelection
 
 # the learned reference boxes start with random centres over the image and this width and height
 INITIAL_BOX_SIZE = 0.1
-
-
-def _mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn.Sequential:
-    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-    layers = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 @dataclass
@@ -80,24 +72,23 @@ class DetrCustomDeformableDetector(nn.Module):
         # encoder_type="hybrid": RT-DETR's cross-scale fusion of the backbone levels after AIFI
         self.fusion = None
         if config.encoder_type == "hybrid":
-            self.fusion = DetrCustomCrossScaleFusion(d_model, len(self.backbone.channels),
-                                                     getattr(config, "hidden_expansion", 1.0))
-        two_stage = getattr(config, "two_stage", False)
+            self.fusion = DetrCustomCrossScaleFusion(d_model, len(self.backbone.channels), config.hidden_expansion)
+        two_stage = config.two_stage
         # the learned content queries (tgt); with query selection, only if learn_initial_query
-        learned_query = not two_stage or getattr(config, "learn_initial_query", False)
+        learned_query = not two_stage or config.learn_initial_query
         self.query_embed = nn.Embedding(config.num_queries, d_model) if learned_query else None
         # cxcywh, inverse sigmoid; with query selection the boxes come from the encoder's proposals
         self.reference_boxes = None if two_stage else nn.Parameter(torch.empty(config.num_queries, 4))
         self.query_selection = DetrCustomQuerySelection(config) if two_stage else None
         # the denoising queries' content: their noised labels' embeddings, the last row for padding slots
         self.denoising_class_embed = None
-        if getattr(config, "num_denoising", 0) > 0:
+        if config.num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d_model, padding_idx=config.num_labels)
-        self.query_pos_head = _mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
+        self.query_pos_head = mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
         self.decoder = DetrCustomDeformableDecoder(config, config.num_feature_levels, config.decoder_n_points)
         self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
                                          for _ in range(config.decoder_layers))
-        self.bbox_embed = nn.ModuleList(_mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
+        self.bbox_embed = nn.ModuleList(mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
         for class_head in self.class_embed:
             class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
         self.config = config

@@ -23,6 +23,7 @@ from transformers import initialization as init
 
 from .class_head import class_head_outputs
 from .configuration_detr_custom import uses_sigmoid_classes
+from .decoder_deformable import mlp
 
 # proposal width and height at the finest level, doubled at each coarser one (Deformable DETR, RT-DETR's grid_size)
 PROPOSAL_SIZE = 0.05
@@ -73,8 +74,7 @@ class DetrCustomQuerySelection(nn.Module):
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.enc_score_head = nn.Linear(d_model, class_head_outputs(config))
         self.enc_score_head.is_class_head = True   # the model's _init_weights gives it the class prior
-        self.enc_bbox_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model),
-                                           nn.ReLU(), nn.Linear(d_model, 4))
+        self.enc_bbox_head = mlp(d_model, d_model, 4, num_layers=3)
         self.num_queries = config.num_queries
         self.sigmoid = uses_sigmoid_classes(config)
 
