@@ -30,6 +30,22 @@ def downsample_mask(pixel_mask: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(pixel_mask[None].float(), size=size).to(torch.bool)[0]
 
 
+def add_first_block_shortcut(body: nn.Module, name: str) -> None:
+    """Gives block 0 of a timm ResNet's first stage (`layer1.0`, basic blocks) a 1x1 conv + BatchNorm shortcut where
+    timm has the identity: RT-DETR's ResNet-vd with basic blocks projects the shortcut of every stage's first block.
+    Laid out as timm's average-pool shortcuts (`downsample.1` conv, `downsample.2` norm; no pooling at stride 1)."""
+    stage = getattr(body, "layer1", None)
+    block = stage[0] if stage is not None else None
+    if block is None or not hasattr(block, "downsample") or hasattr(block, "conv3"):
+        raise ValueError(f"backbone_first_block_shortcut=True needs a timm ResNet with basic blocks (e.g. resnet18d, "
+                         f"resnet34d); backbone={name!r} has no such first block.")
+    if block.downsample is None:
+        channels = block.conv1.in_channels
+        block.downsample = nn.Sequential(nn.Identity(), nn.Conv2d(channels, block.conv2.out_channels, 1, bias=False),
+                                         nn.BatchNorm2d(block.conv2.out_channels))
+        nn.init.kaiming_normal_(block.downsample[1].weight, mode="fan_out", nonlinearity="relu")
+
+
 class DetrCustomBackbone(nn.Module):
     """A timm `features_only` model (BatchNorm frozen unless `config.freeze_batch_norm=False`); returns the last
     feature map and its mask."""
@@ -56,6 +72,8 @@ class DetrCustomBackbone(nn.Module):
             load_backbone_weights(
                 body, weights_file, sha256=config.backbone_weights_sha256, model_name=config.backbone,
                 ignored_keys=keys_dropped_by_features_only(body, config.backbone, **create_kwargs))
+        if getattr(config, "backbone_first_block_shortcut", False):
+            add_first_block_shortcut(body, config.backbone)
         self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
         # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
         self.fold_batch_norm = config.freeze_batch_norm

@@ -1,6 +1,7 @@
 """Checkpoint conversion that needs only state dicts and the config: the key-renaming rules from transformers' and
 the original DETR's names to ours, transformers' DetrConfig -> DetrCustomConfig, and the temporary folder through
-which `DetrCustomPreTrainedModel.from_pretrained` loads transformers DETR checkpoints.
+which `DetrCustomPreTrainedModel.from_pretrained` loads transformers DETR checkpoints (and RT-DETRv2 ones, converted
+by `checkpoint_conversion_rt_detr.py`).
 
 The model imports this file (it travels with it as Hub remote code); it never imports the model: the model class is
 passed in where the expected keys are needed. Reading original `.pth` files and the CLI are in `convert.py`, a layer
@@ -14,6 +15,7 @@ import tempfile
 
 import torch
 
+from .checkpoint_conversion_rt_detr import convert_rt_detr_v2_config, convert_rt_detr_v2_state_dict
 from .configuration_detr_custom import DetrCustomConfig
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -113,7 +115,9 @@ def check_converted_keys(model_class, config: DetrCustomConfig, state_dict: dict
     """Raises unless `state_dict` has exactly the keys of `model_class(config)` (built on the meta device)."""
     with torch.device("meta"):
         expected = set(model_class(config).state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    # BatchNorm's step counters (unused with a momentum) are absent from some checkpoints and dropped from others
+    missing = sorted(key for key in expected - set(state_dict) if not key.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected:
         raise ValueError(f"{source} does not convert cleanly: missing {missing[:8]} ({len(missing)} in all), "
                          f"unexpected {unexpected[:8]} ({len(unexpected)} in all).")
@@ -174,10 +178,17 @@ def _load_weights(folder_files: dict) -> dict:
     return torch.load(folder_files["pytorch_model.bin"], map_location="cpu", weights_only=True)
 
 
+# config.json model_type -> (config converter, state-dict converter, name in messages)
+CONVERTERS = {
+    "detr": (convert_transformers_config, convert_transformers_state_dict, "DETR"),
+    "rt_detr_v2": (convert_rt_detr_v2_config, convert_rt_detr_v2_state_dict, "RT-DETRv2"),
+}
+
+
 @contextlib.contextmanager
 def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, model_class):
-    """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR
-    checkpoint (model_type "detr"), else None. The converted keys must be those of `model_class` (our class with
+    """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR or
+    RT-DETRv2 checkpoint (model_type "detr" or "rt_detr_v2", see `CONVERTERS`), else None. The converted keys must be those of `model_class` (our class with
     the heads, `DetrCustomForObjectDetection`). Hub options used to find the files are removed from
     `from_pretrained_kwargs` in the first case, since the temporary folder is local."""
     from transformers.utils import cached_file
@@ -189,7 +200,8 @@ def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, mo
         return
     with open(config_file) as f:
         detr_config = json.load(f)
-    if detr_config.get("model_type") != "detr":
+    model_type = detr_config.get("model_type")
+    if model_type not in CONVERTERS:
         yield None
         return
     files = {}
@@ -199,10 +211,12 @@ def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, mo
             files[name] = path
             break
     if not files:
-        raise ValueError(f"{name_or_path} has a DETR config.json but no model.safetensors or pytorch_model.bin.")
-    config = convert_transformers_config(detr_config)
-    state_dict = convert_transformers_state_dict(_load_weights(files))
-    check_converted_keys(model_class, config, state_dict, f"transformers DETR checkpoint {name_or_path}")
+        raise ValueError(f"{name_or_path} has a {model_type} config.json but no model.safetensors or "
+                         "pytorch_model.bin.")
+    convert_config, convert_state_dict, what = CONVERTERS[model_type]
+    config = convert_config(detr_config)
+    state_dict = convert_state_dict(_load_weights(files))
+    check_converted_keys(model_class, config, state_dict, f"transformers {what} checkpoint {name_or_path}")
     for key in HUB_KWARGS:
         from_pretrained_kwargs.pop(key, None)
     with tempfile.TemporaryDirectory(prefix="detr_custom_converted_") as folder:

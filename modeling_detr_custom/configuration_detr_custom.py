@@ -1,7 +1,8 @@
 """DetrCustomConfig: one serializable description of a DETR model, its backbone and its loss."""
 from transformers import PreTrainedConfig
 
-POSITION_EMBEDDING_TYPES = ("sine", "learned")
+POSITION_EMBEDDING_TYPES = ("sine", "learned", "sine_absolute")
+PROJECTION_NORMS = ("group", "batch")
 # the names of the interchangeable transformer parts; modeling_detr_custom.ENCODER_CLASSES / DECODER_CLASSES map them
 # to classes (kept here as names so that the config never imports the model)
 ENCODER_TYPES = ("detr", "hybrid")
@@ -85,11 +86,14 @@ class DetrCustomConfig(PreTrainedConfig):
         encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
         encoder_ffn_dim, decoder_ffn_dim: hidden size of the feed-forward blocks.
         activation_function: `"relu"` or `"gelu"` (the exact, erf-based GELU), from transformers' `ACT2FN`.
+        encoder_activation_function: the encoder FFN's activation, if it differs from `activation_function` (None =
+            the same; RT-DETR's AIFI uses `"gelu"`, its decoder `"relu"`).
         dropout: dropout on residual branches.
         attention_dropout: dropout on attention weights.
         activation_dropout: dropout after the feed-forward activation.
-        position_embedding_type: `"sine"` (normalized over the unmasked region, as the original) or `"learned"`
-            (50 x 50 grid of row / column embeddings).
+        position_embedding_type: `"sine"` (normalized over the unmasked region, as the original), `"learned"`
+            (50 x 50 grid of row / column embeddings) or `"sine_absolute"` (RT-DETR's AIFI: the sine of each cell's
+            row and column index, not normalized; d_model must be a multiple of 4).
         auxiliary_loss: compute the set loss on every decoder layer's output (the original's `aux_loss`).
         normalize_decoder_residual: `False` (default) follows the original DETR: the decoder's residual stream is
             never layer-normed between layers; only the copies given to the heads are. `True` reproduces
@@ -168,6 +172,14 @@ class DetrCustomConfig(PreTrainedConfig):
             d_model (1.0, RT-DETR's; 0.5 in its R18 variant).
         box_noise_scale: denoising: positives' corners move by up to box_noise_scale half box sizes, negatives' by
             between 1 and 2 times that (1.0, RT-DETR's).
+        projection_norm: the norm after each level's projection to d_model (`num_feature_levels > 1`): `"group"`
+            (1x1 conv + GroupNorm, Deformable DETR's) or `"batch"` (1x1 conv without bias + BatchNorm, RT-DETR's
+            `encoder_input_proj`).
+        decoder_input_proj: RT-DETR's second projection, a 1x1 conv (no bias) + BatchNorm per level between the
+            encoder and the decoder (its `decoder_input_proj`); needs `encoder_type="hybrid"`.
+        backbone_first_block_shortcut: give the first block of a timm ResNet's first stage a 1x1 conv + BatchNorm
+            shortcut, as RT-DETR's ResNet-vd with basic blocks (R18vd, R34vd) has; with `resnet18d` / `resnet34d`
+            this is that backbone, so its checkpoints load. Only for ResNets with basic blocks.
     """
 
     model_type = "detr_custom"
@@ -221,6 +233,10 @@ class DetrCustomConfig(PreTrainedConfig):
     label_noise_ratio: float | int = 0.5     # denoising: twice the fraction of labels flipped
     box_noise_scale: float | int = 1.0       # denoising: box noise, in half box sizes
     hidden_expansion: float | int = 1.0      # encoder_type="hybrid": width of the fusion blocks, times d_model
+    encoder_activation_function: str | None = None   # None = activation_function
+    projection_norm: str = "group"           # one of PROJECTION_NORMS: after the levels' 1x1 projections
+    decoder_input_proj: bool = False         # RT-DETR's conv + BatchNorm per level after the hybrid encoder
+    backbone_first_block_shortcut: bool = False   # RT-DETR's ResNet-vd (basic blocks): layer1.0 gets a 1x1 shortcut
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DetrCustomConfig":
@@ -259,6 +275,18 @@ class DetrCustomConfig(PreTrainedConfig):
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {choices}.")
         if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(f"activation_function={self.activation_function!r}: use 'relu' or 'gelu'.")
+        if self.encoder_activation_function not in (None,) + ACTIVATION_FUNCTIONS:
+            raise ValueError(f"encoder_activation_function={self.encoder_activation_function!r}: use 'relu', 'gelu' "
+                             "or None (= activation_function).")
+        if self.position_embedding_type == "sine_absolute" and self.d_model % 4 != 0:
+            raise ValueError(f"position_embedding_type='sine_absolute' needs d_model divisible by 4 (sine and cosine "
+                             f"of rows and columns), got d_model={self.d_model}.")
+        if self.projection_norm not in PROJECTION_NORMS:
+            raise ValueError(f"projection_norm={self.projection_norm!r} is not supported; use one of "
+                             f"{PROJECTION_NORMS} ('batch' is RT-DETR's).")
+        if self.decoder_input_proj and self.encoder_type != "hybrid":
+            raise ValueError("decoder_input_proj=True needs encoder_type='hybrid': it projects the hybrid encoder's "
+                             "fused levels for the decoder, as RT-DETR.")
         if self.classification_loss not in CLASSIFICATION_LOSSES:
             raise ValueError(f"classification_loss={self.classification_loss!r} is not supported; use one of "
                              f"{CLASSIFICATION_LOSSES} ('cross_entropy' is the published DETR's softmax).")

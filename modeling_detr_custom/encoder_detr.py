@@ -28,7 +28,7 @@ class DetrCustomEncoderLayer(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = config.dropout
         self.activation_dropout = config.activation_dropout
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = ACT2FN[config.encoder_activation_function or config.activation_function]
 
     def forward(self, hidden_states, position_embeddings, key_mask=None, output_attentions=False):
         query_key = hidden_states + position_embeddings

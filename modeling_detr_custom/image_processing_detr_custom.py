@@ -367,7 +367,10 @@ def _activation_agreeing_with_model(activation: str | None, config_file: str, wh
     """The class activation of the model whose config.json is `config_file`; `activation` (a processor's setting) must
     be None or the same."""
     with open(config_file) as f:
-        loss = json.load(f).get("classification_loss", "cross_entropy")
+        model_config = json.load(f)
+    loss = model_config.get("classification_loss", "cross_entropy")
+    if model_config.get("model_type") in ("rt_detr", "rt_detr_v2"):   # transformers' RT-DETR folders: focal head
+        loss = "focal" if model_config.get("use_focal_loss", True) else "cross_entropy"
     model_activation = "sigmoid" if loss in SIGMOID_CLASSIFICATION_LOSSES else "softmax"
     if activation is not None and activation != model_activation:
         raise ValueError(

@@ -2,7 +2,8 @@
 multi-scale features, wired as one module that `DetrCustomForObjectDetection` holds as its `model`.
 
 multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et
-al. 2024; the other levels pass through) -> learned content queries with learned reference boxes (DAB-DETR's anchors,
+al. 2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
+`decoder_input_proj` its per-level conv + BatchNorm) -> learned content queries with learned reference boxes (DAB-DETR's anchors,
 kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals (`query_selection.py`) ->
 deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
 with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
@@ -27,7 +28,7 @@ from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
-                         valid_ratios)
+                         projection, valid_ratios)
 from .position_encoding import build_position_embedding
 from .query_selection import DetrCustomQuerySelection
 
@@ -73,6 +74,11 @@ class DetrCustomDeformableDetector(nn.Module):
         self.fusion = None
         if config.encoder_type == "hybrid":
             self.fusion = DetrCustomCrossScaleFusion(d_model, len(self.backbone.channels), config.hidden_expansion)
+        # RT-DETR's decoder_input_proj: each level again through a 1x1 conv + BatchNorm after the encoder
+        self.decoder_input_proj = None
+        if config.decoder_input_proj:
+            self.decoder_input_proj = nn.ModuleList(projection(d_model, d_model, "batch")
+                                                    for _ in range(config.num_feature_levels))
         two_stage = config.two_stage
         # the learned content queries (tgt); with query selection, only if learn_initial_query
         learned_query = not two_stage or config.learn_initial_query
@@ -138,6 +144,8 @@ class DetrCustomDeformableDetector(nn.Module):
             maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
             if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
                 maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
+            if self.decoder_input_proj is not None:
+                maps = [project(level) for project, level in zip(self.decoder_input_proj, maps)]
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             batch, selected = pixel_values.shape[0], None
             if self.query_selection is not None:

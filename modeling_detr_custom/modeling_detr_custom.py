@@ -191,8 +191,8 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Loads our folders and Hub ids, and also transformers' DETR checkpoints (model_type "detr"), whose
-        config and weights are converted on the fly (see `checkpoint_conversion.py`). All of
+        """Loads our folders and Hub ids, and also transformers' DETR and RT-DETRv2 checkpoints (model_type "detr",
+        "rt_detr_v2"), whose config and weights are converted on the fly (see `checkpoint_conversion.py`). All of
         `PreTrainedModel.from_pretrained`'s options apply, e.g. `num_labels=K, ignore_mismatched_sizes=True` for a
         new class head, `attn_implementation="eager"`.
 

@@ -5,8 +5,8 @@ valid ratios, as Deformable DETR (Zhu et al. 2021) and RT-DETR (Zhao et al. 2024
 Levels: the backbone stages at stride >= 8 (timm's `feature_info` reductions: C3, C4, C5 of a ResNet), the last
 `num_feature_levels` of them, finest first; if `num_feature_levels` exceeds them, each extra level is a 3x3 stride-2
 convolution of the level below (the first of the last backbone map itself, as Deformable DETR). Every level goes
-through a 1x1 convolution + GroupNorm (Deformable DETR's and RT-DETR's `input_proj`; 3x3 stride 2 + GroupNorm for the
-extra levels). Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the
+through a 1x1 convolution + GroupNorm (Deformable DETR's `input_proj`; 3x3 stride 2 + GroupNorm for the extra levels),
+or with `config.projection_norm="batch"` a 1x1 convolution without bias + BatchNorm (RT-DETR's `encoder_input_proj`). Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the
 DETR backbone does; `valid_ratios` are the visible fraction (width, height) of each level's padded map.
 """
 import math
@@ -23,6 +23,13 @@ MIN_LEVEL_REDUCTION = 8
 
 def _group_norm(d_model: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, d_model), d_model)   # 32 groups, or the most that divide d_model
+
+
+def projection(in_channels: int, d_model: int, norm: str, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+    """conv + GroupNorm (`norm="group"`, Deformable DETR's) or conv without bias + BatchNorm (`"batch"`, RT-DETR's:
+    the norm's shift makes a bias redundant)."""
+    conv = nn.Conv2d(in_channels, d_model, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm == "group")
+    return nn.Sequential(conv, _group_norm(d_model) if norm == "group" else nn.BatchNorm2d(d_model))
 
 
 class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
@@ -47,18 +54,16 @@ class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
 
 
 class DetrCustomMultiScaleProjection(nn.Module):
-    """Each backbone level to d_model (1x1 conv + GroupNorm), then the extra stride-2 levels (3x3 conv + GroupNorm)
-    up to `config.num_feature_levels`."""
+    """Each backbone level to d_model (1x1 conv + `config.projection_norm`), then the extra stride-2 levels (3x3
+    conv + the same norm) up to `config.num_feature_levels`."""
 
     def __init__(self, config: DetrCustomConfig, backbone_channels: list[int]):
         super().__init__()
-        d_model = config.d_model
-        self.levels = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, d_model, kernel_size=1), _group_norm(d_model))
-                                    for channels in backbone_channels)
+        d_model, norm = config.d_model, config.projection_norm
+        self.levels = nn.ModuleList(projection(channels, d_model, norm) for channels in backbone_channels)
         extra = config.num_feature_levels - len(backbone_channels)
         self.extra_levels = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(backbone_channels[-1] if i == 0 else d_model, d_model, 3, stride=2, padding=1),
-                          _group_norm(d_model))
+            projection(backbone_channels[-1] if i == 0 else d_model, d_model, norm, kernel_size=3, stride=2)
             for i in range(extra))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:   # per level [batch, d_model, h, w]

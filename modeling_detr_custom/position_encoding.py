@@ -1,6 +1,6 @@
 """Position encodings of the feature map cells, as in facebookresearch/detr models/position_encoding.py: fixed sine
-(normalized over each image's unmasked region) or learned row / column embeddings, chosen by
-`config.position_embedding_type` through `build_position_embedding`.
+(normalized over each image's unmasked region) or learned row / column embeddings, and RT-DETR's unnormalized sine of
+the cell indices (its AIFI's), chosen by `config.position_embedding_type` through `build_position_embedding`.
 
 Both take the feature mask `[batch, height, width]` (True = real cell) and return `[batch, height * width, d_model]`.
 """
@@ -53,6 +53,29 @@ class DetrCustomSinePositionEmbedding(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).flatten(1, 2)          # [batch, height * width, d_model]
 
 
+class DetrCustomAbsoluteSinePositionEmbedding(DetrCustomSinePositionEmbedding):
+    """RT-DETR's 2D sine/cosine (its AIFI's position embedding, Zhao et al. 2024): of each cell's row and column index,
+    counted from 0 and not normalized, laid out [sin y | cos y | sin x | cos x], with the same frequencies as the
+    DETR sine. A real cell's encoding does not depend on the padding, so it is computed once per shape."""
+
+    def forward(self, feature_mask: torch.Tensor, has_padding: bool = True) -> torch.Tensor:
+        return super().forward(feature_mask, has_padding=False)
+
+    def _encode(self, feature_mask: torch.Tensor) -> torch.Tensor:
+        _, height, width = feature_mask.shape
+        quarter = self.num_pos_feats // 2                               # frequencies per axis
+        # computed in float64 as transformers' build_2d_sinusoidal_position_embedding (MPS has none), then cast
+        device = feature_mask.device
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        omega = 1.0 / self.temperature ** (torch.arange(quarter, dtype=wide, device=device) / quarter)
+        rows, cols = torch.meshgrid(torch.arange(height, dtype=wide, device=device),
+                                    torch.arange(width, dtype=wide, device=device), indexing="ij")
+        angle_y = rows.flatten()[:, None] * omega                        # [height * width, d_model / 4]
+        angle_x = cols.flatten()[:, None] * omega
+        encoding = torch.cat([angle_y.sin(), angle_y.cos(), angle_x.sin(), angle_x.cos()], 1)
+        return encoding.float()[None]                                   # [1, height * width, d_model]
+
+
 class DetrCustomLearnedPositionEmbedding(nn.Module):
     """Learned row and column embeddings for feature maps up to 50 x 50 cells."""
 
@@ -80,6 +103,7 @@ class DetrCustomLearnedPositionEmbedding(nn.Module):
 POSITION_EMBEDDING_CLASSES = {
     "sine": DetrCustomSinePositionEmbedding,
     "learned": DetrCustomLearnedPositionEmbedding,
+    "sine_absolute": DetrCustomAbsoluteSinePositionEmbedding,
 }
 
 
