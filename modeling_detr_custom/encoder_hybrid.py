@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_paths import _like_input, conv_batch_norm, folded_conv_batch_norm
+
 # RT-DETR's: SiLU after the fusion convs, 3 RepVGG blocks per CSP block, BatchNorm eps 1e-5
 ACTIVATION = nn.SiLU
 NUM_BLOCKS = 3
@@ -32,7 +34,7 @@ class ConvNormLayer(nn.Module):
         self.activation = nn.Identity() if activation is None else activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.norm(self.conv(x)))
+        return self.activation(conv_batch_norm(self.conv, self.norm, x))
 
 
 class RepVggBlock(nn.Module):
@@ -45,7 +47,13 @@ class RepVggBlock(nn.Module):
         self.activation = ACTIVATION()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.conv1(x) + self.conv2(x))
+        if self.training:
+            return self.activation(self.conv1(x) + self.conv2(x))
+        # eval: RepVGG's re-parameterization, both branches as one 3x3 convolution (the 1x1 kernel at its centre)
+        weight3, bias3 = folded_conv_batch_norm(self.conv1.conv, self.conv1.norm)
+        weight1, bias1 = folded_conv_batch_norm(self.conv2.conv, self.conv2.norm)
+        weight = weight3 + F.pad(weight1, [1, 1, 1, 1])
+        return self.activation(self.conv1.conv._conv_forward(x, _like_input(weight, x), bias3 + bias1))
 
 
 class CSPRepLayer(nn.Module):

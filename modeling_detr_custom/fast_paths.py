@@ -48,6 +48,32 @@ class ConvFrozenBatchNorm2d(nn.Module):
         return conv._conv_forward(x, weight, shift)
 
 
+def folded_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of one convolution equal to `norm(conv(x))` with `norm` in eval mode (running statistics), as
+    `ConvFrozenBatchNorm2d` computes it, for the trainable BatchNorm of the hybrid encoder and the RT-DETR projections:
+    recomputed from the live tensors at each call, so nothing goes stale."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()       # [out_channels]
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale[:, None, None, None], bias
+
+
+def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`norm(conv(x))`; in eval mode as one folded convolution (`folded_conv_batch_norm`): one pass over the
+    activations instead of two. Training uses the batch statistics, unfolded."""
+    if norm.training or not norm.track_running_stats:
+        return norm(conv(x))
+    weight, bias = folded_conv_batch_norm(conv, norm)
+    return conv._conv_forward(x, _like_input(weight, x), bias)
+
+
+def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # the weight in the input's memory format: mixed formats take a much slower path under bf16 autocast
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4
+    return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def fold_frozen_batch_norm(body: nn.Module) -> torch.fx.GraphModule:
     """`body` (traced with torch.fx) with every frozen BatchNorm whose input is a plain `nn.Conv2d` used by nothing
     else replaced by a `ConvFrozenBatchNorm2d` of the two: the graph proves the BatchNorm follows the convolution.

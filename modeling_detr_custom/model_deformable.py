@@ -28,7 +28,7 @@ from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
-                         projection, valid_ratios)
+                         project, projection, valid_ratios)
 from .position_encoding import build_position_embedding
 from .query_selection import DetrCustomQuerySelection
 
@@ -129,8 +129,10 @@ class DetrCustomDeformableDetector(nn.Module):
         labels: list[dict] | None = None,      # in training with num_denoising: the denoising queries' targets
     ) -> DetrCustomDeformableDetectorOutput:
         features = self.backbone(pixel_values)                        # per level [batch, channels, h, w]
-        with fp32_on_cpu(pixel_values):                               # features cast below, under CPU autocast
-            if features[0].device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # under CPU autocast the backbone's maps may be bf16 (its folded fast path ends in a convolution)
+        bf16_features = features[0].device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with fp32_on_cpu(pixel_values):                               # the rest in fp32 under CPU autocast
+            if bf16_features:
                 features = [feature.float() for feature in features]
             maps = self.input_proj(features)                          # per level [batch, d_model, h, w]
             masks = level_masks(pixel_mask, maps)                     # per level [batch, h, w], True = real
@@ -145,7 +147,7 @@ class DetrCustomDeformableDetector(nn.Module):
             if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
                 maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
             if self.decoder_input_proj is not None:
-                maps = [project(level) for project, level in zip(self.decoder_input_proj, maps)]
+                maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             batch, selected = pixel_values.shape[0], None
             if self.query_selection is not None:

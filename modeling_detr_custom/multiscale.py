@@ -16,6 +16,7 @@ from torch import nn
 
 from .backbone import DetrCustomBackbone, downsample_mask
 from .configuration_detr_custom import DetrCustomConfig
+from .fast_paths import conv_batch_norm
 
 # stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
 MIN_LEVEL_REDUCTION = 8
@@ -30,6 +31,12 @@ def projection(in_channels: int, d_model: int, norm: str, kernel_size: int = 1, 
     the norm's shift makes a bias redundant)."""
     conv = nn.Conv2d(in_channels, d_model, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm == "group")
     return nn.Sequential(conv, _group_norm(d_model) if norm == "group" else nn.BatchNorm2d(d_model))
+
+
+def project(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for a `projection`; a BatchNorm one runs folded into its convolution in eval mode."""
+    conv, norm = layer
+    return conv_batch_norm(conv, norm, x) if isinstance(norm, nn.BatchNorm2d) else layer(x)
 
 
 class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
@@ -67,10 +74,10 @@ class DetrCustomMultiScaleProjection(nn.Module):
             for i in range(extra))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:   # per level [batch, d_model, h, w]
-        maps = [projection(feature) for projection, feature in zip(self.levels, features)]
+        maps = [project(layer, feature) for layer, feature in zip(self.levels, features)]
         source = features[-1]
         for extra in self.extra_levels:
-            source = extra(source)
+            source = project(extra, source)
             maps.append(source)
         return maps
 

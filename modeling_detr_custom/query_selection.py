@@ -4,8 +4,10 @@ do.
 
 Every memory position (all levels, flattened) proposes one box: its cell's centre in the visible image, with width and
 height `PROPOSAL_SIZE * 2 ** level` (Deformable DETR's and RT-DETR's anchors), kept in inverse-sigmoid space.
-Positions on padding, or whose proposal leaves [PROPOSAL_MARGIN, 1 - PROPOSAL_MARGIN], are never selected. The memory
-goes through a Linear + LayerNorm (`enc_output`), a class head scores it and a box head refines its proposal; the
+Positions on padding are never selected. A position whose proposal leaves [PROPOSAL_MARGIN, 1 - PROPOSAL_MARGIN] (the
+border cells of a level more than 50 cells wide) has its memory zeroed and its proposal at +inf (the box saturates to
+the image corner) but stays selectable, exactly as in Deformable DETR and RT-DETR, whose checkpoints were trained so
+(excluding them changed a converted RT-DETRv2's outputs at 640 x 640). The memory goes through a Linear + LayerNorm (`enc_output`), a class head scores it and a box head refines its proposal; the
 `num_queries` best-scoring positions give the decoder's reference boxes and, unless `config.learn_initial_query`, its
 content queries (both detached: RT-DETR's). The selected positions' logits and boxes get the set loss too (RT-DETR's
 encoder loss, `loss_*_enc`), so the scores learn to rank proposals; with `classification_loss="varifocal"` the
@@ -87,16 +89,18 @@ class DetrCustomQuerySelection(nn.Module):
         proposals, valid = encoder_proposals(memory_mask, spatial_shapes, memory.dtype)   # [batch, sequence, 4]
         features = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0)))
         logits = self.enc_score_head(features)                                # [batch, sequence, classes]
-        boxes_unact = self.enc_bbox_head(features) + proposals                # [batch, sequence, 4], inf: not valid
         with torch.no_grad():
             scores = logits.max(-1).values if self.sigmoid else logits.softmax(-1)[..., :-1].max(-1).values
-            index = scores.masked_fill(~valid, float("-inf")).topk(self.num_queries, dim=1).indices   # [batch, k]
+            # padding never; positions outside the margin may be chosen (see the module docstring)
+            index = scores.masked_fill(~memory_mask.bool(), float("-inf")).topk(self.num_queries, dim=1).indices
 
         def take(tensor):   # [batch, sequence, channels] -> [batch, queries, channels]
             return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
-        boxes = take(boxes_unact).sigmoid()                                   # [batch, queries, 4]
-        return SelectedQueries(content=take(features).detach(), reference=boxes.detach(), logits=take(logits),
+        # the box head on the selected positions only (RT-DETR runs it on all, then takes the same rows)
+        selected_features = take(features)                                    # [batch, queries, d_model]
+        boxes = (self.enc_bbox_head(selected_features) + take(proposals)).sigmoid()   # [batch, queries, 4]
+        return SelectedQueries(content=selected_features.detach(), reference=boxes.detach(), logits=take(logits),
                                pred_boxes=boxes)
 
     @torch.no_grad()

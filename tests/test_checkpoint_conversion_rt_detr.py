@@ -180,5 +180,5 @@ def test_rt_detr_layout_options_are_checked_and_train():
     assert isinstance(model.model.input_proj.levels[0][1], torch.nn.BatchNorm2d)
     assert model.model.input_proj.levels[0][0].bias is None
     assert len(model.model.decoder_input_proj) == 3
-    losses = train_on_a_fixed_batch(model, steps=30)
-    assert min(losses[-5:]) < 0.75 * losses[0]    # 22.2 -> 15.3 measured (denoising terms included)
+    losses = train_on_a_fixed_batch(model, steps=50)
+    assert min(losses[-5:]) < 0.65 * losses[0]    # 0.55x measured (denoising terms included)

@@ -44,8 +44,21 @@ def test_fused_maps_equal_transformers_rt_detr_hybrid_encoder(hidden_expansion):
         expected = theirs(inputs_embeds=[m.clone() for m in maps]).last_hidden_state
         found = ours([m.clone() for m in maps])
     assert len(found) == 3
-    for e, f in zip(expected, found):
+    for e, f in zip(expected, found):     # ours folds BatchNorm and RepVGG's branches in eval mode
         assert f.shape == e.shape and torch.allclose(f, e, atol=1e-5)
+    # training mode: batch statistics, unfolded; outputs, running statistics and gradients equal theirs
+    theirs.train(), ours.train()
+    inputs = [[m.clone().requires_grad_(True) for m in maps] for _ in range(2)]
+    expected = theirs(inputs_embeds=inputs[0]).last_hidden_state
+    found = ours(inputs[1])
+    for e, f in zip(expected, found):
+        assert torch.allclose(f, e, atol=1e-5)
+    sum(e.square().sum() for e in expected).backward()
+    sum(f.square().sum() for f in found).backward()
+    for e, f in zip(inputs[0], inputs[1]):
+        assert torch.allclose(f.grad, e.grad, atol=1e-4, rtol=1e-4)
+    their_stats = {k: v for k, v in theirs.state_dict().items() if "running" in k}
+    assert all(torch.allclose(ours.state_dict()[k], v, atol=1e-6) for k, v in their_stats.items())
 
 
 def test_sizes_that_do_not_halve_exactly():

@@ -1,5 +1,5 @@
 """Query selection (config.two_stage, query_selection.py): proposals and projected memory equal transformers'
-Deformable DETR; the top-k takes the best valid positions and never padding; what the decoder gets is detached; the
+Deformable DETR; the top-k takes the best positions and never padding (RT-DETR's: border positions stay selectable); what the decoder gets is detached; the
 encoder loss terms; init; gradients; saving, loading, pipeline and remote code; the training CLI; and that it learns
 a fixed batch."""
 from types import SimpleNamespace
@@ -87,6 +87,30 @@ def test_top_k_takes_the_best_valid_positions_and_detaches_what_the_decoder_gets
     assert torch.isfinite(selected.pred_boxes).all() and ((selected.pred_boxes > 0) & (selected.pred_boxes < 1)).all()
     with pytest.raises(ValueError, match="images are too small for it"):
         DetrCustomQuerySelection(_config(num_queries=500))(memory, memory_mask, SHAPES)
+
+
+def test_positions_outside_the_margin_stay_selectable_as_in_rt_detr_padding_never():
+    """A level 60 cells wide has border cells whose proposals leave [0.01, 0.99]: their memory is zeroed and their
+    box saturates, but they may be selected (RT-DETR's and Deformable DETR's top-k does not exclude them). Padding,
+    whose memory is zeroed too and so scores the same, is never selected."""
+    torch.manual_seed(0)
+    shapes = [(4, 60), (2, 30)]
+    selection = DetrCustomQuerySelection(_config(num_queries=12))
+    with torch.no_grad():   # zeroed memory scores highest: its LayerNorm output is the direction class 0 reads
+        selection.enc_output.bias.normal_()
+        direction = selection.enc_output_norm(selection.enc_output.bias)
+        selection.enc_score_head.weight.zero_()
+        selection.enc_score_head.weight[0] = 10 * direction
+    memory_mask = torch.ones(2, 4 * 60 + 2 * 30, dtype=torch.bool)
+    memory_mask[1, 180:240] = False                                    # image 1: its last level-0 row is padding
+    memory = torch.randn(2, memory_mask.shape[1], 32)
+    selected = selection(memory, memory_mask, shapes)
+    _, valid = encoder_proposals(memory_mask, shapes)
+    outside = memory_mask & ~valid                                     # real positions outside the margin
+    assert outside[0].sum() == 8 and outside[1].sum() == 6             # first / last column of each level-0 row
+    corner = (selected.reference == 1).all(-1)                         # [batch, queries] the saturated boxes
+    assert corner[0].sum() == 8 and corner[1].sum() == 6               # all of them chosen, padding never
+    assert torch.isfinite(selected.logits).all()
 
 
 def test_config_and_a_fresh_model_hold_only_what_two_stage_uses():
