@@ -188,9 +188,9 @@ CONVERTERS = {
 @contextlib.contextmanager
 def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, model_class):
     """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR or
-    RT-DETRv2 checkpoint (model_type "detr" or "rt_detr_v2", see `CONVERTERS`), else None. The converted keys must be those of `model_class` (our class with
-    the heads, `DetrCustomForObjectDetection`). Hub options used to find the files are removed from
-    `from_pretrained_kwargs` in the first case, since the temporary folder is local."""
+    RT-DETRv2 checkpoint (model_type "detr" or "rt_detr_v2", see `CONVERTERS`), else None. The converted keys must be
+    those of `model_class` (our class with the heads, `DetrCustomForObjectDetection`). Hub options used to find the
+    files are removed from `from_pretrained_kwargs` in the first case, since the temporary folder is local."""
     from transformers.utils import cached_file
 
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}

@@ -1,12 +1,12 @@
 """The deformable variant (`config.decoder_type="deformable"`): Deformable DETR's decoder (Zhu et al. 2021) on
 multi-scale features, wired as one module that `DetrCustomForObjectDetection` holds as its `model`.
 
-multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et
-al. 2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
-`decoder_input_proj` its per-level conv + BatchNorm) -> learned content queries with learned reference boxes (DAB-DETR's anchors,
-kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals (`query_selection.py`) ->
-deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
-with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
+multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et al.
+2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
+`decoder_input_proj` its per-level conv + BatchNorm) -> learned content queries with learned reference boxes
+(DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals
+(`query_selection.py`) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes with their
+own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
 
 The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
 layer; `deformable_detection_fields` returns the same fields as the DETR path's output (logits, pred_boxes,
@@ -149,6 +149,7 @@ class DetrCustomDeformableDetector(nn.Module):
             if self.decoder_input_proj is not None:
                 maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
+            padded = not bool(memory_mask.all())          # without padding the decoder skips masking its values
             batch, selected = pixel_values.shape[0], None
             if self.query_selection is not None:
                 selected = self.query_selection(memory, memory_mask, spatial_shapes)
@@ -169,7 +170,7 @@ class DetrCustomDeformableDetector(nn.Module):
                 reference = torch.cat([groups.reference.to(reference.dtype), reference], 1)
             decoded = self.decoder(
                 query, None, reference, memory, spatial_shapes, valid_ratios=valid_ratios(masks),
-                memory_mask=memory_mask, box_heads=self.bbox_embed,
+                memory_mask=memory_mask if padded else None, box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, self_attn_mask=None if groups is None else groups.attn_mask)
             logits = torch.stack([head(states) for head, states in zip(self.class_embed, decoded.intermediate)])

@@ -6,8 +6,9 @@ Levels: the backbone stages at stride >= 8 (timm's `feature_info` reductions: C3
 `num_feature_levels` of them, finest first; if `num_feature_levels` exceeds them, each extra level is a 3x3 stride-2
 convolution of the level below (the first of the last backbone map itself, as Deformable DETR). Every level goes
 through a 1x1 convolution + GroupNorm (Deformable DETR's `input_proj`; 3x3 stride 2 + GroupNorm for the extra levels),
-or with `config.projection_norm="batch"` a 1x1 convolution without bias + BatchNorm (RT-DETR's `encoder_input_proj`). Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the
-DETR backbone does; `valid_ratios` are the visible fraction (width, height) of each level's padded map.
+or with `config.projection_norm="batch"` a 1x1 convolution without bias + BatchNorm (RT-DETR's `encoder_input_proj`).
+Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the DETR backbone does;
+`valid_ratios` are the visible fraction (width, height) of each level's padded map.
 """
 import math
 

@@ -3,15 +3,16 @@ learned boxes, as two-stage Deformable DETR (Zhu et al. 2021, section 4.1) and R
 do.
 
 Every memory position (all levels, flattened) proposes one box: its cell's centre in the visible image, with width and
-height `PROPOSAL_SIZE * 2 ** level` (Deformable DETR's and RT-DETR's anchors), kept in inverse-sigmoid space.
-Positions on padding are never selected. A position whose proposal leaves [PROPOSAL_MARGIN, 1 - PROPOSAL_MARGIN] (the
-border cells of a level more than 50 cells wide) has its memory zeroed and its proposal at +inf (the box saturates to
-the image corner) but stays selectable, exactly as in Deformable DETR and RT-DETR, whose checkpoints were trained so
-(excluding them changed a converted RT-DETRv2's outputs at 640 x 640). The memory goes through a Linear + LayerNorm (`enc_output`), a class head scores it and a box head refines its proposal; the
-`num_queries` best-scoring positions give the decoder's reference boxes and, unless `config.learn_initial_query`, its
-content queries (both detached: RT-DETR's). The selected positions' logits and boxes get the set loss too (RT-DETR's
-encoder loss, `loss_*_enc`), so the scores learn to rank proposals; with `classification_loss="varifocal"` the
-class target is the box's IoU, RT-DETR's IoU-aware query selection.
+height `PROPOSAL_SIZE * 2 ** level` (Deformable DETR's and RT-DETR's anchors), kept in inverse-sigmoid space. Positions
+on padding are never selected. A position whose proposal leaves [PROPOSAL_MARGIN, 1 - PROPOSAL_MARGIN] (the border
+cells of a level more than 50 cells wide) has its memory zeroed and its proposal at +inf (the box saturates to the
+image corner) but stays selectable, exactly as in Deformable DETR and RT-DETR, whose checkpoints were trained so
+(excluding them changed a converted RT-DETRv2's outputs at 640 x 640). The memory goes through a Linear + LayerNorm
+(`enc_output`), a class head scores it and a box head refines its proposal; the `num_queries` best-scoring positions
+give the decoder's reference boxes and, unless `config.learn_initial_query`, its content queries (both detached:
+RT-DETR's). The selected positions' logits and boxes get the set loss too (RT-DETR's encoder loss, `loss_*_enc`), so
+the scores learn to rank proposals; with `classification_loss="varifocal"` the class target is the box's IoU, RT-DETR's
+IoU-aware query selection.
 
 Proposals are relative to each image's visible region, our box convention (docs/ARCHITECTURE.md), which is also
 Deformable DETR's (`gen_encoder_output_proposals` divides by the visible cells); tests/test_query_selection.py checks
@@ -87,7 +88,9 @@ class DetrCustomQuerySelection(nn.Module):
                              f"{memory.shape[1]} positions {list(spatial_shapes)}: the images are too small for it. "
                              "Use larger images or fewer queries.")
         proposals, valid = encoder_proposals(memory_mask, spatial_shapes, memory.dtype)   # [batch, sequence, 4]
-        features = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0)))
+        if not bool(valid.all()):                                            # padding or border positions
+            memory = memory.masked_fill(~valid[..., None], 0)
+        features = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_score_head(features)                                # [batch, sequence, classes]
         with torch.no_grad():
             scores = logits.max(-1).values if self.sigmoid else logits.softmax(-1)[..., :-1].max(-1).values

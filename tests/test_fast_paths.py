@@ -266,3 +266,38 @@ def test_bf16_autocast_training_step_gives_the_fp32_loss_and_finite_gradients():
     assert all(torch.isfinite(grad).all() for grad in gradients.values())
     # the bf16 backbone gets its gradients too (the frozen stem none)
     assert any(name.startswith("model.backbone.") and grad.abs().sum() > 0 for name, grad in gradients.items())
+
+
+def test_cached_folds_follow_every_change_and_stay_out_of_training():
+    """Without autograd the folded weights (backbone, hybrid encoder, RepVGG blocks, BatchNorm projections) are kept
+    while their sources are unchanged: loading other weights, an optimizer step or `.to()` must refold, and a fold
+    cached under inference_mode must never reach a training step."""
+    import copy
+
+    from modeling_detr_custom.testing_utils import train_on_a_fixed_batch
+
+    def rt_detr_layout(seed):
+        torch.manual_seed(seed)
+        model = _model(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, two_stage=True,
+                       classification_loss="varifocal", projection_norm="batch", decoder_input_proj=True,
+                       position_embedding_type="sine_absolute", freeze_batch_norm=False)
+        return randomize_(model, seed=seed).eval()
+
+    model, other = rt_detr_layout(0), rt_detr_layout(1)
+    pixel_values, pixel_mask, _ = padded_batch(height=64, width=64)
+    with torch.inference_mode():
+        first = model(pixel_values, pixel_mask).logits
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = model(pixel_values, pixel_mask).logits
+        expected = copy.deepcopy(other)(pixel_values, pixel_mask).logits
+    assert (loaded - first).abs().max() > 1e-2 and torch.allclose(loaded, expected, atol=1e-5)
+    train_on_a_fixed_batch(model, steps=2)                 # after inference_mode folds: no inference tensor saved
+    model.eval()
+    with torch.no_grad():
+        trained = model(pixel_values, pixel_mask).logits
+        fresh = copy.deepcopy(model)(pixel_values, pixel_mask).logits     # new storage: the copy refolds
+    assert (trained - loaded).abs().max() > 1e-4 and torch.allclose(trained, fresh, atol=1e-5)
+    with torch.no_grad():
+        doubled = copy.deepcopy(model).double()(pixel_values.double(), pixel_mask).logits
+    assert torch.allclose(doubled.float(), trained, atol=1e-3)

@@ -1,7 +1,7 @@
 """Query selection (config.two_stage, query_selection.py): proposals and projected memory equal transformers'
-Deformable DETR; the top-k takes the best positions and never padding (RT-DETR's: border positions stay selectable); what the decoder gets is detached; the
-encoder loss terms; init; gradients; saving, loading, pipeline and remote code; the training CLI; and that it learns
-a fixed batch."""
+Deformable DETR; the top-k takes the best positions and never padding (RT-DETR's: border positions stay selectable);
+what the decoder gets is detached; the encoder loss terms; init; gradients; saving, loading, pipeline and remote code;
+the training CLI; and that it learns a fixed batch."""
 from types import SimpleNamespace
 
 import numpy as np
