@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.run_all [--full] [--threads N]
 
 Each benchmark runs in its own process (its own argument parser, memory returned between them). The default is the
-quick model benchmark (384x512), so that the whole run takes a few minutes on 2 CPU cores; `--full` times the model
-at 800x1066 (about 10 minutes more). First it prints what it runs on (benchmarks/machine.py: CPU, vector capability,
+quick model benchmarks (DETR at 384x512, RT-DETRv2 at 320x320), so that the whole run takes a few minutes on 2 CPU
+cores; `--full` times them at 800x1066 and 640x640 (about 10 minutes more). First it prints what it runs on (benchmarks/machine.py: CPU, vector capability,
 peak estimate, threads, load, versions): ratios are only comparable within one run, and on one kind of CPU.
 """
 import argparse
@@ -24,6 +24,7 @@ def main(argv=None):
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     benchmarks = [
         ["benchmarks.bench_model", *([] if args.full else ["--quick"]), *threads],
+        ["benchmarks.bench_rt_detr", *([] if args.full else ["--quick"]), *threads],
         ["benchmarks.bench_image_processing", *threads],
     ]
     print(format_machine(describe_machine(args.threads)), flush=True)

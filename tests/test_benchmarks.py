@@ -191,3 +191,13 @@ def test_side_by_side_gives_every_model_the_same_batches_and_a_finite_loss(data_
             outputs = model.eval()(pixel_values=pixel_values, pixel_mask=torch.ones(2, 64, 64, dtype=torch.int64))
         detections = post_process(outputs, [(90, 120), (90, 120)])
         assert len(detections) == 2 and detections[0]["boxes"].shape[-1] == 4, name
+
+
+def test_rt_detr_benchmark_runs_and_finds_equal_outputs(capsys):
+    """bench_rt_detr at its quick size, one round: ours converted from transformers' RT-DETRv2-R18vd gives its
+    outputs (the row says so) and both are timed."""
+    from benchmarks import bench_rt_detr
+
+    bench_rt_detr.main(["--quick", "--models", "r18", "--rounds", "1"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "R18vd inference fp32" in line)
+    assert "top-100 equal" in row and row.split()[7].endswith("x")     # the ratio column
