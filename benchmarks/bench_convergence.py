@@ -65,6 +65,11 @@ VARIANTS = {
     "hybrid": {**DEFORMABLE, "encoder_type": "hybrid"},
     # all of RT-DETR's pieces together
     "rt-detr-like": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50},
+    # the same with RT-DETR's exact layout (BatchNorm projections before and after the encoder, GELU and the
+    # unnormalized sine in AIFI): what transformers' RT-DETRv2 checkpoints load into
+    "rt-detr-layout": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50,
+                       "projection_norm": "batch", "decoder_input_proj": True, "encoder_activation_function": "gelu",
+                       "position_embedding_type": "sine_absolute"},
 }
 COLUMNS = ("variant", "AP", "AP50", "AR@100", "steps/s", "wall time")
 QUICK_STEPS = 50

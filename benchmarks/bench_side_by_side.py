@@ -19,6 +19,10 @@ Models (random weights, the sizes of the issue's reference run: width 128, 2 dec
   transformers does for DETR.
 - rt-detr-v2: transformers' `RTDetrV2ForObjectDetection` with its ResNet-18-vd (RT-DETR's own backbone, the closest it
   has to ours), BatchNorm trainable.
+- d-fine: transformers' `DFineForObjectDetection` (Peng et al. 2024: fine-grained distribution refinement of the
+  boxes, on RT-DETR's encoder and query selection) with the same ResNet-18-vd and sizes as rt-detr-v2.
+- lw-detr: transformers' `LwDetrForObjectDetection` (Chen et al. 2024) with its own ViT backbone at the tiny size
+  (its backbone is a ViT only), 13 query groups (its default), images of 128 pixels.
 
 Prints one markdown table (model, AP, AP50, AR@100, s/step, wall time), also written to OUTPUT_DIR/side_by_side.md.
 The timings are for the training steps only, on this machine (benchmarks/machine.py's header says which).
@@ -37,7 +41,8 @@ from benchmarks.machine import describe_machine, format_machine
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 WIDTH, DECODER_LAYERS, QUERIES, FFN = 128, 2, 30, 512
-MODELS = ("ours-detr", "ours-deformable", "ours-rtdetr", "detr", "rt-detr-v2")
+MODELS = ("ours-detr", "ours-deformable", "ours-rtdetr", "detr", "rt-detr-v2", "d-fine", "lw-detr")
+SIZE_FOR_LW_DETR = 128   # its ViT's absolute position embeddings are built for one image size
 
 
 def load_demo_data(data_dir: Path):
@@ -121,6 +126,32 @@ def build(name: str, num_labels: int, id2label: dict):
         processor = RTDetrImageProcessor()
         return RTDetrV2ForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=sizes, use_focal_loss=True)
+    if name == "d-fine":
+        from transformers import DFineConfig, DFineForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig
+
+        backbone = RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+                                      downsample_in_bottleneck=False, out_features=["stage2", "stage3", "stage4"])
+        config = DFineConfig(backbone_config=backbone, freeze_backbone_batch_norms=False,
+                             encoder_in_channels=[128, 256, 512], encoder_hidden_dim=WIDTH, d_model=WIDTH,
+                             encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, decoder_layers=DECODER_LAYERS,
+                             num_queries=QUERIES, num_denoising=50, hidden_expansion=0.5,
+                             decoder_in_channels=[WIDTH] * 3, num_labels=num_labels, id2label=id2label)
+        processor = RTDetrImageProcessor()
+        return DFineForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=sizes, use_focal_loss=True)
+    if name == "lw-detr":
+        from transformers import DeformableDetrImageProcessor, LwDetrConfig, LwDetrForObjectDetection, LwDetrViTConfig
+
+        # its ViT backbone, the tiny size (LW-DETR-tiny: 192 wide, 6 layers, windowed attention in some blocks)
+        backbone = LwDetrViTConfig(image_size=SIZE_FOR_LW_DETR, hidden_size=192, num_hidden_layers=6,
+                                   num_attention_heads=3, window_block_indices=[0, 2, 4], out_indices=[2, 4, 5, 6],
+                                   num_windows=4)
+        config = LwDetrConfig(backbone_config=backbone, d_model=WIDTH, decoder_layers=DECODER_LAYERS,
+                              decoder_ffn_dim=FFN, num_queries=QUERIES, projector_scale_factors=[1.0],
+                              num_labels=num_labels, id2label=id2label)
+        processor = DeformableDetrImageProcessor()
+        return LwDetrForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=sizes, top_k=100)
     raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODELS)}.")
 
 

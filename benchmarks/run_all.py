@@ -4,8 +4,9 @@
 
 Each benchmark runs in its own process (its own argument parser, memory returned between them). The default is the
 quick model benchmarks (DETR at 384x512, RT-DETRv2 at 320x320), so that the whole run takes a few minutes on 2 CPU
-cores; `--full` times them at 800x1066 and 640x640 (about 10 minutes more). First it prints what it runs on (benchmarks/machine.py: CPU, vector capability,
-peak estimate, threads, load, versions): ratios are only comparable within one run, and on one kind of CPU.
+cores; `--full` times them at 800x1066 and 640x640 (about 10 minutes more). First it prints what it runs on
+(benchmarks/machine.py: CPU, vector capability, peak estimate, threads, load, versions): ratios are only comparable
+within one run, and on one kind of CPU.
 """
 import argparse
 import os

@@ -182,3 +182,19 @@ def test_rt_detr_layout_options_are_checked_and_train():
     assert len(model.model.decoder_input_proj) == 3
     losses = train_on_a_fixed_batch(model, steps=50)
     assert min(losses[-5:]) < 0.65 * losses[0]    # 0.55x measured (denoising terms included)
+
+
+def test_training_script_options_reach_the_model_and_fine_tuning_keeps_them(tmp_path, data_dir):
+    from tiny_run import run, write_config
+
+    layout = dict(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2,
+                  classification_loss="varifocal", two_stage=True, projection_norm="batch", decoder_input_proj=True,
+                  encoder_activation_function="gelu", position_embedding_type="sine_absolute", backbone="resnet18d",
+                  backbone_first_block_shortcut=True)
+    run(write_config(tmp_path / "new", data_dir, max_steps=2, eval_steps=2, **layout))
+    folder = tmp_path / "new" / "run" / "last"
+    config = DetrCustomForObjectDetection.from_pretrained(folder).config
+    assert {key: getattr(config, key) for key in layout} == layout
+    run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder)))
+    tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
+    assert tuned.config.decoder_input_proj and tuned.model.backbone.body.layer1[0].downsample is not None

@@ -32,7 +32,9 @@ class ModelArguments:
     ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width (encoder and decoder)."})
     num_queries: int = field(default=100, metadata={"help": "Object queries: the most detections per image."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout in the transformer."})
-    position_embedding_type: str = field(default="sine", metadata={"help": "'sine' or 'learned'."})
+    position_embedding_type: str = field(default="sine", metadata={
+        "help": "'sine' (DETR's, normalized), 'learned' or 'sine_absolute' (RT-DETR's AIFI: unnormalized cell "
+                "indices)."})
     auxiliary_loss: bool = field(default=True, metadata={"help": "Loss on every decoder layer (the original)."})
     eos_coefficient: float = field(default=0.1, metadata={"help": "Class weight of 'no object'."})
     # the class term (configuration_detr_custom.DetrCustomConfig's fields of the same names); None: the checkpoint's
@@ -89,6 +91,18 @@ class ModelArguments:
         "help": "Denoising: labels flipped with probability label_noise_ratio / 2 (0.5)."})
     box_noise_scale: float | None = field(default=None, metadata={
         "help": "Denoising: box noise in half box sizes (1.0)."})
+    # RT-DETR's exact layout (what its checkpoints need); None: the checkpoint's / the default
+    encoder_activation_function: str | None = field(default=None, metadata={
+        "help": "The encoder FFN's activation if not activation_function's (RT-DETR's AIFI: gelu).",
+        "choices": ["relu", "gelu"]})
+    projection_norm: str | None = field(default=None, metadata={
+        "help": "After each level's 1x1 projection: 'group' (GroupNorm, Deformable DETR's; default) or 'batch' "
+                "(BatchNorm, RT-DETR's).", "choices": ["group", "batch"]})
+    decoder_input_proj: bool | None = field(default=None, metadata={
+        "help": "encoder_type hybrid: RT-DETR's second per-level 1x1 conv + BatchNorm between encoder and decoder."})
+    backbone_first_block_shortcut: bool | None = field(default=None, metadata={
+        "help": "A 1x1 conv shortcut on the first block of a basic-block timm ResNet (resnet18d / resnet34d = "
+                "RT-DETR's R18vd / R34vd)."})
 
 
 @dataclass

@@ -67,7 +67,8 @@ OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "
                           "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
                           "num_feature_levels", "decoder_n_points", "two_stage", "learn_initial_query",
                           "num_denoising", "label_noise_ratio", "box_noise_scale", "encoder_type",
-                          "hidden_expansion")
+                          "hidden_expansion", "encoder_activation_function", "projection_norm", "decoder_input_proj",
+                          "backbone_first_block_shortcut")
 
 
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
