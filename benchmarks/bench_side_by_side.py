@@ -229,6 +229,9 @@ def main(argv=None):
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
+    if "lw-detr" in names and args.size != SIZE_FOR_LW_DETR:
+        parser.error(f"lw-detr's ViT is built for --size {SIZE_FOR_LW_DETR} (absolute position embeddings); leave "
+                     "lw-detr out of --models or use that size")
     print(format_machine(describe_machine(None)), flush=True)
     train, val, categories = load_demo_data(Path(args.data_dir))
     rows = []

@@ -169,26 +169,28 @@ def test_convergence_benchmark_runs_at_a_tiny_size(tmp_path, data_dir):
 def test_side_by_side_gives_every_model_the_same_batches_and_a_finite_loss(data_dir):
     """bench_side_by_side's pure parts: square images, flipped boxes, seeded batches shared by the models; each model
     (ours and transformers') builds, takes the batch and returns a finite loss and detections in pixels."""
-    from benchmarks.bench_side_by_side import MODELS, batches, build, load_demo_data, to_example
+    from benchmarks.bench_side_by_side import MODELS, SIZE_FOR_LW_DETR, batches, build, load_demo_data, to_example
+
+    SIZE = SIZE_FOR_LW_DETR   # LW-DETR's ViT is built for it (and needs more patches than queries)
 
     train, _, categories = load_demo_data(data_dir)
     mapping = categories.category_id_to_label
     row = next(r for r in train if len(r["objects"]["bbox"]) and not any(r["objects"]["iscrowd"]))
-    pixels, labels = to_example(row, 64, False, mapping)
-    flipped_pixels, flipped = to_example(row, 64, True, mapping)
-    assert pixels.shape == (3, 64, 64) and torch.equal(flipped_pixels, pixels.flip(-1))
+    pixels, labels = to_example(row, SIZE, False, mapping)
+    flipped_pixels, flipped = to_example(row, SIZE, True, mapping)
+    assert pixels.shape == (3, SIZE, SIZE) and torch.equal(flipped_pixels, pixels.flip(-1))
     assert torch.allclose(flipped["boxes"][:, 0], 1 - labels["boxes"][:, 0])
-    first, second = (list(batches(train, 2, 2, 64, 0, mapping)) for _ in range(2))
+    first, second = (list(batches(train, 2, 2, SIZE, 0, mapping)) for _ in range(2))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
     pixel_values, batch_labels = first[0]
     for name in MODELS:
         torch.manual_seed(0)
         model, post_process = build(name, len(categories.names), categories.id2label)
-        loss = model.train()(pixel_values=pixel_values, pixel_mask=torch.ones(2, 64, 64, dtype=torch.int64),
+        loss = model.train()(pixel_values=pixel_values, pixel_mask=torch.ones(2, SIZE, SIZE, dtype=torch.int64),
                              labels=batch_labels).loss
         assert torch.isfinite(loss), name
         with torch.no_grad():
-            outputs = model.eval()(pixel_values=pixel_values, pixel_mask=torch.ones(2, 64, 64, dtype=torch.int64))
+            outputs = model.eval()(pixel_values=pixel_values, pixel_mask=torch.ones(2, SIZE, SIZE, dtype=torch.int64))
         detections = post_process(outputs, [(90, 120), (90, 120)])
         assert len(detections) == 2 and detections[0]["boxes"].shape[-1] == 4, name
 

@@ -191,6 +191,23 @@ def test_two_processes_follow_one_process_lr_schedule_also_accumulating_and_resu
     assert _histories(tmp_path / "two" / "run") == _histories(tmp_path / "resumed")
 
 
+def test_two_processes_train_and_resume_the_rt_detr_variant(tmp_path, data_dir):
+    """The RT-DETR pieces under DDP: the hybrid encoder's trainable BatchNorm, query selection, 20 denoising queries
+    (each process draws its own groups, as RT-DETR) and varifocal loss; 2 processes run, and a run resumed at step 2
+    ends with the straight run's weights and logs."""
+    common = dict(max_steps=4, eval_steps=4, save_steps=2, save_total_limit=2, per_device_train_batch_size=2,
+                  decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2,
+                  classification_loss="varifocal", two_stage=True, num_denoising=20, freeze_batch_norm=False)
+    config = _config(tmp_path / "two", data_dir, **common)
+    _launch("-m", "training.train", "--config", str(config))
+    saved = json.loads((tmp_path / "two" / "run" / "last" / "config.json").read_text())
+    assert (saved["num_denoising"], saved["two_stage"], saved["encoder_type"]) == (20, True, "hybrid")
+    _launch("-m", "training.train", "--config", str(config), "--output_dir", str(tmp_path / "resumed"),
+            "--resume_from_checkpoint", str(tmp_path / "two" / "run" / "checkpoint-2"))
+    assert _same_weights(_weights(tmp_path / "two" / "run"), _weights(tmp_path / "resumed"))
+    assert _histories(tmp_path / "two" / "run") == _histories(tmp_path / "resumed")
+
+
 def test_two_processes_step_schedule_and_logs_once(tmp_path, data_dir):
     common = dict(max_steps=6, eval_steps=6, lr_scheduler_type="step", warmup_steps=3, lr_drop_epochs=1)
     _run(_config(tmp_path / "one", data_dir, per_device_train_batch_size=4, **common))
