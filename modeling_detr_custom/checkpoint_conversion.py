@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from .checkpoint_conversion_rt_detr import convert_rt_detr_v2_config, convert_rt_detr_v2_state_dict
+from .checkpoint_conversion_rt_detr import convert_rt_detr_config, convert_rt_detr_state_dict
 from .configuration_detr_custom import DetrCustomConfig
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -181,16 +181,18 @@ def _load_weights(folder_files: dict) -> dict:
 # config.json model_type -> (config converter, state-dict converter, name in messages)
 CONVERTERS = {
     "detr": (convert_transformers_config, convert_transformers_state_dict, "DETR"),
-    "rt_detr_v2": (convert_rt_detr_v2_config, convert_rt_detr_v2_state_dict, "RT-DETRv2"),
+    "rt_detr": (convert_rt_detr_config, convert_rt_detr_state_dict, "RT-DETR"),
+    "rt_detr_v2": (convert_rt_detr_config, convert_rt_detr_state_dict, "RT-DETRv2"),
 }
 
 
 @contextlib.contextmanager
 def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, model_class):
-    """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR or
-    RT-DETRv2 checkpoint (model_type "detr" or "rt_detr_v2", see `CONVERTERS`), else None. The converted keys must be
-    those of `model_class` (our class with the heads, `DetrCustomForObjectDetection`). Hub options used to find the
-    files are removed from `from_pretrained_kwargs` in the first case, since the temporary folder is local."""
+    """Yields a temporary folder holding our config + converted weights if `name_or_path` is a transformers DETR,
+    RT-DETR or RT-DETRv2 checkpoint (model_type "detr", "rt_detr", "rt_detr_v2", see `CONVERTERS`), else None. The
+    converted keys must be those of `model_class` (our class with the heads, `DetrCustomForObjectDetection`). Hub
+    options used to find the files are removed from `from_pretrained_kwargs` in the first case, since the temporary
+    folder is local."""
     from transformers.utils import cached_file
 
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}

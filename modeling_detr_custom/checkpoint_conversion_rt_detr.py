@@ -1,6 +1,8 @@
 """transformers' RT-DETRv2 checkpoints (`RTDetrV2ForObjectDetection`, model_type "rt_detr_v2", e.g. the
-`PekingU/rtdetr_v2_r18vd` family) as our RT-DETR layout: the config and the key renaming. `checkpoint_conversion.py`
-calls these when `from_pretrained` meets such a folder or Hub id.
+`PekingU/rtdetr_v2_r18vd` family) and RT-DETR (v1) ones (`RTDetrForObjectDetection`, "rt_detr", e.g.
+`PekingU/rtdetr_r50vd`; the same modules, its deformable attention is v2's with offset scale 0.5 and bilinear
+sampling) as our RT-DETR layout: the config and the key renaming. `checkpoint_conversion.py` calls these when
+`from_pretrained` meets such a folder or Hub id.
 
 What maps onto what (Lv et al. 2024, RT-DETRv2; transformers' modeling_rt_detr_v2):
 - its ResNet-vd (`RTDetrResNetBackbone`, frozen BatchNorm) -> timm's `resnet18d` / `resnet34d` / `resnet50d` /
@@ -69,7 +71,7 @@ def _backbone(rt_config: dict) -> tuple[str, bool]:
     backbone = rt_config.get("backbone_config") or {}
     model_type = backbone.get("model_type")
     if model_type != "rt_detr_resnet":
-        raise ValueError(f"this RT-DETRv2 checkpoint's backbone has model_type {model_type!r}; only its ResNet-vd "
+        raise ValueError(f"this RT-DETR(v2) checkpoint's backbone has model_type {model_type!r}; only its ResNet-vd "
                          "(model_type 'rt_detr_resnet', the PekingU/rtdetr_v2_r*vd checkpoints) can be converted.")
     layer_type, depths = backbone.get("layer_type", "bottleneck"), tuple(backbone.get("depths", (3, 4, 6, 3)))
     name = RESNET_VD.get((layer_type, depths))
@@ -86,12 +88,13 @@ def _backbone(rt_config: dict) -> tuple[str, bool]:
     if list(out_indices) != [2, 3, 4]:
         problems.append(f"out_indices={out_indices} (the last three stages, [2, 3, 4], are supported)")
     if problems:
-        raise ValueError("this RT-DETRv2 checkpoint's ResNet has no timm equivalent: " + "; ".join(problems) + ".")
+        raise ValueError("this RT-DETR(v2) checkpoint's ResNet has no timm equivalent: " + "; ".join(problems) + ".")
     return name, layer_type == "basic"
 
 
-def convert_rt_detr_v2_config(rt_config: dict) -> DetrCustomConfig:
-    """transformers' RTDetrV2Config (a config.json dict) -> our RT-DETR layout; clear errors for what it lacks."""
+def convert_rt_detr_config(rt_config: dict) -> DetrCustomConfig:
+    """transformers' RTDetrV2Config or RTDetrConfig (a config.json dict) -> our RT-DETR layout; clear errors for what
+    it lacks."""
     backbone, first_block_shortcut = _backbone(rt_config)
     problems = []
     for field, (value, meaning) in REQUIRED_VALUES.items():
@@ -110,7 +113,7 @@ def convert_rt_detr_v2_config(rt_config: dict) -> DetrCustomConfig:
         problems.append(f"encoder_hidden_dim={hidden} and decoder_in_channels "
                         f"{rt_config.get('decoder_in_channels')} must equal d_model={d_model}")
     if problems:
-        raise ValueError("this RT-DETRv2 checkpoint cannot be converted: " + "; ".join(problems) + ".")
+        raise ValueError("this RT-DETR(v2) checkpoint cannot be converted: " + "; ".join(problems) + ".")
     kwargs = {ours: rt_config[theirs] for theirs, ours in SAME_FIELDS.items() if theirs in rt_config}
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
@@ -181,9 +184,9 @@ def _check_points_scale(key: str, scale) -> None:
                          "checkpoint cannot be converted (its sampling offsets would be scaled differently).")
 
 
-def convert_rt_detr_v2_state_dict(state_dict: dict) -> dict:
-    """Their keys -> ours. The heads exist twice in their model (`class_embed` and `model.decoder.class_embed`, tied);
-    either copy is taken, and two copies that differ are an error."""
+def convert_rt_detr_state_dict(state_dict: dict) -> dict:
+    """Their keys (RT-DETRv2's or RT-DETR's) -> ours. The heads exist twice in their model (`class_embed` and
+    `model.decoder.class_embed`, tied); either copy is taken, and two copies that differ are an error."""
     converted = {}
     for key, value in state_dict.items():
         if key.endswith(".n_points_scale"):

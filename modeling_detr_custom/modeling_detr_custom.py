@@ -191,10 +191,10 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Loads our folders and Hub ids, and also transformers' DETR and RT-DETRv2 checkpoints (model_type "detr",
-        "rt_detr_v2"), whose config and weights are converted on the fly (see `checkpoint_conversion.py`). All of
-        `PreTrainedModel.from_pretrained`'s options apply, e.g. `num_labels=K, ignore_mismatched_sizes=True` for a
-        new class head, `attn_implementation="eager"`.
+        """Loads our folders and Hub ids, and also transformers' DETR, RT-DETR and RT-DETRv2 checkpoints (model_type
+        "detr", "rt_detr", "rt_detr_v2"), whose config and weights are converted on the fly (see
+        `checkpoint_conversion.py`). All of `PreTrainedModel.from_pretrained`'s options apply, e.g. `num_labels=K,
+        ignore_mismatched_sizes=True` for a new class head, `attn_implementation="eager"`.
 
         The backbone is built without timm's ImageNet weights whatever `use_pretrained_backbone` says: the checkpoint
         holds every weight, so loading never reaches for the network. The loaded config keeps the saved flag (it

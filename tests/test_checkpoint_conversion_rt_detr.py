@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import (RTDetrImageProcessor, RTDetrResNetConfig, RTDetrV2Config, RTDetrV2ForObjectDetection,
-                          pipeline)
+from transformers import (RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig,
+                          RTDetrV2Config, RTDetrV2ForObjectDetection, pipeline)
 from transformers.models.rt_detr_v2.modeling_rt_detr_v2 import build_2d_sinusoidal_position_embedding
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
-from modeling_detr_custom.checkpoint_conversion_rt_detr import convert_rt_detr_v2_config
+from modeling_detr_custom.checkpoint_conversion_rt_detr import convert_rt_detr_config
 from modeling_detr_custom.position_encoding import DetrCustomAbsoluteSinePositionEmbedding
 from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs, train_on_a_fixed_batch
 
@@ -68,6 +68,27 @@ def test_outputs_equal_transformers_rt_detr_v2(tmp_path, layer_type, overrides):
     torch.testing.assert_close(boxes, expected.intermediate_reference_points.transpose(0, 1), atol=1e-4, rtol=0)
     # not vacuous: queries and images differ
     assert got.pred_boxes.std(1).min() > 1e-3 and (got.logits[0] - got.logits[1]).abs().max() > 1e-2
+
+
+def test_rt_detr_v1_checkpoints_load_with_equal_outputs(tmp_path):
+    """RT-DETR (v1, `RTDetrForObjectDetection`, e.g. PekingU/rtdetr_r50vd): the same modules; its attention is v2's
+    with offset scale 0.5 and bilinear sampling, so the same conversion applies."""
+    torch.manual_seed(0)
+    backbone = RTDetrResNetConfig(out_indices=[2, 3, 4], embedding_size=64, **RESNET_VD["basic"])
+    config = RTDetrConfig(backbone_config=backbone, encoder_in_channels=[128, 256, 512], d_model=64,
+                          encoder_hidden_dim=64, decoder_in_channels=[64, 64, 64], num_queries=12, decoder_layers=3,
+                          num_labels=3, hidden_expansion=0.5, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                          num_denoising=0, encoder_attention_heads=4, decoder_attention_heads=4)
+    theirs = randomize_(RTDetrForObjectDetection(config).eval())
+    theirs.save_pretrained(tmp_path)
+    ours = DetrCustomForObjectDetection.from_pretrained(tmp_path).eval()
+    pixel_values = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = theirs(pixel_values=pixel_values), ours(pixel_values=pixel_values)
+    logits, boxes = _every_layer(got.logits, got.pred_boxes, got.auxiliary_outputs)
+    torch.testing.assert_close(logits, expected.intermediate_logits.transpose(0, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes, expected.intermediate_reference_points.transpose(0, 1), atol=1e-4, rtol=0)
+    assert got.pred_boxes.std(1).min() > 1e-3
 
 
 def test_pipeline_detections_equal_transformers(tmp_path):
@@ -129,7 +150,7 @@ def test_what_does_not_convert_is_a_clear_error(tmp_path, change, named):
     backbone = RTDetrResNetConfig(out_indices=[2, 3, 4], **RESNET_VD["basic"])
     config = {**RTDetrV2Config(backbone_config=backbone, encoder_in_channels=[128, 256, 512]).to_dict(), **change}
     with pytest.raises(ValueError, match=named):
-        convert_rt_detr_v2_config(config)
+        convert_rt_detr_config(config)
     # and through from_pretrained, before any weight is read
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({"unread": torch.zeros(1)}, tmp_path / "model.safetensors")
