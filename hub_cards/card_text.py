@@ -55,6 +55,42 @@ def _safetensors_parameters(path: Path) -> int | None:
                          "parameters.") from error
 
 
+POSITION_ENCODINGS = {
+    "sine": "sine, normalized over each image's unpadded region (DETR's)",
+    "learned": "learned row / column embeddings (up to 50 x 50 cells)",
+    "sine_absolute": "sine of the cell indices, not normalized (RT-DETR's AIFI)",
+}
+
+
+def describe_design(config: dict) -> str:
+    """Which DETR this config is, in words: decoder, levels, encoder, query selection, denoising, groups, head."""
+    if config.get("decoder_type", "detr") != "deformable":
+        parts = ["DETR (Carion et al. 2020): transformer encoder and decoder on the last backbone stage"]
+    else:
+        levels = config.get("num_feature_levels", 1)
+        parts = [f"deformable decoder with iterative box refinement (Deformable DETR) on {levels} feature level"
+                 f"{'s' if levels != 1 else ''}"]
+        if config.get("encoder_type") == "hybrid":
+            parts.append("RT-DETR's hybrid encoder (attention on the coarsest level + cross-scale fusion)")
+        else:
+            parts.append("attention encoder on the coarsest level")
+        if config.get("two_stage"):
+            parts.append(f"query selection: the top {config.get('num_queries')} encoder proposals start the decoder")
+        else:
+            parts.append("learned queries with learned reference boxes")
+        if config.get("num_denoising"):
+            parts.append(f"{config['num_denoising']} denoising queries at training")
+        if config.get("projection_norm") == "batch" and config.get("decoder_input_proj"):
+            parts.append("RT-DETR's exact layout (loads its checkpoints)")
+    if config.get("num_query_groups", 1) > 1:
+        parts.append(f"{config['num_query_groups']} query groups at training (Group DETR)")
+    loss = config.get("classification_loss", "cross_entropy")
+    parts.append({"cross_entropy": "softmax classes with a no-object class",
+                  "focal": "sigmoid classes, focal loss",
+                  "varifocal": "sigmoid classes, IoU-aware varifocal loss"}.get(loss, loss))
+    return "; ".join(parts)
+
+
 def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str]]:
     lines = []
     if config.get("backbone"):
@@ -70,8 +106,10 @@ def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str
         layers.append(f"feed-forward {config['encoder_ffn_dim']}")
     if layers:
         lines.append(("Transformer", ", ".join(layers)))
-    if config.get("position_embedding_type"):
-        lines.append(("Position encoding", f"{config['position_embedding_type']} (over the unpadded region)"))
+    lines.append(("Design", describe_design(config)))
+    position = config.get("position_embedding_type")
+    if position:
+        lines.append(("Position encoding", POSITION_ENCODINGS.get(position, position)))
     if config.get("num_queries"):
         lines.append(("Object queries", f"{config['num_queries']}: at most {config['num_queries']} detections"))
     parameters = _safetensors_parameters(output_dir / "model.safetensors")

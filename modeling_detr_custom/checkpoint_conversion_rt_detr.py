@@ -51,6 +51,18 @@ SAME_FIELDS = {
     "id2label": "id2label", "label2id": "label2id",
 }
 
+# RTDetrV2Config's / RTDetrConfig's defaults of the fields above, for a config.json that leaves one out
+RT_DETR_DEFAULTS = {
+    "d_model": 256, "num_queries": 300, "encoder_layers": 1, "decoder_layers": 6, "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024,
+    "encoder_activation_function": "gelu", "decoder_activation_function": "relu", "dropout": 0.0,
+    "attention_dropout": 0.0, "activation_dropout": 0.0, "num_feature_levels": 3, "decoder_n_points": 4,
+    "hidden_expansion": 1.0, "num_denoising": 100, "label_noise_ratio": 0.5, "box_noise_scale": 1.0,
+    "learn_initial_query": False, "auxiliary_loss": True, "matcher_class_cost": 2.0, "matcher_bbox_cost": 5.0,
+    "matcher_giou_cost": 2.0, "matcher_alpha": 0.25, "matcher_gamma": 2.0, "focal_loss_alpha": 0.75,
+    "weight_loss_vfl": 1.0, "weight_loss_bbox": 5.0, "weight_loss_giou": 2.0,
+}
+
 # RTDetrV2Config values our layout assumes: field -> (default when absent, what to do instead)
 REQUIRED_VALUES = {
     "normalize_before": (False, "a post-norm AIFI layer"),
@@ -114,6 +126,7 @@ def convert_rt_detr_config(rt_config: dict) -> DetrCustomConfig:
                         f"{rt_config.get('decoder_in_channels')} must equal d_model={d_model}")
     if problems:
         raise ValueError("this RT-DETR(v2) checkpoint cannot be converted: " + "; ".join(problems) + ".")
+    rt_config = {**RT_DETR_DEFAULTS, **rt_config}
     kwargs = {ours: rt_config[theirs] for theirs, ours in SAME_FIELDS.items() if theirs in rt_config}
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}

@@ -110,6 +110,8 @@ def test_card_sections_tables_and_pictures(tmp_path):
     # what the model is
     assert "`test_resnet`" in text and "d_model 32" in text and "2 encoder + 2 decoder layers" in text
     assert "Object queries:** 10" in text
+    assert "DETR (Carion et al. 2020)" in text and "softmax classes with a no-object class" in text
+    assert "normalized over each image's unpadded region" in text
     for class_id, label in ID2LABEL.items():
         assert f"| {class_id} | {label} |" in text
     # how to use, with the conventions
@@ -445,3 +447,18 @@ def test_recipe_names_the_local_backbone_file_the_levers_and_an_early_stop():
     plain = dict(describe_recipe({}, {"classification_loss": "cross_entropy", "num_query_groups": 1}, None))
     assert "Class loss" not in plain and "Query groups" not in plain
     assert plain["Initialized from"].endswith("backbone from random weights")
+
+
+def test_card_says_which_design_an_rt_detr_model_is():
+    from hub_cards.card_text import describe_design
+
+    from modeling_detr_custom.checkpoint_conversion_rt_detr import convert_rt_detr_config
+
+    rt_detr = convert_rt_detr_config({"backbone_config": {"model_type": "rt_detr_resnet", "layer_type": "basic",
+                                                          "depths": [2, 2, 2, 2]}}).to_dict()
+    text = describe_design(rt_detr)
+    for part in ("deformable decoder", "3 feature levels", "hybrid encoder", "top 300 encoder proposals",
+                 "100 denoising queries", "RT-DETR's exact layout", "IoU-aware varifocal"):
+        assert part in text, (part, text)
+    deformable = DetrCustomConfig.from_preset("deformable").to_dict()
+    assert "learned reference boxes" in describe_design(deformable) and "focal loss" in describe_design(deformable)
