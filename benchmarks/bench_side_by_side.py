@@ -113,31 +113,22 @@ def build(name: str, num_labels: int, id2label: dict):
         processor = DetrImageProcessor()
         return DetrForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=sizes)
-    if name == "rt-detr-v2":
-        from transformers import RTDetrImageProcessor, RTDetrResNetConfig, RTDetrV2Config, RTDetrV2ForObjectDetection
+    if name in ("rt-detr-v2", "d-fine"):
+        from transformers import (DFineConfig, DFineForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig,
+                                  RTDetrV2Config, RTDetrV2ForObjectDetection)
 
+        # the same ResNet-18-vd, sizes and 50 denoising queries for both RT-DETR-family models
         backbone = RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
                                       downsample_in_bottleneck=False, out_features=["stage2", "stage3", "stage4"])
-        config = RTDetrV2Config(backbone_config=backbone, freeze_backbone_batch_norms=False,
-                                encoder_in_channels=[128, 256, 512], encoder_hidden_dim=WIDTH, d_model=WIDTH,
-                                encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, decoder_layers=DECODER_LAYERS,
-                                num_queries=QUERIES, num_denoising=50, hidden_expansion=0.5,
-                                decoder_in_channels=[WIDTH] * 3, num_labels=num_labels, id2label=id2label)
+        config_class, model_class = ((RTDetrV2Config, RTDetrV2ForObjectDetection) if name == "rt-detr-v2"
+                                     else (DFineConfig, DFineForObjectDetection))
+        config = config_class(backbone_config=backbone, freeze_backbone_batch_norms=False,
+                              encoder_in_channels=[128, 256, 512], encoder_hidden_dim=WIDTH, d_model=WIDTH,
+                              encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, decoder_layers=DECODER_LAYERS,
+                              num_queries=QUERIES, num_denoising=50, hidden_expansion=0.5,
+                              decoder_in_channels=[WIDTH] * 3, num_labels=num_labels, id2label=id2label)
         processor = RTDetrImageProcessor()
-        return RTDetrV2ForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
-            outputs, threshold=0.0, target_sizes=sizes, use_focal_loss=True)
-    if name == "d-fine":
-        from transformers import DFineConfig, DFineForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig
-
-        backbone = RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
-                                      downsample_in_bottleneck=False, out_features=["stage2", "stage3", "stage4"])
-        config = DFineConfig(backbone_config=backbone, freeze_backbone_batch_norms=False,
-                             encoder_in_channels=[128, 256, 512], encoder_hidden_dim=WIDTH, d_model=WIDTH,
-                             encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, decoder_layers=DECODER_LAYERS,
-                             num_queries=QUERIES, num_denoising=50, hidden_expansion=0.5,
-                             decoder_in_channels=[WIDTH] * 3, num_labels=num_labels, id2label=id2label)
-        processor = RTDetrImageProcessor()
-        return DFineForObjectDetection(config), lambda outputs, sizes: processor.post_process_object_detection(
+        return model_class(config), lambda outputs, sizes: processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=sizes, use_focal_loss=True)
     if name == "lw-detr":
         from transformers import DeformableDetrImageProcessor, LwDetrConfig, LwDetrForObjectDetection, LwDetrViTConfig
