@@ -219,3 +219,22 @@ def test_training_script_options_reach_the_model_and_fine_tuning_keeps_them(tmp_
     run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder)))
     tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
     assert tuned.config.decoder_input_proj and tuned.model.backbone.body.layer1[0].downsample is not None
+
+
+def test_fine_tuning_an_rt_detr_checkpoint_keeps_its_pixel_scaling(tmp_path, data_dir):
+    """RT-DETR checkpoints were trained on [0, 1] pixels without ImageNet normalization: the training script reads the
+    checkpoint's preprocessor_config.json for the scaling (sizes stay the run's), and the saved folder keeps it."""
+    from tiny_run import run, write_config
+
+    from training.build import checkpoint_pixel_scaling
+
+    theirs = tmp_path / "theirs"
+    _rt_detr_v2().save_pretrained(theirs)
+    RTDetrImageProcessor().save_pretrained(theirs)
+    assert checkpoint_pixel_scaling(str(theirs))["do_normalize"] is False
+    assert checkpoint_pixel_scaling(None) == {}
+    run(write_config(tmp_path / "tuned", data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(theirs)))
+    saved = DetrCustomImageProcessor.from_pretrained(tmp_path / "tuned" / "run" / "last")
+    assert saved.do_normalize is False and saved.size == {"shortest_edge": 64, "longest_edge": 128}
+    tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "tuned" / "run" / "last")
+    assert tuned.config.num_labels == 5 and tuned.config.decoder_input_proj

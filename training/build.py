@@ -71,6 +71,23 @@ OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "
                           "backbone_first_block_shortcut")
 
 
+# the processor settings that say what pixel values a checkpoint was trained on (the sizes come from the data args)
+PIXEL_SCALING = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+def checkpoint_pixel_scaling(model_name_or_path: str | None) -> dict:
+    """The checkpoint's pixel scaling, read from its preprocessor_config.json, so that fine-tuning feeds the pixel
+    values it was trained on: RT-DETR checkpoints take [0, 1] pixels without ImageNet normalization, DETR's are
+    normalized. {} (our defaults: ImageNet mean / std) for a new model or a checkpoint without one."""
+    if not model_name_or_path:
+        return {}
+    try:
+        saved = DetrCustomImageProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):   # no preprocessor_config.json (or not reachable offline): our defaults
+        return {}
+    return {name: getattr(saved, name) for name in PIXEL_SCALING}
+
+
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
     labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
     options = {name: getattr(model_args, name) for name in OPTIONAL_CONFIG_FIELDS
@@ -264,8 +281,11 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     # images stay undecoded: the collate reads the stored pixels, on which COCO boxes are drawn
     train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
     val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
+    scaling = checkpoint_pixel_scaling(model_args.model_name_or_path)
+    if scaling:
+        logger.info("pixel scaling from %s's preprocessor_config.json: %s", model_args.model_name_or_path, scaling)
     processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
-                                               "longest_edge": data_args.max_size})
+                                               "longest_edge": data_args.max_size}, **scaling)
     train_loader, val_loader, loader_generator = build_loaders(
         train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args,
         rank=accelerator.process_index)
