@@ -16,8 +16,8 @@ What maps onto what (Lv et al. 2024, RT-DETRv2; transformers' modeling_rt_detr_v
   position head and the per-layer heads -> ours, renamed.
 
 Where the two differ by design (outputs equal on unpadded images, tests/test_checkpoint_conversion_rt_detr.py):
-RT-DETRv2 ignores `pixel_mask` (padding is attended to and proposed from) and may select a proposal whose anchor lies
-within 0.01 of the image border (its memory zeroed, its box the image corner); we mask padding and never select those.
+RT-DETRv2 ignores `pixel_mask` (padding is attended to and proposed from); we mask padding and never select a proposal
+on it. (Proposals within 0.01 of the image border stay selectable in both, see `query_selection.py`.)
 Only what its released checkpoints use is converted: 3 levels at strides 8, 16, 32, AIFI on the coarsest, the
 "default" (bilinear) sampling; anything else is a clear error.
 """
@@ -108,13 +108,13 @@ def convert_rt_detr_config(rt_config: dict) -> DetrCustomConfig:
     """transformers' RTDetrV2Config or RTDetrConfig (a config.json dict) -> our RT-DETR layout; clear errors for what
     it lacks."""
     backbone, first_block_shortcut = _backbone(rt_config)
+    rt_config = {**RT_DETR_DEFAULTS, **rt_config}
     problems = []
     for field, (value, meaning) in REQUIRED_VALUES.items():
         if rt_config.get(field, value) != value:
             problems.append(f"{field}={rt_config[field]!r} (we support {value!r}: {meaning})")
-    levels = rt_config.get("num_feature_levels", 3)
+    levels, d_model = rt_config["num_feature_levels"], rt_config["d_model"]
     hidden = rt_config.get("encoder_hidden_dim", 256)
-    d_model = rt_config.get("d_model", 256)
     if levels != 3 or rt_config.get("decoder_n_levels", 3) != 3:
         problems.append(f"num_feature_levels={levels} (3 backbone levels are supported)")
     if list(rt_config.get("feat_strides", [8, 16, 32])) != [8, 16, 32]:
@@ -126,7 +126,6 @@ def convert_rt_detr_config(rt_config: dict) -> DetrCustomConfig:
                         f"{rt_config.get('decoder_in_channels')} must equal d_model={d_model}")
     if problems:
         raise ValueError("this RT-DETR(v2) checkpoint cannot be converted: " + "; ".join(problems) + ".")
-    rt_config = {**RT_DETR_DEFAULTS, **rt_config}
     kwargs = {ours: rt_config[theirs] for theirs, ours in SAME_FIELDS.items() if theirs in rt_config}
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
@@ -185,9 +184,6 @@ KEY_RULES = [
     (r"\.(mlp\.)?fc2\.", ".linear2."),
 ]
 
-# derived from the config (RT-DETRv2's per-point offset scale), not a weight
-DROPPED = (r"\.n_points_scale$",)
-
 
 def _check_points_scale(key: str, scale) -> None:
     """RT-DETRv2 stores 1 / n for each of the n points of every level; ours derives the same from the config."""
@@ -202,9 +198,8 @@ def convert_rt_detr_state_dict(state_dict: dict) -> dict:
     `model.decoder.class_embed`, tied); either copy is taken, and two copies that differ are an error."""
     converted = {}
     for key, value in state_dict.items():
-        if key.endswith(".n_points_scale"):
+        if key.endswith(".n_points_scale"):   # RT-DETRv2's per-point offset scale: derived from the config
             _check_points_scale(key, value)
-        if any(re.search(pattern, key) for pattern in DROPPED):
             continue
         new_key = key
         for pattern, replacement in KEY_RULES:

@@ -36,19 +36,18 @@ class ConvFrozenBatchNorm2d(nn.Module):
         self.conv, self.norm = conv, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, norm = self.conv, self.norm
+        return _folded_conv_forward(self, self.conv, self.norm, x)
 
-        def fold():
-            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()   # [out_channels]
-            shift = norm.bias - norm.running_mean * scale
-            if conv.bias is not None:
-                shift = shift + conv.bias * scale
-            weight = conv.weight * scale[:, None, None, None]             # [out_channels, in_channels, kh, kw]
-            return _like_input(weight, x), shift
 
-        weight, shift = cached_fold(self, (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                                           norm.running_var), x, fold)
-        return conv._conv_forward(x, weight, shift)
+def _folded_conv_forward(owner: nn.Module, conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(conv(x))` as one convolution with the folded weights (`folded_conv_batch_norm`), cached on `owner`."""
+    def fold():
+        weight, bias = folded_conv_batch_norm(conv, norm)
+        return _like_input(weight, x), bias
+
+    weight, bias = cached_fold(owner, (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+                                       norm.running_var), x, fold)
+    return conv._conv_forward(x, weight, bias)
 
 
 def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
@@ -68,10 +67,10 @@ def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
     return cache[1]
 
 
-def folded_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of one convolution equal to `norm(conv(x))` with `norm` in eval mode (running statistics), as
-    `ConvFrozenBatchNorm2d` computes it, for the trainable BatchNorm of the hybrid encoder and the RT-DETR projections:
-    recomputed from the live tensors at each call, so nothing goes stale."""
+def folded_conv_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of one convolution equal to `norm(conv(x))`, `norm` a frozen BatchNorm or a BatchNorm in eval
+    mode (running statistics): the backbone's, the hybrid encoder's and the RT-DETR projections'. Computed from the
+    live tensors (callers cache it with `cached_fold`)."""
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()       # [out_channels]
     bias = norm.bias - norm.running_mean * scale
     if conv.bias is not None:
@@ -84,14 +83,7 @@ def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> t
     activations instead of two. Training uses the batch statistics, unfolded."""
     if norm.training or not norm.track_running_stats:
         return norm(conv(x))
-
-    def fold():
-        weight, bias = folded_conv_batch_norm(conv, norm)
-        return _like_input(weight, x), bias
-
-    weight, bias = cached_fold(norm, (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                                      norm.running_var), x, fold)
-    return conv._conv_forward(x, weight, bias)
+    return _folded_conv_forward(norm, conv, norm, x)
 
 
 def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
