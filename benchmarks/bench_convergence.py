@@ -65,6 +65,10 @@ VARIANTS = {
     "hybrid": {**DEFORMABLE, "encoder_type": "hybrid"},
     # all of RT-DETR's pieces together
     "rt-detr-like": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50},
+    # + 13 query groups (Group DETR, LW-DETR's count): each group its own reference boxes / query selection heads
+    "deformable-groups": {**DEFORMABLE, "num_query_groups": 13},
+    "rt-detr-groups": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50,
+                       "num_query_groups": 13},
     # the same with RT-DETR's exact layout (BatchNorm projections before and after the encoder, GELU and the
     # unnormalized sine in AIFI): what transformers' RT-DETRv2 checkpoints load into
     "rt-detr-layout": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50,

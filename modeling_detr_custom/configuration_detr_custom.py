@@ -147,8 +147,10 @@ class DetrCustomConfig(PreTrainedConfig):
         num_query_groups: Group DETR's one-to-many training (Chen et al. 2023; 13 in LW-DETR and RF-DETR), 1 = off.
             With K > 1, training runs K groups of `num_queries` queries, kept apart by a self-attention mask and each
             matched one-to-one to the targets, and averages their losses; eval mode runs the first group only, so
-            inference outputs and cost are those of one group. See `query_groups.py`, also for how checkpoints with
-            another number of groups load (the first group is always `query_embed`).
+            inference outputs and cost are those of one group. With `decoder_type="deformable"` each group also has
+            its own reference boxes or, with `two_stage`, its own query selection heads, and denoising queries see
+            the first group only. See `query_groups.py`, also for how checkpoints with another number of groups load
+            (the first group's parameters keep their 1-group names).
         num_feature_levels: feature maps the decoder reads (`multiscale.py`): 1 = the last backbone stage (DETR);
             L > 1 (`decoder_type="deformable"` only) = the last L backbone stages at stride >= 8, finest first, each
             projected to d_model (1x1 conv + GroupNorm), plus extra stride-2 levels when L exceeds them (4 with a
@@ -301,9 +303,6 @@ class DetrCustomConfig(PreTrainedConfig):
         for positive in ("num_feature_levels", "decoder_n_points"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
-        if self.decoder_type == "deformable" and self.num_query_groups > 1:
-            raise ValueError(f"num_query_groups={self.num_query_groups} is not supported with decoder_type="
-                             "'deformable' yet (its queries carry reference boxes); use num_query_groups=1.")
         if (self.two_stage or self.learn_initial_query) and self.decoder_type != "deformable":
             raise ValueError("two_stage and learn_initial_query need decoder_type='deformable': query selection gives "
                              "the deformable decoder its reference boxes (DETR's decoder has none).")

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou, generalized_box_iou
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
+from .query_groups import fold_groups
 
 BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
 
@@ -156,8 +157,8 @@ class DetrCustomLoss(nn.Module):
                         "loss_giou": config.giou_loss_coefficient}
 
     def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False,
-                encoder_outputs: dict | None = None, denoising_outputs: dict | None = None
-                ) -> tuple[torch.Tensor, dict]:
+                encoder_outputs: dict | None = None, denoising_outputs: dict | None = None,
+                num_query_groups: int = 1) -> tuple[torch.Tensor, dict]:
         """Returns (total weighted loss, dict of unweighted terms). `auxiliary_outputs`: list of
         `{"logits", "pred_boxes"}` for the decoder layers before the last (terms `loss_ce_0`, ...).
         `encoder_outputs`: `{"logits", "pred_boxes"}` of the encoder's selected proposals (query selection; terms
@@ -165,18 +166,32 @@ class DetrCustomLoss(nn.Module):
         `[decoder_layers, batch, denoising, ...]` of the denoising queries, with `indices` (their fixed assignment,
         `denoising.denoising_indices`) and `num_groups`: every layer's terms `loss_ce_dn_0`, ..., normalized by
         num_boxes x num_groups, as RT-DETR. `labels_checked`: the caller already ran `check_labels` (the model does,
-        before its forward)."""
+        before its forward).
+
+        `num_query_groups` K > 1 (Group DETR, `query_groups.py`): the matching outputs (`logits`, `pred_boxes`, the
+        auxiliary and encoder outputs) hold K groups of queries, `[batch, K * queries, ...]`, each matched to the
+        labels on its own. They are folded into the batch (K copies of each image), so one matching pass per layer
+        serves every group, and normalized by K times the first group's normalizers: each term is the mean over
+        groups of the 1-group term (LW-DETR's `num_boxes * group_detr`). The denoising terms keep the 1-group
+        normalizers: they are the terms a 1-group model with the same outputs gets."""
+        batch = logits.shape[0]
         if not labels_checked:
-            self.check_labels(labels, batch=logits.shape[0])
-        num_boxes, class_weight_sum = self._normalizers(logits, labels)
-        # the targets, gathered once for every decoder layer
-        targets = {
-            "padded": pad_targets(labels),
-            "classes": torch.cat([target["class_labels"] for target in labels]).to(logits.device),  # [num_targets]
-            "boxes": torch.cat([target["boxes"] for target in labels]).to(logits.device).float(),    # [num_targets, 4]
-            "offsets": [0] + list(itertools.accumulate(len(target["class_labels"]) for target in labels))[:-1],
-            "counts": torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device),  # [batch]
-        }
+            self.check_labels(labels, batch=batch)
+        num_boxes, class_weight_sum = self._normalizers(logits[:, :logits.shape[1] // num_query_groups], labels)
+        if denoising_outputs is not None:   # on the unfolded batch, before the groups scale the normalizers
+            denoising_targets = self._targets(labels, logits.device)
+            denoising_dict = self._denoising_losses(denoising_outputs, labels, denoising_targets, num_boxes,
+                                                    class_weight_sum)
+        if num_query_groups > 1:
+            logits, pred_boxes = fold_groups(logits, num_query_groups), fold_groups(pred_boxes, num_query_groups)
+            auxiliary_outputs = [{name: fold_groups(value, num_query_groups) for name, value in layer.items()}
+                                 for layer in auxiliary_outputs or []]
+            if encoder_outputs is not None:
+                encoder_outputs = {name: fold_groups(value, num_query_groups)
+                                   for name, value in encoder_outputs.items()}
+            labels = list(labels) * num_query_groups
+            num_boxes, class_weight_sum = num_boxes * num_query_groups, class_weight_sum * num_query_groups
+        targets = self._targets(labels, logits.device)   # gathered once for every decoder layer
         loss_dict = self._layer_losses(logits, pred_boxes, labels, targets, num_boxes, class_weight_sum, log=True)
         for layer, aux in enumerate(auxiliary_outputs or []):
             aux_losses = self._layer_losses(
@@ -187,15 +202,34 @@ class DetrCustomLoss(nn.Module):
                                                 targets, num_boxes, class_weight_sum, log=False)
             loss_dict.update({f"{name}_enc": value for name, value in encoder_losses.items()})
         if denoising_outputs is not None:
-            for layer, (layer_logits, layer_boxes) in enumerate(zip(denoising_outputs["logits"],
-                                                                    denoising_outputs["pred_boxes"])):
-                denoising_losses = self._layer_losses(
-                    layer_logits, layer_boxes, labels, targets, num_boxes * denoising_outputs["num_groups"],
-                    class_weight_sum, log=False, indices=denoising_outputs["indices"])
-                loss_dict.update({f"{name}_dn_{layer}": value for name, value in denoising_losses.items()})
+            loss_dict.update(denoising_dict)
         loss = sum(value * self.weights[_term(name)]
                    for name, value in loss_dict.items() if _term(name) in self.weights)
         return loss, loss_dict
+
+    @staticmethod
+    def _targets(labels: list[dict], device) -> dict:
+        """The targets of a batch in the forms the matcher and the terms read."""
+        return {
+            "padded": pad_targets(labels),
+            "classes": torch.cat([target["class_labels"] for target in labels]).to(device),         # [num_targets]
+            "boxes": torch.cat([target["boxes"] for target in labels]).to(device).float(),          # [num_targets, 4]
+            "offsets": [0] + list(itertools.accumulate(len(target["class_labels"]) for target in labels))[:-1],
+            "counts": torch.tensor([float(len(t["class_labels"])) for t in labels], device=device),  # [batch]
+        }
+
+    def _denoising_losses(self, denoising_outputs: dict, labels, targets: dict, num_boxes: float,
+                          class_weight_sum: float) -> dict:
+        """Every decoder layer's terms of the denoising queries (`loss_ce_dn_0`, ...): their fixed assignment,
+        normalized by num_boxes x the number of denoising groups (RT-DETR's)."""
+        loss_dict = {}
+        for layer, (layer_logits, layer_boxes) in enumerate(zip(denoising_outputs["logits"],
+                                                                denoising_outputs["pred_boxes"])):
+            denoising_losses = self._layer_losses(
+                layer_logits, layer_boxes, labels, targets, num_boxes * denoising_outputs["num_groups"],
+                class_weight_sum, log=False, indices=denoising_outputs["indices"])
+            loss_dict.update({f"{name}_dn_{layer}": value for name, value in denoising_losses.items()})
+        return loss_dict
 
     def check_labels(self, labels: list[dict], batch: int) -> None:
         """Clear errors for labels the loss cannot use, naming the image: one dict per image with int

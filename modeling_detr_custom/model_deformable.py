@@ -30,7 +30,8 @@ from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
                          project, projection, valid_ratios)
 from .position_encoding import build_position_embedding
-from .query_selection import DetrCustomQuerySelection
+from .query_groups import build_extra_query_embeds, group_attention_mask, with_denoising_mask
+from .query_selection import DetrCustomQuerySelection, SelectedQueries
 
 # the learned reference boxes start with random centres over the image and this width and height
 INITIAL_BOX_SIZE = 0.1
@@ -86,6 +87,15 @@ class DetrCustomDeformableDetector(nn.Module):
         # cxcywh, inverse sigmoid; with query selection the boxes come from the encoder's proposals
         self.reference_boxes = None if two_stage else nn.Parameter(torch.empty(config.num_queries, 4))
         self.query_selection = DetrCustomQuerySelection(config) if two_stage else None
+        # query groups 1..K-1 (Group DETR, training only, `query_groups.py`): each group has its own content queries
+        # (if learned), its own reference boxes or, with query selection, its own selection heads (LW-DETR's
+        # per-group two-stage heads: shared heads would select the same proposals for every group)
+        extra = config.num_query_groups - 1
+        self.extra_query_embeds = build_extra_query_embeds(config) if learned_query else nn.ModuleList()
+        self.extra_reference_boxes = nn.ParameterList(
+            nn.Parameter(torch.empty(config.num_queries, 4)) for _ in range(0 if two_stage else extra))
+        self.extra_query_selections = nn.ModuleList(
+            DetrCustomQuerySelection(config) for _ in range(extra if two_stage else 0))
         # the denoising queries' content: their noised labels' embeddings, the last row for padding slots
         self.denoising_class_embed = None
         if config.num_denoising > 0:
@@ -113,12 +123,14 @@ class DetrCustomDeformableDetector(nn.Module):
         for box_head in self.bbox_embed:
             init.zeros_(box_head[-1].weight)
             init.zeros_(box_head[-1].bias)
-        if self.query_selection is not None:
-            self.query_selection.reset_parameters()
-        if self.reference_boxes is not None:
-            centres = torch.rand(self.reference_boxes.shape[0], 2)
-            sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
-            init.copy_(self.reference_boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
+        for selection in [self.query_selection, *self.extra_query_selections]:
+            if selection is not None:
+                selection.reset_parameters()
+        for boxes in [self.reference_boxes, *self.extra_reference_boxes]:
+            if boxes is not None:
+                centres = torch.rand(boxes.shape[0], 2)
+                sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
+                init.copy_(boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
 
     def forward(
         self,
@@ -150,29 +162,27 @@ class DetrCustomDeformableDetector(nn.Module):
                 maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             padded = not bool(memory_mask.all())          # without padding the decoder skips masking its values
-            batch, selected = pixel_values.shape[0], None
-            if self.query_selection is not None:
-                selected = self.query_selection(memory, memory_mask, spatial_shapes)
-                reference = selected.reference                                   # [batch, queries, 4], detached
-            else:
-                reference = self.reference_boxes.sigmoid()[None].expand(batch, -1, -1)   # [batch, queries, 4]
-            if self.query_embed is not None:
-                query = self.query_embed.weight[None].expand(batch, -1, -1)      # [batch, queries, d_model]
-            else:
-                query = selected.content                                         # [batch, queries, d_model]
+            # K = num_query_groups groups of matching queries in training, one in eval mode
+            num_groups = self.config.num_query_groups if self.training else 1
+            query, reference, selected = self._matching_queries(memory, memory_mask, spatial_shapes, num_groups)
+            self_attn_mask = None
+            if num_groups > 1:   # [K * queries] squared: each group sees itself only
+                self_attn_mask = group_attention_mask(num_groups, self.config.num_queries, query.device)
             groups = None
             if self.training and labels is not None and self.denoising_class_embed is not None:
                 config = self.config
-                groups = denoising_groups(labels, self.denoising_class_embed, config.num_labels, query.shape[1],
+                groups = denoising_groups(labels, self.denoising_class_embed, config.num_labels, config.num_queries,
                                           config.num_denoising, config.label_noise_ratio, config.box_noise_scale)
             if groups is not None:   # the denoising queries first, kept from the matching ones by the mask
                 query = torch.cat([groups.content.to(query.dtype), query], 1)   # [batch, denoising + queries, d]
                 reference = torch.cat([groups.reference.to(reference.dtype), reference], 1)
+                self_attn_mask = groups.attn_mask if num_groups == 1 else with_denoising_mask(
+                    groups.attn_mask, groups.num_queries, num_groups, self.config.num_queries)
             decoded = self.decoder(
                 query, None, reference, memory, spatial_shapes, valid_ratios=valid_ratios(masks),
                 memory_mask=memory_mask if padded else None, box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, self_attn_mask=None if groups is None else groups.attn_mask)
+                output_hidden_states=output_hidden_states, self_attn_mask=self_attn_mask)
             logits = torch.stack([head(states) for head, states in zip(self.class_embed, decoded.intermediate)])
             denoising, boxes = None, decoded.boxes
             if groups is not None:   # split off the denoising queries: everything else sees only the matching ones
@@ -192,6 +202,28 @@ class DetrCustomDeformableDetector(nn.Module):
             encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
             cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
             enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
+
+    def _matching_queries(self, memory: torch.Tensor, memory_mask: torch.Tensor, spatial_shapes, num_groups: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, SelectedQueries | None]:
+        """The decoder's matching queries, `num_groups` groups of `num_queries`, group after group: content
+        `[batch, K * queries, d_model]`, reference boxes `[batch, K * queries, 4]` (cxcywh in [0, 1]) and, with
+        query selection, the groups' selected proposals (their logits and boxes concatenated the same way)."""
+        batch, selected = memory.shape[0], None
+        if self.query_selection is not None:
+            selections = [self.query_selection, *self.extra_query_selections][:num_groups]
+            per_group = [selection(memory, memory_mask, spatial_shapes) for selection in selections]
+            selected = SelectedQueries(*(torch.cat(fields, 1) for fields in zip(*(
+                (group.content, group.reference, group.logits, group.pred_boxes) for group in per_group))))
+            reference = selected.reference                                       # [batch, K * queries, 4], detached
+        else:
+            boxes = torch.cat([self.reference_boxes, *self.extra_reference_boxes][:num_groups])   # [K * queries, 4]
+            reference = boxes.sigmoid()[None].expand(batch, -1, -1)
+        if self.query_embed is not None:
+            embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
+            query = torch.cat([embed.weight for embed in embeds])[None].expand(batch, -1, -1)   # [batch, K * q, d]
+        else:
+            query = selected.content                                             # [batch, K * queries, d_model]
+        return query, reference, selected
 
 
 def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
@@ -218,7 +250,8 @@ def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_
             encoder_outputs = {"logits": outputs.enc_logits, "pred_boxes": outputs.enc_pred_boxes}
         loss, loss_dict = model.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
                                           labels_checked=True, encoder_outputs=encoder_outputs,
-                                          denoising_outputs=outputs.denoising)
+                                          denoising_outputs=outputs.denoising,
+                                          num_query_groups=all_logits.shape[2] // config.num_queries)
     if not return_dict and labels is None:
         auxiliary_outputs = None   # as the DETR path: the tuple has them only with labels
     return dict(loss=loss, loss_dict=loss_dict, logits=all_logits[-1], pred_boxes=all_boxes[-1],

@@ -38,7 +38,7 @@ from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
 from .position_encoding import build_position_embedding
-from .query_groups import build_extra_query_embeds, grouped_loss, init_missing_groups_, object_queries
+from .query_groups import EXTRA_GROUP_KEYS_TO_IGNORE, build_extra_query_embeds, init_missing_groups_, object_queries
 
 # the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
@@ -151,7 +151,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer",
                          "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer"]
-    _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked", r"extra_query_embeds\.\d+\.weight"]
+    _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked"] + EXTRA_GROUP_KEYS_TO_IGNORE
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips a custom-code module without parameters of its own (it takes it for initialized); the
@@ -382,8 +382,8 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         loss, loss_dict = None, None
         if labels is not None:
             num_groups = all_logits.shape[2] // self.config.num_queries     # 1 = the criterion's own call
-            loss, loss_dict = grouped_loss(self.criterion, all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
-                                           num_groups)
+            loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
+                                             labels_checked=True, num_query_groups=num_groups)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
         output = _output_class(self.config)(

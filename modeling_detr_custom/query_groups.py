@@ -8,16 +8,23 @@ first group runs: outputs and inference cost are those of a 1-group model with t
 
 Parameters: group 0 is the model's `query_embed` (same key and shape as without groups, so every checkpoint and
 conversion is unchanged); groups 1..K-1 are `extra_query_embeds.0` .. `extra_query_embeds.{K-2}`, one
-`nn.Embedding(num_queries, d_model)` each. A checkpoint with another number of groups therefore loads by key:
-groups it has are loaded, groups beyond the config's K are dropped (ignored unexpected keys), and groups it lacks
-(fine-tuning a 1-group checkpoint with K = 13) start from its first group (`init_missing_groups_`).
+`nn.Embedding(num_queries, d_model)` each. The deformable decoder's queries also carry reference boxes: groups 1..K-1
+have their own, `extra_reference_boxes.{i}` beside `reference_boxes`, or with query selection (`two_stage`) their own
+selection heads, `extra_query_selections.{i}` beside `query_selection`, as LW-DETR's per-group two-stage heads (one
+shared head would give every group the same proposals, hence the same queries). Denoising queries (`denoising.py`)
+see the first group only, as they see the matching queries without groups (`with_denoising_mask`): with groups,
+group 0 and the denoising queries compute what a 1-group model computes. A checkpoint with another number of groups
+loads by key: groups it has are loaded, groups beyond the config's K are dropped (ignored unexpected keys), and groups
+it lacks (fine-tuning a 1-group checkpoint with K = 13) start from its first group (`init_missing_groups_`).
 
 The loss normalization follows LW-DETR's public code (`SetCriterion` with its default `sum_group_losses=False`:
 `num_boxes * group_detr`), which averages the groups; summing instead would scale the loss (and the gradient
-before clipping) by K. Here the K groups are folded into the batch, K copies of each image, and the loss is called
-once: its normalizers (matched boxes, class weights, summed over the batch) then grow by K, so each term is the
-mean over groups of the 1-group term, one matching pass per decoder layer for all groups.
+before clipping) by K. The criterion (`num_query_groups`) folds the K groups into the batch, K copies of each image,
+and divides by K times the first group's normalizers: each term is the mean over groups of the 1-group term, one
+matching pass per decoder layer for all groups.
 """
+import re
+
 import torch
 from torch import nn
 
@@ -25,6 +32,13 @@ from torch import nn
 # queries' std): exact copies would give K identical groups, whose outputs, matches and gradients stay identical
 # without dropout (the demo trains with dropout 0), so the extra groups would add nothing
 GROUP_INIT_NOISE = 0.1
+
+# each extra group's parameters by the first group's name: `extra_query_embeds.3.weight` -> `query_embed.weight`
+FIRST_GROUP = {"extra_query_embeds": "query_embed", "extra_reference_boxes": "reference_boxes",
+               "extra_query_selections": "query_selection"}
+EXTRA_GROUP_KEY = re.compile(r"^(.*?)(" + "|".join(FIRST_GROUP) + r")\.\d+(.*)$")
+# what a checkpoint with more groups than the config holds: dropped without a warning
+EXTRA_GROUP_KEYS_TO_IGNORE = [rf"{name}\.\d+" for name in FIRST_GROUP]
 
 
 def build_extra_query_embeds(config) -> nn.ModuleList:
@@ -57,36 +71,36 @@ def fold_groups(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
     return tensor.unflatten(1, (num_groups, -1)).transpose(0, 1).flatten(0, 1)
 
 
-def grouped_loss(criterion, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict],
-                 auxiliary_outputs: list[dict] | None, num_groups: int) -> tuple[torch.Tensor, dict]:
-    """The set-prediction loss of K query groups, each matched one-to-one to the labels on its own: the mean over
-    groups of `criterion`'s 1-group loss, every term of the loss dict likewise (under the usual names, so that
-    training logs compare with 1-group runs). `logits` / `pred_boxes`: `[batch, K * Q, ...]`, groups in order; the
-    labels were checked by the model. With one group this is the criterion's call, unchanged."""
-    if num_groups == 1:
-        return criterion(logits, pred_boxes, labels, auxiliary_outputs, labels_checked=True)
-    if auxiliary_outputs is not None:
-        auxiliary_outputs = [{name: fold_groups(value, num_groups) for name, value in layer.items()}
-                             for layer in auxiliary_outputs]
-    return criterion(fold_groups(logits, num_groups), fold_groups(pred_boxes, num_groups), list(labels) * num_groups,
-                     auxiliary_outputs, labels_checked=True)
+def with_denoising_mask(denoising_mask: torch.Tensor, num_denoising: int, num_groups: int,
+                        num_queries: int) -> torch.Tensor:
+    """The self-attention mask of `num_denoising` denoising queries followed by K groups of matching queries,
+    `[denoising + K * queries]` squared, True = may attend. `denoising_mask`: the 1-group one (`denoising.py`),
+    `[denoising + queries]` squared. The denoising queries and the first group see what they see without groups
+    (the denoising queries see the first group only); every group sees only itself."""
+    size = num_denoising + num_groups * num_queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=denoising_mask.device)
+    first = num_denoising + num_queries                      # the denoising queries and the first group
+    mask[:first, :first] = denoising_mask
+    mask[num_denoising:, num_denoising:] |= group_attention_mask(num_groups, num_queries, denoising_mask.device)
+    return mask
 
 
 @torch.no_grad()
 def init_missing_groups_(model: nn.Module, missing_keys) -> list[str]:
-    """After `from_pretrained`: every extra group the checkpoint lacked (its key in `missing_keys`) starts from the
-    first group's loaded queries, plus `GROUP_INIT_NOISE` relative noise (drawn from torch's global generator).
-    Returns the keys initialized so."""
-    missing, done = set(missing_keys), []
-    for name, module in model.named_modules():
-        extra = getattr(module, "extra_query_embeds", None)
-        if not isinstance(extra, nn.ModuleList) or not isinstance(getattr(module, "query_embed", None), nn.Embedding):
+    """After `from_pretrained`: every parameter of an extra group that the checkpoint lacked (its key in
+    `missing_keys`) starts from the first group's loaded one, plus `GROUP_INIT_NOISE` noise relative to that
+    tensor's std (drawn from torch's global generator; a constant tensor, such as a zero bias, is copied as is).
+    Extra groups' names map to the first group's by `FIRST_GROUP`. Returns the keys initialized so."""
+    parameters, done = dict(model.named_parameters()), []
+    for key in missing_keys:
+        match = EXTRA_GROUP_KEY.match(key)
+        if match is None or key not in parameters:
             continue
-        first = module.query_embed.weight                              # [num_queries, d_model]
-        for index, embed in enumerate(extra):
-            key = f"{name}.extra_query_embeds.{index}.weight" if name else f"extra_query_embeds.{index}.weight"
-            if key in missing:
-                noise = torch.randn_like(first) * (GROUP_INIT_NOISE * first.std())
-                embed.weight.copy_(first + noise)
-                done.append(key)
+        prefix, kind, rest = match.groups()
+        first = parameters.get(prefix + FIRST_GROUP[kind] + rest)
+        if first is None:
+            continue
+        noise = torch.randn_like(first) * (GROUP_INIT_NOISE * first.std()) if first.numel() > 1 else 0
+        parameters[key].copy_(first + noise)
+        done.append(key)
     return done

@@ -44,8 +44,6 @@ def test_presets_are_config_values_and_detr_is_the_default():
         DetrCustomConfig.from_preset("yolo")
     with pytest.raises(ValueError, match="needs decoder_type='deformable'"):
         DetrCustomConfig(**tiny_kwargs(num_feature_levels=3))
-    with pytest.raises(ValueError, match="num_query_groups=2 is not supported with decoder_type='deformable'"):
-        _config(num_query_groups=2)
     with pytest.raises(ValueError, match="decoder_n_points must be >= 1"):
         _config(decoder_n_points=0)
 

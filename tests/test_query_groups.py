@@ -1,6 +1,8 @@
 """Query groups (Group DETR, `config.num_query_groups`): the mask keeps groups apart, eval runs one group, the loss
 is the mean of the groups' 1-group losses, checkpoints with other group counts load; parity with transformers'
 LW-DETR (attention of its group-DETR decoder, box-loss normalization of its criterion)."""
+import re
+
 import pytest
 import torch
 from transformers import LwDetrConfig
@@ -10,7 +12,7 @@ from transformers.models.lw_detr.modeling_lw_detr import LwDetrAttention
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.attention_mha import DetrCustomAttention
 from modeling_detr_custom.loss_detr_custom import DetrCustomLoss
-from modeling_detr_custom.query_groups import GROUP_INIT_NOISE, group_attention_mask, grouped_loss
+from modeling_detr_custom.query_groups import GROUP_INIT_NOISE, group_attention_mask, with_denoising_mask
 from modeling_detr_custom.testing_utils import padded_batch, randomize_, remote_code_files, tiny_kwargs
 
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -231,9 +233,215 @@ def test_box_loss_normalization_matches_lw_detr():
                "pred_boxes": torch.rand(2, groups * QUERIES, 4, generator=generator) * 0.5 + 0.25}
               for _ in range(2)]
     _, _, labels = padded_batch()
-    _, ours = grouped_loss(DetrCustomLoss(config), layers[1]["logits"], layers[1]["pred_boxes"], labels,
-                           layers[:1], groups)
+    _, ours = DetrCustomLoss(config)(layers[1]["logits"], layers[1]["pred_boxes"], labels, layers[:1],
+                                     num_query_groups=groups)
     sigmoid_head = [{"logits": layer["logits"][..., :3], "pred_boxes": layer["pred_boxes"]} for layer in layers]
     theirs = reference({**sigmoid_head[1], "auxiliary_outputs": sigmoid_head[:1]}, labels)
     for name in ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0"):
         assert torch.allclose(ours[name], theirs[name], rtol=1e-5), name
+
+
+# the deformable decoder's queries carry reference boxes: each group has its own (learned, or selected by its own
+# query selection heads), and denoising queries see the first group only
+DEFORMABLE = dict(decoder_type="deformable", num_feature_levels=2, classification_loss="focal")
+DEFORMABLE_VARIANTS = {
+    "learned-boxes": {},
+    "learned-boxes-denoising": {"num_denoising": 6},
+    "two-stage": {"two_stage": True, "classification_loss": "varifocal"},
+    "rt-detr": {"two_stage": True, "classification_loss": "varifocal", "encoder_type": "hybrid", "num_denoising": 6},
+    "learn-initial-query": {"two_stage": True, "learn_initial_query": True},
+}
+
+
+def _deformable_pair(num_groups, variant, **overrides):
+    """A K-group deformable model and a 1-group model with the same weights (the first group's)."""
+    options = {**DEFORMABLE, **DEFORMABLE_VARIANTS[variant], **overrides}
+    grouped = _model(num_groups, **options)
+    single = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(**NO_DROPOUT, **options)))
+    missing, unexpected = single.load_state_dict(grouped.state_dict(), strict=False)
+    assert missing == [] and unexpected and all(".extra_" in key for key in unexpected)
+    return grouped, single
+
+
+def _extra_parameters(model, group):
+    """The parameters of group `group` >= 1 of a deformable model."""
+    return [p for name, p in model.named_parameters() if re.search(rf"\.extra_\w+\.{group - 1}(\.|$)", name)]
+
+
+def _detector_outputs(model, pixel_values, pixel_mask, labels, seed=5):
+    torch.manual_seed(seed)   # the denoising draws
+    return model.model(pixel_values, pixel_mask, labels=labels)
+
+
+@pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)
+def test_deformable_group_zero_and_denoising_in_training_equal_the_one_group_model(variant):
+    grouped, single = _deformable_pair(3, variant)
+    grouped.train(), single.train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        out = _detector_outputs(grouped, pixel_values, pixel_mask, labels)
+        reference = _detector_outputs(single, pixel_values, pixel_mask, labels)
+    assert out.logits.shape[2] == 3 * QUERIES and out.pred_boxes.shape[2] == 3 * QUERIES
+    group_zero = out.logits[:, :, :QUERIES]
+    assert torch.allclose(group_zero, reference.logits, atol=1e-5)
+    assert torch.allclose(out.pred_boxes[:, :, :QUERIES], reference.pred_boxes, atol=1e-6)
+    assert (out.logits[:, :, QUERIES:2 * QUERIES] - reference.logits).abs().max() > 1e-2   # other queries
+    if grouped.config.two_stage:   # each group its own selection: its own proposals
+        assert out.enc_logits.shape[1] == 3 * QUERIES
+        assert torch.allclose(out.enc_logits[:, :QUERIES], reference.enc_logits, atol=1e-5)
+        assert not torch.allclose(out.enc_pred_boxes[:, QUERIES:2 * QUERIES], reference.enc_pred_boxes, atol=1e-3)
+    if grouped.config.num_denoising:   # the denoising queries see what they see without groups
+        assert out.denoising["indices"] and out.denoising["num_groups"] == reference.denoising["num_groups"]
+        assert torch.allclose(out.denoising["logits"], reference.denoising["logits"], atol=1e-5)
+        assert torch.allclose(out.denoising["pred_boxes"], reference.denoising["pred_boxes"], atol=1e-6)
+    else:
+        assert out.denoising is None
+
+
+@pytest.mark.parametrize("variant", ["learned-boxes-denoising", "rt-detr", "learn-initial-query"])
+def test_a_deformable_group_never_sees_the_other_groups(variant):
+    model = _model(3, **{**DEFORMABLE, **DEFORMABLE_VARIANTS[variant]}).train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        before = _detector_outputs(model, pixel_values, pixel_mask, labels)
+        changed = _extra_parameters(model, 1)
+        assert changed
+        for parameter in changed:                                    # group 1 changes
+            parameter.mul_(-2.0).add_(0.5)
+        after = _detector_outputs(model, pixel_values, pixel_mask, labels)
+    for group in (0, 2):
+        rows = slice(group * QUERIES, (group + 1) * QUERIES)
+        assert torch.equal(before.logits[:, :, rows], after.logits[:, :, rows])
+        assert torch.equal(before.pred_boxes[:, :, rows], after.pred_boxes[:, :, rows])
+    rows = slice(QUERIES, 2 * QUERIES)
+    assert (before.logits[:, :, rows] - after.logits[:, :, rows]).abs().max() > 1e-2
+    if model.config.num_denoising:
+        assert torch.equal(before.denoising["logits"], after.denoising["logits"])
+
+
+def test_deformable_groups_mask_with_denoising():
+    denoising = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    mask = with_denoising_mask(denoising, num_denoising=2, num_groups=3, num_queries=2)
+    assert mask.shape == (8, 8)
+    assert torch.equal(mask[:4, :4], denoising)                       # denoising + first group: as without groups
+    assert not mask[:2, 4:].any() and not mask[4:, :2].any()          # the other groups: no denoising either way
+    assert torch.equal(mask[2:, 2:], group_attention_mask(3, 2))      # the groups: block diagonal
+
+
+@pytest.mark.parametrize("variant", ["learned-boxes", "rt-detr"])
+def test_deformable_eval_runs_only_the_first_group(variant):
+    grouped, single = _deformable_pair(4, variant)
+    grouped.eval(), single.eval()
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        out = grouped(pixel_values, pixel_mask, labels=labels)
+        reference = single(pixel_values, pixel_mask, labels=labels)
+    assert out.logits.shape[1] == QUERIES
+    assert torch.equal(out.logits, reference.logits) and torch.equal(out.pred_boxes, reference.pred_boxes)
+    assert torch.equal(out.loss, reference.loss)
+
+
+@pytest.mark.parametrize("variant", ["learned-boxes-denoising", "rt-detr"])
+def test_deformable_loss_is_the_group_mean_and_denoising_terms_are_the_one_group_model(variant):
+    grouped, single = _deformable_pair(3, variant)
+    grouped.train(), single.train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        outputs = _detector_outputs(grouped, pixel_values, pixel_mask, labels)
+        torch.manual_seed(5)
+        out = grouped(pixel_values, pixel_mask, labels=labels)
+        torch.manual_seed(5)
+        reference = single(pixel_values, pixel_mask, labels=labels)
+    per_group = []
+    for group in range(3):
+        rows = slice(group * QUERIES, (group + 1) * QUERIES)
+        encoder = None
+        if outputs.enc_logits is not None:
+            encoder = {"logits": outputs.enc_logits[:, rows], "pred_boxes": outputs.enc_pred_boxes[:, rows]}
+        auxiliary = [{"logits": outputs.logits[0, :, rows], "pred_boxes": outputs.pred_boxes[0, :, rows]}]
+        per_group.append(grouped.criterion(outputs.logits[-1, :, rows], outputs.pred_boxes[-1, :, rows], labels,
+                                           auxiliary, encoder_outputs=encoder)[1])
+    denoising_terms = {name for name in out.loss_dict if "_dn_" in name}
+    assert denoising_terms and out.loss_dict.keys() == reference.loss_dict.keys()
+    assert out.loss_dict.keys() - denoising_terms == per_group[0].keys()
+    for name in denoising_terms:                     # the denoising terms: a 1-group model's
+        assert torch.allclose(out.loss_dict[name], reference.loss_dict[name], rtol=1e-5, atol=1e-6), name
+    for name in per_group[0]:                        # the matching terms: the mean over groups
+        mean = torch.stack([terms[name] for terms in per_group]).mean()
+        assert torch.allclose(out.loss_dict[name], mean, rtol=1e-5), name
+    assert torch.stack([terms["loss_giou"] for terms in per_group]).std() > 1e-3   # the groups differ
+
+
+@pytest.mark.parametrize("variant", ["learned-boxes-denoising", "rt-detr", "learn-initial-query"])
+def test_deformable_gradients_reach_every_group(variant):
+    model = _model(3, **{**DEFORMABLE, **DEFORMABLE_VARIANTS[variant]}).train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    model(pixel_values, pixel_mask, labels=labels).loss.backward()
+    for group in (1, 2):
+        parameters = dict((name, p) for name, p in model.named_parameters()
+                          if re.search(rf"\.extra_\w+\.{group - 1}(\.|$)", name))
+        assert parameters
+        # the selection's box head starts at zero deltas: its first layers get no gradient at the first step
+        silent = [name for name, p in parameters.items()
+                  if (p.grad is None or not p.grad.abs().sum() > 0) and "enc_bbox_head.0" not in name
+                  and "enc_bbox_head.2" not in name]
+        assert not silent, silent
+
+
+def test_deformable_checkpoint_with_one_group_starts_the_others_from_it(tmp_path):
+    options = {**DEFORMABLE, **DEFORMABLE_VARIANTS["rt-detr"]}
+    single = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(**NO_DROPOUT, **options))))
+    single.save_pretrained(tmp_path / "one")
+    torch.manual_seed(0)
+    grouped, info = DetrCustomForObjectDetection.from_pretrained(tmp_path / "one", num_query_groups=3,
+                                                                 output_loading_info=True)
+    assert info["missing_keys"] and all(".extra_query_selections." in key for key in info["missing_keys"])
+    first = dict(grouped.model.query_selection.named_parameters())
+    for selection in grouped.model.extra_query_selections:
+        for name, parameter in selection.named_parameters():
+            if first[name].std() > 0:          # near the first group's, not a fresh init
+                relative = ((parameter - first[name]).std() / first[name].std()).item()
+                if first[name].numel() >= 100:  # (the std of a few noise draws is itself noisy)
+                    assert 0.5 * GROUP_INIT_NOISE < relative < 1.5 * GROUP_INIT_NOISE, name
+                assert 0 < relative < 3 * GROUP_INIT_NOISE, name
+            else:                              # constant (the box head's zero deltas): copied
+                assert torch.equal(parameter, first[name]), name
+    pixel_values, pixel_mask, labels = padded_batch()
+    with torch.no_grad():
+        expected = single.eval()(pixel_values, pixel_mask).logits
+        assert torch.equal(grouped.eval()(pixel_values, pixel_mask).logits, expected)
+
+    # the extra groups select boxes near the first group's (not the same: the noise reorders near ties and moves
+    # the box deltas a little), much nearer than fresh selection heads do
+    def distance_to_first_group(model):   # per selected box of group 1, the nearest of group 0's
+        with torch.no_grad():
+            boxes = _detector_outputs(model.train(), pixel_values, pixel_mask, labels).enc_pred_boxes
+        return torch.cdist(boxes[:, QUERIES:2 * QUERIES], boxes[:, :QUERIES]).min(-1).values.median()
+
+    fresh = DetrCustomForObjectDetection(grouped.config)
+    fresh.load_state_dict({k: v for k, v in grouped.state_dict().items() if ".extra_" not in k}, strict=False)
+    assert distance_to_first_group(grouped) < 0.5 * distance_to_first_group(fresh)
+    # back to fewer groups: the extra groups' keys are dropped without a warning; and the learned-box variant
+    grouped.save_pretrained(tmp_path / "three")
+    fewer, info = DetrCustomForObjectDetection.from_pretrained(tmp_path / "three", num_query_groups=2,
+                                                               output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and len(fewer.model.extra_query_selections) == 1
+    learned = _model(3, **DEFORMABLE)
+    learned.save_pretrained(tmp_path / "learned")
+    more, info = DetrCustomForObjectDetection.from_pretrained(tmp_path / "learned", num_query_groups=4,
+                                                              output_loading_info=True)
+    assert info["missing_keys"] == {"model.extra_query_embeds.2.weight", "model.extra_reference_boxes.2"}
+    first = learned.model.reference_boxes
+    assert torch.equal(more.model.extra_reference_boxes[0], learned.model.extra_reference_boxes[0])
+    relative = ((more.model.extra_reference_boxes[2] - first).std() / first.std()).item()
+    assert 0.5 * GROUP_INIT_NOISE < relative < 1.5 * GROUP_INIT_NOISE
+
+
+def test_deformable_groups_through_the_training_script(tmp_path, data_dir):
+    from tiny_run import run, write_config
+
+    run(write_config(tmp_path / "new", data_dir, max_steps=2, eval_steps=2, decoder_type="deformable",
+                     encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2,
+                     classification_loss="varifocal", two_stage=True, num_denoising=20, num_query_groups=3))
+    model = DetrCustomForObjectDetection.from_pretrained(tmp_path / "new" / "run" / "last")
+    assert model.config.num_query_groups == 3 and len(model.model.extra_query_selections) == 2
