@@ -63,6 +63,9 @@ VARIANTS = {
     "denoising": {**DEFORMABLE, "num_denoising": 50},
     # + RT-DETR's hybrid encoder (cross-scale fusion after AIFI)
     "hybrid": {**DEFORMABLE, "encoder_type": "hybrid"},
+    # + Deformable DETR's encoder (deformable attention over every level) instead of AIFI
+    "deformable-encoder": {**DEFORMABLE, "encoder_type": "deformable"},
+    "two-stage-deformable-encoder": {**DEFORMABLE, "encoder_type": "deformable", "two_stage": True},
     # all of RT-DETR's pieces together
     "rt-detr-like": {**DEFORMABLE, **VARIFOCAL, "encoder_type": "hybrid", "two_stage": True, "num_denoising": 50},
     # + 13 query groups (Group DETR, LW-DETR's count): each group its own reference boxes / query selection heads

@@ -72,6 +72,8 @@ def describe_design(config: dict) -> str:
                  f"{'s' if levels != 1 else ''}"]
         if config.get("encoder_type") == "hybrid":
             parts.append("RT-DETR's hybrid encoder (attention on the coarsest level + cross-scale fusion)")
+        elif config.get("encoder_type") == "deformable":
+            parts.append("Deformable DETR's encoder (deformable attention over every level)")
         else:
             parts.append("attention encoder on the coarsest level")
         if config.get("two_stage"):

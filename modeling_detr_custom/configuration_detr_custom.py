@@ -5,7 +5,7 @@ POSITION_EMBEDDING_TYPES = ("sine", "learned", "sine_absolute")
 PROJECTION_NORMS = ("group", "batch")
 # the names of the interchangeable transformer parts; modeling_detr_custom.ENCODER_CLASSES / DECODER_CLASSES map them
 # to classes (kept here as names so that the config never imports the model)
-ENCODER_TYPES = ("detr", "hybrid")
+ENCODER_TYPES = ("detr", "hybrid", "deformable")
 DECODER_TYPES = ("detr", "deformable")
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
@@ -79,8 +79,11 @@ class DetrCustomConfig(PreTrainedConfig):
             on the coarsest backbone level only (RT-DETR's AIFI), the other levels pass through. It is best with a
             sigmoid `classification_loss` (`from_preset("deformable")`). `encoder_type="hybrid"` (deformable decoder
             only) is RT-DETR's hybrid encoder: AIFI, then cross-scale fusion of the backbone levels (CCFF, top-down
-            and bottom-up convolutional paths; `encoder_hybrid.py`). Alternative encoders and decoders plug in
-            here, each in its own `encoder_*.py` / `decoder_*.py`.
+            and bottom-up convolutional paths; `encoder_hybrid.py`). `encoder_type="deformable"` (deformable decoder
+            only) is Deformable DETR's encoder: `encoder_layers` layers of multi-scale deformable self-attention
+            over every position of every level (`encoder_n_points` points per head and level), with a learned level
+            embedding added to each level's positions (`encoder_deformable.py`). Alternative encoders and decoders
+            plug in here, each in its own `encoder_*.py` / `decoder_*.py`.
         d_model: transformer width.
         encoder_layers, decoder_layers: transformer depth.
         encoder_attention_heads, decoder_attention_heads: heads per attention layer; must divide `d_model`.
@@ -157,6 +160,7 @@ class DetrCustomConfig(PreTrainedConfig):
             ResNet: strides 8, 16, 32 and 64, as Deformable DETR).
         decoder_n_points: sampling points per attention head and level of the deformable decoder (4, as Deformable
             DETR).
+        encoder_n_points: the same for the deformable encoder (`encoder_type="deformable"`; 4, as Deformable DETR).
         two_stage: query selection (`decoder_type="deformable"` only; `query_selection.py`): every encoder position
             proposes a box, a class head scores it, and the `num_queries` best give the decoder's reference boxes
             and content queries, as two-stage Deformable DETR and RT-DETR; the selected proposals get the set loss
@@ -229,6 +233,7 @@ class DetrCustomConfig(PreTrainedConfig):
     num_query_groups: int = 1                # Group DETR: query groups at training (1 = off)
     num_feature_levels: int = 1              # backbone levels (+ extra stride-2 levels) fed to the decoder
     decoder_n_points: int = 4                # deformable decoder: sampling points per head and level
+    encoder_n_points: int = 4                # encoder_type="deformable": sampling points per head and level
     two_stage: bool = False                  # deformable decoder: queries from the top encoder proposals
     learn_initial_query: bool = False        # with two_stage: learned content queries instead of selected features
     num_denoising: int = 0                   # deformable decoder: denoising queries at training (0 = off)
@@ -300,15 +305,15 @@ class DetrCustomConfig(PreTrainedConfig):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}={getattr(self, field)} must be >= 0 (focal_gamma 2 and "
                                  "class_loss_coefficient 1 are the defaults).")
-        for positive in ("num_feature_levels", "decoder_n_points"):
+        for positive in ("num_feature_levels", "decoder_n_points", "encoder_n_points"):
             if getattr(self, positive) < 1:
                 raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
         if (self.two_stage or self.learn_initial_query) and self.decoder_type != "deformable":
             raise ValueError("two_stage and learn_initial_query need decoder_type='deformable': query selection gives "
                              "the deformable decoder its reference boxes (DETR's decoder has none).")
-        if self.encoder_type == "hybrid" and self.decoder_type != "deformable":
-            raise ValueError("encoder_type='hybrid' needs decoder_type='deformable': its cross-scale fusion works on "
-                             "several feature levels, which only the deformable decoder reads.")
+        if self.encoder_type in ("hybrid", "deformable") and self.decoder_type != "deformable":
+            raise ValueError(f"encoder_type={self.encoder_type!r} needs decoder_type='deformable': it encodes several "
+                             "feature levels, which only the deformable decoder reads.")
         if self.hidden_expansion <= 0:
             raise ValueError(f"hidden_expansion must be > 0 (1.0 is RT-DETR's), got {self.hidden_expansion}.")
         if self.num_denoising < 0 or not 0 <= self.label_noise_ratio <= 1 or self.box_noise_scale < 0:

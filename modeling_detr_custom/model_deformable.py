@@ -3,7 +3,8 @@ multi-scale features, wired as one module that `DetrCustomForObjectDetection` ho
 
 multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et al.
 2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
-`decoder_input_proj` its per-level conv + BatchNorm) -> learned content queries with learned reference boxes
+`decoder_input_proj` its per-level conv + BatchNorm), or with `encoder_type="deformable"` Deformable DETR's encoder
+over every level (`encoder_deformable.py`, positions + level embeddings) -> learned content queries with learned reference boxes
 (DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals
 (`query_selection.py`) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes with their
 own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
@@ -23,6 +24,7 @@ from .class_head import class_head_outputs, init_class_head_bias_
 from .configuration_detr_custom import DetrCustomConfig
 from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid, mlp
 from .denoising import denoising_groups, denoising_indices
+from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
@@ -50,6 +52,8 @@ class DetrCustomDeformableDetectorOutput(ModelOutput):
     spatial_shapes: list | None = None                # [levels] of (height, width), finest first
     encoder_hidden_states: tuple | None = None        # with output_hidden_states: [batch, h * w, d_model] of the
     encoder_attentions: tuple | None = None           # coarsest level; attentions [batch, heads, h * w, h * w]
+    #                                                   (encoder_type "deformable": every level, [batch, sequence,
+    #                                                   d_model]; attentions [batch, sequence, heads, points])
     decoder_hidden_states: tuple | None = None        # [batch, queries, d_model], input + each layer
     cross_attentions: tuple | None = None             # per layer [batch, queries, heads, levels * points]
     enc_logits: torch.Tensor | None = None            # two_stage: the selected proposals' [batch, queries, classes]
@@ -70,7 +74,14 @@ class DetrCustomDeformableDetector(nn.Module):
         self.input_proj = DetrCustomMultiScaleProjection(config, self.backbone.channels)
         self.encoder_level = len(self.backbone.channels) - 1          # the coarsest backbone level
         self.position_embedding = build_position_embedding(config)
-        self.encoder = DetrCustomEncoder(config)
+        # encoder_type "deformable": Deformable DETR's encoder over every level, whose positions carry a learned
+        # level embedding; otherwise the DETR encoder on the coarsest level (AIFI)
+        self.level_embed = None
+        if config.encoder_type == "deformable":
+            self.encoder = DetrCustomDeformableEncoder(config, config.num_feature_levels)
+            self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d_model))
+        else:
+            self.encoder = DetrCustomEncoder(config)
         # encoder_type="hybrid": RT-DETR's cross-scale fusion of the backbone levels after AIFI
         self.fusion = None
         if config.encoder_type == "hybrid":
@@ -118,6 +129,10 @@ class DetrCustomDeformableDetector(nn.Module):
         transformers' `initialization` functions, which leave alone what `from_pretrained` loaded."""
         for layer in self.decoder.layers:
             layer.cross_attn.reset_parameters()
+        if self.level_embed is not None:   # Deformable DETR's init of its encoder and level embeddings
+            for layer in self.encoder.layers:
+                layer.self_attn.reset_parameters()
+            init.normal_(self.level_embed)
         for class_head in self.class_embed:
             init_class_head_bias_(class_head, self.config)
         for box_head in self.bbox_embed:
@@ -148,19 +163,24 @@ class DetrCustomDeformableDetector(nn.Module):
                 features = [feature.float() for feature in features]
             maps = self.input_proj(features)                          # per level [batch, d_model, h, w]
             masks = level_masks(pixel_mask, maps)                     # per level [batch, h, w], True = real
-            # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
-            level, level_mask = maps[self.encoder_level], masks[self.encoder_level]
-            has_padding = not bool(level_mask.all())
-            position = self.position_embedding(level_mask, has_padding).to(level.dtype)   # [batch, h * w, d_model]
-            encoded, encoder_states, encoder_attentions = self.encoder(
-                level.flatten(2).transpose(1, 2), position, level_mask.flatten(1) if has_padding else None,
-                output_attentions, output_hidden_states)
-            maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
-            if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
-                maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
-            if self.decoder_input_proj is not None:
-                maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
-            memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
+            level_mask = masks[self.encoder_level]
+            if self.level_embed is not None:   # the deformable encoder: every level
+                memory, memory_mask, spatial_shapes, encoder_states, encoder_attentions = self._encode_levels(
+                    maps, masks, output_attentions, output_hidden_states)
+            else:
+                # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
+                level = maps[self.encoder_level]
+                has_padding = not bool(level_mask.all())
+                position = self.position_embedding(level_mask, has_padding).to(level.dtype)   # [batch, h * w, d]
+                encoded, encoder_states, encoder_attentions = self.encoder(
+                    level.flatten(2).transpose(1, 2), position, level_mask.flatten(1) if has_padding else None,
+                    output_attentions, output_hidden_states)
+                maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
+                if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
+                    maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
+                if self.decoder_input_proj is not None:
+                    maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
+                memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             padded = not bool(memory_mask.all())          # without padding the decoder skips masking its values
             # K = num_query_groups groups of matching queries in training, one in eval mode
             num_groups = self.config.num_query_groups if self.training else 1
@@ -202,6 +222,20 @@ class DetrCustomDeformableDetector(nn.Module):
             encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
             cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
             enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
+
+    def _encode_levels(self, maps: list[torch.Tensor], masks: list[torch.Tensor], output_attentions: bool,
+                       output_hidden_states: bool):
+        """`encoder_type="deformable"`: every level's positions through the deformable encoder, each with its
+        level's sine encoding plus its level embedding. Returns (memory [batch, sequence, d_model], memory_mask
+        [batch, sequence], spatial_shapes, the encoder's hidden states and attentions or None)."""
+        memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)
+        padded = not bool(memory_mask.all())
+        position = torch.cat([self.position_embedding(mask, not bool(mask.all())) + self.level_embed[level]
+                              for level, mask in enumerate(masks)], 1).to(memory.dtype)   # [batch, sequence, d]
+        memory, states, attentions = self.encoder(memory, position, spatial_shapes, valid_ratios(masks),
+                                                  memory_mask if padded else None, output_attentions,
+                                                  output_hidden_states)
+        return memory, memory_mask, spatial_shapes, states, attentions
 
     def _matching_queries(self, memory: torch.Tensor, memory_mask: torch.Tensor, spatial_shapes, num_groups: int
                           ) -> tuple[torch.Tensor, torch.Tensor, SelectedQueries | None]:

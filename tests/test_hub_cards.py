@@ -462,3 +462,6 @@ def test_card_says_which_design_an_rt_detr_model_is():
         assert part in text, (part, text)
     deformable = DetrCustomConfig.from_preset("deformable").to_dict()
     assert "learned reference boxes" in describe_design(deformable) and "focal loss" in describe_design(deformable)
+    assert "on the coarsest level" in describe_design(deformable)
+    encoder = DetrCustomConfig.from_preset("deformable", encoder_type="deformable").to_dict()
+    assert "Deformable DETR's encoder (deformable attention over every level)" in describe_design(encoder)

@@ -64,9 +64,11 @@ class ModelArguments:
                 "checkpoint lacks start from its queries. None: the checkpoint's (new models: 1)."})
     # the deformable variant (DetrCustomConfig's fields of the same names); None: the checkpoint's / the default
     encoder_type: str | None = field(default=None, metadata={
-        "help": "'detr' (default) or 'hybrid' (with decoder_type deformable: RT-DETR's hybrid encoder, attention on "
-                "the coarsest level + cross-scale convolutional fusion). None: the checkpoint's (new models: detr).",
-        "choices": ["detr", "hybrid"]})
+        "help": "'detr' (default), 'hybrid' (with decoder_type deformable: RT-DETR's hybrid encoder, attention on "
+                "the coarsest level + cross-scale convolutional fusion) or 'deformable' (with decoder_type "
+                "deformable: Deformable DETR's encoder, deformable attention over every level). None: the "
+                "checkpoint's (new models: detr).",
+        "choices": ["detr", "hybrid", "deformable"]})
     hidden_expansion: float | None = field(default=None, metadata={
         "help": "encoder_type hybrid: width of the fusion blocks as a multiple of d_model (1.0)."})
     decoder_type: str | None = field(default=None, metadata={
@@ -77,6 +79,8 @@ class ModelArguments:
         "help": "Feature levels the deformable decoder reads (4: ResNet strides 8-32 + one extra). None: 1."})
     decoder_n_points: int | None = field(default=None, metadata={
         "help": "Deformable decoder: sampling points per head and level (4)."})
+    encoder_n_points: int | None = field(default=None, metadata={
+        "help": "encoder_type deformable: sampling points per head and level (4)."})
     two_stage: bool | None = field(default=None, metadata={
         "help": "Deformable decoder: query selection, the queries start at the encoder's top num_queries proposals "
                 "(two-stage Deformable DETR, RT-DETR) instead of learned boxes. None: the checkpoint's (new: off)."})

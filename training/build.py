@@ -65,10 +65,10 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
 # default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
 OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
                           "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
-                          "num_feature_levels", "decoder_n_points", "two_stage", "learn_initial_query",
-                          "num_denoising", "label_noise_ratio", "box_noise_scale", "encoder_type",
-                          "hidden_expansion", "encoder_activation_function", "projection_norm", "decoder_input_proj",
-                          "backbone_first_block_shortcut")
+                          "num_feature_levels", "decoder_n_points", "encoder_n_points", "two_stage",
+                          "learn_initial_query", "num_denoising", "label_noise_ratio", "box_noise_scale",
+                          "encoder_type", "hidden_expansion", "encoder_activation_function", "projection_norm",
+                          "decoder_input_proj", "backbone_first_block_shortcut")
 
 
 # the processor settings that say what pixel values a checkpoint was trained on (the sizes come from the data args)
