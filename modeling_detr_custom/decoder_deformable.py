@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .attention_deformable import DetrCustomDeformableAttention
 from .attention_mha import DetrCustomAttention
 from .configuration_detr_custom import DetrCustomConfig
+from .encoder_detr import post_norm_feed_forward
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -94,9 +95,7 @@ class DetrCustomDeformableDecoderLayer(GradientCheckpointingLayer):
         attended, cross_weights = self.cross_attn(hidden_states + query_pos, reference_points, memory, spatial_shapes,
                                                   value_mask=memory_mask)
         hidden_states = self.norm2(hidden_states + F.dropout(attended, self.dropout, self.training))
-        ffn = self.activation(self.linear1(hidden_states))
-        ffn = self.linear2(F.dropout(ffn, self.activation_dropout, self.training))
-        hidden_states = self.norm3(hidden_states + F.dropout(ffn, self.dropout, self.training))
+        hidden_states = post_norm_feed_forward(self, hidden_states, self.norm3)
         return hidden_states, cross_weights
 
 

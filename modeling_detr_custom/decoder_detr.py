@@ -18,6 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_mha import DetrCustomAttention
 from .configuration_detr_custom import DetrCustomConfig
+from .encoder_detr import post_norm_feed_forward
 
 
 class DetrCustomDecoderLayer(GradientCheckpointingLayer):
@@ -47,9 +48,7 @@ class DetrCustomDecoderLayer(GradientCheckpointingLayer):
         attended, cross_weights = self.cross_attn(
             hidden_states + query_pos, memory + memory_pos, memory, memory_mask, output_attentions)
         hidden_states = self.norm2(hidden_states + F.dropout(attended, self.dropout, self.training))
-        ffn = self.activation(self.linear1(hidden_states))
-        ffn = self.linear2(F.dropout(ffn, self.activation_dropout, self.training))
-        hidden_states = self.norm3(hidden_states + F.dropout(ffn, self.dropout, self.training))
+        hidden_states = post_norm_feed_forward(self, hidden_states, self.norm3)
         return hidden_states, self_weights, cross_weights
 
 

@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_deformable import DetrCustomDeformableAttention
 from .configuration_detr_custom import DetrCustomConfig
+from .encoder_detr import post_norm_feed_forward
 
 
 def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -66,9 +67,7 @@ class DetrCustomDeformableEncoderLayer(GradientCheckpointingLayer):
         attended, weights = self.self_attn(hidden_states + position_embeddings, reference_points, hidden_states,
                                            spatial_shapes, value_mask=memory_mask)
         hidden_states = self.norm1(hidden_states + F.dropout(attended, self.dropout, self.training))
-        ffn = self.activation(self.linear1(hidden_states))
-        ffn = self.linear2(F.dropout(ffn, self.activation_dropout, self.training))
-        hidden_states = self.norm2(hidden_states + F.dropout(ffn, self.dropout, self.training))
+        hidden_states = post_norm_feed_forward(self, hidden_states, self.norm2)
         return hidden_states, weights
 
 

@@ -6,6 +6,7 @@ output_hidden_states)`, with source and positions `[batch, height * width, d_mod
 `[batch, height * width]` (True = real cell; None = no padding), and returns `(memory, hidden_states, attentions)`:
 the memory `[batch, height * width, d_model]`, then the per-layer tuples or None.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
@@ -13,6 +14,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_mha import DetrCustomAttention
 from .configuration_detr_custom import DetrCustomConfig
+
+
+def post_norm_feed_forward(layer: nn.Module, hidden_states: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """The FFN block that ends every post-norm layer here (encoders and decoders, as DETR's and Deformable DETR's):
+    `norm(x + dropout(linear2(dropout(activation(linear1(x))))))`, with the layer's `linear1`, `linear2`,
+    `activation`, `dropout` and `activation_dropout`."""
+    ffn = layer.activation(layer.linear1(hidden_states))
+    ffn = layer.linear2(F.dropout(ffn, layer.activation_dropout, layer.training))
+    return norm(hidden_states + F.dropout(ffn, layer.dropout, layer.training))
 
 
 class DetrCustomEncoderLayer(GradientCheckpointingLayer):
@@ -34,9 +44,7 @@ class DetrCustomEncoderLayer(GradientCheckpointingLayer):
         query_key = hidden_states + position_embeddings
         attended, weights = self.self_attn(query_key, query_key, hidden_states, key_mask, output_attentions)
         hidden_states = self.norm1(hidden_states + F.dropout(attended, self.dropout, self.training))
-        ffn = self.activation(self.linear1(hidden_states))
-        ffn = self.linear2(F.dropout(ffn, self.activation_dropout, self.training))
-        hidden_states = self.norm2(hidden_states + F.dropout(ffn, self.dropout, self.training))
+        hidden_states = post_norm_feed_forward(self, hidden_states, self.norm2)
         return hidden_states, weights
 
 

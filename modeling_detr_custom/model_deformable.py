@@ -4,10 +4,10 @@ multi-scale features, wired as one module that `DetrCustomForObjectDetection` ho
 multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et al.
 2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
 `decoder_input_proj` its per-level conv + BatchNorm), or with `encoder_type="deformable"` Deformable DETR's encoder
-over every level (`encoder_deformable.py`, positions + level embeddings) -> learned content queries with learned reference boxes
-(DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals
-(`query_selection.py`) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes with their
-own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
+over every level (`encoder_deformable.py`, positions + level embeddings) -> learned content queries with learned
+reference boxes (DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top
+proposals (`query_selection.py`) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
+with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
 
 The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
 layer; `deformable_detection_fields` returns the same fields as the DETR path's output (logits, pred_boxes,

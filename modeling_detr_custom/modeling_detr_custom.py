@@ -31,6 +31,7 @@ from .class_head import class_head_outputs, init_class_head_bias_, replace_class
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
 from .decoder_deformable import DetrCustomDeformableDecoder
 from .decoder_detr import DetrCustomDecoder
+from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
@@ -44,8 +45,10 @@ from .query_groups import EXTRA_GROUP_KEYS_TO_IGNORE, build_extra_query_embeds, 
 # config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
 # encoder_detr.py / decoder_detr.py. The keys are configuration_detr_custom.ENCODER_TYPES / DECODER_TYPES.
 # "hybrid" (RT-DETR's) is the "detr" encoder on the coarsest level followed by this cross-scale fusion of the levels,
-# with the deformable decoder only: model_deformable.DetrCustomDeformableDetector builds both
-ENCODER_CLASSES = {"detr": DetrCustomEncoder, "hybrid": DetrCustomCrossScaleFusion}
+# with the deformable decoder only: model_deformable.DetrCustomDeformableDetector builds both; "deformable" (Deformable
+# DETR's, over every level) is built there too, with its level embeddings
+ENCODER_CLASSES = {"detr": DetrCustomEncoder, "hybrid": DetrCustomCrossScaleFusion,
+                   "deformable": DetrCustomDeformableEncoder}
 # "deformable" reads multi-scale memories and needs a box head per layer: DetrCustomForObjectDetection builds it inside
 # model_deformable.DetrCustomDeformableDetector
 DECODER_CLASSES = {"detr": DetrCustomDecoder, "deformable": DetrCustomDeformableDecoder}

@@ -77,6 +77,20 @@ def padded_batch(seed: int = 0, height: int = 160, width: int = 128):
     return pixel_values, pixel_mask, labels
 
 
+def gradients_with_and_without_checkpointing(model: torch.nn.Module, *inputs, **kwargs):
+    """`model(*inputs, **kwargs).loss` and its backward twice, as the model is and with gradient checkpointing on:
+    (loss, {name: gradient}) of each run, plain first. Use a train-mode model without dropout."""
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(*inputs, **kwargs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return results
+
+
 def train_on_a_fixed_batch(model: torch.nn.Module, steps: int = 50, lr: float = 1e-3) -> list[float]:
     """`steps` AdamW steps (clipping 0.1) of `model` on `padded_batch` at 64 x 64, the backbone frozen (its cost
     dominates on CPU); the training losses. The tests of each variant check that the loss drops."""

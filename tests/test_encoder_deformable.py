@@ -10,7 +10,8 @@ from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 from modeling_detr_custom.attention_deformable import DetrCustomDeformableAttention
 from modeling_detr_custom.encoder_deformable import DetrCustomDeformableEncoder, encoder_reference_points
 from modeling_detr_custom.multiscale import valid_ratios
-from modeling_detr_custom.testing_utils import (outputs_with_garbage_in_the_padding, padded_batch, randomize_,
+from modeling_detr_custom.testing_utils import (gradients_with_and_without_checkpointing,
+                                                outputs_with_garbage_in_the_padding, padded_batch, randomize_,
                                                 remote_code_files, tiny_kwargs, train_on_a_fixed_batch)
 
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -154,17 +155,10 @@ def test_save_load_gradient_checkpointing_and_bf16(tmp_path):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = plain(pixel_values, pixel_mask)
     assert (bf16.pred_boxes - expected.pred_boxes).abs().max() < 0.08
-    results = []
-    for checkpointing in (False, True):
-        trained = _model(seed=3).train()
-        if checkpointing:
-            trained.gradient_checkpointing_enable()
-            assert trained.model.encoder.layers[0].gradient_checkpointing
-        loss = trained(pixel_values, pixel_mask, labels=labels).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in trained.named_parameters()
-                                        if p.grad is not None}))
-    (plain_loss, plain), (loss, grads) = results
+    trained = _model(seed=3).train()
+    (plain_loss, plain), (loss, grads) = gradients_with_and_without_checkpointing(trained, pixel_values, pixel_mask,
+                                                                                  labels=labels)
+    assert trained.model.encoder.layers[0].gradient_checkpointing
     assert torch.allclose(plain_loss, loss, atol=1e-6) and plain.keys() == grads.keys()
     assert all(torch.allclose(plain[n], grads[n], atol=1e-5) for n in plain)
 

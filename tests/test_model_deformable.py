@@ -14,7 +14,8 @@ from modeling_detr_custom.attention_deformable import DetrCustomDeformableAttent
 from modeling_detr_custom.class_head import SIGMOID_CLASS_PRIOR
 from modeling_detr_custom.modeling_detr_custom import DetrCustomModel
 from modeling_detr_custom.multiscale import level_masks, valid_ratios
-from modeling_detr_custom.testing_utils import (outputs_with_garbage_in_the_padding, padded_batch,
+from modeling_detr_custom.testing_utils import (gradients_with_and_without_checkpointing,
+                                                outputs_with_garbage_in_the_padding, padded_batch,
                                                 pipeline_detections_without_the_package, randomize_, tiny_kwargs,
                                                 train_on_a_fixed_batch)
 
@@ -185,16 +186,10 @@ def test_pipeline_and_remote_code_folder_without_the_package(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     pixel_values, pixel_mask, labels = padded_batch()
-    results = []
-    for checkpointing in (False, True):
-        model = _model(seed=3).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.model.decoder.layers[0].gradient_checkpointing
-        loss = model(pixel_values, pixel_mask, labels=labels).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (plain_loss, plain), (loss, grads) = results
+    model = _model(seed=3).train()
+    (plain_loss, plain), (loss, grads) = gradients_with_and_without_checkpointing(model, pixel_values, pixel_mask,
+                                                                                  labels=labels)
+    assert model.model.decoder.layers[0].gradient_checkpointing
     assert torch.allclose(plain_loss, loss, atol=1e-6) and plain.keys() == grads.keys()
     assert all(torch.allclose(plain[n], grads[n], atol=1e-5) for n in plain)
 

@@ -16,7 +16,8 @@ from modeling_detr_custom.decoder_detr import DetrCustomDecoderLayer
 from modeling_detr_custom.encoder_detr import DetrCustomEncoderLayer
 from modeling_detr_custom.modeling_detr_custom import DECODER_CLASSES, ENCODER_CLASSES
 from modeling_detr_custom.position_encoding import POSITION_EMBEDDING_CLASSES
-from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
+from modeling_detr_custom.testing_utils import (gradients_with_and_without_checkpointing, padded_batch, randomize_,
+                                                tiny_kwargs)
 
 PARITY_CONFIGS = [
     {},
@@ -121,14 +122,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     config = DetrCustomConfig(**tiny_kwargs(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
     model = randomize_(DetrCustomForObjectDetection(config))
     pixel_values, pixel_mask, labels = padded_batch()
-    model(pixel_values, pixel_mask, labels=labels).loss.backward()
-    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    model.gradient_checkpointing_enable()
+    (_, plain), (_, checkpointed) = gradients_with_and_without_checkpointing(model, pixel_values, pixel_mask,
+                                                                             labels=labels)
     assert all(layer.gradient_checkpointing for layer in model.model.encoder.layers)
-    model(pixel_values, pixel_mask, labels=labels).loss.backward()
+    assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
-        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
 
 
 def test_save_load_round_trip_is_identical(tmp_path):
@@ -188,7 +187,8 @@ def test_base_model_outputs():
     ({"num_queries": 0}, "num_queries"),
     ({"position_embedding_type": "rope"}, "position_embedding_type"),
     ({"backbone": "resnet5000"}, "not a timm model"),
-    ({"encoder_type": "deformable"}, r"encoder_type='deformable' is not supported; use one of \('detr', 'hybrid'\)"),
+    ({"encoder_type": "rtdetr"}, r"encoder_type='rtdetr' is not supported; use one of \('detr', 'hybrid', "
+                                 r"'deformable'\)"),
     ({"decoder_type": "rtdetr"}, r"decoder_type='rtdetr' is not supported; use one of \('detr', 'deformable'\)"),
 ])
 def test_impossible_config_values(kwargs, message):
