@@ -193,15 +193,19 @@ def test_two_processes_follow_one_process_lr_schedule_also_accumulating_and_resu
 
 def test_two_processes_train_and_resume_the_rt_detr_variant(tmp_path, data_dir):
     """The RT-DETR pieces under DDP: the hybrid encoder's trainable BatchNorm, query selection, 20 denoising queries
-    (each process draws its own groups, as RT-DETR) and varifocal loss; 2 processes run, and a run resumed at step 2
-    ends with the straight run's weights and logs."""
+    (each process draws its own groups, as RT-DETR), varifocal loss and 2 query groups (each with its own selection
+    heads, every one used in training); 2 processes run, and a run resumed at step 2 ends with the straight run's
+    weights and logs."""
     common = dict(max_steps=4, eval_steps=4, save_steps=2, save_total_limit=2, per_device_train_batch_size=2,
                   decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2,
-                  classification_loss="varifocal", two_stage=True, num_denoising=20, freeze_batch_norm=False)
+                  classification_loss="varifocal", two_stage=True, num_denoising=20, freeze_batch_norm=False,
+                  num_query_groups=2)
     config = _config(tmp_path / "two", data_dir, **common)
     _launch("-m", "training.train", "--config", str(config))
     saved = json.loads((tmp_path / "two" / "run" / "last" / "config.json").read_text())
-    assert (saved["num_denoising"], saved["two_stage"], saved["encoder_type"]) == (20, True, "hybrid")
+    assert (saved["num_denoising"], saved["two_stage"], saved["encoder_type"], saved["num_query_groups"]) == (
+        20, True, "hybrid", 2)
+    assert any(".extra_query_selections.0." in key for key in _weights(tmp_path / "two" / "run"))
     _launch("-m", "training.train", "--config", str(config), "--output_dir", str(tmp_path / "resumed"),
             "--resume_from_checkpoint", str(tmp_path / "two" / "run" / "checkpoint-2"))
     assert _same_weights(_weights(tmp_path / "two" / "run"), _weights(tmp_path / "resumed"))
