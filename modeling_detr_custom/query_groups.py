@@ -92,7 +92,7 @@ def init_missing_groups_(model: nn.Module, missing_keys) -> list[str]:
     tensor's std (drawn from torch's global generator; a constant tensor, such as a zero bias, is copied as is).
     Extra groups' names map to the first group's by `FIRST_GROUP`. Returns the keys initialized so."""
     parameters, done = dict(model.named_parameters()), []
-    for key in missing_keys:
+    for key in sorted(missing_keys):   # a set: sorted, so that the noise draws do not depend on the hash seed
         match = EXTRA_GROUP_KEY.match(key)
         if match is None or key not in parameters:
             continue
