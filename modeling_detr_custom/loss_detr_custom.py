@@ -178,10 +178,9 @@ class DetrCustomLoss(nn.Module):
         if not labels_checked:
             self.check_labels(labels, batch=batch)
         num_boxes, class_weight_sum = self._normalizers(logits[:, :logits.shape[1] // num_query_groups], labels)
+        targets = self._targets(labels, logits.device)   # gathered once for every decoder layer
         if denoising_outputs is not None:   # on the unfolded batch, before the groups scale the normalizers
-            denoising_targets = self._targets(labels, logits.device)
-            denoising_dict = self._denoising_losses(denoising_outputs, labels, denoising_targets, num_boxes,
-                                                    class_weight_sum)
+            denoising_dict = self._denoising_losses(denoising_outputs, labels, targets, num_boxes, class_weight_sum)
         if num_query_groups > 1:
             logits, pred_boxes = fold_groups(logits, num_query_groups), fold_groups(pred_boxes, num_query_groups)
             auxiliary_outputs = [{name: fold_groups(value, num_query_groups) for name, value in layer.items()}
@@ -191,7 +190,7 @@ class DetrCustomLoss(nn.Module):
                                    for name, value in encoder_outputs.items()}
             labels = list(labels) * num_query_groups
             num_boxes, class_weight_sum = num_boxes * num_query_groups, class_weight_sum * num_query_groups
-        targets = self._targets(labels, logits.device)   # gathered once for every decoder layer
+            targets = self._targets(labels, logits.device)   # of the folded batch
         loss_dict = self._layer_losses(logits, pred_boxes, labels, targets, num_boxes, class_weight_sum, log=True)
         for layer, aux in enumerate(auxiliary_outputs or []):
             aux_losses = self._layer_losses(

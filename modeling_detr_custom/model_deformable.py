@@ -163,10 +163,10 @@ class DetrCustomDeformableDetector(nn.Module):
                 features = [feature.float() for feature in features]
             maps = self.input_proj(features)                          # per level [batch, d_model, h, w]
             masks = level_masks(pixel_mask, maps)                     # per level [batch, h, w], True = real
-            level_mask = masks[self.encoder_level]
+            level_mask, ratios = masks[self.encoder_level], valid_ratios(masks)   # ratios: [batch, levels, 2]
             if self.level_embed is not None:   # the deformable encoder: every level
                 memory, memory_mask, spatial_shapes, encoder_states, encoder_attentions = self._encode_levels(
-                    maps, masks, output_attentions, output_hidden_states)
+                    maps, masks, ratios, output_attentions, output_hidden_states)
             else:
                 # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
                 level = maps[self.encoder_level]
@@ -199,7 +199,7 @@ class DetrCustomDeformableDetector(nn.Module):
                 self_attn_mask = groups.attn_mask if num_groups == 1 else with_denoising_mask(
                     groups.attn_mask, groups.num_queries, num_groups, self.config.num_queries)
             decoded = self.decoder(
-                query, None, reference, memory, spatial_shapes, valid_ratios=valid_ratios(masks),
+                query, None, reference, memory, spatial_shapes, valid_ratios=ratios,
                 memory_mask=memory_mask if padded else None, box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, self_attn_mask=self_attn_mask)
@@ -223,8 +223,8 @@ class DetrCustomDeformableDetector(nn.Module):
             cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
             enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
 
-    def _encode_levels(self, maps: list[torch.Tensor], masks: list[torch.Tensor], output_attentions: bool,
-                       output_hidden_states: bool):
+    def _encode_levels(self, maps: list[torch.Tensor], masks: list[torch.Tensor], ratios: torch.Tensor,
+                       output_attentions: bool, output_hidden_states: bool):
         """`encoder_type="deformable"`: every level's positions through the deformable encoder, each with its
         level's sine encoding plus its level embedding. Returns (memory [batch, sequence, d_model], memory_mask
         [batch, sequence], spatial_shapes, the encoder's hidden states and attentions or None)."""
@@ -232,7 +232,7 @@ class DetrCustomDeformableDetector(nn.Module):
         padded = not bool(memory_mask.all())
         position = torch.cat([self.position_embedding(mask, not bool(mask.all())) + self.level_embed[level]
                               for level, mask in enumerate(masks)], 1).to(memory.dtype)   # [batch, sequence, d]
-        memory, states, attentions = self.encoder(memory, position, spatial_shapes, valid_ratios(masks),
+        memory, states, attentions = self.encoder(memory, position, spatial_shapes, ratios,
                                                   memory_mask if padded else None, output_attentions,
                                                   output_hidden_states)
         return memory, memory_mask, spatial_shapes, states, attentions
@@ -242,19 +242,22 @@ class DetrCustomDeformableDetector(nn.Module):
         """The decoder's matching queries, `num_groups` groups of `num_queries`, group after group: content
         `[batch, K * queries, d_model]`, reference boxes `[batch, K * queries, 4]` (cxcywh in [0, 1]) and, with
         query selection, the groups' selected proposals (their logits and boxes concatenated the same way)."""
+        def concat(tensors, dim=0):   # one group (eval mode) as it is: no copy on the inference path
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
         batch, selected = memory.shape[0], None
         if self.query_selection is not None:
             selections = [self.query_selection, *self.extra_query_selections][:num_groups]
             per_group = [selection(memory, memory_mask, spatial_shapes) for selection in selections]
-            selected = SelectedQueries(*(torch.cat(fields, 1) for fields in zip(*(
+            selected = SelectedQueries(*(concat(fields, 1) for fields in zip(*(
                 (group.content, group.reference, group.logits, group.pred_boxes) for group in per_group))))
             reference = selected.reference                                       # [batch, K * queries, 4], detached
         else:
-            boxes = torch.cat([self.reference_boxes, *self.extra_reference_boxes][:num_groups])   # [K * queries, 4]
+            boxes = concat([self.reference_boxes, *self.extra_reference_boxes][:num_groups])   # [K * queries, 4]
             reference = boxes.sigmoid()[None].expand(batch, -1, -1)
         if self.query_embed is not None:
             embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
-            query = torch.cat([embed.weight for embed in embeds])[None].expand(batch, -1, -1)   # [batch, K * q, d]
+            query = concat([embed.weight for embed in embeds])[None].expand(batch, -1, -1)   # [batch, K * q, d]
         else:
             query = selected.content                                             # [batch, K * queries, d_model]
         return query, reference, selected

@@ -261,9 +261,9 @@ def _deformable_pair(num_groups, variant, **overrides):
     return grouped, single
 
 
-def _extra_parameters(model, group):
-    """The parameters of group `group` >= 1 of a deformable model."""
-    return [p for name, p in model.named_parameters() if re.search(rf"\.extra_\w+\.{group - 1}(\.|$)", name)]
+def _extra_parameters(model, group) -> dict:
+    """{name: parameter} of group `group` >= 1 of a deformable model."""
+    return {name: p for name, p in model.named_parameters() if re.search(rf"\.extra_\w+\.{group - 1}(\.|$)", name)}
 
 
 def _detector_outputs(model, pixel_values, pixel_mask, labels, seed=5):
@@ -304,7 +304,7 @@ def test_a_deformable_group_never_sees_the_other_groups(variant):
         before = _detector_outputs(model, pixel_values, pixel_mask, labels)
         changed = _extra_parameters(model, 1)
         assert changed
-        for parameter in changed:                                    # group 1 changes
+        for parameter in changed.values():                           # group 1 changes
             parameter.mul_(-2.0).add_(0.5)
         after = _detector_outputs(model, pixel_values, pixel_mask, labels)
     for group in (0, 2):
@@ -376,8 +376,7 @@ def test_deformable_gradients_reach_every_group(variant):
     pixel_values, pixel_mask, labels = padded_batch()
     model(pixel_values, pixel_mask, labels=labels).loss.backward()
     for group in (1, 2):
-        parameters = dict((name, p) for name, p in model.named_parameters()
-                          if re.search(rf"\.extra_\w+\.{group - 1}(\.|$)", name))
+        parameters = _extra_parameters(model, group)
         assert parameters
         # the selection's box head starts at zero deltas: its first layers get no gradient at the first step
         silent = [name for name, p in parameters.items()
