@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_detr_custom.fast_paths import cpu_backward_layout, cpu_bf16_support
+
 # fp32 FLOP per cycle per core with 2 FMA units: lanes x 2 (multiply + add) x 2 units
 FP32_FLOP_PER_CYCLE = {"AVX-512": 64, "AVX2": 32, "AVX": 16, "SSE": 8}
 AMX_BF16_FLOP_PER_CYCLE = 1024   # per core: Intel's AMX figure (Sapphire Rapids) for bf16 tile multiply-adds
@@ -95,6 +97,18 @@ def describe_cpuinfo(text: str, max_mhz: float | None = None) -> dict:
     }
 
 
+def limit_to_kernels(machine: dict, torch_capability: str) -> dict:
+    """`machine` with the fp32 peak of the kernels that run: where AVX-512 is switched off on an AVX-512 CPU
+    (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, to measure what an AVX2-only CPU runs), the AVX2 peak."""
+    if machine["capability"] != "AVX-512" or torch_capability.startswith("AVX512") or not machine.get("mhz"):
+        return machine
+    per_cycle, _ = fp32_flop_per_cycle(machine["vendor"], machine["family"], machine["model"], "AVX2")
+    return {**machine, "fp32_flop_per_cycle": per_cycle,
+            "peak_assumption": f"AVX2 kernels on an AVX-512 CPU (torch capability {torch_capability}), 2 FMA units "
+                               "assumed",
+            "peak_fp32_gflops": machine["peak_fp32_gflops"] * per_cycle / machine["fp32_flop_per_cycle"]}
+
+
 def _max_mhz() -> float | None:
     path = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")     # what lscpu shows as 'CPU max MHz'
     try:
@@ -125,8 +139,10 @@ def describe_machine(threads: int | None = None) -> dict:
         share = usable / machine["logical_cpus"]
         for key in ("peak_fp32_gflops", "peak_bf16_gflops"):
             machine[key] = machine[key] and machine[key] * share
+    torch_capability = torch.backends.cpu.get_cpu_capability()
+    machine = limit_to_kernels(machine, torch_capability)
     machine.update(
-        torch_capability=torch.backends.cpu.get_cpu_capability(),
+        torch_capability=torch_capability,
         usable_cpus=usable,
         torch_threads=threads or torch.get_num_threads(),
         load_1min=os.getloadavg()[0],
@@ -154,6 +170,8 @@ def format_peak(machine: dict) -> str:
 def format_machine(machine: dict) -> str:
     """A few lines for the top of a benchmark's output."""
     bf16 = ", ".join(machine["native_bf16_flags"]) or "none (bf16 emulated)"
+    bf16_native, bf16_why = cpu_bf16_support()
+    layout, layout_why = cpu_backward_layout()
     versions = ", ".join(f"{p} {v}" for p, v in machine["versions"].items())
     lines = [
         f"machine: {machine['model_name']} ({machine['vendor']}, family {machine['family']} model "
@@ -161,6 +179,8 @@ def format_machine(machine: dict) -> str:
         f"{machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable), torch threads "
         f"{machine['torch_threads']}",
         f"vector: {machine['capability']}, native bf16: {bf16}; torch CPU capability {machine['torch_capability']}",
+        f"bf16 autocast on CPU: {'used' if bf16_native else 'replaced by fp32'} ({bf16_why}); trained "
+        f"convolutions run {'NHWC' if layout == 'channels_last' else 'NCHW'} ({layout_why})",
         format_peak(machine),
         f"load average (1 min) at start: {machine['load_1min']:.2f}",
         versions,

@@ -118,7 +118,8 @@ class DetrCustomBackbone(nn.Module):
         body = self.body
         if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
             body = self.folded_body() if self.fold_batch_norm else self.body
-            # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU (forward and backward)
+            # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU; trained ones may switch back to
+            # NCHW where its backward is faster (`cpu_backward_layout`)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return body(pixel_values)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from benchmarks.bench_model import Row, bf16_skip_reason, count_flops, format_flops
-from benchmarks.machine import describe_cpuinfo, describe_machine, format_machine, is_noisy, parse_cpuinfo
+from benchmarks.machine import (describe_cpuinfo, describe_machine, format_machine, is_noisy, limit_to_kernels,
+                                parse_cpuinfo)
 
 COMMON_FLAGS = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
                 "syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid pni "
@@ -86,6 +87,24 @@ def test_cpufreq_max_clock_wins_over_cpu_mhz():
     machine = describe_cpuinfo(EPYC_ZEN2, max_mhz=3300.0)
     assert machine["mhz_source"] == "cpufreq max"
     assert machine["peak_fp32_gflops"] == pytest.approx(2 * 3.3 * 32)
+
+
+def test_peak_follows_the_kernels_that_run():
+    # AVX-512 switched off on an AVX-512 CPU (how the AVX2 figures are measured): the AVX2 peak, half of AVX-512's
+    machine = describe_cpuinfo(XEON_SPR)
+    limited = limit_to_kernels(machine, "AVX2")
+    assert limited["fp32_flop_per_cycle"] == 32 and "AVX2 kernels" in limited["peak_assumption"]
+    assert limited["peak_fp32_gflops"] == pytest.approx(machine["peak_fp32_gflops"] / 2)
+    assert limit_to_kernels(machine, "AVX512") is machine
+    assert limit_to_kernels(describe_cpuinfo(EPYC_ZEN2), "AVX2")["fp32_flop_per_cycle"] == 32
+
+
+def test_machine_description_names_the_bf16_and_layout_choices(monkeypatch):
+    monkeypatch.setenv("DETR_CUSTOM_CPU_BF16", "emulated")
+    monkeypatch.setenv("DETR_CUSTOM_CPU_BACKWARD_LAYOUT", "contiguous")
+    text = format_machine(describe_machine())
+    assert "bf16 autocast on CPU: replaced by fp32 (DETR_CUSTOM_CPU_BF16=emulated)" in text
+    assert "trained convolutions run NCHW (DETR_CUSTOM_CPU_BACKWARD_LAYOUT=contiguous)" in text
 
 
 def test_machine_description_of_this_machine_formats():

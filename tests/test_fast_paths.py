@@ -52,6 +52,65 @@ def test_folded_batch_norm_equals_unfolded_in_eval_and_training():
         assert (grad - gradients[1][name]).norm() <= 1e-4 * gradients[1][name].norm(), name
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_trained_convolutions_run_in_the_chosen_layout_with_the_plain_gradients(monkeypatch, layout):
+    # cpu_backward_layout picks the layout of the convolutions that get gradients (NCHW where oneDNN's NHWC backward
+    # is slower, as with AVX2 kernels); forced here both ways, each must give the unfolded body's gradients
+    monkeypatch.setenv("DETR_CUSTOM_CPU_BACKWARD_LAYOUT", layout)
+    model = _model()
+    backbone = model.model.backbone.train()
+    pixel_values, _, _ = padded_batch()
+    gradients, features = [], []
+    for body in (backbone.folded_body(), backbone.body):
+        backbone.zero_grad()
+        feature_map = body(pixel_values.contiguous(memory_format=torch.channels_last))[-1]
+        feature_map.square().mean().backward()
+        features.append(feature_map)
+        gradients.append({n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None})
+    # layer4's output: NCHW when its convolutions switched, channels_last (the input's layout) otherwise
+    assert features[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert (features[0] - features[1]).abs().max() <= 1e-5 * features[1].abs().max()
+    assert len(gradients[0]) == len(gradients[1]) == 15
+    for name, grad in gradients[0].items():
+        assert (grad - gradients[1][name]).norm() <= 1e-4 * gradients[1][name].norm(), name
+    # inference keeps channels_last whatever the training layout
+    with torch.no_grad():
+        assert backbone.folded_body()(pixel_values.contiguous(memory_format=torch.channels_last))[-1] \
+            .is_contiguous(memory_format=torch.channels_last)
+
+
+def test_backward_layout_follows_the_cpu_capability(monkeypatch):
+    from modeling_detr_custom.fast_paths import cpu_backward_layout
+
+    monkeypatch.delenv("DETR_CUSTOM_CPU_BACKWARD_LAYOUT", raising=False)
+    layout, why = cpu_backward_layout()
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert layout == ("channels_last" if capability.startswith("AVX512") else "contiguous") and capability in why
+    for forced in ("channels_last", "contiguous"):
+        monkeypatch.setenv("DETR_CUSTOM_CPU_BACKWARD_LAYOUT", forced)
+        assert cpu_backward_layout() == (forced, f"DETR_CUSTOM_CPU_BACKWARD_LAYOUT={forced}")
+
+
+def test_one_nchw_copy_per_input_and_none_kept_alive():
+    # a ResNet stage's first block reads one map in two convolutions (conv1 and the downsample): one copy serves both
+    import gc
+    import weakref
+
+    from modeling_detr_custom.fast_paths import _contiguous_copy
+
+    x = torch.randn(1, 4, 3, 5).contiguous(memory_format=torch.channels_last)
+    first = _contiguous_copy(x)
+    assert first.is_contiguous() and torch.equal(first, x) and _contiguous_copy(x) is first
+    x.mul_(2)                                        # changed in place: a new copy
+    second = _contiguous_copy(x)
+    assert second is not first and torch.equal(second, x)
+    released = weakref.ref(second)
+    del first, second
+    gc.collect()
+    assert released() is None                        # the cache holds weak references only
+    assert torch.equal(_contiguous_copy(x), x)
+
+
 def test_fold_follows_weight_changes_and_keeps_the_state_dict(tmp_path):
     model = _model().eval()
     keys = list(model.state_dict())
