@@ -48,14 +48,56 @@ def _folded_conv_forward(owner: nn.Module, conv: nn.Conv2d, norm: nn.Module, x: 
     if (x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad and x.ndim == 4
             and cpu_backward_layout()[0] == "contiguous" and not x.is_contiguous()):
         x = _contiguous_copy(x)
+    weight, bias = _folded_weights(owner, conv, norm, x)
+    return conv._conv_forward(x, weight, bias)
 
+
+def _folded_weights(owner: nn.Module, conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor):
     def fold():
         weight, bias = folded_conv_batch_norm(conv, norm)
         return _like_input(weight, x), bias
 
-    weight, bias = cached_fold(owner, (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                                       norm.running_var), x, fold)
-    return conv._conv_forward(x, weight, bias)
+    return cached_fold(owner, (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var),
+                       x, fold)
+
+
+class ConvFrozenBatchNorm2dReLU(nn.Module):
+    """`relu(folded(x))` or, with a shortcut, `relu(folded(x) + shortcut)` (a ResNet block's end), `folded` a
+    `ConvFrozenBatchNorm2d`. At CPU inference one oneDNN convolution with the addition and the ReLU as post-ops
+    (`torch.ops.mkldnn._convolution_pointwise`, what torch.compile's CPU backend emits): no separate passes over the
+    activations, the same fp32 results bit for bit (a random R50 at 800 x 1066: ~5 % faster with AVX-512 and with
+    AVX2 kernels). With autograd, on other devices or without oneDNN: the unfused modules, in place as the block did."""
+
+    def __init__(self, folded: ConvFrozenBatchNorm2d, act: nn.ReLU):
+        super().__init__()
+        self.folded, self.act = folded, act
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        if not _fusable(self.folded.conv, x):
+            out = self.folded(x)
+            return self.act(out if shortcut is None else out.add_(shortcut))
+        conv = self.folded.conv
+        weight, bias = _folded_weights(self.folded, conv, self.folded.norm, x)
+        if torch.is_autocast_enabled("cpu"):        # as autocast runs conv2d: inputs, weight and bias in its dtype
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+            shortcut = None if shortcut is None else shortcut.to(dtype)
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if shortcut is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, shortcut.contiguous(memory_format=_memory_format(x)), weight, bias, *geometry, "add", 1.0, "relu",
+            [], "")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.ndim == 4 and torch.backends.mkldnn.enabled
+            and torch.backends.mkldnn.is_available() and isinstance(conv.padding, tuple)
+            and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16))
 
 
 def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
@@ -103,6 +145,7 @@ def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def fold_frozen_batch_norm(body: nn.Module) -> torch.fx.GraphModule:
     """`body` (traced with torch.fx) with every frozen BatchNorm whose input is a plain `nn.Conv2d` used by nothing
     else replaced by a `ConvFrozenBatchNorm2d` of the two: the graph proves the BatchNorm follows the convolution.
+    A ReLU after it (after the residual addition too) joins it as a `ConvFrozenBatchNorm2dReLU`.
     Shares `body`'s modules, parameters and buffers; the state_dict keys stay those of `body`."""
     graph = _FrozenBatchNormTracer().trace(body)
     modules = dict(body.named_modules())
@@ -124,7 +167,38 @@ def fold_frozen_batch_norm(body: nn.Module) -> torch.fx.GraphModule:
         if (isinstance(first, torch.fx.Node) and first.op == "call_module" and len(first.users) == 1
                 and type(modules[first.target]) in (nn.Conv2d, ConvFrozenBatchNorm2d)):
             node.op, node.target = "call_method", "add_"
+    _fuse_relu(graph, modules)
     return torch.fx.GraphModule(modules, graph, class_name=f"Folded{type(body).__name__}")
+
+def _fuse_relu(graph: torch.fx.Graph, modules: dict) -> None:
+    """Each `relu(folded conv)` and `relu(folded conv + shortcut)` of the graph as one `ConvFrozenBatchNorm2dReLU`
+    (nn.Identity nodes between them, such as timm's unused drop_block and anti-aliasing slots, dropped first)."""
+    def single_use_folded(node):
+        return (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.users) == 1
+                and type(modules[node.target]) is ConvFrozenBatchNorm2d)
+
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if not (node.op == "call_module" and type(modules[node.target]) is nn.ReLU):
+            continue
+        source = node.args[0]
+        if single_use_folded(source):
+            conv_node, inputs, erased = source, source.args, []
+        elif (isinstance(source, torch.fx.Node) and source.op == "call_method" and source.target == "add_"
+                and len(source.users) == 1 and single_use_folded(source.args[0])):
+            conv_node, inputs, erased = source.args[0], (source.args[0].args[0], source.args[1]), [source]
+        else:
+            continue
+        fused_name = f"{conv_node.target}_{node.target}".replace(".", "_")
+        modules[fused_name] = ConvFrozenBatchNorm2dReLU(modules[conv_node.target], modules[node.target])
+        with graph.inserting_before(node):
+            fused = graph.call_module(fused_name, inputs)
+        node.replace_all_uses_with(fused)
+        for dead in [node, *erased, conv_node]:
+            graph.erase_node(dead)
 
 
 @contextlib.contextmanager

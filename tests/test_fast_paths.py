@@ -8,12 +8,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DetrConfig
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, HungarianMatcher
 from modeling_detr_custom.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
-from modeling_detr_custom.fast_paths import ConvFrozenBatchNorm2d
+from modeling_detr_custom import fast_paths
+from modeling_detr_custom.fast_paths import ConvFrozenBatchNorm2d, ConvFrozenBatchNorm2dReLU
 from modeling_detr_custom.testing_utils import padded_batch, randomize_, tiny_kwargs
 
 
@@ -109,6 +111,43 @@ def test_one_nchw_copy_per_input_and_none_kept_alive():
     gc.collect()
     assert released() is None                        # the cache holds weak references only
     assert torch.equal(_contiguous_copy(x), x)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_relu_and_residual_addition_run_inside_the_convolution_at_inference(monkeypatch):
+    # every conv -> BatchNorm -> ReLU and conv -> BatchNorm -> + shortcut -> ReLU of resnet18 (stem 1, 8 blocks x 2)
+    # becomes one oneDNN convolution with post-ops at CPU inference; the results are those of the separate ops
+    monkeypatch.setenv("DETR_CUSTOM_CPU_BACKWARD_LAYOUT", "channels_last")    # the unfused path, same layout
+    backbone = _model().eval().model.backbone
+    folded = backbone.folded_body()
+    assert sum(isinstance(m, ConvFrozenBatchNorm2dReLU) for m in folded.modules()) == 17
+    pixel_values = padded_batch()[0].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), _CountOps() as counted:
+        fused = folded(pixel_values)
+    assert counted.ops.count("_convolution_pointwise") == 17 and "relu_" not in counted.ops
+    with torch.enable_grad(), _CountOps() as counted:                      # autograd: the separate modules
+        separate = folded(pixel_values)
+    assert "_convolution_pointwise" not in counted.ops and counted.ops.count("relu_") == 17
+    for a, b in zip(fused, separate):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert (a - b.detach()).abs().max() <= 1e-6 * b.abs().max()
+    # bf16 autocast: the fused convolution casts as autocast's conv2d does, and stays as close as bf16 allows
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_bf16 = folded(pixel_values)[-1]
+        monkeypatch.setattr(fast_paths, "_fusable", lambda conv, x: False)
+        separate_bf16 = folded(pixel_values)[-1]
+    assert fused_bf16.dtype == separate_bf16.dtype == torch.bfloat16
+    assert (fused_bf16.float() - separate_bf16.float()).abs().max() <= 0.02 * separate_bf16.float().abs().max()
+    assert (fused_bf16.float() - fused[-1]).abs().max() <= 0.05 * fused[-1].abs().max()
 
 
 def test_fold_follows_weight_changes_and_keeps_the_state_dict(tmp_path):
