@@ -34,7 +34,7 @@ import torch
 import transformers
 from transformers import DetrConfig, DetrForObjectDetection
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop, sdpa_flop
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomLoss
@@ -45,12 +45,22 @@ from modeling_detr_custom.testing_utils import randomize_  # the tests' meaningf
 from benchmarks.machine import describe_machine, format_peak
 
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+
+
+def pointwise_convolution_flop(input, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of oneDNN's convolution with post-ops (our fused conv + ReLU at CPU inference): those of the
+    convolution. Its weight is the second argument, or the third where the second is the tensor added."""
+    weight = args[1] if args[1] is not None and args[1].ndim == 4 else args[0]
+    return conv_flop_count(list(input.shape), list(weight.shape), list(out_val.shape), transposed=False)
+
+
 # torch's FLOP formulas know the CUDA attention kernels; CPU SDPA runs this one, with the same FLOPs and argument
 # order (the imported formulas are already wrapped to take tensors)
 FLOP_FORMULAS = {
     **flop_registry,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
+    torch.ops.mkldnn._convolution_pointwise: pointwise_convolution_flop,
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from benchmarks.bench_model import Row, bf16_skip_reason, count_flops, format_flops
 from benchmarks.machine import (describe_cpuinfo, describe_machine, format_machine, is_noisy, limit_to_kernels,
                                 parse_cpuinfo)
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection
 
 COMMON_FLAGS = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
                 "syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid pni "
@@ -133,6 +134,19 @@ def test_count_flops_counts_matmuls_and_cpu_attention():
     # two matrix products (q k^T, then weights v) of 2 * tokens * tokens * head_dim each, per batch and head
     attention = torch.nn.functional.scaled_dot_product_attention
     assert count_flops(lambda: attention(q, k, v)) == 2 * 3 * 2 * (2 * 10 * 10 * 8)
+
+
+def test_count_flops_counts_the_fused_convolutions_like_plain_ones():
+    # our folded backbone runs conv + ReLU (+ shortcut) as one oneDNN op at inference: same FLOPs as the plain body
+    from modeling_detr_custom.testing_utils import padded_batch, tiny_kwargs
+
+    model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs())).eval()
+    backbone = model.model.backbone
+    pixel_values = padded_batch()[0].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = count_flops(lambda: backbone.folded_body()(pixel_values))
+        plain = count_flops(lambda: backbone.body(pixel_values))
+    assert fused == plain > 0
 
 
 def test_format_flops():
