@@ -11,6 +11,7 @@ import contextlib
 import functools
 import operator
 import os
+import platform
 import weakref
 
 import torch
@@ -97,8 +98,15 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.ndim == 4 and torch.backends.mkldnn.enabled
-            and torch.backends.mkldnn.is_available() and isinstance(conv.padding, tuple)
+            and _pointwise_convolution_available() and isinstance(conv.padding, tuple)
             and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16))
+
+
+@functools.cache
+def _pointwise_convolution_available() -> bool:
+    # measured on x86 only (oneDNN's x86 kernels); elsewhere the separate ops run
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
