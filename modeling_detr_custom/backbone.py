@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from .backbone_weights import keys_dropped_by_features_only, load_backbone_weights
 from .configuration_detr_custom import DetrCustomConfig
-from .fast_paths import FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
+from .fast_paths import FAST_PATH_MIN_PIXELS, INFERENCE_FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +78,8 @@ class DetrCustomBackbone(nn.Module):
         # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
         self.fold_batch_norm = config.freeze_batch_norm
         self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
+        # without autograd and with frozen BatchNorm (the fold cached): from any size
+        self.inference_fast_path_min_pixels = INFERENCE_FAST_PATH_MIN_PIXELS
         self._folded = None
         self.num_channels = self.body.feature_info.channels()[-1]     # 2048 for resnet50
         if config.freeze_backbone_stem:
@@ -116,7 +118,9 @@ class DetrCustomBackbone(nn.Module):
     def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The body's feature maps (those of `out_indices`), through the fast paths on large enough images."""
         body = self.body
-        if pixel_values.shape[-2] * pixel_values.shape[-1] >= self.fast_path_min_pixels:
+        inference = self.fold_batch_norm and not torch.is_grad_enabled()
+        threshold = self.inference_fast_path_min_pixels if inference else self.fast_path_min_pixels
+        if pixel_values.shape[-2] * pixel_values.shape[-1] >= threshold:
             body = self.folded_body() if self.fold_batch_norm else self.body
             # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU; trained ones may switch back to
             # NCHW where its backward is faster (`cpu_backward_layout`)

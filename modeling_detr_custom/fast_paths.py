@@ -2,7 +2,8 @@
 trained convolutions' layout chosen for this CPU's backward kernels, and the transformer kept in fp32 under CPU
 autocast.
 
-Used by `backbone.py` (the fold, from `FAST_PATH_MIN_PIXELS` pixels per image, together with channels_last) and by
+Used by `backbone.py` (the fold, together with channels_last, from `FAST_PATH_MIN_PIXELS` pixels per image in
+training and `INFERENCE_FAST_PATH_MIN_PIXELS` at inference) and by
 `modeling_detr_custom.py` (`fp32_on_cpu`); `cpu_bf16_support` tells callers (the training script, benchmarks)
 whether bf16 autocast can pay off on this CPU, `cpu_backward_layout` which layout trained convolutions run in.
 tests/test_fast_paths.py checks each against the plain path; benchmarks/bench_model.py times them.
@@ -19,9 +20,16 @@ import torch.fx
 from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as timm's freeze_batch_norm_2d makes it
 from torch import nn
 
-# fold and channels_last from this many pixels per image: below, the per-call pass over the weights and the layout
-# changes cost more than they save (2 x 160 x 128, resnet18: 92 ms plain, 177 ms folded)
+# fold and channels_last from this many pixels per image with autograd (training): below, the per-call pass over the
+# weights and the layout changes cost more than they save (2 x 160 x 128, resnet18: 92 ms plain, 177 ms folded; R50
+# forward + backward at 2 x 192 x 256: 288 ms plain, 334 ms fast)
 FAST_PATH_MIN_PIXELS = 2 ** 17
+# the same at inference with frozen BatchNorm (the folded weights are cached): from any size. Measured at batch 2,
+# plain / fast, AVX-512 and AVX2 kernels (family 6 model 207 Xeon): resnet18 at 128 x 160 31 / 26 and 47 / 39 ms,
+# at 384 x 512 183 / 107 and 310 / 243 ms; R50 at 128 x 160 66 / 48 ms; MobileNetV2 (channels_last only, its
+# BatchNorm-act layers do not fold) at 128 x 128 33 / 22 ms. Trainable BatchNorm keeps the threshold above:
+# channels_last alone made resnet18 slower at 128 x 128 (21 / 37 ms)
+INFERENCE_FAST_PATH_MIN_PIXELS = 0
 
 
 class _FrozenBatchNormTracer(torch.fx.Tracer):
@@ -111,19 +119,33 @@ def _pointwise_convolution_available() -> bool:
 
 def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
     """`fold()`, reused while no source tensor has changed: without autograd (inference) the folded weights of the
-    last call are kept on `owner`, keyed by each source's storage and in-place version counter (an optimizer step,
-    `load_state_dict` or `.to()` changes one) and by the input's memory format and dtype. Refolding the backbone's
-    weights at every call cost ~25 ms per image (R18 and R50, 640 x 640). With autograd it always refolds, so that
-    gradients reach the sources and no inference-mode tensor is saved for backward."""
+    last call are kept on `owner`, keyed by each source's storage and in-place version counter (`load_state_dict`,
+    `.to()` and the foreach / for-loop optimizers change one) and by the input's memory format and dtype, and checked
+    against a sample of each parameter's values: the fused optimizers (`torch.optim.AdamW(fused=True)`, the
+    transformers Trainer's default) and writes through `.data` update parameters in place without bumping the version
+    counter. Refolding the backbone's weights at every call cost ~25 ms per image (R18 and R50, 640 x 640). With
+    autograd it always refolds, so that gradients reach the sources and no inference-mode tensor is saved for
+    backward."""
     if torch.is_grad_enabled():
         return fold()
     key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources),
            x.is_contiguous(memory_format=torch.channels_last), x.dtype, x.device, torch.is_inference_mode_enabled())
     cache = owner.__dict__.get("_fold_cache")
-    if cache is None or cache[0] != key:
-        cache = (key, fold())
+    if cache is None or cache[0] != key or not all(
+            torch.equal(sample, _value_sample(t)) for sample, t in zip(cache[2], _parameters(sources))):
+        cache = (key, fold(), [_value_sample(t) for t in _parameters(sources)])
         owner.__dict__["_fold_cache"] = cache       # a plain attribute: never a buffer, never in the state_dict
     return cache[1]
+
+
+def _parameters(sources: tuple) -> list[torch.Tensor]:
+    return [t for t in sources if isinstance(t, nn.Parameter)]
+
+
+def _value_sample(t: torch.Tensor) -> torch.Tensor:
+    """~16 evenly spaced values of `t` (a copy): an optimizer step moves every one of them."""
+    flat = t.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // 16)].clone()
 
 
 def folded_conv_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,6 +164,33 @@ def test_fold_follows_weight_changes_and_keeps_the_state_dict(tmp_path):
     assert (after - before).abs().max() > 1e-2 and (after - plain).abs().max() <= 1e-4
 
 
+def test_fold_cache_sees_fused_optimizer_steps_and_writes_through_data():
+    # neither bumps the version counter: the cache checks a sample of the parameters' values as well (a stale fold
+    # gave the transformers Trainer example, whose default optimizer is the fused AdamW, the untrained logits)
+    model = _model()
+    pixel_values, pixel_mask, labels = padded_batch()
+
+    def fast_and_plain():
+        with torch.no_grad():
+            fast = model.eval()(pixel_values, pixel_mask).logits
+            plain = _unfolded(model)(pixel_values, pixel_mask).logits
+        model.model.backbone.fold_batch_norm = True
+        return fast, plain
+
+    before, _ = fast_and_plain()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    model.train()(pixel_values, pixel_mask, labels=labels).loss.backward()
+    versions = [p._version for p in model.parameters()]
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions          # what the cache has to cope with
+    after, plain = fast_and_plain()
+    assert (after - before).abs().max() > 1e-3 and (after - plain).abs().max() <= 1e-4
+    conv = model.model.backbone.body.layer4[0].conv1
+    conv.weight.data.mul_(0.5)
+    halved, plain = fast_and_plain()
+    assert (halved - after).abs().max() > 1e-3 and (halved - plain).abs().max() <= 1e-4
+
+
 def test_fold_is_off_without_frozen_batch_norm():
     model = _model(freeze_batch_norm=False).eval()
     backbone = model.model.backbone
