@@ -96,12 +96,7 @@ class ConvFrozenBatchNorm2dReLU(nn.Module):
         if shortcut is None:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, "relu", [], "")
         return torch.ops.mkldnn._convolution_pointwise(
-            x, shortcut.contiguous(memory_format=_memory_format(x)), weight, bias, *geometry, "add", 1.0, "relu",
-            [], "")
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            x, _like_input(shortcut, x), weight, bias, *geometry, "add", 1.0, "relu", [], "")
 
 
 def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -168,7 +163,8 @@ def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> t
 
 
 def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # the weight in the input's memory format: mixed formats take a much slower path under bf16 autocast
+    # a weight (or a tensor to add) in the input's memory format: mixed formats take a much slower path under bf16
+    # autocast
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4
     return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
