@@ -166,7 +166,7 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
     if used is not None and run.get("mixed_precision") is not None and used != run["mixed_precision"]:
         lines.append(("Precision used", f"{used} ({run['mixed_precision']} asked; bf16 is emulated on this CPU)"))
     budget = run.get("budget")
-    if budget and budget.get("total_steps") is not None:
+    if budget and budget.get("seconds_per_step") is not None:   # None: the run ended before the budget sized it
         lines.append(("Time budget", f"{_number(budget['minutes'])} min: {budget['seconds_per_step']:.2f} s/step and "
                                      f"{budget['eval_seconds']:.1f} s per evaluation measured, "
                                      f"{budget['total_steps']} of at most {budget['upper_bound']} steps"

@@ -179,3 +179,15 @@ def test_time_budget_sizes_the_run_and_resume_keeps_it(tmp_path, data_dir, monke
         _run(_config(tmp_path / "small", data_dir, max_train_minutes=0.1, **{**common, "warmup_steps": 20}))
     with pytest.raises(ValueError, match="cosine schedule needs warmup_steps >= 5"):
         _run(_config(tmp_path / "short_warmup", data_dir, max_train_minutes=1, **{**common, "warmup_steps": 2}))
+
+
+def test_warmup_fits_the_run_and_a_short_run_is_not_timed():
+    from training.arguments import TrainArguments
+    from training.build import budget_for_run, fit_warmup
+
+    assert fit_warmup(100, 1900) == 100 and fit_warmup(100, 30) == 15 and fit_warmup(100, 2) == 1
+    args = TrainArguments(lr_scheduler_type="cosine", warmup_steps=fit_warmup(100, 30), max_train_minutes=9)
+    budget = TimeBudget(9, timed_steps=TimeBudget.timing_window(args.warmup_steps))
+    assert budget_for_run(budget, args, 30) is budget and budget.measure_steps <= args.warmup_steps
+    args.warmup_steps = fit_warmup(100, 4)
+    assert budget_for_run(TimeBudget(9, timed_steps=TimeBudget.timing_window(2)), args, 4) is None

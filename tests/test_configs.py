@@ -28,3 +28,32 @@ def test_each_preset_has_a_coco_config_with_its_fields(preset, name):
         given = getattr(model_args, field)
         assert (getattr(default, field) if given is None else given) == getattr(config, field), field
     assert model_args.ffn_dim == config.encoder_ffn_dim == config.decoder_ffn_dim
+
+
+DEMO = Path(__file__).parents[1] / "training" / "configs" / "demo.yaml"
+# the demo config itself, small: fewer and smaller images, so that a short run takes seconds
+DEMO_SMALL = ["--train_scales", "64", "--eval_size", "64", "--max_size", "96", "--per_device_train_batch_size", "2",
+              "--per_device_eval_batch_size", "4", "--max_eval_samples", "4", "--report_to", "none",
+              "--num_prediction_images", "1"]
+
+
+@pytest.mark.parametrize("max_steps", [2, 24])
+def test_demo_config_short_runs_finish_with_model_cards(tmp_path, data_dir, max_steps, monkeypatch):
+    """A short run of the demo (max_steps below its warm-up and budget timing) trains, saves and writes the cards:
+    max_steps is the limit, the time budget neither refuses it nor leaves the card unrenderable."""
+    import json
+
+    from training import train
+
+    if not DEMO.exists() or not (Path(__file__).parents[1] / ".weights" / "mobilenet_v2-b0353104.pth").exists():
+        pytest.skip("the demo's backbone weights (make weights)")
+    monkeypatch.chdir(DEMO.parents[2])   # the config's backbone_weights path is relative to the repository root
+    output = tmp_path / "run"
+    train.main(["--config", str(DEMO), "--data_dir", str(data_dir), "--write_demo_data", "false",
+                "--output_dir", str(output), "--max_steps", str(max_steps), *DEMO_SMALL])
+    for folder in ("best", "last"):
+        assert "AP" in (output / folder / "README.md").read_text()
+    run = json.loads((output / "metrics.json").read_text())["run"]
+    assert run["global_steps"] == max_steps
+    if max_steps > 10:   # long enough to time: the budget sized the run and max_steps was the limit
+        assert run["budget"]["total_steps"] == max_steps and run["budget"]["seconds_per_step"] > 0

@@ -184,6 +184,28 @@ def build_loaders(train_dataset, val_dataset, *, processor, categories: Categori
     return train_loader, val_loader, loader_generator
 
 
+def fit_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The LR warm-up, at most half of the run's steps (the upper bound): a 100-step warm-up in a 30-step run would
+    end the run before the learning rate reaches its value. Logged when shortened."""
+    fitted = min(warmup_steps, total_steps // 2)
+    if fitted < warmup_steps:
+        logger.warning("warmup_steps=%d does not fit a run of %d steps: the warm-up takes its first %d steps (half)",
+                       warmup_steps, total_steps, fitted)
+    return fitted
+
+
+def budget_for_run(budget: TimeBudget, args: TrainArguments, total_steps: int) -> TimeBudget | None:
+    """The time budget, or None where the run is too short to time (it would end before the budget's timed steps,
+    or its fitted cosine warm-up is shorter than them): max_steps is then the limit and the budget is not used."""
+    too_short = total_steps <= budget.measure_steps or (
+        args.lr_scheduler_type == "cosine" and args.warmup_steps < budget.measure_steps and total_steps < 10)
+    if not too_short:
+        return budget
+    logger.info("max_train_minutes=%g not used: the run's %d steps (max_steps) end before the budget could time its "
+                "%d steps, so max_steps is the limit", budget.minutes, total_steps, budget.measure_steps)
+    return None
+
+
 @dataclass
 class TrainingSetup:
     """What `build` makes: the prepared model, optimizer, scheduler and loaders, and what the loop reads besides."""
@@ -266,7 +288,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     started = time.time()
     budget = None
-    if args.max_train_minutes > 0:   # its clock starts now
+    if args.max_train_minutes > 0:   # its clock starts now (the window is set again once the warm-up is fitted)
         budget = TimeBudget(args.max_train_minutes, timed_steps=TimeBudget.timing_window(args.warmup_steps))
 
     train_dataset, val_dataset, categories = load_data(data_args, accelerator)
@@ -294,6 +316,10 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_every = args.eval_steps if args.eval_steps > 0 else max(1, int(args.eval_every_epochs * steps_per_epoch))
+    args.warmup_steps = fit_warmup(args.warmup_steps, total_steps)
+    if budget is not None:
+        budget.timed_steps = TimeBudget.timing_window(args.warmup_steps)
+        budget = budget_for_run(budget, args, total_steps)
     if budget is not None:
         budget.set_upper_bound(total_steps)
         if args.lr_scheduler_type == "cosine" and args.warmup_steps < budget.measure_steps:
