@@ -340,21 +340,46 @@ def test_collate_labels_follow_the_json(demo):
         assert target["image_id"].item() == row["image_id"]
 
 
-def test_collate_keeps_stored_pixels_when_exif_says_rotate(tmp_path):
-    """COCO boxes are drawn on the stored pixels, so an EXIF orientation tag must not rotate the image."""
-    write_coco(tmp_path / "coco", [(1, 64, 32)], [ann(1, 1, [0, 0, 16, 32], 3)])
-    path = tmp_path / "coco/train2017/000000000001.jpg"
+def _rotated_jpeg(path, upright: PIL.Image.Image) -> None:
+    """A JPEG stored turned as a phone writes it: the pixels rotated, and EXIF orientation 6 to show them upright."""
     exif = PIL.Image.Exif()
-    exif[0x0112] = 6   # Orientation: rotate 90 degrees on display
-    PIL.Image.new("RGB", (64, 32), (200, 10, 10)).save(path, exif=exif)
+    exif[0x0112] = 6   # Orientation: the viewer rotates the stored pixels 90 degrees clockwise
+    upright.transpose(PIL.Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+
+
+def test_collate_applies_the_exif_orientation_as_the_processor_does(tmp_path):
+    """Boxes are drawn on the upright view (annotation tools and the processor at inference apply the tag): training
+    must see the processor's pixels for the same file, at the upright size, and the check must not flag it."""
+    write_coco(tmp_path / "coco", [(1, 64, 32)], [ann(1, 1, [0, 0, 16, 32], 3)])   # upright: 64 wide, 32 high
+    path = tmp_path / "coco/train2017/000000000001.jpg"
+    upright = PIL.Image.new("RGB", (64, 32), (20, 20, 20))
+    upright.paste((230, 30, 30), (0, 0, 16, 32))   # the boxed object: the left quarter
+    _rotated_jpeg(path, upright)
+    assert PIL.Image.open(path).size == (32, 64)   # stored turned
     dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
-    assert dataset[0]["image"].size == (32, 64)   # datasets' decoding applies the tag: the documented pitfall
-    collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}),
-                           get_categories(dataset).category_id_to_label)
+    for check_images in ("header", "decode"):
+        assert check_dataset(dataset, check_images=check_images)[1].ok
+    processor = DetrCustomImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    collate = DetrCollator(processor, get_categories(dataset).category_id_to_label)
     undecoded = dataset.cast_column("image", datasets.Image(decode=False))
-    target = collate([undecoded[0]])["labels"][0]
+    batch = collate([undecoded[0]])
+    target = batch["labels"][0]
     assert target["orig_size"].tolist() == [32, 64]
     assert np.allclose(target["boxes"].numpy(), [[0.125, 0.5, 0.25, 1.0]])
+    inference = processor(images=PIL.Image.open(path), return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"], inference)
+    red = batch["pixel_values"][0, 0]   # [height, width]: the boxed quarter is the red one
+    assert red[:, :16].mean() > red[:, 16:].mean() + 1
+
+
+def test_check_names_exif_when_the_declared_size_is_the_stored_one(tmp_path):
+    write_coco(tmp_path / "coco", [(1, 32, 64), (2, 32, 64)], [ann(1, 2, [1, 1, 5, 5])])   # declares the stored size
+    _rotated_jpeg(tmp_path / "coco/train2017/000000000001.jpg", PIL.Image.new("RGB", (64, 32)))
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    clean, report = check_dataset(dataset, check_images="header")
+    assert report.counts["size_mismatch"] == 1 and clean["image_id"] == [2]
+    assert "EXIF orientation tag (6)" in report.examples["size_mismatch"][0]
+    assert "000000000001.jpg" in report.examples["size_mismatch"][0]
 
 
 def encoded(image: PIL.Image.Image, fmt: str, **save_kwargs) -> bytes:

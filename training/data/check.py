@@ -14,7 +14,7 @@ import numpy as np
 
 from modeling_detr_custom.image_kernels import SUPPORTED_PIL_MODES
 
-from .images import DECODE_ERRORS, open_image
+from .images import DECODE_ERRORS, exif_orientation, open_image, upright_size
 from .schema import get_categories, get_load_problems
 
 logger = logging.getLogger("training.data")   # one logger for the package, whichever module logs
@@ -180,7 +180,8 @@ def _check_image_file(image: dict, width: int, height: int, decode: bool) -> tup
         with open_image(image) as pil_image:
             if decode:
                 pil_image.load()
-            size, mode = pil_image.size, pil_image.mode
+            size, mode = upright_size(pil_image), pil_image.mode
+            orientation, stored = exif_orientation(pil_image), pil_image.size
             extrema = pil_image.getextrema() if decode and mode in ("I", "F") else None
     except DECODE_ERRORS as e:
         return "unreadable_image", f"{name}: {type(e).__name__}: {e}"
@@ -191,6 +192,12 @@ def _check_image_file(image: dict, width: int, height: int, decode: bool) -> tup
         return "unsupported_image_mode", (f"{name}: PIL mode {mode!r} with values in [{extrema[0]}, {extrema[1]}]; "
                                           f"the training path reads 0..{_VALUE_RANGE[mode]} and would clip the rest: "
                                           "rescale the file")
+    if size != (width, height) and orientation != 1 and stored == (width, height):
+        return "size_mismatch", (f"{name}: the dataset says {width}x{height}, the file's stored size, but its EXIF "
+                                 f"orientation tag ({orientation}) turns it to {size[0]}x{size[1]}; training and "
+                                 "inference read the upright view (as the processor does), where the boxes must be "
+                                 "drawn: give the upright size and boxes, or remove the tag (e.g. PIL's "
+                                 "ImageOps.exif_transpose and save)")
     if size != (width, height):
         return "size_mismatch", f"the dataset says {width}x{height}, the file is {size[0]}x{size[1]}"
     return None
