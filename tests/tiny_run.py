@@ -22,7 +22,7 @@ TINY_ARGS = dict(
 
 def write_config(tmp_path, data_dir, **overrides) -> Path:
     """A yaml config for the tiny run (output in tmp_path/run); each call writes a new file."""
-    values = {**TINY_ARGS, "data_dir": str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
+    values = {**TINY_ARGS, "data_dir": data_dir and str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -24,7 +24,8 @@ from modeling_detr_custom.fast_paths import cpu_bf16_support
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
-from .data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
+from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, load_coco,
+                   load_hub_detection)
 from .ema import WeightEma, check_ema_arguments
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
 
@@ -54,11 +55,24 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
             raise ValueError("Give --data_dir (COCO layout), --train/val_annotation_file + image dirs, "
                              "or --dataset_name.")
     categories = get_categories(train)
+    sources = data_sources(data_args)
+    check_same_categories(categories, get_categories(val), train_source=sources[0], val_source=sources[1])
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples:
         val = val.select(range(min(data_args.max_eval_samples, len(val))))
     return train, val, categories
+
+
+def data_sources(data_args: DataArguments) -> tuple[str, str]:
+    """How the training and validation sets are named in messages: their files, or the dataset and split."""
+    if data_args.dataset_name:
+        return (f"{data_args.dataset_name} split {data_args.train_split!r}",
+                f"{data_args.dataset_name} split {data_args.val_split!r}")
+    if data_args.train_annotation_file:
+        return data_args.train_annotation_file, str(data_args.val_annotation_file)
+    root = Path(data_args.data_dir or ".") / "annotations"
+    return str(root / "instances_train2017.json"), str(root / "instances_val2017.json")
 
 
 # ModelArguments fields that are None unless given: then the checkpoint's value (model_name_or_path) or the config's

@@ -9,7 +9,7 @@
 images.py opens undecoded images lazily, for the Hub loader, the check and the collate.
 """
 from .check import AUTO_DECODE_MAX_IMAGES, BOX_PROBLEMS, CHECK_IMAGES, IMAGE_PROBLEMS, DatasetReport, \
-    check_dataset
+    check_dataset, check_same_categories
 from .coco import CACHE_VERSION, build_coco_dataset, load_coco
 from .collate import DetrCollator
 from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
@@ -34,5 +34,6 @@ __all__ = [
     "BOX_PROBLEMS",
     "DatasetReport",
     "check_dataset",
+    "check_same_categories",
     "DetrCollator",
 ]

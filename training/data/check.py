@@ -15,7 +15,7 @@ import numpy as np
 from modeling_detr_custom.image_kernels import SUPPORTED_PIL_MODES
 
 from .images import DECODE_ERRORS, exif_orientation, open_image, upright_size
-from .schema import get_categories, get_load_problems
+from .schema import Categories, get_categories, get_load_problems
 
 logger = logging.getLogger("training.data")   # one logger for the package, whichever module logs
 
@@ -216,3 +216,22 @@ def _drop(dataset: datasets.Dataset, drop_images: set, box_keep: dict) -> datase
     if drop_images:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in drop_images])
     return dataset
+
+
+def check_same_categories(train: Categories, val: Categories, *, train_source: str, val_source: str) -> None:
+    """The validation set's categories are the training set's (same ids, same names): a model trained on one list
+    and evaluated on another reports every class under the wrong name, or fails at the first evaluation."""
+    if train == val:
+        return
+    train_names, val_names = dict(zip(train.ids, train.names)), dict(zip(val.ids, val.names))
+    differences = [f"id {i}: {train_names[i]!r} in training, {val_names[i]!r} in validation"
+                   for i in train.ids if i in val_names and val_names[i] != train_names[i]]
+    differences += [f"id {i} ({train_names[i]!r}) only in training" for i in train.ids if i not in val_names]
+    differences += [f"id {i} ({val_names[i]!r}) only in validation" for i in val.ids if i not in train_names]
+    moved = sorted(set(train.names) & set(val.names) - {n for i, n in train_names.items() if val_names.get(i) == n})
+    hint = (f" The names {moved} have other ids in the two files: the validation file was renumbered or its names "
+            "permuted." if moved else "")
+    raise ValueError(f"the validation categories ({val_source}) differ from the training categories ({train_source}): "
+                     f"{'; '.join(differences[:10])}{' ...' if len(differences) > 10 else ''}.{hint} Both files must "
+                     "list the same categories with the same ids: copy the training file's 'categories' into the "
+                     "validation file (and map its annotations' category_id to them).")
