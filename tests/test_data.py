@@ -159,15 +159,51 @@ def test_hub_schema_dataset_through_explicit_mapping(tmp_path):
     assert first["objects"]["iscrowd"] == [0, 0] and first["objects"]["id"] == [-1, -1]
     assert dataset[1]["objects"]["id"] == [] and dataset["image_id"] == [0, 1]
     assert get_categories(dataset).id2label == {0: "mask", 1: "glove", 2: "goggles"}
-    # the format is an explicit option: read as absolute xywh, the same numbers mean other boxes
-    as_xywh = load_hub_detection(str(path), bbox_format="xywh", bbox_normalized=False, column_mapping=mapping)
-    assert np.allclose(as_xywh[0]["objects"]["bbox"][0], [0.1, 0.2, 0.5, 0.6])
+    # the format is an explicit option, and boxes that contradict it are refused with the format they look like
+    with pytest.raises(ValueError, match=r"hub.*every box coordinate is in \[0, 1\].*--bbox_normalized true"):
+        load_hub_detection(str(path), bbox_format="xywh", bbox_normalized=False, column_mapping=mapping)
     with pytest.raises(TypeError):
         load_hub_detection(str(path), column_mapping=mapping)                     # no silent default format
     with pytest.raises(ValueError, match="bbox_format"):
         load_hub_detection(str(path), bbox_format="cxcywh", bbox_normalized=True, column_mapping=mapping)
     with pytest.raises(ValueError, match="column_mapping"):
         load_hub_detection(str(path), bbox_format="xyxy", bbox_normalized=True)
+
+
+def _pixel_boxes_dataset(boxes: list) -> datasets.Dataset:
+    """One 200x100 image per box list, the boxes stored as given (absolute pixels)."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (200, 100)).save(buffer, format="PNG")
+    objects = {"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+               "category": datasets.ClassLabel(names=["a"])}
+    features = datasets.Features({"image": datasets.Image(), "objects": datasets.Sequence(objects)})
+    rows = {"image": [{"bytes": buffer.getvalue(), "path": None}] * len(boxes),
+            "objects": [{"bbox": b, "category": [0] * len(b)} for b in boxes]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_hub_boxes_that_contradict_the_declared_format_are_refused():
+    xyxy = [[[10, 10, 150, 90], [120, 20, 190, 60]], [[5, 40, 60, 95], [100, 5, 130, 30]]]   # x1 > x0 everywhere
+    with pytest.raises(ValueError, match=r"boxes of the first 2 images leave the image.*look like xyxy.*"
+                                         "--bbox_format xyxy"):
+        normalize_hub_dataset(_pixel_boxes_dataset(xyxy), bbox_format="xywh", bbox_normalized=False, source="src")
+    as_xyxy = normalize_hub_dataset(_pixel_boxes_dataset(xyxy), bbox_format="xyxy", bbox_normalized=False)
+    assert np.allclose(as_xyxy[0]["objects"]["bbox"][0], [10, 10, 140, 80])
+    xywh = [[[120, 10, 30, 50], [60, 50, 20, 40]]]   # x + w inside, but x1 = w < x0
+    with pytest.raises(ValueError, match="src: read as xyxy, 2 of 2 boxes .*look like xywh"):
+        normalize_hub_dataset(_pixel_boxes_dataset(xywh), bbox_format="xyxy", bbox_normalized=False, source="src")
+    normalized = [[[0.1, 0.2, 0.3, 0.4]]]
+    with pytest.raises(ValueError, match="images up to 200x100 pixels.*look normalized"):
+        normalize_hub_dataset(_pixel_boxes_dataset(normalized), bbox_format="xywh", bbox_normalized=False)
+    with pytest.raises(ValueError, match="look like pixels"):
+        normalize_hub_dataset(_pixel_boxes_dataset(xywh), bbox_format="xywh", bbox_normalized=True)
+    assert len(normalize_hub_dataset(_pixel_boxes_dataset(xywh), bbox_format="xywh", bbox_normalized=False)) == 1
+
+
+def test_hub_missing_split_names_the_splits(tmp_path):
+    datasets.DatasetDict({"train": _pixel_boxes_dataset([[[1, 1, 5, 5]]])}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved has no split 'val': its splits are \['train'\]. Pass --train_split"):
+        load_hub_detection(str(tmp_path / "saved"), "val", bbox_format="xywh", bbox_normalized=False)
 
 
 def test_hub_sizes_ids_and_categories_from_the_source():

@@ -33,20 +33,26 @@ def load_hub_detection(name_or_path: str, split: str | None = None, *, bbox_form
     if (saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file():  # a save_to_disk folder
         dataset = datasets.load_from_disk(name_or_path)
         if split is not None and isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name_or_path} has no split {split!r}: its splits are {list(dataset)}. Pass "
+                                 "--train_split / --val_split with one of them.")
             dataset = dataset[split]
     else:
         dataset = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
     return normalize_hub_dataset(dataset, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
-                                 column_mapping=column_mapping, categories=categories)
+                                 column_mapping=column_mapping, categories=categories,
+                                 source=f"{name_or_path}" + (f" split {split!r}" if split else ""))
 
 
 def normalize_hub_dataset(dataset, *, bbox_format: str, bbox_normalized: bool, column_mapping: dict | None = None,
-                          categories: list | None = None):
-    """Maps a Hub-schema ``Dataset`` (or ``DatasetDict``) to ``DETECTION_FEATURES``; see ``load_hub_detection``."""
+                          categories: list | None = None, source: str = "the dataset"):
+    """Maps a Hub-schema ``Dataset`` (or ``DatasetDict``) to ``DETECTION_FEATURES``; see ``load_hub_detection``.
+    Boxes that contradict the declared format (``check_box_format``) are a ValueError naming ``source``."""
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict({
             name: normalize_hub_dataset(part, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
-                                        column_mapping=column_mapping, categories=categories)
+                                        column_mapping=column_mapping, categories=categories,
+                                        source=f"{source} split {name!r}")
             for name, part in dataset.items()})
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
@@ -93,7 +99,61 @@ def normalize_hub_dataset(dataset, *, bbox_format: str, bbox_normalized: bool, c
     dataset = dataset.map(normalize, batched=True, with_indices=True, remove_columns=dataset.column_names,
                           features=datasets.Features({**DETECTION_FEATURES, "image": datasets.Image(decode=False)}),
                           desc="normalizing to the detection schema")
+    check_box_format(dataset, bbox_format=bbox_format, bbox_normalized=bbox_normalized, source=source)
     return set_categories(dataset.cast_column("image", datasets.Image()), categories)
+
+
+BOX_FORMAT_SAMPLE = 5000   # rows whose boxes check_box_format reads: enough to see the pattern, cheap on any set
+
+
+def check_box_format(dataset: datasets.Dataset, *, bbox_format: str, bbox_normalized: bool, source: str) -> None:
+    """The declared box format must fit the boxes: the source's values (recovered from the normalized rows) tell
+    normalized from pixel coordinates and xywh from xyxy. A wrong declaration trains on wrong boxes silently (tiny
+    sub-pixel boxes, or xyxy read as xywh: boxes twice too big, many dropped as outside), so it is an error naming
+    the format the data looks like."""
+    sample = dataset.select_columns(["width", "height", "objects"]).select(range(min(len(dataset),
+                                                                                     BOX_FORMAT_SAMPLE)))
+    rows = [(w, h, box) for w, h, objects in zip(sample["width"], sample["height"], sample["objects"])
+            for box in objects["bbox"]]
+    if not rows:
+        return
+    sizes = np.array([[w, h, w, h] for w, h, _ in rows], dtype=np.float64)            # [boxes, 4]
+    xywh = np.array([box for _, _, box in rows], dtype=np.float64)                     # [boxes, 4], as stored now
+    finite = np.isfinite(xywh).all(1) & (sizes > 0).all(1)
+    if not finite.any():
+        return
+    sizes, xywh = sizes[finite], xywh[finite]
+    given = xywh.copy()   # the source's values, as declared
+    if bbox_format == "xyxy":
+        given[:, 2:] += given[:, :2]
+    if bbox_normalized:
+        given /= sizes
+    declared = f"--bbox_format {bbox_format} --bbox_normalized {str(bbox_normalized).lower()}"
+    count = f"{len(given)} boxes of the first {len(sample)} images"
+    pixels = given * (1 if not bbox_normalized else sizes)
+    if not bbox_normalized and given.max() <= 1.0 and sizes.max() > 4:
+        raise ValueError(f"{source}: every box coordinate is in [0, 1] ({count}, images up to "
+                         f"{int(sizes[:, 0].max())}x{int(sizes[:, 1].max())} pixels) but {declared} says pixels: "
+                         "the boxes look normalized by the image size. Pass --bbox_normalized true "
+                         "(bbox_normalized=True).")
+    if bbox_normalized and given.max() > 1.5:
+        raise ValueError(f"{source}: {declared} says coordinates in [0, 1], but they reach {given.max():.1f} "
+                         f"({count}): the boxes look like pixels. Pass --bbox_normalized false.")
+    tolerance = 1.0   # pixels, as the dataset check's box_tolerance
+    width, height = sizes[:, 0], sizes[:, 1]
+    a, b, c, d = pixels.T
+    fits_xywh = (c > 0) & (d > 0) & (a + c <= width + tolerance) & (b + d <= height + tolerance)
+    fits_xyxy = (c > a) & (d > b) & (c <= width + tolerance) & (d <= height + tolerance)
+    # a few bad boxes are the dataset check's business: the pattern is "the other format fits (almost) every box"
+    wrong_xywh, wrong_xyxy = int((~fits_xywh).sum()), int((~fits_xyxy).sum())
+    if bbox_format == "xywh" and fits_xyxy.mean() >= 0.98 and wrong_xywh > wrong_xyxy:
+        raise ValueError(f"{source}: read as xywh, {wrong_xywh} of {count} leave the image, while read as xyxy "
+                         f"{int(fits_xyxy.sum())} fit with x1 > x0, y1 > y0: the boxes look like xyxy (x0, y0, x1, "
+                         f"y1). Pass --bbox_format xyxy (declared: {declared}).")
+    if bbox_format == "xyxy" and fits_xywh.mean() >= 0.98 and wrong_xyxy > wrong_xywh:
+        raise ValueError(f"{source}: read as xyxy, {wrong_xyxy} of {count} have x1 <= x0 or y1 <= y0 or leave "
+                         f"the image, while read as xywh {int(fits_xywh.sum())} fit: the boxes look like xywh (x, y, "
+                         f"width, height). Pass --bbox_format xywh (declared: {declared}).")
 
 
 def _hub_categories(feature, categories) -> Categories:
