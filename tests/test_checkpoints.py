@@ -141,6 +141,53 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path, data_dir, caplog):
                        f"from {run} (everything else kept)"]
 
 
+def test_user_folders_named_checkpoint_something_are_kept_and_ignored_by_resume(tmp_path, data_dir):
+    _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1))
+    run = tmp_path / "run"
+    for name in ("checkpoint-backup", "checkpoint-best-model"):
+        (run / name).mkdir()
+        (run / name / "mine.txt").write_text("keep me")
+    _run(_config(tmp_path, data_dir, max_steps=2, eval_steps=2, resume_from_checkpoint="latest"))   # checkpoint-1
+    assert json.loads((run / "metrics.json").read_text())["run"]["global_steps"] == 2
+    _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1, overwrite_output_dir=True))
+    assert (run / "checkpoint-backup" / "mine.txt").read_text() == "keep me"
+    assert (run / "checkpoint-best-model" / "mine.txt").read_text() == "keep me"
+    assert not (run / "checkpoint-2").exists() and (run / "checkpoint-1").exists()
+
+
+def _start_run(config, *extra) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config), *extra], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_run_in_a_busy_output_dir_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, data_dir, caplog):
+    """Two real processes on one output_dir: the second (overwriting, as the demo config does) is refused with the
+    first's PID while it runs, and deletes nothing; once the first is killed (its lock left behind), a run starts."""
+    config = _config(tmp_path, data_dir, max_steps=500, save_steps=1, eval_steps=1000)
+    first = _start_run(config)
+    run = tmp_path / "run"
+    deadline = time.time() + 300
+    while not (run / "checkpoint-1").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    second = _start_run(config, "--overwrite_output_dir", "true", "--max_steps", "1")
+    _, stderr = second.communicate(timeout=300)
+    assert second.returncode != 0
+    assert f"is in use by another run: PID {first.pid} on " in stderr and "choose another --output_dir" in stderr
+    assert first.poll() is None and list(run.glob("checkpoint-*"))   # the first run goes on, its checkpoints kept
+    holder = json.loads((run / checkpoints.LOCK_FILE).read_text())
+    assert holder["pid"] == first.pid
+    first.kill()   # SIGKILL: no cleanup, the lock stays
+    first.communicate(timeout=60)
+    assert (run / checkpoints.LOCK_FILE).exists()
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
+        _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1, overwrite_output_dir=True))
+    assert any(f"stale lock of PID {first.pid}" in r.getMessage() for r in caplog.records)
+    assert json.loads((run / "metrics.json").read_text())["run"]["global_steps"] == 1
+    assert not (run / checkpoints.LOCK_FILE).exists()   # released at the end of the run
+
+
 # 4. Ctrl-C ends with the command that resumes
 
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data_dir):
@@ -158,7 +205,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data_dir):
     assert "Traceback" not in stderr
     complete = [c for c in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))]
     assert complete and all(missing_files(c) == [] for c in complete)   # a save cut short is only a .partial-
-    command = (f"python -m training.train --config {config} --resume_from_checkpoint {complete[-1]}")
+    command = f"{sys.executable} -m training.train --config {config} --resume_from_checkpoint {complete[-1]}"
     assert f"Interrupted. The last complete checkpoint is {complete[-1]}; resume with:\n    {command}" in stderr
     step = _state(complete[-1])["global_step"]
     _run(*shlex.split(command)[4:], "--max_steps", str(step + 1))   # the command's arguments, one step further

@@ -4,16 +4,22 @@ Every folder is written under a `.partial-` name and renamed when complete, so a
 leaves a folder that resume would trust. trainer_state.json holds `RunState`; its keys are the checkpoint format.
 With --ema_decay, ema.safetensors holds the weights' average and its step count (training/ema.py).
 Before the first step the output paths are checked (writable, folders where folders go); --overwrite_output_dir
-removes only what a run writes; a Ctrl-C ends with the command that resumes from the newest complete checkpoint.
+removes only what a run writes (checkpoint folders are `checkpoint-<N>`, N digits: a user's `checkpoint-backup/` is
+not one). A lock file in output_dir keeps a second run out of a folder that a running one writes. A Ctrl-C ends with
+the command that resumes from the newest complete checkpoint.
 """
+import atexit
 import functools
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from .ema import EMA_FILE
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")   # what a run writes and resume reads; other names are the user's
+LOCK_FILE = ".detr-run.lock"   # in output_dir while a run writes there: who holds it (lock_output_dir)
 STATE_FILE = "trainer_state.json"
 # what accelerator.save_state writes for one model, optimizer and scheduler; resume needs each of them
 STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
@@ -72,6 +80,7 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, loggin
     replace it (what a run writes is deleted now, the rest kept) or to continue it."""
     output = Path(output_dir)
     check_writable(output, "--output_dir")
+    lock_output_dir(output)
     folders = [output / name for name in RUN_FOLDERS]
     if logging_dir is not None:   # accelerate's trackers write there: tensorboard in logging_dir/TRACKER_PROJECT
         check_writable(Path(logging_dir), "the logging dir (accelerate's project_dir)")
@@ -84,8 +93,8 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, loggin
         if path.is_dir():
             raise ValueError(f"{path} is a folder, but the run writes a file there: move it or choose another "
                              "--output_dir.")
-    holds_run = any((output / name).exists() for name in ("metrics.json", *RUN_FOLDERS)) or any(
-        output.glob(f"{CHECKPOINT_PREFIX}*"))
+    holds_run = any((output / name).exists() for name in ("metrics.json", *RUN_FOLDERS)) or bool(
+        _checkpoint_folders(output))
     if holds_run and not (overwrite or resuming):
         raise ValueError(f"output_dir {output} already holds a run: pass --overwrite_output_dir to replace it or "
                          "--resume_from_checkpoint latest to continue it.")
@@ -110,7 +119,7 @@ def check_writable(folder: Path, what: str) -> None:
 def remove_run(output: Path, *, logging_dir: str | None = None) -> None:
     """--overwrite_output_dir: deletes what a run writes (checkpoints, partial saves, best/, last/, metrics, pictures,
     tensorboard logs) and keeps everything else in output_dir (notes, data)."""
-    paths = [*output.glob(f"{CHECKPOINT_PREFIX}*"), *output.glob(".partial-*"),
+    paths = [*_checkpoint_folders(output), *output.glob(".partial-*"),
              *(output / name for name in (*RUN_FOLDERS, *RUN_FILES))]
     if logging_dir is not None:
         paths.append(Path(logging_dir) / TRACKER_PROJECT)
@@ -125,9 +134,100 @@ def remove_run(output: Path, *, logging_dir: str | None = None) -> None:
                    ", ".join(removed), output)
 
 
+def _checkpoint_folders(output_dir) -> list[Path]:
+    """output_dir's `checkpoint-<N>` folders (the run's), in no order; `checkpoint-backup` and the like are not."""
+    return [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if CHECKPOINT_NAME.fullmatch(p.name)]
+
+
 def _checkpoints(output_dir) -> list[Path]:
-    """The complete checkpoints in output_dir, oldest first."""
-    return sorted(Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    """The checkpoints in output_dir, oldest first."""
+    return sorted(_checkpoint_folders(output_dir), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+_held_locks: set[Path] = set()   # the lock files this process holds (released at the end of main, or at exit)
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22), or None where there is no /proc:
+    with the PID, it tells the lock's process from a later one that got the same PID."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _lock_holder_running(holder: dict) -> bool:
+    """Whether the process that wrote a lock is still running (another host's: assumed running, it can't be told)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("host") != socket.gethostname():
+        return isinstance(pid, int)
+    if pid == os.getpid():   # this process, but not a lock it holds: left by an earlier run in this process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: it exists
+        pass
+    start = _process_start(pid)
+    return not (start and holder.get("process_start") and start != holder["process_start"])   # a reused PID
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's record; None when it is gone or unreadable twice (a holder killed while writing it)."""
+    for attempt in range(2):
+        try:
+            holder = json.loads(path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            time.sleep(0.5)   # being written: read it again
+    return {}
+
+
+def lock_output_dir(output: Path) -> None:
+    """Takes output_dir for this run: a second run there (the demo config overwrites, a resume deletes old
+    checkpoints) would delete the first's checkpoints and mix the two runs' files. Refused with the holder's PID and
+    start time while that process runs; a lock left by a process that is gone (killed) is taken over, logged."""
+    path = output / LOCK_FILE
+    if path in _held_locks:
+        return
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": sys.argv}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:   # released meanwhile
+                continue
+            if _lock_holder_running(holder):
+                raise ValueError(
+                    f"output_dir {output} is in use by another run: PID {holder.get('pid')} on "
+                    f"{holder.get('host')}, started {holder.get('started')} ({' '.join(holder.get('command') or [])})"
+                    ". Two runs in one folder delete each other's checkpoints: wait for it to end, stop it, or "
+                    f"choose another --output_dir. (If that process is not a training run, delete {path}.)")
+            logger.warning("%s: taking over a stale lock of PID %s (started %s), which is no longer running (killed?)",
+                           output, holder.get("pid"), holder.get("started"))
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        _held_locks.add(path)
+        return
+    raise ValueError(f"output_dir {output}: could not take {path} (other runs keep taking it): choose another "
+                     "--output_dir.")
+
+
+@atexit.register
+def release_output_dir_locks() -> None:
+    """Deletes the lock files this process holds (the end of main, or the interpreter's exit)."""
+    for path in list(_held_locks):
+        holder = _read_lock(path)
+        if holder is not None and holder.get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+        _held_locks.discard(path)
 
 
 def missing_files(checkpoint: Path) -> list[str]:
@@ -294,6 +394,8 @@ def exits_130_on_interrupt(main):
             if PartialState().is_main_process:
                 logger.error("%s", interrupted_message(argv))
             raise TrainingInterrupted(130) from interrupt
+        finally:   # the output_dir's lock, however main ended
+            release_output_dir_locks()
 
     return wrapper
 
@@ -321,7 +423,8 @@ def interrupted_message(argv: list[str]) -> str:
             skip_value = True
         elif not arg.startswith("--resume_from_checkpoint="):
             kept.append(arg)
-    launcher = "python -m training.train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else (
+    # this interpreter (the virtual environment's), not whichever `python` the shell finds first
+    launcher = f"{shlex.quote(sys.executable)} -m training.train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else (
         f"accelerate launch --num_processes {os.environ['WORLD_SIZE']} -m training.train")
     command = f"{launcher} {shlex.join([*kept, '--resume_from_checkpoint', str(complete[-1])])}"
     return f"Interrupted. The last complete checkpoint is {complete[-1]}; resume with:\n    {command}"
