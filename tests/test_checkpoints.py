@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from tiny_run import run as _run
 from tiny_run import write_config as _config
 
@@ -263,6 +264,100 @@ def test_truncated_trainer_state_is_named(tmp_path, data_dir, two_checkpoints):
                                          rf"incomplete\. There is no earlier complete checkpoint in "
                                          rf"{re.escape(str(run))}: .*--overwrite_output_dir"):
         _run(_config(tmp_path, data_dir, max_steps=3, save_steps=1, resume_from_checkpoint=str(run / "checkpoint-2")))
+
+
+def test_truncated_weights_are_named_with_the_previous_checkpoint(tmp_path, data_dir, two_checkpoints):
+    run = _damaged_copy(two_checkpoints, tmp_path)
+    weights = run / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} is damaged \(.*\): the checkpoint is "
+                                         r"incomplete .*Resume from the previous complete checkpoint: "
+                                         rf"--resume_from_checkpoint {re.escape(str(run / 'checkpoint-1'))}"):
+        _run(_config(tmp_path, data_dir, max_steps=3, save_steps=1, resume_from_checkpoint="latest"))
+
+
+def test_resume_with_changed_model_flags_names_them(tmp_path, data_dir, two_checkpoints):
+    run = _damaged_copy(two_checkpoints, tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-2 does not fit the model this run builds: decoder_layers: 2 in "
+                                         r"the checkpoint, 3 now; num_queries: 10 in the checkpoint, 12 now \(config "
+                                         r"fields.*--model_name_or_path"):
+        _run(_config(tmp_path, data_dir, max_steps=3, num_queries=12, decoder_layers=3,
+                     resume_from_checkpoint="latest"))
+    (run / "checkpoint-2" / "config.json").unlink()   # a checkpoint written before checkpoints held their config
+    with pytest.raises(ValueError, match=r"checkpoint-2 does not fit the model this run builds \(\d+ parameters "
+                                         r"differ, e\.g\. .*a flag differs from the run that wrote it \(num_queries"):
+        _run(_config(tmp_path, data_dir, max_steps=3, num_queries=12, resume_from_checkpoint="latest"))
+
+
+@pytest.mark.parametrize("variant", [{}, {"decoder_type": "deformable", "num_feature_levels": 2}],
+                         ids=["detr", "deformable"])
+def test_sigmoid_head_runs_resume_and_other_classes_are_refused(tmp_path, data_dir, variant):
+    """A focal-loss run (sigmoid head: one logit per class, no "no object"), DETR's decoder or the deformable one
+    (a class head per decoder layer), resumes; on a dataset with another class count it is refused by name."""
+    from training.sample_data import write_sample_dataset
+
+    flags = {"classification_loss": "focal", "eval_steps": 100, "save_steps": 1, **variant}
+    _run(_config(tmp_path, data_dir, max_steps=1, **flags))
+    _run(_config(tmp_path, data_dir, max_steps=2, resume_from_checkpoint="latest", **flags))
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text())["run"]["global_steps"] == 2
+    other = tmp_path / "other"
+    write_sample_dataset(other, num_train=4, num_val=2, seed=0)
+    for split in ("train", "val"):
+        path = other / "annotations" / f"instances_{split}2017.json"
+        coco = json.loads(path.read_text())
+        coco["categories"].append({"id": 99, "name": "extra"})
+        path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="checkpoint-2 was trained with 5 classes but the dataset has 6"):
+        _run(_config(tmp_path, other, max_steps=3, resume_from_checkpoint="latest", **flags))
+    (run / "checkpoint-2" / "config.json").unlink()   # the parameters' shapes tell it too
+    with pytest.raises(ValueError, match="checkpoint-2 was trained with 5 classes but the dataset has 6"):
+        _run(_config(tmp_path, other, max_steps=3, resume_from_checkpoint="latest", **flags))
+
+
+# 6. a full disk while saving keeps the previous checkpoint
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir, monkeypatch):
+    """On a real full disk (a small tmpfs, where the test may mount one), else with torch's zip writer failing as it
+    does on a full disk: the run says the disk is full, checkpoint-1 stays complete and a resume from it finishes."""
+    disk = tmp_path / "disk"
+    mounted = os.geteuid() == 0 and _mount_tmpfs(disk, "1g")
+    try:
+        flags = {"output_dir": str(disk / "run"), "save_steps": 1, "eval_steps": 100, "save_total_limit": 1}
+        _run(_config(tmp_path, data_dir, max_steps=1, **flags))
+        run = disk / "run"
+        if mounted:   # shrink the disk to what is used now plus half a checkpoint: the next one cannot fit
+            used = shutil.disk_usage(disk).used
+            checkpoint_size = sum(f.stat().st_size for f in (run / "checkpoint-1").rglob("*"))
+            subprocess.run(["mount", "-o", f"remount,size={used + checkpoint_size // 2}", str(disk)], check=True)
+        else:
+            real_save = torch.save
+
+            def full_disk_save(obj, f, *args, **kwargs):   # what torch says when the disk fills mid-write
+                if "checkpoint-2" in str(f):
+                    raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4310")
+                return real_save(obj, f, *args, **kwargs)
+
+            monkeypatch.setattr(torch, "save", full_disk_save)
+        with pytest.raises(OSError, match=r"Saving checkpoint-2 failed: the disk holding .* is full .* The previous "
+                                          rf"checkpoint {re.escape(str(run / 'checkpoint-1'))} is intact: free space "
+                                          r".*--resume_from_checkpoint .*checkpoint-1"):
+            _run(_config(tmp_path, data_dir, max_steps=3, resume_from_checkpoint="latest", **flags))
+        assert missing_files(run / "checkpoint-1") == [] and not list(run.glob(".partial-checkpoint-*"))
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=1g", str(disk)], check=True)
+        monkeypatch.undo()
+        _run(_config(tmp_path, data_dir, max_steps=3, resume_from_checkpoint=str(run / "checkpoint-1"), **flags))
+        assert json.loads((run / "metrics.json").read_text())["run"]["global_steps"] == 3
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_missing_random_states_resume_with_a_warning(tmp_path, data_dir, two_checkpoints, caplog):

@@ -128,9 +128,10 @@ def test_resuming_with_other_classes_is_refused(tmp_path, data_dir):
     _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=100))
     other = tmp_path / "other"
     write_sample_dataset(other, num_train=4, num_val=2, seed=0)
-    coco = json.loads((other / "annotations" / "instances_train2017.json").read_text())
-    coco["categories"].append({"id": 99, "name": "extra"})
-    (other / "annotations" / "instances_train2017.json").write_text(json.dumps(coco))
+    for split in ("train", "val"):   # both: the validation categories must be the training ones
+        coco = json.loads((other / "annotations" / f"instances_{split}2017.json").read_text())
+        coco["categories"].append({"id": 99, "name": "extra"})
+        (other / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
     with pytest.raises(ValueError, match="trained with 5 classes but the dataset has 6"):
         _run(_config(tmp_path, other, max_steps=2, resume_from_checkpoint="latest"))
 

@@ -9,6 +9,7 @@ not one). A lock file in output_dir keeps a second run out of a folder that a ru
 the command that resumes from the newest complete checkpoint.
 """
 import atexit
+import errno
 import functools
 import json
 import logging
@@ -272,19 +273,70 @@ def check_checkpoint_complete(checkpoint: Path) -> None:
         raise ValueError(f"{checkpoint} is incomplete: {', '.join(missing)} missing. {_previous_hint(checkpoint)}")
 
 
-def check_checkpoint_classes(checkpoint: Path, num_labels: int) -> None:
-    """A checkpoint's class head must fit the dataset: resuming with other classes is a mistake, not a fine-tune."""
-    from safetensors import safe_open
+# config.json keys that are bookkeeping, not the model's shape or training
+_CONFIG_BOOKKEEPING = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "auto_map",
+                       "_commit_hash", "id2label", "label2id", "num_labels")
+
+
+def _saved_shapes(checkpoint: Path) -> dict[str, tuple]:
+    """The checkpoint's parameter names and shapes, from the safetensors header; a damaged file is named with the
+    checkpoint to use instead."""
+    from safetensors import SafetensorError, safe_open
 
     weights = checkpoint / "model.safetensors"
-    if not weights.exists():
+    try:
+        with safe_open(weights, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights} is damaged ({error}): the checkpoint is incomplete (a full disk, an interrupted "
+                         f"copy?). {_previous_hint(checkpoint)}") from error
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(k for k in set(saved) | set(current) if k not in _CONFIG_BOOKKEEPING)
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+def check_checkpoint_model(checkpoint: Path, model, num_labels: int) -> None:
+    """The checkpoint's weights must fit this run's model (built from the same flags and dataset): resuming with
+    other classes or another architecture is a mistake, not a fine-tune. Compares every parameter's shape with the
+    model's (whatever its heads are called: softmax or sigmoid, one head or one per decoder layer), and names the
+    config fields that differ when the checkpoint has its config.json. Fields that differ without changing any shape
+    (a loss weight, dropout) are resumed with this run's values, logged."""
+    saved = _saved_shapes(checkpoint)
+    current = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    config_file = checkpoint / "config.json"
+    # through the config class: the file holds only the non-default values
+    saved_config = type(model.config).from_json_file(str(config_file)) if config_file.is_file() else None
+    differences = _config_differences(saved_config.to_dict(), model.config.to_dict()) if saved_config else []
+    mismatched = [k for k in current if k in saved and saved[k] != current[k]]
+    missing, unexpected = [k for k in current if k not in saved], [k for k in saved if k not in current]
+    fix = ("resume with the run's own flags and dataset, or start a new run from it with --model_name_or_path "
+           f"{checkpoint} (fine-tuning: the class head is refitted, the optimizer starts afresh).")
+    if saved_config is not None and saved_config.num_labels != num_labels:
+        raise ValueError(f"{checkpoint} was trained with {saved_config.num_labels} classes but the dataset has "
+                         f"{num_labels}: {fix}")
+    if not (mismatched or missing or unexpected):
+        if differences:
+            logger.warning("%s: resuming with values that differ from the checkpoint's (its weights fit): %s",
+                           checkpoint, "; ".join(differences))
         return
-    with safe_open(weights, "pt") as f:
-        key = next((k for k in f.keys() if k.endswith("class_embed.weight")), None)
-        saved = f.get_slice(key).get_shape()[0] - 1 if key else num_labels   # the last class is "no object"
-    if saved != num_labels:
-        raise ValueError(f"{checkpoint} was trained with {saved} classes but the dataset has {num_labels}: resume "
-                         "with the same dataset, or start a new run with --model_name_or_path to fine-tune.")
+    # no config.json (an older checkpoint): the class heads' first dimension tells the classes it was trained with
+    heads = [k for k in mismatched if "class" in k and saved[k][1:] == current[k][1:]]
+    if saved_config is None and heads and len(heads) == len(mismatched) and not (missing or unexpected):
+        offset = current[heads[0]][0] - num_labels   # 1 with a softmax head ("no object"), 0 with a sigmoid one
+        raise ValueError(f"{checkpoint} was trained with {saved[heads[0]][0] - offset} classes but the dataset has "
+                         f"{num_labels}: {fix}")
+    if differences:
+        raise ValueError(f"{checkpoint} does not fit the model this run builds: {'; '.join(differences)} (config "
+                         "fields; the flags of the same names, num_heads and ffn_dim for the attention heads and FFN "
+                         f"widths). To continue the run, {fix}")
+    parameters = [f"{k} {list(saved[k])} in the checkpoint, {list(current[k])} now" for k in mismatched]
+    parameters += [f"{k} only now" for k in missing] + [f"{k} only in the checkpoint" for k in unexpected]
+    raise ValueError(f"{checkpoint} does not fit the model this run builds ({len(parameters)} parameters differ, "
+                     f"e.g. {'; '.join(parameters[:4])}): a flag differs from the run that wrote it (num_queries, "
+                     f"the backbone, the layers, d_model, classification_loss?). To continue the run, {fix}")
 
 
 def check_checkpoint_ema(checkpoint: Path, *, ema_on: bool) -> None:
@@ -298,7 +350,7 @@ def check_checkpoint_ema(checkpoint: Path, *, ema_on: bool) -> None:
                        "(evaluations and best/ and last/ use the trained weights from here on).", checkpoint, EMA_FILE)
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: int, ema=None) -> RunState:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: int, ema=None, model=None) -> RunState:
     """Model, optimizer, scheduler and RNG states back into the prepared objects (and the weights' average into
     `ema`, a training.ema.WeightEma, when EMA is on); the run state returned.
 
@@ -307,7 +359,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: i
     one (dropout and augmentations draw other numbers)."""
     check_checkpoint_complete(checkpoint)
     state = RunState.load(checkpoint)   # before load_state: a damaged file fails before the model is touched
-    check_checkpoint_classes(checkpoint, num_labels)
+    if model is not None:
+        check_checkpoint_model(checkpoint, accelerator.unwrap_model(model), num_labels)
     check_checkpoint_ema(checkpoint, ema_on=ema is not None)
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
@@ -321,26 +374,58 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, *, num_labels: i
 
 
 def save_checkpoint(accelerator: Accelerator, state: RunState, *, output_dir: str, save_total_limit: int,
-                    ema=None) -> Path:
-    """accelerator.save_state (and the weights' average, `ema`, when EMA is on) into a temporary folder, renamed
-    when complete. Keeps the newest save_total_limit."""
+                    ema=None, config=None) -> Path:
+    """accelerator.save_state (and the weights' average, `ema`, when EMA is on; the model's `config` as config.json,
+    which a resume compares with its own) into a temporary folder, renamed when complete. Keeps the newest
+    save_total_limit. A full disk leaves the previous checkpoints as they were and says so."""
     output = Path(output_dir)
     final = output / f"{CHECKPOINT_PREFIX}{state.global_step}"
     partial = output / f".partial-{CHECKPOINT_PREFIX}{state.global_step}"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()   # every process has written its part (its RNG state) before the rename
+        if accelerator.is_main_process:
+            if ema is not None:   # the same average on every process: the main one writes it
+                ema.save(partial)
+            if config is not None:
+                config.to_json_file(str(partial / "config.json"))
+            state.save(partial)
+    except (OSError, RuntimeError) as error:
+        if not _disk_full(error, output):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)   # frees what it took; resume never reads a .partial- anyway
+        raise OSError(errno.ENOSPC, _disk_full_message(output, final, error)) from error
     if accelerator.is_main_process:
-        if ema is not None:   # the same average on every process: the main one writes it
-            ema.save(partial)
-        state.save(partial)
         _replace_folder(partial, final)
         for old in _checkpoints(output)[:-max(save_total_limit, 1)]:
             _remove_folder(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full(error: BaseException, output: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC in the chain, or torch's zip writer's words for it."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or any(
+                words in str(error) for words in ("No space left", "unexpected pos", "file write failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_message(output: Path, final: Path, error: BaseException) -> str:
+    previous = [c for c in _checkpoints(output) if not missing_files(c)]
+    free = shutil.disk_usage(output).free / 2**20
+    size = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) / 2**20 if previous else None
+    kept = (f"The previous checkpoint {previous[-1]} is intact: free space (a checkpoint takes about {size:.0f} MiB) "
+            f"and resume with --resume_from_checkpoint {previous[-1]}" if previous else
+            "There is no earlier checkpoint: free space and start again")
+    return (f"Saving {final.name} failed: the disk holding {output} is full ({free:.0f} MiB free; "
+            f"{type(error).__name__}: {str(error).splitlines()[0][:200]}). {kept}, or choose an --output_dir on a "
+            "disk with more room.")
 
 
 def record_evaluation(accelerator: Accelerator, state: RunState, checkpoint: Path) -> None:

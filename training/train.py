@@ -216,7 +216,8 @@ def main(argv=None):
     accelerator, model = setup.accelerator, setup.model
     state = RunState()
     if setup.checkpoint is not None:
-        state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names), ema=setup.ema)
+        state = load_checkpoint(accelerator, setup.checkpoint, num_labels=len(setup.categories.names), ema=setup.ema,
+                                model=model)
         if setup.budget is not None:   # the checkpoint's sizing, if it had one
             setup.total_steps = setup.budget.total_steps
     last_checkpoint = setup.checkpoint   # named when the loss diverges
@@ -255,7 +256,8 @@ def main(argv=None):
             if saving:   # before evaluating: a failing evaluation loses no training
                 state.set_position(epoch, setup.steps_per_epoch)
                 last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
-                                                  save_total_limit=args.save_total_limit, ema=setup.ema)
+                                                  save_total_limit=args.save_total_limit, ema=setup.ema,
+                                                  config=accelerator.unwrap_model(model).config)
             if state.global_step % setup.eval_every == 0 or done:
                 evaluate_and_save(setup, state, checkpoint=last_checkpoint if saving else None)
             if done:
