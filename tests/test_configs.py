@@ -57,3 +57,21 @@ def test_demo_config_short_runs_finish_with_model_cards(tmp_path, data_dir, max_
     assert run["global_steps"] == max_steps
     if max_steps > 10:   # long enough to time: the budget sized the run and max_steps was the limit
         assert run["budget"]["total_steps"] == max_steps and run["budget"]["seconds_per_step"] > 0
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("per_device_train_batch_size", -2, "must be > 0"), ("per_device_train_batch_size", 8.5, "a whole number"),
+    ("max_steps", 0, r"> 0, or -1"), ("gradient_accumulation_steps", 0, "> 0"),
+    ("train_scales", 128, "a list of whole numbers"), ("eval_size", 0, "> 0"),
+    ("learning_rate", [1e-4, 1e-5], "must be a number"), ("dropout", 1.5, r"in \[0, 1\)"),
+    ("crop_size", [600, 384], "0 < min <= max"), ("random_crop", None, r"a value \(not null\)"),
+    ("lr_scheduler_type", "linear", r"one of \['step', 'cosine'\]"), ("num_heads", 3, "divisible by num_heads"),
+    ("warmup_steps", -1, ">= 0"), ("max_train_samples", 0, "> 0"),
+])
+def test_impossible_values_are_refused_naming_the_field(tmp_path, key, value, expected):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": "data", key: value}))
+    with pytest.raises(ValueError, match=rf"{key}=.*{expected}"):
+        parse_args(["--config", str(path)])

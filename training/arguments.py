@@ -4,6 +4,8 @@ A yaml/json file (`--config FILE`) gives the values, the command line overrides 
 unknown keys in the file are errors.
 """
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -210,4 +212,75 @@ def parse_args(argv=None):
         if unknown:
             raise ValueError(f"{config_file}: unknown key(s) {unknown}. See `python -m training.train --help`.")
         parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    for arguments in parsed:
+        check_arguments(arguments)
+    return parsed
+
+
+# what a value must be beyond its type: a check and the words for it, by field name (fields of any dataclass here)
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+RANGES = {
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "logging_steps": POSITIVE, "num_train_epochs": POSITIVE,
+    "eval_every_epochs": POSITIVE, "learning_rate": POSITIVE, "eval_size": POSITIVE, "max_size": POSITIVE,
+    "d_model": POSITIVE, "decoder_layers": POSITIVE, "num_heads": POSITIVE, "ffn_dim": POSITIVE,
+    "num_queries": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE,
+    "num_query_groups": POSITIVE,
+    "max_steps": (lambda v: v == -1 or v > 0, "> 0, or -1 (train num_train_epochs)"),
+    "backbone_learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE, "eval_steps": NON_NEGATIVE, "save_steps": NON_NEGATIVE,
+    "save_total_limit": NON_NEGATIVE, "max_train_minutes": NON_NEGATIVE, "num_workers": NON_NEGATIVE,
+    "encoder_layers": NON_NEGATIVE, "eos_coefficient": NON_NEGATIVE, "lr_drop_epochs": NON_NEGATIVE,
+    "num_prediction_images": NON_NEGATIVE, "ema_warmup_steps": NON_NEGATIVE, "num_denoising": NON_NEGATIVE,
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train_scales": (lambda v: len(v) > 0 and min(v) > 0, "a non-empty list of sizes > 0"),
+    "crop_resize_scales": (lambda v: len(v) > 0 and min(v) > 0, "a non-empty list of sizes > 0"),
+    "crop_size": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "two sizes [min, max], 0 < min <= max"),
+}
+CHOICES = {"lr_scheduler_type": ("step", "cosine"), "mixed_precision": ("no", "bf16", "fp16"),
+           "check_policy": ("skip", "error"), "check_images": ("header", "decode", "auto"),
+           "bbox_format": (None, "xywh", "xyxy")}
+
+
+def _type_problem(value, annotation) -> str | None:
+    """What is wrong with a value for a field's annotation (int, float, bool, str, list[int], X | None), or None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)   # HfArgumentParser rewrites X | None
+    options = typing.get_args(annotation) if union else (annotation,)
+    if value is None:
+        return None if type(None) in options else "a value (not null)"
+    kind = next(o for o in options if o is not type(None))
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if kind is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list) or any(_type_problem(v, item) for v in value):
+            return f"a list of {'whole numbers' if item is int else item.__name__} (e.g. [480, 512])"
+    return None
+
+
+def check_arguments(arguments) -> None:
+    """Every field of a parsed arguments dataclass has a value of its type and in its range: an impossible value
+    (a negative or fractional batch size, max_steps 0, a list as learning_rate) fails here, naming the field, not
+    deep in torch or silently."""
+    annotations = typing.get_type_hints(type(arguments))   # the declared types (HfArgumentParser edits f.type)
+    for f in fields(arguments):
+        value = getattr(arguments, f.name)
+        expected = _type_problem(value, annotations[f.name])
+        if expected is not None:
+            raise ValueError(f"{f.name}={value!r}: must be {expected} (the config file or --{f.name}).")
+        if f.name in RANGES and value is not None:
+            check, words = RANGES[f.name]
+            if not check(value):
+                raise ValueError(f"{f.name}={value!r}: must be {words} (the config file or --{f.name}).")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{f.name}={value!r}: must be one of {[c for c in CHOICES[f.name] if c]}.")
+    if getattr(arguments, "d_model", None) and arguments.d_model % arguments.num_heads:
+        raise ValueError(f"num_heads={arguments.num_heads}: d_model={arguments.d_model} must be divisible by "
+                         "num_heads (each attention head takes d_model / num_heads channels).")
