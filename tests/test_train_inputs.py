@@ -43,3 +43,28 @@ def test_validation_categories_must_be_the_training_ones(tmp_path, data_dir, edi
     with pytest.raises(ValueError, match=f"instances_val2017.json\\) differ from the training categories.*{expected}"):
         _run(_config(tmp_path, None, max_steps=1, **data))   # data_dir None: the files below
     assert not list((tmp_path / "run").glob("checkpoint-*"))   # refused before training
+
+
+def test_flags_that_differ_from_a_starting_checkpoint_are_applied_or_refused(tmp_path, data_dir, caplog):
+    """--model_name_or_path FOLDER: head sizes and loss weights given as flags are applied, architecture flags that
+    differ from the folder's are refused by name; nothing is ignored silently."""
+    import logging
+
+    from modeling_detr_custom import DetrCustomForObjectDetection
+
+    _run(_config(tmp_path / "first", data_dir, max_steps=1, eval_steps=1))
+    folder = tmp_path / "first" / "run" / "last"
+    with pytest.raises(ValueError, match=r"fixes the architecture, but d_model=64 \(the checkpoint's d_model: 32\), "
+                                         r"decoder_layers=3 \(the checkpoint's decoder_layers: 2\) differ"):
+        _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), num_queries=12, d_model=64,
+                     decoder_layers=3))
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder), num_queries=12,
+                     eos_coefficient=0.3))
+    tuned = DetrCustomForObjectDetection.from_pretrained(tmp_path / "run" / "last")
+    assert (tuned.config.num_queries, tuned.config.eos_coefficient, tuned.config.d_model) == (12, 0.3, 32)
+    assert any("applied to the checkpoint's config: num_queries=12, eos_coefficient=0.3" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match=r"\['backbone_weights'\] apply to new models only"):
+        _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), backbone_weights="w.pth",
+                     overwrite_output_dir=True))

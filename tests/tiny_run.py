@@ -22,7 +22,12 @@ TINY_ARGS = dict(
 
 def write_config(tmp_path, data_dir, **overrides) -> Path:
     """A yaml config for the tiny run (output in tmp_path/run); each call writes a new file."""
-    values = {**TINY_ARGS, "data_dir": data_dir and str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
+    tiny = TINY_ARGS
+    if overrides.get("model_name_or_path"):   # the checkpoint's architecture and heads, unless the test sets them
+        from training.build import APPLIED_TO_CHECKPOINT, FIXED_BY_CHECKPOINT
+
+        tiny = {k: v for k, v in TINY_ARGS.items() if k not in {*APPLIED_TO_CHECKPOINT, *FIXED_BY_CHECKPOINT}}
+    values = {**tiny, "data_dir": data_dir and str(data_dir), "output_dir": str(tmp_path / "run"), **overrides}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(values))

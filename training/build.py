@@ -6,7 +6,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -102,13 +102,55 @@ def checkpoint_pixel_scaling(model_name_or_path: str | None) -> dict:
     return {name: getattr(saved, name) for name in PIXEL_SCALING}
 
 
+# ModelArguments fields (-> config fields) that a checkpoint started from with model_name_or_path takes when given
+# (a value other than the argument's default): head sizes and training behaviour. num_queries re-initializes the
+# query table (and the deformable reference boxes); the rest changes no weight.
+APPLIED_TO_CHECKPOINT = {"num_queries": ("num_queries",), "dropout": ("dropout", "attention_dropout",
+                                                                      "activation_dropout"),
+                         "eos_coefficient": ("eos_coefficient",), "auxiliary_loss": ("auxiliary_loss",),
+                         "freeze_batch_norm": ("freeze_batch_norm",),
+                         "freeze_backbone_stem": ("freeze_backbone_stem",), "dilation": ("dilation",)}
+# ModelArguments fields that are the checkpoint's architecture (-> its config field): another value is refused
+FIXED_BY_CHECKPOINT = {"backbone": "backbone", "d_model": "d_model", "encoder_layers": "encoder_layers",
+                       "decoder_layers": "decoder_layers", "num_heads": "encoder_attention_heads",
+                       "ffn_dim": "encoder_ffn_dim", "position_embedding_type": "position_embedding_type"}
+# new models only: with model_name_or_path the checkpoint's weights are loaded instead
+NEW_MODEL_ONLY = ("backbone_weights", "backbone_weights_sha256", "use_pretrained_backbone")
+
+
+def given_model_arguments(model_args: ModelArguments) -> dict:
+    """The ModelArguments fields set to something other than their default (in the config file or as flags)."""
+    defaults = ModelArguments()
+    return {f.name: getattr(model_args, f.name) for f in fields(ModelArguments)
+            if getattr(model_args, f.name) != getattr(defaults, f.name)}
+
+
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
     labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
     options = {name: getattr(model_args, name) for name in OPTIONAL_CONFIG_FIELDS
                if getattr(model_args, name) is not None}
     if model_args.model_name_or_path:
+        given = given_model_arguments(model_args)
+        refused = [name for name in NEW_MODEL_ONLY if name in given]
+        if refused:
+            raise ValueError(f"{refused} apply to new models only: with --model_name_or_path "
+                             f"{model_args.model_name_or_path} the checkpoint's weights are loaded. Drop them, or "
+                             "drop --model_name_or_path to build a new model.")
+        applied = {config_name: given[name] for name, names in APPLIED_TO_CHECKPOINT.items() if name in given
+                   for config_name in names}
         model = DetrCustomForObjectDetection.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **options)
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **options, **applied)
+        differing = [f"{name}={given[name]!r} (the checkpoint's {config_name}: "
+                     f"{getattr(model.config, config_name, None)!r})"
+                     for name, config_name in FIXED_BY_CHECKPOINT.items()
+                     if name in given and given[name] != getattr(model.config, config_name, None)]
+        if differing:
+            raise ValueError(f"{model_args.model_name_or_path} fixes the architecture, but {', '.join(differing)} "
+                             "differ: these can not change on a checkpoint. Drop them (the checkpoint's values are "
+                             "used), or drop --model_name_or_path to train a new model with them.")
+        if applied:
+            logger.info("%s: applied to the checkpoint's config: %s", model_args.model_name_or_path,
+                        ", ".join(f"{name}={given[name]!r}" for name in APPLIED_TO_CHECKPOINT if name in given))
         logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
                     "another count; the rest of the model is loaded)", model_args.model_name_or_path,
                     labels["num_labels"])
