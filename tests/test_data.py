@@ -623,3 +623,17 @@ def test_check_reports_null_boxes_unknown_ids_and_empty_sets(tmp_path):
     write_coco(tmp_path / "crowd", [(1, 64, 48)], [ann(1, 1, [1, 1, 5, 5], iscrowd=1)])
     with pytest.raises(ValueError, match=r"no box \(other than crowd regions\) left"):
         check_dataset(load_coco(tmp_path / "crowd", "train", use_cache=False))
+
+
+def test_a_training_set_small_enough_to_memorize_is_warned_about_once(caplog):
+    import logging
+
+    from training.data.check import SMALL_DATASET_CONFIG, small_dataset_warning, warn_if_small
+
+    assert small_dataset_warning(200) is None and SMALL_DATASET_CONFIG == "training/configs/finetune_small.yaml"
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        warn_if_small(40)
+        warn_if_small(5000)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "40 images (fewer than 200)" in messages[0]
+    assert "--config training/configs/finetune_small.yaml" in messages[0]

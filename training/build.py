@@ -26,6 +26,7 @@ from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
 from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, load_coco,
                    load_hub_detection)
+from .data.check import warn_if_small
 from .ema import WeightEma, check_ema_arguments
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
 
@@ -356,6 +357,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         val_dataset, val_report = check_dataset(val_dataset, **check)
     if accelerator.is_main_process:
         logger.info("train data check: %s\nval data check: %s", train_report, val_report)
+        warn_if_small(len(train_dataset))
     # images stay undecoded: the collate reads the stored pixels, on which COCO boxes are drawn
     train_dataset = train_dataset.cast_column("image", datasets.Image(decode=False))
     val_dataset = val_dataset.cast_column("image", datasets.Image(decode=False))
