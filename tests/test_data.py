@@ -637,3 +637,27 @@ def test_a_training_set_small_enough_to_memorize_is_warned_about_once(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "40 images (fewer than 200)" in messages[0]
     assert "--config training/configs/finetune_small.yaml" in messages[0]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda coco: coco["categories"].append({"id": 3, "name": "dog"}), r"'categories': duplicate category ids \[3\]"),
+    (lambda coco: coco["categories"].append({"id": 7, "name": "cat"}),
+     r"'categories': categories with the same name: 'cat' \(ids \[3, 7\]\)"),
+    (lambda coco: coco["images"][0].update(id="1"), r"images\[0\] \(000000000001.jpg\) has id '1'; image ids must be "
+                                                    "integers"),
+    (lambda coco: coco["images"].append(dict(coco["images"][0])), r"duplicate image ids in 'images': \[1\]"),
+])
+def test_bad_ids_and_names_name_the_file(tmp_path, edit, expected):
+    path = write_coco(tmp_path / "coco", [(1, 64, 48)], [ann(1, 1, [1, 1, 5, 5])])
+    coco = json.loads(path.read_text())
+    edit(coco)
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=f"instances_train2017.json: {expected}"):
+        load_coco(tmp_path / "coco", "train", use_cache=False)
+
+
+def test_an_empty_dataset_names_its_source(tmp_path):
+    write_coco(tmp_path / "coco", [], [])
+    dataset = load_coco(tmp_path / "coco", "train", use_cache=False)
+    with pytest.raises(ValueError, match=r"(?s)^data/x.json: .*no images.*Check data/x.json"):
+        check_dataset(dataset, source="data/x.json")

@@ -353,8 +353,9 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     with accelerator.main_process_first():
         check = {"num_queries": model.config.num_queries, "policy": data_args.check_policy,
                  "check_images": data_args.check_images}
-        train_dataset, train_report = check_dataset(train_dataset, **check)
-        val_dataset, val_report = check_dataset(val_dataset, **check)
+        train_source, val_source = data_sources(data_args)
+        train_dataset, train_report = check_dataset(train_dataset, **check, source=train_source)
+        val_dataset, val_report = check_dataset(val_dataset, **check, source=val_source)
     if accelerator.is_main_process:
         logger.info("train data check: %s\nval data check: %s", train_report, val_report)
         warn_if_small(len(train_dataset))

@@ -84,7 +84,7 @@ def _box_problem(box, width, height, category_id, ann_id, seen_ids, known_catego
 
 def check_dataset(dataset: datasets.Dataset, *, num_queries: int | None = None, policy: str = "skip",
                   check_images: str = "auto", box_tolerance: float = 1.0,
-                  max_examples: int = 5) -> tuple[datasets.Dataset, DatasetReport]:
+                  max_examples: int = 5, source: str = "") -> tuple[datasets.Dataset, DatasetReport]:
     """Checks a dataset in our schema before training; returns (the dataset to train on, the report).
 
     Finds: missing image files, files PIL cannot read (with ``check_images="decode"``, also truncated and corrupt
@@ -101,6 +101,7 @@ def check_dataset(dataset: datasets.Dataset, *, num_queries: int | None = None, 
 
     policy "skip" drops the bad images and boxes and logs the report; "error" raises ValueError with it. Either
     way, a dataset with no image or no non-crowd box left is an error: there is nothing to train on or evaluate.
+    ``source`` (the file, or the dataset and split) starts the errors' messages.
     """
     if policy not in ("skip", "error"):
         raise ValueError(f"policy must be 'skip' or 'error', got {policy!r}")
@@ -153,7 +154,8 @@ def check_dataset(dataset: datasets.Dataset, *, num_queries: int | None = None, 
         report.skipped_boxes += found["count"]
 
     if not report.ok and policy == "error":
-        raise ValueError(f"{report}\nfix the data, or use policy='skip' to train without these items")
+        raise ValueError(f"{source + ': ' if source else ''}{report}\nfix the data, or use policy='skip' to train "
+                         "without these items")
     if not report.ok:
         report.skipped_images = len(drop_images)
         report.skipped_boxes += sum(int((~keep).sum()) for r, keep in box_keep.items() if r not in drop_images)
@@ -162,8 +164,9 @@ def check_dataset(dataset: datasets.Dataset, *, num_queries: int | None = None, 
     if not kept_rows or not any(objects_left[r] for r in kept_rows):
         what = "no images" if not len(dataset) else "no image left" if not kept_rows else \
             "no box (other than crowd regions) left" if report.num_boxes else "no boxes at all"
-        raise ValueError(f"{report}\nthe dataset has {what}: there is nothing to train on or evaluate. Check the "
-                         "annotation file and image folder (or the Hub columns) this dataset was loaded from")
+        raise ValueError(f"{source + ': ' if source else ''}{report}\nthe dataset has {what}: there is nothing to "
+                         f"train on or evaluate. Check {source or 'the annotation file and image folder'} (or the Hub "
+                         "columns) this dataset was loaded from")
     if report.ok:
         return dataset, report
     dataset = _drop(dataset, drop_images, box_keep)

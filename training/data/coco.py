@@ -96,7 +96,15 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     """Parses a COCO json once and builds the Arrow table column-wise (no per-image scans). In memory."""
     coco = _read_json(annotation_file)
     images, annotations = coco["images"], coco["annotations"]
-    categories = Categories.from_list(coco["categories"])
+    try:
+        categories = Categories.from_list(coco["categories"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{annotation_file}: 'categories': {error}") from None
+    for k, im in enumerate(images):
+        image_id = im.get("id") if isinstance(im, dict) else None
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise ValueError(f"{annotation_file}: images[{k}] ({im.get('file_name') if isinstance(im, dict) else im}) "
+                             f"has id {image_id!r}; image ids must be integers (as the annotations' image_id)")
 
     try:
         image_ids = np.array([im["id"] for im in images], dtype=np.int64)                   # [num_images]
@@ -106,7 +114,8 @@ def build_coco_dataset(annotation_file: str | os.PathLike, image_dir: str | os.P
     except KeyError as e:
         raise ValueError(f"{annotation_file}: every image needs id, width, height and file_name (missing {e})")
     if len(np.unique(image_ids)) != len(image_ids):
-        raise ValueError(f"{annotation_file}: duplicate image ids in 'images'")
+        values, counts = np.unique(image_ids, return_counts=True)
+        raise ValueError(f"{annotation_file}: duplicate image ids in 'images': {values[counts > 1][:10].tolist()}")
 
     _check_annotation_ids(annotation_file, annotations)
     ann_image_ids = np.array([a["image_id"] for a in annotations], dtype=np.int64)          # [num_annotations]

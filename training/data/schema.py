@@ -47,8 +47,16 @@ class Categories:
         ordered = sorted(categories, key=lambda c: int(c["id"]))
         ids = tuple(int(c["id"]) for c in ordered)
         if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate category ids in {ids}")
-        return cls(ids, tuple(str(c["name"]) for c in ordered))
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"duplicate category ids {repeated} in the categories {ids}: each category needs its "
+                             "own id")
+        names = tuple(str(c["name"]) for c in ordered)
+        if len(set(names)) != len(names):   # label2id would keep one of them: two classes under one name
+            repeated = {n: [i for i, m in zip(ids, names) if m == n] for n in names if names.count(n) > 1}
+            listed = ", ".join(f"{n!r} (ids {i})" for n, i in repeated.items())
+            raise ValueError(f"categories with the same name: {listed}: give each category its own name, or merge "
+                             "them into one id")
+        return cls(ids, names)
 
     @property
     def id2label(self) -> dict[int, str]:
