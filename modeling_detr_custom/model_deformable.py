@@ -21,16 +21,16 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .class_head import class_head_outputs, init_class_head_bias_
+from .blocks import fp32_on_cpu
 from .configuration_detr_custom import DetrCustomConfig
 from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid, mlp
 from .denoising import denoising_groups, denoising_indices
 from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
-from .fast_paths import fp32_on_cpu
 from .inputs_detr_custom import check_pixel_inputs, mask_if_padded
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
-                         project, projection, valid_ratios)
+                         projection, valid_ratios)
 from .position_encoding import build_position_embedding
 from .query_groups import build_extra_query_embeds, group_attention_mask, with_denoising_mask
 from .query_selection import DetrCustomQuerySelection, SelectedQueries
@@ -156,7 +156,7 @@ class DetrCustomDeformableDetector(nn.Module):
         labels: list[dict] | None = None,      # in training with num_denoising: the denoising queries' targets
     ) -> DetrCustomDeformableDetectorOutput:
         features = self.backbone(pixel_values)                        # per level [batch, channels, h, w]
-        # under CPU autocast the backbone's maps may be bf16 (its folded fast path ends in a convolution)
+        # under CPU autocast the backbone's maps may be bf16 (a convolution's output)
         bf16_features = features[0].device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with fp32_on_cpu(pixel_values):                               # the rest in fp32 under CPU autocast
             if bf16_features:
@@ -178,7 +178,7 @@ class DetrCustomDeformableDetector(nn.Module):
                 if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
                     maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
                 if self.decoder_input_proj is not None:
-                    maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
+                    maps = [layer(level) for layer, level in zip(self.decoder_input_proj, maps)]
                 memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             # K = num_query_groups groups of matching queries in training, one in eval mode
             num_groups = self.config.num_query_groups if self.training else 1
