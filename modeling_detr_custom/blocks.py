@@ -1,10 +1,29 @@
 """Small building blocks shared by the variants' files: the post-norm FFN, the MLP heads, the inverse sigmoid of box
-refinement, and the fp32 island under CPU autocast. Each part's file imports them from here, never from a peer."""
+refinement, the fp32 island under CPU autocast, and the one place where the forward looks at tensor values in Python.
+Each part's file imports them from here, never from a peer.
+
+`tracing()` tells whether the forward is being captured (torch.export, the dynamo ONNX exporter, torch.compile,
+torch.jit.trace); `mask_if_padded` gives the padding mask only when some cell is padding, in eager mode only. A
+captured graph must serve every input, so while tracing the mask is always used (the same numbers: a mask without
+padding masks nothing) and the input value checks step aside (`inputs_detr_custom.py`)."""
 import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def tracing() -> bool:
+    """True while torch.export, the dynamo ONNX exporter, torch.compile or torch.jit.trace captures the forward."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def mask_if_padded(mask: torch.Tensor) -> torch.Tensor | None:
+    """`mask` (True = real cell), or None in eager mode when every cell is real: without a mask SDPA picks its
+    fastest kernel and the deformable attention skips masking its values. While tracing always `mask`."""
+    if tracing():
+        return mask
+    return None if bool(mask.all()) else mask
 
 
 def post_norm_feed_forward(layer: nn.Module, hidden_states: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:

@@ -32,8 +32,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .backbone import DetrCustomBackbone
+from .blocks import tracing
 from .encoder_hybrid import ConvNormLayer, RepVggBlock
-from .inputs_detr_custom import tracing
 from .multiscale import ConvNormProjection, DetrCustomMultiScaleBackbone
 
 logger = logging.get_logger(__name__)

@@ -2,26 +2,12 @@
 runs (a NaN image in training would otherwise reach the BatchNorm statistics of a trainable backbone first). Shared by
 the DETR path (`DetrCustomModel`) and the deformable one (`model_deformable.py`).
 
-Also the one place where the forward looks at tensor values in Python: `tracing()` tells whether the forward is being
-captured (torch.export, the dynamo ONNX exporter, torch.compile, torch.jit.trace), and `mask_if_padded` gives the
-padding mask only when some cell is padding, in eager mode only. A captured graph must serve every input, so while
-tracing the value checks step aside and the mask is always used (the same numbers: a mask without padding masks
-nothing).
+The value checks (NaN / inf) run in eager mode only: while the forward is traced (`blocks.tracing`) they step aside,
+since an exported graph takes any values.
 """
 import torch
 
-
-def tracing() -> bool:
-    """True while torch.export, the dynamo ONNX exporter, torch.compile or torch.jit.trace captures the forward."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def mask_if_padded(mask: torch.Tensor) -> torch.Tensor | None:
-    """`mask` (True = real cell), or None in eager mode when every cell is real: without a mask SDPA picks its
-    fastest kernel and the deformable attention skips masking its values. While tracing always `mask`."""
-    if tracing():
-        return mask
-    return None if bool(mask.all()) else mask
+from .blocks import tracing
 
 
 def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, num_channels: int,

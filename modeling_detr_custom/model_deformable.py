@@ -21,14 +21,14 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .class_head import class_head_outputs, init_class_head_bias_
-from .blocks import fp32_on_cpu
+from .blocks import fp32_on_cpu, inverse_sigmoid, mask_if_padded, mlp
 from .configuration_detr_custom import DetrCustomConfig
-from .decoder_deformable import DetrCustomDeformableDecoder, inverse_sigmoid, mlp
+from .decoder_deformable import DetrCustomDeformableDecoder
 from .denoising import denoising_groups, denoising_indices
 from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
-from .inputs_detr_custom import check_pixel_inputs, mask_if_padded
+from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
                          projection, valid_ratios)
 from .position_encoding import build_position_embedding

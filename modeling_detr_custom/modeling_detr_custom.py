@@ -26,7 +26,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
-from .blocks import fp32_on_cpu
+from .blocks import fp32_on_cpu, mask_if_padded
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
@@ -36,7 +36,7 @@ from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import apply_fast_paths
-from .inputs_detr_custom import check_pixel_inputs, mask_if_padded
+from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
 from .position_encoding import build_position_embedding

@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
+from .blocks import tracing
 from .configuration_detr_custom import DetrCustomConfig
-from .inputs_detr_custom import tracing
 
 
 class DetrCustomSinePositionEmbedding(nn.Module):

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .blocks import mlp
 from .class_head import class_head_outputs
 from .configuration_detr_custom import uses_sigmoid_classes
-from .decoder_deformable import mlp
 
 # proposal width and height at the finest level, doubled at each coarser one (Deformable DETR, RT-DETR's grid_size)
 PROPOSAL_SIZE = 0.05
