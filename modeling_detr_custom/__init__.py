@@ -9,9 +9,10 @@ One concept per file, as in facebookresearch/detr's models/: `configuration_detr
 (outputs, models, box head, and the seam choosing the encoder / decoder by `config.encoder_type` / `decoder_type`);
 its parts `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`, `decoder_detr.py`,
 `blocks.py` (shared blocks); the CPU speed-ups as one pass in `fast_paths.py` (`apply_fast_paths`, applied to every
-model built, and `remove_fast_paths`); `loss_detr_custom.py` and `box_ops.py`; the image processor; `checkpoint_conversion.py` (key rules,
-transformers checkpoints in `from_pretrained`). Those travel as remote code. `convert.py` (original checkpoints and
-the CLI) sits above the model: it imports the model, nothing in the model imports it.
+model built, and `remove_fast_paths`); `loss_detr_custom.py` and `box_ops.py`; the image processor;
+`checkpoint_conversion.py` (key rules, transformers checkpoints in `from_pretrained`). Those travel as remote code.
+`convert.py` (original checkpoints and the CLI) sits above the model: it imports the model, nothing in the model
+imports it.
 """
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
