@@ -8,13 +8,16 @@ loads anywhere with `trust_remote_code=True`.
 One concept per file, as in facebookresearch/detr's models/: `configuration_detr_custom.py`; `modeling_detr_custom.py`
 (outputs, models, box head, and the seam choosing the encoder / decoder by `config.encoder_type` / `decoder_type`);
 its parts `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`, `decoder_detr.py`,
-`fast_paths.py`; `loss_detr_custom.py` and `box_ops.py`; the image processor; `checkpoint_conversion.py` (key rules,
-transformers checkpoints in `from_pretrained`). Those travel as remote code. `convert.py` (original checkpoints and
-the CLI) sits above the model: it imports the model, nothing in the model imports it.
+`blocks.py` (shared blocks); the CPU speed-ups as one pass in `fast_paths.py` (`apply_fast_paths`, applied to every
+model built, and `remove_fast_paths`); `loss_detr_custom.py` and `box_ops.py`; the image processor;
+`checkpoint_conversion.py` (key rules, transformers checkpoints in `from_pretrained`). Those travel as remote code.
+`convert.py` (original checkpoints and the CLI) sits above the model: it imports the model, nothing in the model
+imports it.
 """
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
 from .configuration_detr_custom import DetrCustomConfig
+from .fast_paths import apply_fast_paths, remove_fast_paths
 from .image_processing_detr_custom import DetrCustomImageProcessor
 from .loss_detr_custom import DetrCustomLoss, HungarianMatcher
 from .modeling_detr_custom import (
@@ -37,6 +40,8 @@ __all__ = [
     "DetrCustomSigmoidObjectDetectionOutput",
     "DetrCustomLoss",
     "HungarianMatcher",
+    "apply_fast_paths",
+    "remove_fast_paths",
 ]
 
 AutoConfig.register(DetrCustomConfig.model_type, DetrCustomConfig, exist_ok=True)

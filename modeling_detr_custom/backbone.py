@@ -1,8 +1,8 @@
 """The backbone: a timm `features_only` model whose last feature map feeds the transformer, with its mask.
 
-Holds the stem freezing of the original DETR and batch-independent inference (`forward_per_size`); the folded
-BatchNorm and channels_last fast paths it switches on come from `fast_paths.py`, the loading of a local weights file
-(`config.backbone_weights`) from `backbone_weights.py`.
+Holds the stem freezing of the original DETR and batch-independent inference (`forward_per_size`); the loading of a
+local weights file (`config.backbone_weights`) comes from `backbone_weights.py`. Plain PyTorch: the folded BatchNorm
+and channels_last speed-ups are the pass in `fast_paths.py`, which overrides `run_body`.
 """
 import contextvars
 
@@ -11,13 +11,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
-from transformers.utils import logging
 
 from .backbone_weights import keys_dropped_by_features_only, load_backbone_weights
 from .configuration_detr_custom import DetrCustomConfig
-from .fast_paths import FAST_PATH_MIN_PIXELS, INFERENCE_FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
-
-logger = logging.get_logger(__name__)
 
 # True while `DetrCustomPreTrainedModel.from_pretrained` builds the model: the checkpoint holds every weight, so timm
 # must not fetch ImageNet weights that would be overwritten anyway (transformers' DETR does, transformers#15764)
@@ -75,12 +71,6 @@ class DetrCustomBackbone(nn.Module):
         if getattr(config, "backbone_first_block_shortcut", False):
             add_first_block_shortcut(body, config.backbone)
         self.body = freeze_batch_norm_2d(body) if config.freeze_batch_norm else body
-        # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
-        self.fold_batch_norm = config.freeze_batch_norm
-        self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
-        # without autograd and with frozen BatchNorm (the fold cached): from any size
-        self.inference_fast_path_min_pixels = INFERENCE_FAST_PATH_MIN_PIXELS
-        self._folded = None
         self.num_channels = self.body.feature_info.channels()[-1]     # 2048 for resnet50
         if config.freeze_backbone_stem:
             self._freeze_stem_and_first_stage()
@@ -103,29 +93,9 @@ class DetrCustomBackbone(nn.Module):
             inside_seen |= inside
             parameter.requires_grad_(False)
 
-    def folded_body(self) -> nn.Module:
-        """`self.body` with each frozen BatchNorm folded into the convolution before it (`fold_frozen_batch_norm`):
-        the same parameters and buffers, fewer passes over the activations. Built once, never in the state_dict."""
-        if self._folded is None or self._folded[0] is not self.body:
-            try:
-                folded = fold_frozen_batch_norm(self.body)
-            except Exception as error:  # noqa: BLE001 - a timm model that torch.fx cannot trace runs unfolded
-                logger.warning_once(f"cannot fold the BatchNorm of backbone {type(self.body).__name__}: {error}")
-                folded = self.body
-            self._folded = (self.body, folded)                         # a tuple: not registered as a submodule
-        return self._folded[1]
-
     def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The body's feature maps (those of `out_indices`), through the fast paths on large enough images."""
-        body = self.body
-        inference = self.fold_batch_norm and not torch.is_grad_enabled()
-        threshold = self.inference_fast_path_min_pixels if inference else self.fast_path_min_pixels
-        if pixel_values.shape[-2] * pixel_values.shape[-1] >= threshold:
-            body = self.folded_body() if self.fold_batch_norm else self.body
-            # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU; trained ones may switch back to
-            # NCHW where its backward is faster (`cpu_backward_layout`)
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return body(pixel_values)
+        """The body's feature maps (those of `out_indices`)."""
+        return self.body(pixel_values)
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.run_body(pixel_values)[-1]                     # [batch, channels, height, width]

@@ -18,24 +18,8 @@ from transformers.utils import ModelOutput
 
 from .attention_deformable import DetrCustomDeformableAttention
 from .attention_mha import DetrCustomAttention
+from .blocks import inverse_sigmoid, post_norm_feed_forward
 from .configuration_detr_custom import DetrCustomConfig
-from .encoder_detr import post_norm_feed_forward
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (matches Deformable DETR's util/misc.py)."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn.Sequential:
-    """Linear layers with ReLU between them (Deformable DETR's and RT-DETR's MLP): the box heads, the query position
-    head and the query selection's box head."""
-    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-    layers = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_mha import DetrCustomAttention
+from .blocks import post_norm_feed_forward
 from .configuration_detr_custom import DetrCustomConfig
-from .encoder_detr import post_norm_feed_forward
 
 
 class DetrCustomDecoderLayer(GradientCheckpointingLayer):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import inverse_sigmoid
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .decoder_deformable import inverse_sigmoid
 
 
 @dataclass

@@ -21,8 +21,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_deformable import DetrCustomDeformableAttention
+from .blocks import post_norm_feed_forward
 from .configuration_detr_custom import DetrCustomConfig
-from .encoder_detr import post_norm_feed_forward
 
 
 def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,14 @@ output_hidden_states)`, with source and positions `[batch, height * width, d_mod
 `[batch, height * width]` (True = real cell; None = no padding), and returns `(memory, hidden_states, attentions)`:
 the memory `[batch, height * width, d_model]`, then the per-layer tuples or None.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_mha import DetrCustomAttention
+from .blocks import post_norm_feed_forward
 from .configuration_detr_custom import DetrCustomConfig
-
-
-def post_norm_feed_forward(layer: nn.Module, hidden_states: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """The FFN block that ends every post-norm layer here (encoders and decoders, as DETR's and Deformable DETR's):
-    `norm(x + dropout(linear2(dropout(activation(linear1(x))))))`, with the layer's `linear1`, `linear2`,
-    `activation`, `dropout` and `activation_dropout`."""
-    ffn = layer.activation(layer.linear1(hidden_states))
-    ffn = layer.linear2(F.dropout(ffn, layer.activation_dropout, layer.training))
-    return norm(hidden_states + F.dropout(ffn, layer.dropout, layer.training))
 
 
 class DetrCustomEncoderLayer(GradientCheckpointingLayer):

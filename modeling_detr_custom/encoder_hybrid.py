@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_paths import _like_input, cached_fold, conv_batch_norm, folded_conv_batch_norm
 
 # RT-DETR's: SiLU after the fusion convs, 3 RepVGG blocks per CSP block, BatchNorm eps 1e-5
 ACTIVATION = nn.SiLU
@@ -34,7 +33,7 @@ class ConvNormLayer(nn.Module):
         self.activation = nn.Identity() if activation is None else activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(conv_batch_norm(self.conv, self.norm, x))
+        return self.activation(self.norm(self.conv(x)))
 
 
 class RepVggBlock(nn.Module):
@@ -47,19 +46,9 @@ class RepVggBlock(nn.Module):
         self.activation = ACTIVATION()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.activation(self.conv1(x) + self.conv2(x))
-
-        # eval: RepVGG's re-parameterization, both branches as one 3x3 convolution (the 1x1 kernel at its centre)
-        def fold():
-            weight3, bias3 = folded_conv_batch_norm(self.conv1.conv, self.conv1.norm)
-            weight1, bias1 = folded_conv_batch_norm(self.conv2.conv, self.conv2.norm)
-            return _like_input(weight3 + F.pad(weight1, [1, 1, 1, 1]), x), bias3 + bias1
-
-        sources = tuple(t for layer in (self.conv1, self.conv2) for t in (
-            layer.conv.weight, layer.norm.weight, layer.norm.bias, layer.norm.running_mean, layer.norm.running_var))
-        weight, bias = cached_fold(self, sources, x, fold)
-        return self.activation(self.conv1.conv._conv_forward(x, weight, bias))
+        # the speed-up pass (`fast_paths.py`) merges both branches into one 3x3 convolution at inference (RepVGG's
+        # re-parameterization)
+        return self.activation(self.conv1(x) + self.conv2(x))
 
 
 class CSPRepLayer(nn.Module):

@@ -1,14 +1,23 @@
-"""Speed-ups that give the outputs of the plain path: frozen BatchNorm folded into the convolution before it, the
-trained convolutions' layout chosen for this CPU's backward kernels, and the transformer kept in fp32 under CPU
-autocast.
+"""The CPU speed-ups as one pass over a built model: frozen BatchNorm folded into the convolution before it (the
+backbone, traced with torch.fx, each conv + BatchNorm + ReLU then one oneDNN convolution with post-ops at inference),
+channels_last convolutions, the trained convolutions' layout chosen for this CPU's backward kernels, eval-mode
+BatchNorm folded into its convolution (RT-DETR's hybrid encoder and BatchNorm projections) and RepVGG's two branches
+merged into one 3x3 convolution at inference, with the folded weights cached while their sources are unchanged.
+The outputs are those of the plain model (fp32 rounding).
 
-Used by `backbone.py` (the fold, together with channels_last, from `FAST_PATH_MIN_PIXELS` pixels per image in
-training and `INFERENCE_FAST_PATH_MIN_PIXELS` at inference) and by
-`modeling_detr_custom.py` (`fp32_on_cpu`); `cpu_bf16_support` tells callers (the training script, benchmarks)
-whether bf16 autocast can pay off on this CPU, `cpu_backward_layout` which layout trained convolutions run in.
-tests/test_fast_paths.py checks each against the plain path; benchmarks/bench_model.py times them.
+The model files are plain PyTorch. `apply_fast_paths(model)` converts a built model in place: each module with a
+speed-up gets its fast class (`FAST_CLASSES`, a subclass with the same parameters, buffers and state_dict keys),
+whose forward picks the fast or the plain path per call by the measured rules below (the fold and channels_last
+from `FAST_PATH_MIN_PIXELS` pixels per image with autograd, from any size at inference with frozen BatchNorm; the
+folds at inference only). `DetrCustomPreTrainedModel.post_init` applies it to every model it builds, so a model as
+built or loaded runs fast; `remove_fast_paths(model)` gives the plain classes back. While the forward is traced
+(torch.export, the ONNX exporter) every fast class runs its plain forward, so exported graphs hold standard operators
+only.
+
+`cpu_bf16_support` tells callers (the training script, benchmarks) whether bf16 autocast can pay off on this CPU,
+`cpu_backward_layout` which layout trained convolutions run in. tests/test_fast_paths.py checks each against the
+plain path; benchmarks/bench_model.py times them.
 """
-import contextlib
 import functools
 import operator
 import os
@@ -17,8 +26,17 @@ import weakref
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as timm's freeze_batch_norm_2d makes it
 from torch import nn
+from transformers.utils import logging
+
+from .backbone import DetrCustomBackbone
+from .blocks import tracing
+from .encoder_hybrid import ConvNormLayer, RepVggBlock
+from .multiscale import ConvNormProjection, DetrCustomMultiScaleBackbone
+
+logger = logging.get_logger(__name__)
 
 # fold and channels_last from this many pixels per image with autograd (training): below, the per-call pass over the
 # weights and the layout changes cost more than they save (2 x 160 x 128, resnet18: 92 ms plain, 177 ms folded; R50
@@ -100,8 +118,10 @@ class ConvFrozenBatchNorm2dReLU(nn.Module):
 
 
 def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.ndim == 4 and torch.backends.mkldnn.enabled
-            and _pointwise_convolution_available() and isinstance(conv.padding, tuple)
+    # while exporting: the plain convolution, so that the graph holds standard operators only
+    return (not torch.is_grad_enabled() and not tracing() and x.device.type == "cpu" and x.ndim == 4
+            and torch.backends.mkldnn.enabled and _pointwise_convolution_available()
+            and isinstance(conv.padding, tuple)
             and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16))
 
 
@@ -121,7 +141,7 @@ def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
     counter. Refolding the backbone's weights at every call cost ~25 ms per image (R18 and R50, 640 x 640). With
     autograd it always refolds, so that gradients reach the sources and no inference-mode tensor is saved for
     backward."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or tracing():    # a captured graph folds from its parameters: no cache
         return fold()
     key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources),
            x.is_contiguous(memory_format=torch.channels_last), x.dtype, x.device, torch.is_inference_mode_enabled())
@@ -229,19 +249,6 @@ def _fuse_relu(graph: torch.fx.Graph, modules: dict) -> None:
             graph.erase_node(dead)
 
 
-@contextlib.contextmanager
-def fp32_on_cpu(tensor: torch.Tensor):
-    """Under CPU autocast, runs the block in fp32 (yields `tensor` as float); elsewhere changes nothing.
-
-    On CPU, bf16 autocast pays off in the backbone's convolutions (~2x); the transformer and heads are under 15 % of
-    the time, and in bf16 they moved the boxes of a random R50 by 7 px at 800x1066 (0.5 px with them in fp32)."""
-    if tensor.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            yield tensor.float()
-    else:
-        yield tensor
-
-
 _last_copy = (None, None, None)        # (weakref to a channels_last input, its version, weakref to its NCHW copy)
 
 
@@ -299,3 +306,130 @@ def cpu_bf16_support() -> tuple[bool, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     return False, (f"the CPU has neither AVX512_BF16 nor AMX (torch's capability: {capability}), so bf16 is emulated "
                    "with fp32 instructions and runs several times slower than fp32")
+
+
+class _FastPaths:
+    """Mixin of the fast classes: `plain_class` is the architecture class it speeds up."""
+
+    plain_class: type
+
+
+class _FastBackbone(_FastPaths):
+    """The backbone's body through the folded BatchNorm and channels_last on large enough images
+    (`FAST_PATH_MIN_PIXELS`; at inference with frozen BatchNorm from any size)."""
+
+    def _init_fast_paths(self):
+        # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
+        self.fold_batch_norm = any(isinstance(m, FrozenBatchNorm2d) for m in self.body.modules())
+        self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
+        # without autograd and with frozen BatchNorm (the fold cached): from any size
+        self.inference_fast_path_min_pixels = INFERENCE_FAST_PATH_MIN_PIXELS
+        self._folded = None
+
+    def folded_body(self) -> nn.Module:
+        """`self.body` with each frozen BatchNorm folded into the convolution before it (`fold_frozen_batch_norm`):
+        the same parameters and buffers, fewer passes over the activations. Built once, never in the state_dict."""
+        if self._folded is None or self._folded[0] is not self.body:
+            try:
+                folded = fold_frozen_batch_norm(self.body)
+            except Exception as error:  # noqa: BLE001 - a timm model that torch.fx cannot trace runs unfolded
+                logger.warning_once(f"cannot fold the BatchNorm of backbone {type(self.body).__name__}: {error}")
+                folded = self.body
+            self._folded = (self.body, folded)                         # a tuple: not registered as a submodule
+        return self._folded[1]
+
+    def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if tracing():            # an exported graph holds the plain body (its runtime does its own fusions)
+            return super().run_body(pixel_values)
+        body = self.body
+        inference = self.fold_batch_norm and not torch.is_grad_enabled()
+        threshold = self.inference_fast_path_min_pixels if inference else self.fast_path_min_pixels
+        if pixel_values.shape[-2] * pixel_values.shape[-1] >= threshold:
+            body = self.folded_body() if self.fold_batch_norm else self.body
+            # channels_last: oneDNN's convolutions are ~1.4x faster in NHWC on CPU; trained ones may switch back to
+            # NCHW where its backward is faster (`cpu_backward_layout`)
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return body(pixel_values)
+
+
+class FastBackbone(_FastBackbone, DetrCustomBackbone):
+    plain_class = DetrCustomBackbone
+
+
+class FastMultiScaleBackbone(_FastBackbone, DetrCustomMultiScaleBackbone):
+    plain_class = DetrCustomMultiScaleBackbone
+
+
+class FoldedConvNormLayer(_FastPaths, ConvNormLayer):
+    """conv + BatchNorm (+ activation) of the hybrid encoder; in eval mode one folded convolution."""
+
+    plain_class = ConvNormLayer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            return super().forward(x)
+        return self.activation(conv_batch_norm(self.conv, self.norm, x))
+
+
+class FoldedProjection(_FastPaths, ConvNormProjection):
+    """A level projection; with BatchNorm in eval mode one folded convolution."""
+
+    plain_class = ConvNormProjection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm = self
+        if tracing() or not isinstance(norm, nn.BatchNorm2d):
+            return super().forward(x)
+        return conv_batch_norm(conv, norm, x)
+
+
+class MergedRepVggBlock(_FastPaths, RepVggBlock):
+    """RepVGG's re-parameterization at inference: both branches as one 3x3 convolution (the 1x1 kernel at its
+    centre), folded from the live weights and cached while they are unchanged (`cached_fold`)."""
+
+    plain_class = RepVggBlock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or tracing():
+            return super().forward(x)
+
+        def fold():
+            weight3, bias3 = folded_conv_batch_norm(self.conv1.conv, self.conv1.norm)
+            weight1, bias1 = folded_conv_batch_norm(self.conv2.conv, self.conv2.norm)
+            return _like_input(weight3 + F.pad(weight1, [1, 1, 1, 1]), x), bias3 + bias1
+
+        sources = tuple(t for layer in (self.conv1, self.conv2) for t in (
+            layer.conv.weight, layer.norm.weight, layer.norm.bias, layer.norm.running_mean, layer.norm.running_var))
+        weight, bias = cached_fold(self, sources, x, fold)
+        return self.activation(self.conv1.conv._conv_forward(x, weight, bias))
+
+
+# architecture class -> its fast class (exact types: a subclass of ours may compute something else)
+FAST_CLASSES = {fast.plain_class: fast for fast in (FastBackbone, FastMultiScaleBackbone, FoldedConvNormLayer,
+                                                    FoldedProjection, MergedRepVggBlock)}
+
+
+def apply_fast_paths(model: nn.Module) -> nn.Module:
+    """Converts `model` in place to its fast form and returns it: every module with a speed-up gets its fast class
+    (`FAST_CLASSES`): the same parameters, buffers and state_dict keys, the plain model's outputs. Idempotent.
+    Applied to every model `DetrCustomPreTrainedModel` builds; call it on a model after `remove_fast_paths`."""
+    for module in model.modules():
+        fast = FAST_CLASSES.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            if isinstance(module, _FastBackbone):
+                module._init_fast_paths()
+    return model
+
+
+def remove_fast_paths(model: nn.Module) -> nn.Module:
+    """The inverse of `apply_fast_paths`: every module back to its architecture class (and its fold caches dropped),
+    in place; returns `model`."""
+    for module in model.modules():
+        if isinstance(module, _FastPaths):
+            for name in ("fold_batch_norm", "fast_path_min_pixels", "inference_fast_path_min_pixels", "_folded",
+                         "_fold_cache"):
+                module.__dict__.pop(name, None)
+            module.__class__ = module.plain_class
+        module.__dict__.pop("_fold_cache", None)
+    return model

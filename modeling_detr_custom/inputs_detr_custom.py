@@ -1,7 +1,13 @@
 """The model's entry checks on `pixel_values` and `pixel_mask`: a clear error for each bad input, before any layer
 runs (a NaN image in training would otherwise reach the BatchNorm statistics of a trainable backbone first). Shared by
-the DETR path (`DetrCustomModel`) and the deformable one (`model_deformable.py`)."""
+the DETR path (`DetrCustomModel`) and the deformable one (`model_deformable.py`).
+
+The value checks (NaN / inf) run in eager mode only: while the forward is traced (`blocks.tracing`) they step aside,
+since an exported graph takes any values.
+"""
 import torch
+
+from .blocks import tracing
 
 
 def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, num_channels: int,
@@ -27,7 +33,8 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
         raise ValueError(
             f"pixel_values is {pixel_values.dtype} but the model's weights are {model_dtype}: cast the inputs "
             f"(pixel_values.to({model_dtype})) or the model (model.to(...)), or run under torch.autocast.")
-    if not bool(torch.isfinite(pixel_values).all()):               # one reduction; indices only on failure
+    # a value check: eager mode only (an exported graph takes any values)
+    if not tracing() and not bool(torch.isfinite(pixel_values).all()):   # one reduction; indices only on failure
         bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"pixel_values of images {bad} (batch indices) contain NaN or inf. Check how these "
                          "images were loaded and normalized.")

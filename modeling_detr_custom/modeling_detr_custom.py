@@ -11,9 +11,9 @@ output is the `memory`, the learned object queries are `query_pos` and the decod
 
 This file holds the outputs, the models and the box head; the parts are one concept per file, as in
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
-`decoder_detr.py`, `class_head.py`, `fast_paths.py`, the loss in `loss_detr_custom.py`, loading transformers
-checkpoints in `checkpoint_conversion.py`, Group DETR's query groups (`config.num_query_groups`) in
-`query_groups.py`.
+`decoder_detr.py`, `class_head.py`, shared blocks in `blocks.py`, the loss in `loss_detr_custom.py`, loading
+transformers checkpoints in `checkpoint_conversion.py`, Group DETR's query groups (`config.num_query_groups`) in
+`query_groups.py`. The CPU speed-ups are one pass over the built model (`fast_paths.py`, applied in `post_init`).
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,6 +26,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
+from .blocks import fp32_on_cpu, mask_if_padded
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
@@ -34,7 +35,7 @@ from .decoder_detr import DetrCustomDecoder
 from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
-from .fast_paths import fp32_on_cpu
+from .fast_paths import apply_fast_paths
 from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
@@ -153,8 +154,16 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["DetrCustomBackbone", "DetrCustomEncoderLayer", "DetrCustomDecoderLayer",
-                         "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer"]
+                         "DetrCustomMultiScaleBackbone", "DetrCustomDeformableDecoderLayer",
+                         "FastBackbone", "FastMultiScaleBackbone"]   # the backbones' fast classes (fast_paths.py)
     _keys_to_ignore_on_load_unexpected = [r"num_batches_tracked"] + EXTRA_GROUP_KEYS_TO_IGNORE
+
+    def post_init(self):
+        """transformers' post_init (weights, attention implementation), then the CPU speed-up pass
+        (`fast_paths.apply_fast_paths`): the architecture files are plain PyTorch, every model as built or loaded
+        runs the fast paths, which pick per call where they apply (and step aside while exporting)."""
+        super().post_init()
+        apply_fast_paths(self)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips a custom-code module without parameters of its own (it takes it for initialized); the
@@ -289,11 +298,10 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         else:
             features, feature_mask = self.backbone(pixel_values, pixel_mask)
         with fp32_on_cpu(features) as features:
-            has_padding = not bool(feature_mask.all())
-            memory_pos = self.position_embedding(feature_mask, has_padding).to(features.dtype)  # [batch, h * w, d]
+            # [batch, height * width]; None without padding (eager mode), see inputs_detr_custom.mask_if_padded
+            key_mask = mask_if_padded(feature_mask.flatten(1))
+            memory_pos = self.position_embedding(feature_mask, key_mask is not None).to(features.dtype)  # [b, h*w, d]
             source = self.input_proj(features).flatten(2).transpose(1, 2)      # [batch, height * width, d_model]
-            # without padding every key is valid: no mask lets SDPA pick its fastest kernel
-            key_mask = feature_mask.flatten(1) if has_padding else None       # [batch, height * width]
             memory, encoder_states, encoder_attentions = self.encoder(
                 source, memory_pos, key_mask, output_attentions, output_hidden_states)
             # the query_embed table; in training with K query groups all K, kept apart by the mask (query_groups.py)

@@ -17,7 +17,6 @@ from torch import nn
 
 from .backbone import DetrCustomBackbone, downsample_mask
 from .configuration_detr_custom import DetrCustomConfig
-from .fast_paths import conv_batch_norm
 
 # stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
 MIN_LEVEL_REDUCTION = 8
@@ -27,21 +26,21 @@ def _group_norm(d_model: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, d_model), d_model)   # 32 groups, or the most that divide d_model
 
 
-def projection(in_channels: int, d_model: int, norm: str, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+class ConvNormProjection(nn.Sequential):
+    """conv + norm, a level's projection (`projection`); its own class so that the speed-up pass (`fast_paths.py`)
+    finds the BatchNorm ones to fold."""
+
+
+def projection(in_channels: int, d_model: int, norm: str, kernel_size: int = 1, stride: int = 1
+               ) -> ConvNormProjection:
     """conv + GroupNorm (`norm="group"`, Deformable DETR's) or conv without bias + BatchNorm (`"batch"`, RT-DETR's:
     the norm's shift makes a bias redundant)."""
     conv = nn.Conv2d(in_channels, d_model, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm == "group")
-    return nn.Sequential(conv, _group_norm(d_model) if norm == "group" else nn.BatchNorm2d(d_model))
-
-
-def project(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` for a `projection`; a BatchNorm one runs folded into its convolution in eval mode."""
-    conv, norm = layer
-    return conv_batch_norm(conv, norm, x) if isinstance(norm, nn.BatchNorm2d) else layer(x)
+    return ConvNormProjection(conv, _group_norm(d_model) if norm == "group" else nn.BatchNorm2d(d_model))
 
 
 class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
-    """`backbone.DetrCustomBackbone` (frozen BatchNorm, stem freezing, `backbone_weights`, the fast paths) with every
+    """`backbone.DetrCustomBackbone` (frozen BatchNorm, stem freezing, `backbone_weights`) with every
     stage out; `forward` returns the levels: its last stages at stride >= 8, at most `num_feature_levels`, finest
     first."""
 
@@ -75,10 +74,10 @@ class DetrCustomMultiScaleProjection(nn.Module):
             for i in range(extra))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:   # per level [batch, d_model, h, w]
-        maps = [project(layer, feature) for layer, feature in zip(self.levels, features)]
+        maps = [layer(feature) for layer, feature in zip(self.levels, features)]
         source = features[-1]
         for extra in self.extra_levels:
-            source = project(extra, source)
+            source = extra(source)
             maps.append(source)
         return maps
 
@@ -103,7 +102,7 @@ def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:      # [batch, leve
 def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
     """Concatenate the levels row-major, finest first: memory [batch, sequence, d_model], memory_mask [batch,
     sequence] (True = real) and spatial_shapes as Python ints (so shapes never need a device sync)."""
-    spatial_shapes = [(int(level.shape[-2]), int(level.shape[-1])) for level in maps]
+    spatial_shapes = [tuple(level.shape[-2:]) for level in maps]   # ints (symbolic while exporting)
     memory = torch.cat([level.flatten(2).transpose(1, 2) for level in maps], 1)
     memory_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
     return memory, memory_mask, spatial_shapes

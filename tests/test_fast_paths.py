@@ -427,3 +427,31 @@ def test_cached_folds_follow_every_change_and_stay_out_of_training():
     with torch.no_grad():
         doubled = copy.deepcopy(model).double()(pixel_values.double(), pixel_mask).logits
     assert torch.allclose(doubled.float(), trained, atol=1e-3)
+
+
+def test_speed_ups_are_one_pass_over_a_plain_model():
+    """The architecture files are plain PyTorch: only the assembly (`modeling_detr_custom.py`, which applies the pass
+    in post_init) imports `fast_paths`; the pass swaps in the fast classes without touching the state_dict, and
+    `remove_fast_paths` gives the plain model, with the same outputs."""
+    from modeling_detr_custom.fast_paths import FAST_CLASSES, apply_fast_paths, remove_fast_paths
+    from modeling_detr_custom.testing_utils import package_import_graph
+
+    importers = {module for module, imported in package_import_graph().items() if "fast_paths" in imported}
+    assert importers == {"modeling_detr_custom"}
+    model = _model(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, two_stage=True,
+                   classification_loss="varifocal", projection_norm="batch", decoder_input_proj=True,
+                   position_embedding_type="sine_absolute").eval()
+    fast_classes = {type(m) for m in model.modules() if type(m) in set(FAST_CLASSES.values())}
+    assert {c.__name__ for c in fast_classes} == {"FastMultiScaleBackbone", "FoldedConvNormLayer",
+                                                  "FoldedProjection", "MergedRepVggBlock"}
+    keys = list(model.state_dict())
+    pixel_values, pixel_mask, _ = padded_batch(height=64, width=64)
+    with torch.no_grad():
+        fast = model(pixel_values, pixel_mask).logits
+        remove_fast_paths(model)
+        assert not any(type(m) in set(FAST_CLASSES.values()) for m in model.modules())
+        plain = model(pixel_values, pixel_mask).logits
+        apply_fast_paths(apply_fast_paths(model))          # idempotent
+        again = model(pixel_values, pixel_mask).logits
+    assert list(model.state_dict()) == keys
+    assert (fast - plain).abs().max() <= 1e-4 * plain.abs().max() and torch.equal(fast, again)
