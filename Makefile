@@ -60,7 +60,8 @@ bench-convergence: $(STAMP)  # each variant trains 1000 steps on the demo data: 
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench_convergence $(ARGS)
 
 # our presets against torchvision's Faster R-CNN, RetinaNet and FCOS on real microscopy tiles (the stardist wheel's
-# nuclei image), all from the ImageNet MobileNetV2 file; ~1 h for the five detectors on 2 quiet cores
+# nuclei image), all from the ImageNet MobileNetV2 file; ~1.5 h on 2 cores (Faster R-CNN alone ~1 h: RoIAlign's
+# backward is single-threaded on CPU)
 bench-real: $(STAMP) weights
 	$(PY) -m pip install --quiet -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench_real $(ARGS)
