@@ -8,9 +8,11 @@ from transformers.image_transforms import get_size_with_aspect_ratio
 
 from modeling_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.image_processing_detr_custom import get_resize_output_size
+from training.data import DetrCollator
 from training.transforms import (
-    PAPER_SCALES, RandomHorizontalFlip, RandomSizeCrop, crop, hflip, make_detr_transforms, objects_to_target, resize,
-    target_to_annotations,
+    PAPER_SCALES, BatchTransforms, Compose, Mosaic, PhotometricDistort, RandomHorizontalFlip, RandomIoUCrop,
+    RandomResize, RandomRotate90, RandomSizeCrop, RandomVerticalFlip, RandomZoomOut, ScaleJitter, crop, hflip,
+    make_detr_transforms, objects_to_target, resize, rotate90, target_to_annotations, vflip, with_augmentations,
 )
 
 
@@ -229,3 +231,135 @@ def test_flip_probability_and_crop_bounds():
         assert 20 <= image.width <= 40 and 20 <= image.height <= 30
     with pytest.raises(ValueError):
         RandomSizeCrop(50, 40)
+
+
+# --- RT-DETR / YOLO augmentations ----------------------------------------------------------------------------------
+
+def boxes_cover_bright_pixels(image, boxes, threshold=128, complete=True):
+    """Every box (rounded inward by a pixel) lies on bright pixels, and (complete) every bright pixel in some box."""
+    pixels = np.asarray(image.convert("L")) > threshold
+    covered = np.zeros_like(pixels)
+    for x0, y0, x1, y1 in np.asarray(boxes):
+        x0, y0, x1, y1 = int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+        assert pixels[y0 + 1:y1 - 1, x0 + 1:x1 - 1].all(), (x0, y0, x1, y1)
+        covered[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+    assert not complete or not (pixels & ~covered).any()
+
+
+def test_vflip_and_quarter_turn_move_boxes_with_pixels():
+    image = rectangle_image(100, 60, [(10, 5, 30, 25)])
+    flipped, target = vflip(image, make_target([(10, 5, 30, 25)]))
+    assert target["boxes_xyxy"].tolist() == [[10, 35, 30, 55]] == [foreground_box(flipped)]
+    turned, target = rotate90(image, make_target([(10, 5, 30, 25)]))
+    assert turned.size == (60, 100)
+    assert target["boxes_xyxy"].tolist() == [[5, 70, 25, 90]] == [foreground_box(turned)]
+    for _ in range(3):
+        turned, target = rotate90(turned, target)
+    assert target["boxes_xyxy"].tolist() == [[10, 5, 30, 25]] and turned.size == image.size
+
+
+def test_random_rotate90_and_vertical_flip_keep_boxes_on_pixels():
+    boxes = [(10, 5, 30, 25), (50, 30, 90, 55)]
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        image, target = RandomRotate90()(rectangle_image(100, 60, boxes), make_target(boxes), rng)
+        image, target = RandomVerticalFlip()(image, target, rng)
+        boxes_cover_bright_pixels(image, target["boxes_xyxy"])
+        assert target["category_id"].tolist() == [3, 4] and target["iscrowd"].tolist() == [1, 0]
+
+
+def test_zoom_out_places_image_and_boxes_together():
+    rng = np.random.default_rng(0)
+    image, target = RandomZoomOut(p=1.0, max_ratio=3.0)(rectangle_image(60, 40, [(10, 5, 30, 25)]),
+                                                        make_target([(10, 5, 30, 25)]), rng)
+    assert image.width > 60 and image.height > 40
+    assert [foreground_box(image)] == target["boxes_xyxy"].tolist()
+    with pytest.raises(ValueError, match="max_ratio"):
+        RandomZoomOut(max_ratio=0.5)
+
+
+def test_photometric_distort_changes_colours_not_boxes():
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    target = make_target([(10, 5, 30, 25)])
+    distorted, out = PhotometricDistort(p=1.0)(image, target, np.random.default_rng(1))
+    assert distorted.size == image.size and out is target
+    assert not np.array_equal(np.asarray(distorted), np.asarray(image))
+    again, _ = PhotometricDistort(p=1.0)(image, target, np.random.default_rng(1))
+    assert np.array_equal(np.asarray(again), np.asarray(distorted))   # deterministic under the generator
+
+
+def test_iou_crop_clips_drops_and_counts_keeping_ids_and_flags():
+    boxes = [(2, 2, 22, 22), (40, 10, 70, 40), (80, 50, 98, 78), (10, 60, 30, 75)]
+    transform = RandomIoUCrop(p=1.0, sampler_options=(0.0, 0.3))
+    cropped_any = False
+    for seed in range(20):
+        image, target = transform(rectangle_image(100, 80, boxes), make_target(boxes), np.random.default_rng(seed))
+        # SSD's rule: a box whose centre left the crop is dropped though part of it may still show
+        boxes_cover_bright_pixels(image, target["boxes_xyxy"], complete=False)
+        by_id = {int(i): (int(c), int(k)) for i, c, k in zip(target["id"], target["category_id"], target["iscrowd"])}
+        assert by_id == {i: (i - 97, 1 if i == 100 else 0) for i in by_id}   # ids keep their class and crowd flag
+        cropped_any |= image.size != (100, 80)
+        assert (target["boxes_xyxy"][:, 2:] <= [image.width, image.height]).all()
+    assert cropped_any and transform.dropped > 0
+
+
+def test_scale_jitter_scales_boxes_with_pixels_within_max_size():
+    boxes = [(20, 10, 60, 30)]
+    for seed in range(5):
+        image, target = ScaleJitter(0.5, 2.0, max_size=150)(rectangle_image(100, 50, boxes), make_target(boxes),
+                                                            np.random.default_rng(seed))
+        assert max(image.size) <= 150
+        assert np.allclose(foreground_box(image), target["boxes_xyxy"][0], atol=1.5)
+    with pytest.raises(ValueError, match="low <= high"):
+        ScaleJitter(2.0, 1.0)
+
+
+def test_mosaic_keeps_boxes_on_pixels_class_ids_and_crowd_flags():
+    images, targets = [], []
+    for k in range(4):
+        boxes = [(5 + 10 * k, 5, 25 + 10 * k, 30), (60, 40 + 5 * k, 90, 70)]
+        target = make_target(boxes)
+        target["id"] = target["id"] + 10 * k
+        images.append(rectangle_image(100, 80, boxes))
+        targets.append(target)
+    total = sum(len(t["boxes_xyxy"]) for t in targets)
+    mosaic = Mosaic(p=1.0, min_visible=0.0)
+    out_images, out_targets = mosaic(images, targets, np.random.default_rng(0))
+    originals = {int(i): (int(c), int(k)) for t in targets for i, c, k in zip(t["id"], t["category_id"], t["iscrowd"])}
+    for image, target in zip(out_images, out_targets):
+        assert image.size == (100, 80)
+        for box in target["boxes_xyxy"]:   # each box on bright pixels (boxes may touch: no exclusivity check)
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            assert (np.asarray(image.convert("L"))[y0 + 1:y1 - 1, x0 + 1:x1 - 1] > 128).all()
+        for i, c, k in zip(target["id"], target["category_id"], target["iscrowd"]):
+            assert originals[int(i)] == (int(c), int(k))
+    mosaic = Mosaic(p=1.0, min_visible=0.9)   # boxes cut by a quadrant edge are dropped, and counted
+    image, target = mosaic.combine(images, targets, np.random.default_rng(1))
+    assert len(target["boxes_xyxy"]) + mosaic.dropped == total and mosaic.dropped > 0
+
+
+def test_collate_applies_mosaic_and_augmentations_to_the_batch():
+    rows = []
+    for k in range(4):
+        pixels = np.zeros((80, 100, 3), dtype=np.uint8)
+        pixels[20:60, 30 + 2 * k:70 + 2 * k] = 255   # in the middle: every quadrant of a mosaic shows part of it
+        rows.append({"image_id": k + 1, "image": PIL.Image.fromarray(pixels),
+                     "objects": {"id": [k], "bbox": [[30 + 2 * k, 20, 40, 40]], "category_id": [7], "area": [1600.0],
+                                 "iscrowd": [0]}})
+    base = Compose([RandomResize([64], 96)])
+    transforms = with_augmentations(base, photometric_distort=0.5, zoom_out=0.5, zoom_out_max=2.0, iou_crop=0.8,
+                                    scale_jitter=[0.8, 1.2], mosaic=1.0, vertical_flip=True, rotate90=True,
+                                    max_size=96)
+    assert isinstance(transforms, BatchTransforms)
+    assert with_augmentations(base) is base   # all off: the pipeline as it was
+    collate = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}), {7: 0},
+                           transforms, seed=0)
+    batch = collate(rows)
+    assert batch["pixel_values"].shape[0] == 4 and max(batch["pixel_values"].shape[2:]) <= 96
+    assert all(set(label["class_labels"].tolist()) <= {0} for label in batch["labels"])
+    mosaic_only = DetrCollator(DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}), {7: 0},
+                               with_augmentations(base, mosaic=1.0), seed=0)
+    labels = mosaic_only(rows)["labels"]
+    assert sum(len(label["boxes"]) for label in labels) > 4   # mosaics hold boxes of several images
+    with pytest.raises(ValueError, match="scale_jitter"):
+        with_augmentations(base, scale_jitter=[0.5])

@@ -137,6 +137,24 @@ class DataArguments:
     crop_resize_scales: list[int] = field(default_factory=lambda: list(PAPER_CROP_RESIZE_SCALES))
     crop_size: list[int] = field(default_factory=lambda: list(PAPER_CROP_SIZE), metadata={
         "help": "Min and max side of the random crop."})
+    # augmentations as RT-DETR / YOLO use them (training.transforms.with_augmentations); all off by default
+    photometric_distort: float = field(default=0.0, metadata={
+        "help": "Probability of each colour change (brightness, contrast, saturation, hue; RT-DETR: 0.5). 0: off."})
+    zoom_out: float = field(default=0.0, metadata={
+        "help": "Probability of placing the image on a larger empty canvas (SSD / RT-DETR: 0.5). 0: off."})
+    zoom_out_max: float = field(default=4.0, metadata={"help": "Largest canvas side, in image sides (4)."})
+    iou_crop: float = field(default=0.0, metadata={
+        "help": "Probability of SSD's IoU-aware random crop (RT-DETR: 0.8). 0: off."})
+    scale_jitter: list[float] | None = field(default=None, metadata={
+        "help": "Two factors [low, high]: after the resize, scale by a factor drawn between them (capped at "
+                "max_size). None: off."})
+    mosaic: float = field(default=0.0, metadata={
+        "help": "Probability that a training image becomes a 2 x 2 mosaic of four images of its batch (YOLO). "
+                "0: off."})
+    vertical_flip: bool = field(default=False, metadata={
+        "help": "Random top-bottom flips (overhead and microscopy images, which have no 'up')."})
+    rotate90: bool = field(default=False, metadata={
+        "help": "Random quarter turns (0, 90, 180, 270 degrees; overhead and microscopy images)."})
     check_policy: str = field(default="skip", metadata={
         "help": "Bad images/boxes found by the dataset check: 'skip' (report them) or 'error'."})
     check_images: str = field(default="auto", metadata={

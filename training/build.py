@@ -28,7 +28,7 @@ from .data import (Categories, DetrCollator, check_dataset, check_same_categorie
                    load_hub_detection)
 from .data.check import warn_if_small
 from .ema import WeightEma, check_ema_arguments
-from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms
+from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms, with_augmentations
 
 logger = get_logger("training.train")
 
@@ -225,6 +225,11 @@ def build_loaders(train_dataset, val_dataset, *, processor, categories: Categori
                                                 data_args.crop_resize_scales, data_args.crop_size)
     else:
         train_transforms = Compose([RandomHorizontalFlip(), RandomResize(data_args.train_scales, data_args.max_size)])
+    train_transforms = with_augmentations(   # the RT-DETR / YOLO augmentations the config turns on (none by default)
+        train_transforms, photometric_distort=data_args.photometric_distort, zoom_out=data_args.zoom_out,
+        zoom_out_max=data_args.zoom_out_max, iou_crop=data_args.iou_crop, scale_jitter=data_args.scale_jitter,
+        mosaic=data_args.mosaic, vertical_flip=data_args.vertical_flip, rotate90=data_args.rotate90,
+        max_size=data_args.max_size)
     loader_kwargs = {"num_workers": data_args.num_workers, "persistent_workers": data_args.num_workers > 0}
     # the loader's own generator (reseeded each epoch) gives worker seeds, so starting an iterator never draws
     # from the global RNG: a run resumed mid-epoch sees the same augmentation and dropout streams

@@ -16,10 +16,12 @@ class DetrCollator:
 
     Each image becomes RGB first, exactly as the processor converts it (``pil_to_rgb_array``: 16-bit grayscale
     scaled, alpha on white, palette and CMYK through PIL), so a training or evaluation batch holds the same pixels
-    the processor gives for the same file. With ``transforms`` (``training.transforms.make_detr_transforms``), image
-    and boxes are then augmented and the processor does not resize again; without, the processor resizes to its own
-    ``size``. Crowd regions follow the processor's ``drop_crowd`` (default True: left out of the labels, counted in
-    ``num_dropped_crowd``); evaluation reads crowd boxes from the dataset rows, so COCOeval still ignores them.
+    the processor gives for the same file. With ``transforms`` (``training.transforms.make_detr_transforms``, with
+    ``with_augmentations``' steps), image and boxes are then augmented and the processor does not resize again (a
+    transform with a ``batch`` method, e.g. mosaic's ``BatchTransforms``, gets the whole batch at once); without,
+    the processor resizes to its own ``size``. Crowd regions follow the processor's ``drop_crowd`` (default True:
+    left out of the labels, counted in ``num_dropped_crowd``); evaluation reads crowd boxes from the dataset rows,
+    so COCOeval still ignores them.
 
     Randomness: with ``seed`` and no workers, batch k of epoch e on process ``rank`` draws from
     ``np.random.default_rng([seed, rank, epoch, k])`` (see ``set_epoch``): per-process streams that do not depend
@@ -78,19 +80,23 @@ class DetrCollator:
 
     def __call__(self, examples: list[dict]) -> dict | None:
         rng = self._rng() if self.transforms is not None else None   # drawn even if the batch is lost: same stream
-        images, annotations = [], []
+        images, targets, image_ids = [], [], []
         for example in examples:
             pixels = self._decode(example)
             if pixels is None:
                 continue
-            target = objects_to_target(example["objects"])
-            if self.transforms is not None:
-                image, target = self.transforms(PIL.Image.fromarray(pixels), target, rng)
-                pixels = np.asarray(image)
             images.append(pixels)
-            annotations.append(target_to_annotations(example["image_id"], target))
+            targets.append(objects_to_target(example["objects"]))
+            image_ids.append(example["image_id"])
         if not images:
             return None
+        if hasattr(self.transforms, "batch"):   # a batch-level step first (mosaic: images mix within the batch)
+            pil_images, targets = self.transforms.batch([PIL.Image.fromarray(p) for p in images], targets, rng)
+            images = [np.asarray(image) for image in pil_images]
+        elif self.transforms is not None:
+            pairs = [self.transforms(PIL.Image.fromarray(p), t, rng) for p, t in zip(images, targets)]
+            images, targets = [np.asarray(image) for image, _ in pairs], [target for _, target in pairs]
+        annotations = [target_to_annotations(i, target) for i, target in zip(image_ids, targets)]
         batch = self.image_processor(images, annotations=annotations, return_tensors="pt",
                                      category_id_to_label=self.category_id_to_label,
                                      do_resize=None if self.transforms is None else False)

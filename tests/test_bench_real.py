@@ -1,0 +1,51 @@
+"""The real-data benchmark end to end on a tiny subset: the stardist tiles are built from the installed package, one
+of our presets trains through the training script and a torchvision detector here, both evaluated by pycocotools on
+the held-out and the training split."""
+import importlib.util
+import json
+
+import pytest
+
+from benchmarks import bench_real, real_data
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("stardist") is None,
+                                reason="the real data ships in the stardist wheel: pip install -e '.[bench]'")
+
+
+def test_real_data_is_a_coco_folder_of_disjoint_regions(tmp_path):
+    folder = real_data.build(tmp_path / "nuclei")
+    splits = {split: json.loads((folder / "annotations" / f"instances_{split}2017.json").read_text())
+              for split in ("train", "val")}
+    assert len(splits["train"]["images"]) == 35 and len(splits["val"]["images"]) == 4
+    assert len(splits["train"]["annotations"]) > 250 and len(splits["val"]["annotations"]) > 30
+    for split, coco in splits.items():
+        for image in coco["images"]:
+            assert (folder / f"{split}2017" / image["file_name"]).is_file()
+        for annotation in coco["annotations"]:
+            x, y, w, h = annotation["bbox"]
+            image = coco["images"][annotation["image_id"] - 1]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
+    train_right = max(int(i["file_name"].split("_x")[1].split("_")[0]) + i["width"] for i in splits["train"]["images"])
+    val_left = min(int(i["file_name"].split("_x")[1].split("_")[0]) for i in splits["val"]["images"])
+    assert train_right < val_left   # the held-out tiles come from another region of the image
+
+
+def test_bench_real_runs_end_to_end_on_a_tiny_subset(tmp_path):
+    data = real_data.build(tmp_path / "nuclei")
+    result = bench_real.main(["--data-dir", str(data), "--detectors", "detr-demo,fasterrcnn", "--steps", "2",
+                              "--batch-size", "2", "--scales", "64", "--eval-size", "64", "--max-size", "96",
+                              "--max-train-images", "3", "--max-val-images", "2",
+                              "--output-dir", str(tmp_path / "out")])
+    rows = {row["detector"]: row for row in result["rows"]}
+    assert set(rows) == {"detr-demo", "fasterrcnn"}
+    for row in rows.values():
+        assert set(row) == set(bench_real.COLUMNS)
+        assert row["steps"] == 2 and row["train s"] > 0 and row["s/step"] > 0
+        for key in ("AP", "AP50", "AR@100", "train AP50"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["gap"] == pytest.approx(row["train AP50"] - row["AP50"])
+    (equal,) = result["equal_time"]
+    assert equal["detector"] == "detr-demo" and equal["against"] == "fasterrcnn"
+    text = (tmp_path / "out" / "bench_real.md").read_text()
+    assert "| detr-demo | 2 |" in text and "| fasterrcnn | 2 |" in text and "Command:" in text
+    assert (tmp_path / "out" / "detr-demo" / "run" / "metrics.json").is_file()   # trained by the training script

@@ -1,0 +1,36 @@
+"""training/configs/finetune_small.yaml, the config for a small dataset: it parses, turns on the augmentations and
+RT-DETR's pieces it documents, and trains a few steps through the training script."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training import train
+from training.arguments import parse_args
+
+CONFIG = Path(__file__).parents[1] / "training" / "configs" / "finetune_small.yaml"
+WEIGHTS = Path(__file__).parents[1] / ".weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_finetune_small_parses_with_its_recipe():
+    model_args, data_args, args = parse_args(["--config", str(CONFIG)])
+    assert model_args.two_stage and model_args.num_denoising > 0 and model_args.classification_loss == "varifocal"
+    assert data_args.vertical_flip and data_args.rotate90 and not data_args.random_crop
+    assert model_args.backbone_weights and args.eval_steps > 0
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="`make weights` fetches the MobileNetV2 file")
+def test_finetune_small_trains_a_few_steps(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])   # the config's weights path is relative to the repository root
+    values = yaml.safe_load(CONFIG.read_text())
+    values.update(data_dir=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=3, eval_steps=3,
+                  train_scales=[64, 80], eval_size=64, max_size=96, num_workers=0, per_device_train_batch_size=4,
+                  warmup_steps=1, logging_steps=1, report_to="none", num_prediction_images=0)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(values))
+    train.main(["--config", str(config)])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [record["step"] for record in metrics["train_history"]] == [1, 2, 3]
+    assert metrics["eval_history"][-1]["step"] == 3 and 0.0 <= metrics["eval_history"][-1]["AP"] <= 1.0
+    assert (tmp_path / "run" / "last" / "config.json").is_file()
