@@ -21,8 +21,6 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import CocoEvaluator
-
 logger = logging.getLogger("training.evaluation")
 
 
@@ -89,6 +87,8 @@ def score(predictions: list[dict], dataset, categories, label_to_category_id: di
     `categories`: training.data.Categories; the model's label i is category `categories.ids[i]` unless
     `label_to_category_id` says otherwise. An image the collator could not decode has no predictions: it leaves the
     ground truth too (a warning counts them)."""
+    from .metrics import CocoEvaluator   # here: detecting (detr-custom-predict) needs no pycocotools or datasets
+
     evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
                               label_to_category_id or categories.label_to_category_id)
     seen = {prediction["image_id"] for prediction in predictions}
