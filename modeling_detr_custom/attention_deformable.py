@@ -22,8 +22,8 @@ from transformers import initialization as init
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
     if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(height), int(width)) for height, width in spatial_shapes]
+        return [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+    return [(height, width) for height, width in spatial_shapes]   # ints, or symbolic sizes while exporting
 
 
 def multi_scale_deformable_attention(

@@ -16,6 +16,7 @@ from transformers.utils import logging
 from .backbone_weights import keys_dropped_by_features_only, load_backbone_weights
 from .configuration_detr_custom import DetrCustomConfig
 from .fast_paths import FAST_PATH_MIN_PIXELS, INFERENCE_FAST_PATH_MIN_PIXELS, fold_frozen_batch_norm
+from .inputs_detr_custom import tracing
 
 logger = logging.get_logger(__name__)
 
@@ -118,6 +119,8 @@ class DetrCustomBackbone(nn.Module):
     def run_body(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The body's feature maps (those of `out_indices`), through the fast paths on large enough images."""
         body = self.body
+        if tracing():            # an exported graph holds the plain body (its runtime does its own fusions)
+            return body(pixel_values)
         inference = self.fold_batch_norm and not torch.is_grad_enabled()
         threshold = self.inference_fast_path_min_pixels if inference else self.fast_path_min_pixels
         if pixel_values.shape[-2] * pixel_values.shape[-1] >= threshold:

@@ -20,6 +20,8 @@ import torch.fx
 from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as timm's freeze_batch_norm_2d makes it
 from torch import nn
 
+from .inputs_detr_custom import tracing
+
 # fold and channels_last from this many pixels per image with autograd (training): below, the per-call pass over the
 # weights and the layout changes cost more than they save (2 x 160 x 128, resnet18: 92 ms plain, 177 ms folded; R50
 # forward + backward at 2 x 192 x 256: 288 ms plain, 334 ms fast)
@@ -100,8 +102,10 @@ class ConvFrozenBatchNorm2dReLU(nn.Module):
 
 
 def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.ndim == 4 and torch.backends.mkldnn.enabled
-            and _pointwise_convolution_available() and isinstance(conv.padding, tuple)
+    # while exporting: the plain convolution, so that the graph holds standard operators only
+    return (not torch.is_grad_enabled() and not tracing() and x.device.type == "cpu" and x.ndim == 4
+            and torch.backends.mkldnn.enabled and _pointwise_convolution_available()
+            and isinstance(conv.padding, tuple)
             and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16))
 
 
@@ -121,7 +125,7 @@ def cached_fold(owner: nn.Module, sources: tuple, x: torch.Tensor, fold):
     counter. Refolding the backbone's weights at every call cost ~25 ms per image (R18 and R50, 640 x 640). With
     autograd it always refolds, so that gradients reach the sources and no inference-mode tensor is saved for
     backward."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or tracing():    # a captured graph folds from its parameters: no cache
         return fold()
     key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources),
            x.is_contiguous(memory_format=torch.channels_last), x.dtype, x.device, torch.is_inference_mode_enabled())

@@ -1,7 +1,27 @@
 """The model's entry checks on `pixel_values` and `pixel_mask`: a clear error for each bad input, before any layer
 runs (a NaN image in training would otherwise reach the BatchNorm statistics of a trainable backbone first). Shared by
-the DETR path (`DetrCustomModel`) and the deformable one (`model_deformable.py`)."""
+the DETR path (`DetrCustomModel`) and the deformable one (`model_deformable.py`).
+
+Also the one place where the forward looks at tensor values in Python: `tracing()` tells whether the forward is being
+captured (torch.export, the dynamo ONNX exporter, torch.compile, torch.jit.trace), and `mask_if_padded` gives the
+padding mask only when some cell is padding, in eager mode only. A captured graph must serve every input, so while
+tracing the value checks step aside and the mask is always used (the same numbers: a mask without padding masks
+nothing).
+"""
 import torch
+
+
+def tracing() -> bool:
+    """True while torch.export, the dynamo ONNX exporter, torch.compile or torch.jit.trace captures the forward."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def mask_if_padded(mask: torch.Tensor) -> torch.Tensor | None:
+    """`mask` (True = real cell), or None in eager mode when every cell is real: without a mask SDPA picks its
+    fastest kernel and the deformable attention skips masking its values. While tracing always `mask`."""
+    if tracing():
+        return mask
+    return None if bool(mask.all()) else mask
 
 
 def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, num_channels: int,
@@ -27,7 +47,8 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
         raise ValueError(
             f"pixel_values is {pixel_values.dtype} but the model's weights are {model_dtype}: cast the inputs "
             f"(pixel_values.to({model_dtype})) or the model (model.to(...)), or run under torch.autocast.")
-    if not bool(torch.isfinite(pixel_values).all()):               # one reduction; indices only on failure
+    # a value check: eager mode only (an exported graph takes any values)
+    if not tracing() and not bool(torch.isfinite(pixel_values).all()):   # one reduction; indices only on failure
         bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"pixel_values of images {bad} (batch indices) contain NaN or inf. Check how these "
                          "images were loaded and normalized.")

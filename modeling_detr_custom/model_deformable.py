@@ -28,7 +28,7 @@ from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
-from .inputs_detr_custom import check_pixel_inputs
+from .inputs_detr_custom import check_pixel_inputs, mask_if_padded
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
                          project, projection, valid_ratios)
 from .position_encoding import build_position_embedding
@@ -170,18 +170,16 @@ class DetrCustomDeformableDetector(nn.Module):
             else:
                 # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
                 level = maps[self.encoder_level]
-                has_padding = not bool(level_mask.all())
-                position = self.position_embedding(level_mask, has_padding).to(level.dtype)   # [batch, h * w, d]
+                key_mask = mask_if_padded(level_mask.flatten(1))               # [batch, h * w]; None: no padding
+                position = self.position_embedding(level_mask, key_mask is not None).to(level.dtype)   # [b, h*w, d]
                 encoded, encoder_states, encoder_attentions = self.encoder(
-                    level.flatten(2).transpose(1, 2), position, level_mask.flatten(1) if has_padding else None,
-                    output_attentions, output_hidden_states)
+                    level.flatten(2).transpose(1, 2), position, key_mask, output_attentions, output_hidden_states)
                 maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
                 if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
                     maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
                 if self.decoder_input_proj is not None:
                     maps = [project(layer, level) for layer, level in zip(self.decoder_input_proj, maps)]
                 memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
-            padded = not bool(memory_mask.all())          # without padding the decoder skips masking its values
             # K = num_query_groups groups of matching queries in training, one in eval mode
             num_groups = self.config.num_query_groups if self.training else 1
             query, reference, selected = self._matching_queries(memory, memory_mask, spatial_shapes, num_groups)
@@ -200,7 +198,7 @@ class DetrCustomDeformableDetector(nn.Module):
                     groups.attn_mask, groups.num_queries, num_groups, self.config.num_queries)
             decoded = self.decoder(
                 query, None, reference, memory, spatial_shapes, valid_ratios=ratios,
-                memory_mask=memory_mask if padded else None, box_heads=self.bbox_embed,
+                memory_mask=mask_if_padded(memory_mask), box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, self_attn_mask=self_attn_mask)
             logits = torch.stack([head(states) for head, states in zip(self.class_embed, decoded.intermediate)])
@@ -229,12 +227,11 @@ class DetrCustomDeformableDetector(nn.Module):
         level's sine encoding plus its level embedding. Returns (memory [batch, sequence, d_model], memory_mask
         [batch, sequence], spatial_shapes, the encoder's hidden states and attentions or None)."""
         memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)
-        padded = not bool(memory_mask.all())
-        position = torch.cat([self.position_embedding(mask, not bool(mask.all())) + self.level_embed[level]
+        value_mask = mask_if_padded(memory_mask)                 # None without padding (eager mode)
+        position = torch.cat([self.position_embedding(mask, value_mask is not None) + self.level_embed[level]
                               for level, mask in enumerate(masks)], 1).to(memory.dtype)   # [batch, sequence, d]
-        memory, states, attentions = self.encoder(memory, position, spatial_shapes, ratios,
-                                                  memory_mask if padded else None, output_attentions,
-                                                  output_hidden_states)
+        memory, states, attentions = self.encoder(memory, position, spatial_shapes, ratios, value_mask,
+                                                  output_attentions, output_hidden_states)
         return memory, memory_mask, spatial_shapes, states, attentions
 
     def _matching_queries(self, memory: torch.Tensor, memory_mask: torch.Tensor, spatial_shapes, num_groups: int

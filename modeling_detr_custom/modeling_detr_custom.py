@@ -35,7 +35,7 @@ from .encoder_deformable import DetrCustomDeformableEncoder
 from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import fp32_on_cpu
-from .inputs_detr_custom import check_pixel_inputs
+from .inputs_detr_custom import check_pixel_inputs, mask_if_padded
 from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
 from .position_encoding import build_position_embedding
@@ -289,11 +289,10 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         else:
             features, feature_mask = self.backbone(pixel_values, pixel_mask)
         with fp32_on_cpu(features) as features:
-            has_padding = not bool(feature_mask.all())
-            memory_pos = self.position_embedding(feature_mask, has_padding).to(features.dtype)  # [batch, h * w, d]
+            # [batch, height * width]; None without padding (eager mode), see inputs_detr_custom.mask_if_padded
+            key_mask = mask_if_padded(feature_mask.flatten(1))
+            memory_pos = self.position_embedding(feature_mask, key_mask is not None).to(features.dtype)  # [b, h*w, d]
             source = self.input_proj(features).flatten(2).transpose(1, 2)      # [batch, height * width, d_model]
-            # without padding every key is valid: no mask lets SDPA pick its fastest kernel
-            key_mask = feature_mask.flatten(1) if has_padding else None       # [batch, height * width]
             memory, encoder_states, encoder_attentions = self.encoder(
                 source, memory_pos, key_mask, output_attentions, output_hidden_states)
             # the query_embed table; in training with K query groups all K, kept apart by the mask (query_groups.py)

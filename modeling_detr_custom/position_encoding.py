@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .configuration_detr_custom import DetrCustomConfig
+from .inputs_detr_custom import tracing
 
 
 class DetrCustomSinePositionEmbedding(nn.Module):
@@ -25,8 +26,8 @@ class DetrCustomSinePositionEmbedding(nn.Module):
 
     def forward(self, feature_mask: torch.Tensor, has_padding: bool = True) -> torch.Tensor:
         """`has_padding=False` promises `feature_mask.all()`: the encoding then depends on the shape only and is
-        computed once per shape."""
-        if has_padding:
+        computed once per shape (in eager mode)."""
+        if has_padding or tracing():      # a captured graph computes it: no cache, no shape-keyed dict
             return self._encode(feature_mask)
         batch, height, width = feature_mask.shape
         key = (height, width, feature_mask.device)

@@ -88,8 +88,7 @@ class DetrCustomQuerySelection(nn.Module):
                              f"{memory.shape[1]} positions {list(spatial_shapes)}: the images are too small for it. "
                              "Use larger images or fewer queries.")
         proposals, valid = encoder_proposals(memory_mask, spatial_shapes, memory.dtype)   # [batch, sequence, 4]
-        if not bool(valid.all()):                                            # padding or border positions
-            memory = memory.masked_fill(~valid[..., None], 0)
+        memory = memory.masked_fill(~valid[..., None], 0)                     # padding and border positions
         features = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_score_head(features)                                # [batch, sequence, classes]
         with torch.no_grad():
