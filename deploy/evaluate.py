@@ -65,8 +65,7 @@ def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, 
     detector = load_detector(model)
     dataset = load_validation(**data)
     categories, label_to_category_id = match_categories(detector.id2label, get_categories(dataset))
-    num_queries = getattr(getattr(detector.model, "config", None), "num_queries", None)
-    dataset, report = check_dataset(dataset, num_queries=num_queries)
+    dataset, report = check_dataset(dataset, num_queries=detector.num_queries)
     logger.info("data check: %s", report)
     dataset = dataset.cast_column("image", datasets.Image(decode=False))   # as training: pixels as stored
     category_id_to_label = {category_id: label for label, category_id in label_to_category_id.items()}

@@ -25,6 +25,7 @@ class Detector:
     id2label: dict[int, str]
     runtime: str                       # "pytorch", "onnxruntime" or "openvino"
     source: str
+    num_queries: int | None = None     # the dataset check's bound on boxes per image, as in training
     model: torch.nn.Module | None = field(default=None, repr=False)   # the PyTorch model, when it is one
 
     @torch.no_grad()
@@ -65,4 +66,4 @@ def load_detector(model: str, *, threads: int | None = None) -> Detector:
     network = DetrCustomForObjectDetection.from_pretrained(model).eval()
     processor = DetrCustomImageProcessor.from_pretrained(model)
     return Detector(forward=network.forward, processor=processor, id2label=dict(network.config.id2label),
-                    runtime="pytorch", source=str(model), model=network)
+                    runtime="pytorch", source=str(model), num_queries=network.config.num_queries, model=network)
