@@ -14,7 +14,8 @@ image's outputs as PyTorch does.
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
 file, weights kept in fp32 (the runtime's default precision is chosen when it is compiled: see exported.py).
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
-the largest difference of logits and boxes must stay within --tolerance (default 1e-4), else nothing is written.
+the largest difference of boxes, and of logits relative to their largest magnitude, must stay within --tolerance
+(default 1e-4), else nothing is written.
 """
 import argparse
 import json
@@ -101,8 +102,9 @@ def onnx_to_openvino(onnx_file: Path, output: Path) -> Path:
 
 
 def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
-    """max |file - PyTorch| of logits and pred_boxes on a padded batch of differently sized images (3, or the fixed
-    batch size), and on one image alone (where the batch is dynamic or 1)."""
+    """The largest |file - PyTorch| of pred_boxes, and of logits relative to their largest magnitude (at least 1), on
+    a padded batch of differently sized images (3, or the fixed batch size) and on one image alone (where the batch
+    is dynamic or 1)."""
     from .exported import load_exported
 
     runner = load_exported(file)
@@ -117,7 +119,8 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
         with torch.no_grad():
             expected = model(**inputs)
         got = runner.forward(**inputs)
-        differences[name] = {"logits": (expected.logits - got["logits"]).abs().max().item(),
+        scale = max(1.0, expected.logits.abs().max().item())   # logits: relative to their magnitude
+        differences[name] = {"logits": (expected.logits - got["logits"]).abs().max().item() / scale,
                              "pred_boxes": (expected.pred_boxes - got["pred_boxes"]).abs().max().item()}
     return differences
 
