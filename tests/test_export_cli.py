@@ -45,6 +45,7 @@ def exports(tmp_path_factory):
     return get
 
 
+@pytest.mark.timeout(1200)   # an export of a layout, converted, and two checks
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, name):
     _, model, processor, onnx_file, xml = exports(name)
@@ -78,8 +79,9 @@ def test_exported_files_give_the_folders_detections_and_ap(exports, tmp_path):
             assert got["bbox"] == pytest.approx(expected["bbox"], abs=1e-3)
 
 
+@pytest.mark.timeout(1200)   # one more export, on a busy machine
 def test_the_command_checks_and_writes_the_file(exports, tmp_path, capsys):
-    folder = exports("deformable")[0]
+    folder = exports("detr")[0]
     output = tmp_path / "fixed" / "model.xml"
     assert export_cli.main([str(folder), "--format", "openvino", "--output", str(output), "--batch_size", "2"]) == 0
     printed = capsys.readouterr().out
