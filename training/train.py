@@ -26,7 +26,7 @@ from .arguments import parse_args
 from .build import TrainingSetup, build, build_model  # noqa: F401 (build_model: the script's public phases)
 from .checkpoints import (RunState, exits_130_on_interrupt, load_checkpoint, record_evaluation, save_checkpoint,
                           save_model)
-from .metrics import CocoEvaluator
+from .evaluation import plain_forward, predict_loader, score
 from .report import finish
 
 logger = get_logger("training.train")   # accelerate's: logs on the main process only (in_order / main_process_only)
@@ -103,40 +103,20 @@ def evaluated_model(setup: TrainingSetup) -> torch.nn.Module:
     return setup.model if setup.ema is None else setup.ema.module
 
 
-@torch.no_grad()
 def evaluate(setup: TrainingSetup) -> dict:
     """COCO box metrics on the validation set, on the main process ({} on the others), of the model that is saved:
-    the trained one, or its average with --ema_decay."""
-    accelerator, model, processor = setup.accelerator, evaluated_model(setup), setup.processor
+    the trained one, or its average with --ema_decay. Through evaluation.py, as detr-custom-eval: each image
+    without its batch's padding and in the saved model's precision, so the number is what the saved folder gives."""
+    accelerator, model = setup.accelerator, evaluated_model(setup)
     model.eval()
-    predictions = []
-    for batch in tqdm(setup.val_loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        if batch is None:   # no image of this batch could be decoded: the collator logged each file
-            continue
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        target_sizes = torch.stack([label["orig_size"] for label in batch["labels"]])   # [batch, 2], (h, w)
-        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
-        for label, result in zip(batch["labels"], results):
-            detections = {name: value.cpu().tolist() for name, value in result.items()}
-            predictions.append({"image_id": int(label["image_id"]), **detections})
+    predictions, _ = predict_loader(plain_forward(accelerator.unwrap_model(model)), setup.processor,
+                                    setup.val_loader, progress=accelerator.is_local_main_process)
     predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
     if setup.ema is None:   # the average stays in eval mode
         model.train()
     if not accelerator.is_main_process:
         return {}
-    categories = setup.categories
-    evaluator = CocoEvaluator([{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
-                              categories.label_to_category_id)
-    # an image the collator could not decode has no predictions: it leaves the ground truth too, and is named
-    seen = {prediction["image_id"] for prediction in predictions}
-    references = [{"image_id": row["image_id"], "objects": row["objects"]}
-                  for row in setup.val_dataset.select_columns(["image_id", "objects"]) if row["image_id"] in seen]
-    if len(references) < len(setup.val_dataset):
-        logger.warning("evaluation: %d of %d validation images could not be decoded and are not evaluated (see the "
-                       "collator's warnings for the files)", len(setup.val_dataset) - len(references),
-                       len(setup.val_dataset))
-    evaluator.add(predictions, references)
-    return evaluator.compute()
+    return score(predictions, setup.val_dataset, setup.categories)
 
 
 def evaluate_and_save(setup: TrainingSetup, state: RunState, checkpoint: Path | None = None) -> None:

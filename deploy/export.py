@@ -1,0 +1,196 @@
+"""detr-custom-export: a detector folder -> an ONNX file (ONNX Runtime) or an OpenVINO IR (.xml + .bin), checked
+against PyTorch before it is reported written.
+
+    detr-custom-export outputs/demo/best --format onnx --output demo.onnx
+    detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
+
+The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixel_mask` [batch, height, width] int64
+(1 on real pixels, 0 on padding), its outputs `logits` and `pred_boxes` (cx, cy, w, h in [0, 1] of each image's
+unpadded region), the model's own: pre- and post-processing stay DetrCustomImageProcessor's, whose settings, the
+class names and the class activation travel in the file's metadata (detr-custom-predict and detr-custom-eval read
+them). Batch, height and width are dynamic in both formats (--batch_size fixes the batch); padded batches give each
+image's outputs as PyTorch does.
+
+ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
+file, weights kept in fp32 (the runtime's default precision is chosen when it is compiled: see exported.py).
+The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
+the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
+magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
+them apart, and the rounding differs), else nothing is written.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+
+FORMATS = {"onnx": ".onnx", "openvino": ".xml"}
+METADATA_KEY = "detr_custom"   # ONNX metadata_props key / OpenVINO rt_info section: processor, id2label, activation
+
+
+class LogitsAndBoxes(torch.nn.Module):
+    """The model with the exported signature: (pixel_values, pixel_mask) -> (logits, pred_boxes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        return outputs.logits, outputs.pred_boxes
+
+
+def metadata(model, processor: DetrCustomImageProcessor) -> str:
+    """What a runtime needs besides the graph, as one json string."""
+    activation = "sigmoid" if getattr(model.config, "classification_loss", "") in ("focal", "varifocal") else "softmax"
+    settings = processor.to_dict()
+    settings["class_activation"] = processor.class_activation or activation
+    return json.dumps({"processor": settings, "id2label": {str(k): v for k, v in model.config.id2label.items()},
+                       "num_queries": model.config.num_queries})
+
+
+def check_images(seed: int = 0) -> list[np.ndarray]:
+    """Three differently sized images (uint8 [height, width, 3]): pre-processed together they form a padded batch."""
+    generator = np.random.default_rng(seed)
+    return [generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            for height, width in ((480, 640), (640, 400), (500, 500))]
+
+
+def export_onnx(model, processor, output: Path, *, opset: int | None = None, batch_size: int | None = None) -> Path:
+    """`model` (eval mode) -> `output` (.onnx, one file), with dynamic batch (unless batch_size), height and width."""
+    from torch.export import Dim
+
+    images = check_images(1)
+    example = processor([images[i % len(images)] for i in range(batch_size or 2)], return_tensors="pt")
+    pixel_values, pixel_mask = example["pixel_values"], example["pixel_mask"]
+    size = Dim.AUTO
+    batch_dim = None if batch_size else Dim.AUTO
+    dynamic = {"pixel_values": {0: batch_dim, 2: size, 3: size}, "pixel_mask": {0: batch_dim, 1: size, 2: size}}
+    if batch_size:
+        dynamic = {name: {axis: dim for axis, dim in axes.items() if dim is not None}
+                   for name, axes in dynamic.items()}
+    kwargs = {} if opset is None else {"opset_version": opset}
+    with torch.no_grad():
+        program = torch.onnx.export(LogitsAndBoxes(model), (pixel_values, pixel_mask), dynamo=True,
+                                    input_names=["pixel_values", "pixel_mask"], output_names=["logits", "pred_boxes"],
+                                    dynamic_shapes=dynamic, external_data=False, **kwargs)
+    program.save(str(output), external_data=False)
+    import onnx
+
+    proto = onnx.load(str(output))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata(model, processor)
+    onnx.save(proto, str(output))
+    return output
+
+
+def onnx_to_openvino(onnx_file: Path, output: Path) -> Path:
+    """An ONNX file -> an OpenVINO IR (`output` .xml and its .bin), fp32 weights, the same metadata in rt_info."""
+    import onnx
+    import openvino
+
+    model = openvino.convert_model(str(onnx_file))
+    props = {entry.key: entry.value for entry in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+    model.set_rt_info(props[METADATA_KEY], [METADATA_KEY])
+    openvino.save_model(model, str(output), compress_to_fp16=False)
+    return output
+
+
+def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
+    """The largest |file - PyTorch| of pred_boxes, and of logits relative to their largest magnitude (at least 1), on
+    a padded batch of differently sized images (3, or the fixed batch size) and on one image alone (where the batch
+    is dynamic or 1)."""
+    from .exported import load_exported
+
+    runner = load_exported(file)
+    images = check_images()
+    checks = {"padded batch": [images[i % len(images)] for i in range(batch_size or len(images))]}
+    if batch_size in (None, 1):
+        checks["one image"] = images[:1]
+    differences = {}
+    for name, batch in checks.items():
+        inputs = processor(batch, return_tensors="pt")
+        inputs = {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+        with torch.no_grad():
+            expected = model(**inputs)
+        got = runner.forward(**inputs)
+        scale = max(1.0, expected.logits.abs().max().item())   # logits: relative to their magnitude
+        differences[name] = {"logits": (expected.logits - got["logits"]).abs().max().item() / scale,
+                             "pred_boxes": (expected.pred_boxes - got["pred_boxes"]).abs().max().item()}
+    return differences
+
+
+def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
+           tolerance: float = 1e-4, logits_tolerance: float = 1e-3) -> dict:
+    """The Python function behind detr-custom-export; returns the report (file, differences, seconds)."""
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
+    output = Path(output)
+    if output.suffix.lower() != FORMATS[format]:
+        raise ValueError(f"--output {output}: a {format} file ends in {FORMATS[format]}.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1 (or left out: dynamic), got {batch_size}.")
+    started = time.perf_counter()
+    model = DetrCustomForObjectDetection.from_pretrained(model_path).eval()
+    processor = DetrCustomImageProcessor.from_pretrained(model_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+        onnx_file = Path(scratch) / "model.onnx"
+        export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size)
+        written = Path(scratch) / output.name
+        if format == "onnx":
+            written = onnx_file
+        else:
+            onnx_to_openvino(onnx_file, written)
+        differences = largest_differences(model, processor, written, batch_size=batch_size)
+        worst = {key: max(d[key] for d in differences.values()) for key in ("pred_boxes", "logits")}
+        if not (worst["pred_boxes"] <= tolerance and worst["logits"] <= logits_tolerance):
+            raise RuntimeError(f"The exported {format} file disagrees with PyTorch: boxes by "
+                               f"{worst['pred_boxes']:.3g} (tolerance {tolerance:g}), logits by "
+                               f"{worst['logits']:.3g} (tolerance {logits_tolerance:g}), on {differences}; nothing "
+                               f"was written to {output}.")
+        written.replace(output)
+        if format == "openvino":
+            written.with_suffix(".bin").replace(output.with_suffix(".bin"))
+    dynamic = "height and width" if batch_size else "batch, height and width"
+    return {"file": str(output), "format": format, "differences": differences, "largest_differences": worst,
+            "dynamic": dynamic, "batch_size": batch_size, "seconds": time.perf_counter() - started}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="detr-custom-export", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a saved folder (best/, last/) or a transformers DETR / RT-DETR folder")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--output", required=True, help="the file: .onnx, or .xml for OpenVINO (.bin beside it)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--batch_size", type=int, help="a fixed batch size (default: dynamic)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest difference from PyTorch allowed on the check's boxes (cx, cy, w, h in [0, 1])")
+    parser.add_argument("--logits_tolerance", type=float, default=1e-3,
+                        help="the same for logits, relative to their largest magnitude (at least 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
+                        tolerance=args.tolerance, logits_tolerance=args.logits_tolerance)
+    except (ValueError, RuntimeError) as error:
+        print(f"detr-custom-export: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report['file']} ({report['format']}; dynamic {report['dynamic']}) in {report['seconds']:.0f} s")
+    for name, difference in report["differences"].items():
+        print(f"  checked against PyTorch on {name}: largest difference logits {difference['logits']:.2e}, "
+              f"boxes {difference['pred_boxes']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""MODEL arguments -> one `Detector`: a forward on padded batches, the processor, the class names.
+
+MODEL is one of our folders (save_pretrained: best/, last/), a transformers DETR / RT-DETR(v2) folder or Hub id
+(converted by `DetrCustomForObjectDetection.from_pretrained`), or an exported file (export.py: `.onnx` for ONNX
+Runtime, `.xml` for OpenVINO), which carries its processor settings and class names in its metadata.
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+@dataclass
+class Detector:
+    """forward(pixel_values=[B, 3, H, W], pixel_mask=[B, H, W]) -> outputs with `logits` and `pred_boxes` (torch)."""
+
+    forward: Callable
+    processor: DetrCustomImageProcessor
+    id2label: dict[int, str]
+    runtime: str                       # "pytorch", "onnxruntime" or "openvino"
+    source: str
+    num_queries: int | None = None     # the dataset check's bound on boxes per image, as in training
+    model: torch.nn.Module | None = field(default=None, repr=False)   # the PyTorch model, when it is one
+
+    @torch.no_grad()
+    def detect(self, images: list, threshold: float) -> tuple[list[dict], float]:
+        """PIL images / arrays -> (post-processed detections per image, seconds in forward + post-processing).
+        Each image runs without the others' padding (training/evaluation.py's detect_batch)."""
+        from training.evaluation import detect_batch
+
+        inputs = self.processor(images, return_tensors="pt")
+        target_sizes = torch.tensor([_image_size(image) for image in images])    # [batch, 2], (h, w)
+        started = time.perf_counter()
+        results = detect_batch(self.forward, self.processor, inputs["pixel_values"], inputs["pixel_mask"],
+                               target_sizes, threshold=threshold)
+        return results, time.perf_counter() - started
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an [H, W, C] array."""
+    if hasattr(image, "size") and not hasattr(image, "shape"):
+        width, height = image.size
+        return height, width
+    return tuple(image.shape[:2])
+
+
+def load_detector(model: str, *, threads: int | None = None) -> Detector:
+    """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file."""
+    path = Path(model)
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"{model}: no such file. Give an exported file (detr-custom-export writes one) or a "
+                             "model folder.")
+        from .exported import load_exported
+
+        return load_exported(path, threads=threads)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"{model} holds no config.json: give a folder saved by the training script (outputs/.../"
+                         "best or last), a transformers DETR / RT-DETR folder, or an exported .onnx / .xml file.")
+    network = DetrCustomForObjectDetection.from_pretrained(model).eval()
+    processor = DetrCustomImageProcessor.from_pretrained(model)
+    return Detector(forward=network.forward, processor=processor, id2label=dict(network.config.id2label),
+                    runtime="pytorch", source=str(model), num_queries=network.config.num_queries, model=network)

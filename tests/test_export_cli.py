@@ -1,0 +1,99 @@
+"""detr-custom-export: every preset and the RT-DETRv2 layout to ONNX and OpenVINO, each file against PyTorch on a
+padded batch of differently sized images and on one image; exported files give the folder's detections and AP
+through detr-custom-predict and detr-custom-eval."""
+import json
+
+import pytest
+from test_evaluate import centred_boxes_data
+from test_export import model_of
+from test_predict import centred_model
+
+from deploy import evaluate as eval_cli
+from deploy import export as export_cli
+from deploy import predict as predict_cli
+from deploy.runtimes import load_detector
+from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+LAYOUTS = ("detr", "deformable", "rtdetr", "rtdetr_v2")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Each layout's folder (DETR: test_predict's centred model, whose detections score on the centred boxes data),
+    exported once to ONNX and converted to OpenVINO, on first use (one layout per test: each export takes a while);
+    `exports(name)` -> (folder, model, processor, onnx, xml)."""
+    root, files = tmp_path_factory.mktemp("export"), {}
+
+    def get(name):
+        if name not in files:
+            folder = root / name
+            if name == "detr":
+                centred_model(folder)
+            else:
+                model_of(name).save_pretrained(folder)
+                DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+            model = DetrCustomForObjectDetection.from_pretrained(folder).eval()
+            processor = DetrCustomImageProcessor.from_pretrained(folder)
+            onnx_file = export_cli.export_onnx(model, processor, root / f"{name}.onnx")
+            xml = export_cli.onnx_to_openvino(onnx_file, root / f"{name}.xml")
+            files[name] = (folder, model, processor, onnx_file, xml)
+        return files[name]
+
+    return get
+
+
+@pytest.mark.timeout(1200)   # an export of a layout, converted, and two checks
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, name):
+    _, model, processor, onnx_file, xml = exports(name)
+    for fmt, file in (("onnx", onnx_file), ("openvino", xml)):
+        differences = export_cli.largest_differences(model, processor, file)
+        assert set(differences) == {"padded batch", "one image"}
+        for where, difference in differences.items():
+            # boxes to 1e-4; logits relative to their magnitude to 1e-3 (eager folds BatchNorm, the file does not)
+            assert difference["pred_boxes"] <= 1e-4 and difference["logits"] <= 1e-3, (name, fmt, where, difference)
+        print(name, fmt, differences)
+
+
+def test_exported_files_give_the_folders_detections_and_ap(exports, tmp_path):
+    folder, _, _, onnx_file, xml = exports("detr")
+    data = centred_boxes_data(tmp_path / "data")
+    annotation_file = data / "annotations" / "instances_val2017.json"
+    results, aps = {}, {}
+    for label, model in (("pytorch", folder), ("onnx", onnx_file), ("openvino", xml)):
+        predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / label), threshold=0.0,
+                            annotation_file=str(annotation_file), batch_size=3, progress=False)
+        results[label] = json.loads((tmp_path / label / "predictions.json").read_text())
+        aps[label] = eval_cli.evaluate_detector(str(model), data_dir=str(data), progress=False)
+    assert aps["pytorch"]["AP"] > 0
+    for label in ("onnx", "openvino"):
+        assert aps[label]["runtime"] != "pytorch"
+        assert aps[label]["AP"] == pytest.approx(aps["pytorch"]["AP"], abs=1e-6), label
+        assert len(results[label]) == len(results["pytorch"]) == 8 * 10
+        for got, expected in zip(results[label], results["pytorch"]):
+            assert (got["image_id"], got["category_id"]) == (expected["image_id"], expected["category_id"])
+            assert got["score"] == pytest.approx(expected["score"], abs=1e-5)
+            assert got["bbox"] == pytest.approx(expected["bbox"], abs=1e-3)
+
+
+@pytest.mark.timeout(1200)   # one more export, on a busy machine
+def test_the_command_checks_and_writes_the_file(exports, tmp_path, capsys):
+    folder = exports("detr")[0]
+    output = tmp_path / "fixed" / "model.xml"
+    assert export_cli.main([str(folder), "--format", "openvino", "--output", str(output), "--batch_size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "dynamic height and width" in printed and "checked against PyTorch on padded batch" in printed
+    assert output.is_file() and output.with_suffix(".bin").is_file()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.bin", "model.xml"]   # no scratch left
+    assert export_cli.main([str(folder), "--format", "onnx", "--output", str(tmp_path / "model.xml")]) == 2
+    assert "ends in .onnx" in capsys.readouterr().err
+    import onnx
+
+    proto = onnx.load(str(exports("detr")[3]))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ValueError, match="not written by detr-custom-export"):
+        load_detector(str(tmp_path / "bare.onnx"))
