@@ -1,15 +1,11 @@
 """The real-data benchmark end to end on a tiny subset: the stardist tiles are built from the installed package, one
 of our presets trains through the training script and a torchvision detector here, both evaluated by pycocotools on
 the held-out and the training split."""
-import importlib.util
 import json
 
 import pytest
 
 from benchmarks import bench_real, real_data
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("stardist") is None,
-                                reason="the real data ships in the stardist wheel: pip install -e '.[bench]'")
 
 
 def test_real_data_is_a_coco_folder_of_disjoint_regions(tmp_path):
