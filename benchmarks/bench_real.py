@@ -344,11 +344,10 @@ def equal_time_rows(results: dict) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A markdown table; the first column is the row's name (a detector, a lever)."""
     def cell(column, value):
-        if column == "detector":
-            return value
-        if column == "steps":
+        if isinstance(value, (str, int)):
             return str(value)
         if column == "train s":
             return f"{value:.0f}"
@@ -358,8 +357,8 @@ def format_table(rows: list[dict]) -> str:
             return f"{value[0]:.3f} ({value[1]})"
         return f"{value:+.3f}" if column == "gap" else f"{value:.3f}"
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
-    lines += ["| " + " | ".join(cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

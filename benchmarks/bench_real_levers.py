@@ -88,18 +88,7 @@ def main(argv=None) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(column, value):
-        if column == "lever":
-            return value
-        if column == "best AP50 (step)":
-            return f"{value[0]:.3f} ({value[1]})"
-        if column == "s/step":
-            return f"{value:.2f}"
-        return f"{value:+.3f}" if column == "gap" else f"{value:.3f}"
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
-    lines += ["| " + " | ".join(cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return bench_real.format_table(rows, COLUMNS)
 
 
 if __name__ == "__main__":
