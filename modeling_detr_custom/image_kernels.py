@@ -37,8 +37,8 @@ def pil_to_rgb_array(image: PIL.Image.Image, exif_transpose: bool = True, where:
     16-bit grayscale (I;16*, or I as Pillow opens 16-bit PNGs) is scaled 0..65535 -> 0..255 (PIL's own
     ``convert("RGB")`` saturates it to white); alpha (LA, RGBA, PA, P or RGB with transparency) is composited on
     white, as transformers' convert_to_rgb does; other modes go through PIL's ``convert("RGB")`` (F as PIL reads it,
-    0..255). ``exif_transpose`` applies the EXIF orientation (the training data path turns it off: COCO boxes are
-    drawn on the stored pixels). The training collate calls this too, so both paths give the same pixels.
+    0..255). ``exif_transpose`` applies the EXIF orientation (the training data path applies it too: boxes are
+    drawn on the upright view). The training collate calls this too, so both paths give the same pixels.
     """
     if image.mode not in SUPPORTED_PIL_MODES:
         raise ValueError(f"{where} has PIL mode {image.mode!r}, which has no defined conversion to RGB here; "

@@ -39,8 +39,8 @@ def _plot_history(history: list[dict], styles: dict[str, dict], path: Path, *, y
 
 
 def _open(image) -> PIL.Image.Image | None:
-    """The image as the model sees it (the processor's mode conversion, no EXIF rotation: COCO boxes are drawn on the
-    stored pixels), or None when it cannot be decoded (the collate has already named it)."""
+    """The image as the model sees it (the processor's mode conversion and EXIF orientation, as training reads
+    it), or None when it cannot be decoded (the collate has already named it)."""
     try:
         return PIL.Image.fromarray(decode_rgb(image))
     except DECODE_ERRORS:
