@@ -19,8 +19,9 @@ from tiny_run import run as _run
 from tiny_run import write_config as _config
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
-from training import build, checkpoints, train
+from training import build, checkpoints
 from training.checkpoints import check_output_dir, missing_files, save_model
+from training.metrics import CocoEvaluator
 
 REPO = Path(__file__).parents[1]
 
@@ -35,7 +36,7 @@ def test_failing_evaluation_keeps_the_checkpoint_of_its_step(tmp_path, data_dir,
     def broken_compute(self):
         raise RuntimeError("pycocotools broke")
 
-    monkeypatch.setattr(train.CocoEvaluator, "compute", broken_compute)
+    monkeypatch.setattr(CocoEvaluator, "compute", broken_compute)
     with pytest.raises(RuntimeError, match=r"Evaluation at step 2 failed \(RuntimeError: pycocotools broke\)\. The "
                                            r"training state was saved before it in .*checkpoint-2 \(complete\)"):
         _run(_config(tmp_path, data_dir, max_steps=4, eval_steps=2))

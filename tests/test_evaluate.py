@@ -5,6 +5,7 @@ import json
 import PIL.Image
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from tiny_run import run as _run
 from tiny_run import write_config as _config
 
@@ -45,8 +46,13 @@ def trained_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("evaluate")
     data_dir = centred_boxes_data(tmp_path / "data")
     precision = "bf16" if cpu_bf16_support()[0] else "no"
-    _run(_config(tmp_path, data_dir, max_steps=6, eval_steps=6, per_device_eval_batch_size=8, ema_decay=0.9,
-                 ema_warmup_steps=0, mixed_precision=precision))
+    # Accelerate keeps one AcceleratorState per process: the tests before this one ran in fp32
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        _run(_config(tmp_path, data_dir, max_steps=6, eval_steps=6, per_device_eval_batch_size=8, ema_decay=0.9,
+                     ema_warmup_steps=0, mixed_precision=precision))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_history"][-1]
     return tmp_path / "run", data_dir, recorded
 

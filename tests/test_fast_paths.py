@@ -431,13 +431,13 @@ def test_cached_folds_follow_every_change_and_stay_out_of_training():
 
 def test_speed_ups_are_one_pass_over_a_plain_model():
     """The architecture files are plain PyTorch: only the assembly (`modeling_detr_custom.py`, which applies the pass
-    in post_init) imports `fast_paths`; the pass swaps in the fast classes without touching the state_dict, and
-    `remove_fast_paths` gives the plain model, with the same outputs."""
+    in post_init) and the package's public names (`__init__.py`) import `fast_paths`; the pass swaps in the fast
+    classes without touching the state_dict, and `remove_fast_paths` gives the plain model, with the same outputs."""
     from modeling_detr_custom.fast_paths import FAST_CLASSES, apply_fast_paths, remove_fast_paths
     from modeling_detr_custom.testing_utils import package_import_graph
 
     importers = {module for module, imported in package_import_graph().items() if "fast_paths" in imported}
-    assert importers == {"modeling_detr_custom"}
+    assert importers == {"__init__", "modeling_detr_custom"}
     model = _model(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, two_stage=True,
                    classification_loss="varifocal", projection_norm="batch", decoder_input_proj=True,
                    position_embedding_type="sine_absolute").eval()
