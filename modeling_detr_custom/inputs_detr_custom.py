@@ -6,8 +6,11 @@ The value checks (NaN / inf) run in eager mode only: while the forward is traced
 since an exported graph takes any values.
 """
 import torch
+from transformers.utils import logging
 
 from .blocks import tracing
+
+logger = logging.get_logger(__name__)
 
 
 def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, num_channels: int,
@@ -50,4 +53,10 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
         raise ValueError(
             f"pixel_mask must be int64 or bool (1 on real pixels, 0 on padding), got {pixel_mask.dtype}. "
             "DetrCustomImageProcessor returns it as int64.")
+    # a value check: eager mode only. An image with no real pixel still gets (meaningless) detections
+    if not tracing() and not bool(pixel_mask.flatten(1).any(1).all()):
+        empty = (~pixel_mask.flatten(1).any(1)).nonzero().flatten().tolist()
+        logger.warning(f"pixel_mask of images {empty} (batch indices) is all 0 (padding): there is no image to "
+                       "detect in, and their detections mean nothing. pixel_mask is 1 on real pixels; build it with "
+                       "DetrCustomImageProcessor.")
     return pixel_mask

@@ -176,6 +176,7 @@ class DetrCustomLoss(nn.Module):
         normalizers: they are the terms a 1-group model with the same outputs gets."""
         batch = logits.shape[0]
         if not labels_checked:
+            labels = self.label_tensors(labels, logits.device)
             self.check_labels(labels, batch=batch)
         num_boxes, class_weight_sum = self._normalizers(logits[:, :logits.shape[1] // num_query_groups], labels)
         targets = self._targets(labels, logits.device)   # gathered once for every decoder layer
@@ -230,6 +231,24 @@ class DetrCustomLoss(nn.Module):
             loss_dict.update({f"{name}_dn_{layer}": value for name, value in denoising_losses.items()})
         return loss_dict
 
+    @staticmethod
+    def label_tensors(labels, device: torch.device):
+        """`class_labels` and `boxes` given as Python lists or numpy arrays -> int64 / float32 tensors on `device`
+        (a new list of new dicts; tensors and other keys as they are). Anything else is left to `check_labels`."""
+        if not isinstance(labels, (list, tuple)):
+            return labels
+        converted = []
+        for target in labels:
+            if isinstance(target, dict):
+                target = dict(target)
+                for key, dtype in (("class_labels", torch.int64), ("boxes", torch.float32)):
+                    value = target.get(key)
+                    if value is not None and not isinstance(value, torch.Tensor):
+                        value = torch.as_tensor(value, dtype=dtype, device=device)
+                        target[key] = value.reshape(-1, 4) if key == "boxes" and value.numel() == 0 else value
+            converted.append(target)
+        return converted
+
     def check_labels(self, labels: list[dict], batch: int) -> None:
         """Clear errors for labels the loss cannot use, naming the image: one dict per image with int
         `class_labels` in [0, num_labels) and finite cxcywh `boxes` in [0, 1]."""
@@ -238,6 +257,9 @@ class DetrCustomLoss(nn.Module):
             raise ValueError(f"labels must be a list of {batch} dicts (one per image), got "
                              f"{type(labels).__name__} of length {length}.")
         for index, target in enumerate(labels):
+            if not isinstance(target, dict):
+                raise ValueError(f"labels[{index}] must be a dict with 'class_labels' and 'boxes', got "
+                                 f"{type(target).__name__}.")
             if "class_labels" not in target or "boxes" not in target:
                 raise ValueError(f"labels[{index}] needs keys 'class_labels' and 'boxes', has {sorted(target)}.")
             classes, boxes = target["class_labels"], target["boxes"]

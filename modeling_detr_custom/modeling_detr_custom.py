@@ -371,6 +371,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     ) -> DetrCustomObjectDetectionOutput | tuple:
         """See [`DetrCustomModel.forward`]; `labels` as in the class docstring."""
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+            labels = self.criterion.label_tensors(labels, pixel_values.device)   # Python lists work too
             self.criterion.check_labels(labels, batch=len(pixel_values))   # before any layer runs
         return_dict = _return_dict(self.config, return_dict)
         if self.config.decoder_type == "deformable":   # model_deformable.py: multi-scale features to per-layer heads

@@ -37,7 +37,7 @@ DEMO_SMALL = ["--train_scales", "64", "--eval_size", "64", "--max_size", "96", "
               "--num_prediction_images", "1"]
 
 
-@pytest.mark.parametrize("max_steps", [2, 24])
+@pytest.mark.parametrize("max_steps", [2, 30, 150])
 def test_demo_config_short_runs_finish_with_model_cards(tmp_path, data_dir, max_steps, monkeypatch):
     """A short run of the demo (max_steps below its warm-up and budget timing) trains, saves and writes the cards:
     max_steps is the limit, the time budget neither refuses it nor leaves the card unrenderable."""

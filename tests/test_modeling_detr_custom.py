@@ -387,6 +387,35 @@ def test_bad_labels_are_refused_before_the_backbone_runs():
     assert torch.equal(before, norm.running_mean)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"decoder_type": "deformable", "num_feature_levels": 2}],
+                         ids=["detr", "deformable"])
+def test_labels_as_python_lists_give_the_tensors_loss(overrides):
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(**overrides)))).eval()
+    pixel_values, pixel_mask, labels = padded_batch()
+    as_lists = [{"class_labels": t["class_labels"].tolist(), "boxes": t["boxes"].tolist()} for t in labels]
+    as_lists[0] = {"class_labels": [], "boxes": []}                       # an image without objects, as lists
+    expected = [dict(labels[1])]
+    with torch.no_grad():
+        tensors = model(pixel_values, pixel_mask, labels=[{"class_labels": torch.zeros(0, dtype=torch.int64),
+                                                           "boxes": torch.zeros(0, 4)}] + expected).loss
+        lists = model(pixel_values, pixel_mask, labels=as_lists).loss
+    assert torch.isfinite(lists) and torch.allclose(lists, tensors)
+    assert isinstance(as_lists[1]["class_labels"], list)                  # the caller's dicts are left as they were
+
+
+def test_an_image_that_is_all_padding_is_named_in_a_warning(caplog):
+    model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval()
+    pixel_values, pixel_mask, _ = padded_batch()
+    pixel_mask[1] = 0
+    with caplog.at_level("WARNING"), torch.no_grad():
+        model(pixel_values, pixel_mask)
+    assert "pixel_mask of images [1] (batch indices) is all 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), torch.no_grad():
+        model(pixel_values, torch.ones_like(pixel_mask))
+    assert "all 0" not in caplog.text
+
+
 def test_half_model_takes_half_inputs_on_cpu():
     # torch >= 2.x runs fp16 convolutions on CPU; the mismatch is what fails deep inside, so it is checked at entry
     model = randomize_(DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))).eval().half()

@@ -65,6 +65,12 @@ def test_flags_that_differ_from_a_starting_checkpoint_are_applied_or_refused(tmp
     assert (tuned.config.num_queries, tuned.config.eos_coefficient, tuned.config.d_model) == (12, 0.3, 32)
     assert any("applied to the checkpoint's config: num_queries=12, eos_coefficient=0.3" in r.getMessage()
                for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.train"):   # another decoder: its weights start anew
+        _run(_config(tmp_path, data_dir, max_steps=1, eval_steps=1, model_name_or_path=str(folder),
+                     decoder_type="deformable", num_feature_levels=2, overwrite_output_dir=True))
+    warned = [r.getMessage() for r in caplog.records if "start from random values" in r.getMessage()]
+    assert len(warned) == 1 and "decoder_type='deformable'" in warned[0] and "num_feature_levels=2" in warned[0]
     with pytest.raises(ValueError, match=r"\['backbone_weights'\] apply to new models only"):
         _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), backbone_weights="w.pth",
                      overwrite_output_dir=True))

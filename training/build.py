@@ -126,6 +126,20 @@ def given_model_arguments(model_args: ModelArguments) -> dict:
             if getattr(model_args, f.name) != getattr(defaults, f.name)}
 
 
+def warn_reinitialized(model_name_or_path: str, loading_info: dict, options: dict) -> None:
+    """Says which weights a checkpoint did not provide (beyond the class head, which the dataset sizes, and query
+    groups, which start from the checkpoint's first group) and the given options that changed the architecture."""
+    mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in loading_info["mismatched_keys"]]
+    new = sorted(key for key in set(loading_info["missing_keys"]) | set(mismatched)
+                 if "class_embed" not in key and "group" not in key)
+    if new:
+        given = ", ".join(f"{name}={value!r}" for name, value in options.items()) or "none"
+        logger.warning("%s: %d weight tensors are not in the checkpoint (or have other shapes) and start from random "
+                       "values, e.g. %s. Options given that shape the model: %s. Drop those that differ from the "
+                       "checkpoint's to fine-tune all of its weights.", model_name_or_path, len(new),
+                       ", ".join(new[:4]), given)
+
+
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
     labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
     options = {name: getattr(model_args, name) for name in OPTIONAL_CONFIG_FIELDS
@@ -139,8 +153,10 @@ def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDe
                              "drop --model_name_or_path to build a new model.")
         applied = {config_name: given[name] for name, names in APPLIED_TO_CHECKPOINT.items() if name in given
                    for config_name in names}
-        model = DetrCustomForObjectDetection.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **options, **applied)
+        model, loading_info = DetrCustomForObjectDetection.from_pretrained(
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, output_loading_info=True, **labels,
+            **options, **applied)
+        warn_reinitialized(model_args.model_name_or_path, loading_info, {**options, **applied})
         differing = [f"{name}={given[name]!r} (the checkpoint's {config_name}: "
                      f"{getattr(model.config, config_name, None)!r})"
                      for name, config_name in FIXED_BY_CHECKPOINT.items()
