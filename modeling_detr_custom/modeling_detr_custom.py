@@ -192,6 +192,15 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)):
+            # torch's defaults, also where a checkpoint lacks them (from_pretrained leaves missing tensors empty):
+            # the multi-scale projections' GroupNorm when a DETR checkpoint fine-tunes into the deformable decoder
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
