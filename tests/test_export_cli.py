@@ -14,8 +14,6 @@ from deploy import predict as predict_cli
 from deploy.runtimes import load_detector
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino")
 
 LAYOUTS = ("detr", "deformable", "rtdetr", "rtdetr_v2")
 
