@@ -16,6 +16,33 @@ KNOWN_FILES = {
 }
 
 
+# the class terms whose head is per-class sigmoid (num_labels logits, no "no object"): configuration_detr_custom.py's
+# SIGMOID_CLASSIFICATION_LOSSES, and the (query, class) pairs its post-processing keeps: image_processing's
+# SIGMOID_TOP_K (copied, so that rendering a card needs no torch; tests/test_hub_cards.py checks they are equal)
+SIGMOID_LOSSES = ("focal", "varifocal")
+SIGMOID_TOP_K = 100
+
+
+def sigmoid_head(config: dict) -> bool:
+    """Whether the class head is per-class sigmoid (configs saved before `classification_loss` are softmax)."""
+    return config.get("classification_loss", "cross_entropy") in SIGMOID_LOSSES
+
+
+def class_outputs(config: dict) -> int:
+    """The class head's outputs: num_labels for a sigmoid head, num_labels + 1 ("no object" last) for softmax."""
+    num_labels = len(config.get("id2label") or {})
+    return num_labels if sigmoid_head(config) else num_labels + 1
+
+
+def max_detections(config: dict) -> int:
+    """Detections post-processing can return per image: one per query (softmax), or the best SIGMOID_TOP_K
+    (query, class) pairs of queries x classes (sigmoid)."""
+    queries = config.get("num_queries") or 0
+    if sigmoid_head(config):
+        return min(SIGMOID_TOP_K, queries * class_outputs(config))
+    return queries
+
+
 def measured(value) -> bool:
     """Whether a figure was measured: a number >= 0 (pycocotools writes -1 where there is no ground truth)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
@@ -113,7 +140,17 @@ def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str
     if position:
         lines.append(("Position encoding", POSITION_ENCODINGS.get(position, position)))
     if config.get("num_queries"):
-        lines.append(("Object queries", f"{config['num_queries']}: at most {config['num_queries']} detections"))
+        queries = config["num_queries"]
+        if sigmoid_head(config):
+            limit = (f"post-processing keeps the best {max_detections(config)} (query, class) pairs of the "
+                     f"{queries} queries x {class_outputs(config)} classes, so at most {max_detections(config)} "
+                     "detections")
+        else:
+            limit = f"at most {queries} detections (one per query)"
+        lines.append(("Object queries", f"{queries}: {limit}"))
+    head = (f"{class_outputs(config)} outputs, one sigmoid per class (no 'no object' output)" if sigmoid_head(config)
+            else f"{class_outputs(config)} outputs, softmax over the classes and 'no object' (the last one)")
+    lines.append(("Class head", head))
     parameters = _safetensors_parameters(output_dir / "model.safetensors")
     if parameters:
         lines.append(("Parameters", f"{parameters / 1e6:.1f} M ({parameters:,} values in model.safetensors)"))
@@ -123,31 +160,56 @@ def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str
 
 def describe_training_data(run: dict) -> list[tuple[str, str]]:
     lines = [("Dataset", run["dataset"])] if run.get("dataset") else []
-    for key, name in (("train_images", "Training images"), ("val_images", "Validation images")):
+    for key, split, name in (("train_images", "train_split", "Training images"),
+                             ("val_images", "val_split", "Validation images")):
         if run.get(key) is not None:
-            lines.append((name, str(run[key])))
+            lines.append((name, str(run[key]) + (f" (split `{run[split]}`)" if run.get(split) else "")))
     return lines
 
 
-def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tuple[str, str]]:
-    lines = []
+def describe_origin(run: dict, config: dict, base_model: str | None) -> tuple[str, str]:
+    """Where the weights started, as (summary phrase, recipe line), from the run's checkpoint and the config's
+    backbone weights (a local file, timm's pretrained weights, or none)."""
     if base_model:
-        lines.append(("Initialized from", f"[{base_model}](https://huggingface.co/{base_model})"))
-    elif run.get("model_name_or_path"):
-        lines.append(("Initialized from", f"`{run['model_name_or_path']}`"))
+        return (f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})",
+                f"[{base_model}](https://huggingface.co/{base_model})")
+    if run.get("model_name_or_path"):
+        return f"fine-tuned from `{run['model_name_or_path']}`", f"`{run['model_name_or_path']}`"
+    if config.get("backbone_weights"):   # a local file replaces timm's download; its name only (no local paths)
+        sha256 = config.get("backbone_weights_sha256")
+        backbone = (f"the local weights file `{Path(config['backbone_weights']).name}`"
+                    + (f" (sha256 {sha256[:12]}…)" if sha256 else ""))
+    elif config.get("use_pretrained_backbone"):
+        backbone = f"timm's pretrained `{config.get('backbone')}` weights"
     else:
-        backbone = "ImageNet weights from timm" if config.get("use_pretrained_backbone") else "random weights"
-        if config.get("backbone_weights"):   # a local file replaces timm's download; its name only (no local paths)
-            sha256 = config.get("backbone_weights_sha256")
-            backbone = (f"the local weights file `{Path(config['backbone_weights']).name}`"
-                        + (f" (sha256 {sha256[:12]}…)" if sha256 else ""))
-        lines.append(("Initialized from", f"no DETR checkpoint: transformer and heads from scratch, backbone from "
-                                          f"{backbone}"))
-    steps = f" ({run['global_steps']} optimizer steps)" if run.get("global_steps") is not None else ""
-    if run.get("num_train_epochs") is not None:
-        lines.append(("Epochs", f"{_number(run['num_train_epochs'])}{steps}"))
-    elif isinstance(run.get("max_steps"), int) and run["max_steps"] > 0:
-        lines.append(("Length", f"max_steps {run['max_steps']}{steps}"))
+        return ("trained from scratch (every weight started random)",
+                "no checkpoint: every weight started random")
+    return (f"its backbone initialized from {backbone}, the transformer and heads trained from scratch",
+            f"no DETR checkpoint: transformer and heads from random weights, backbone from {backbone}")
+
+
+def describe_length(run: dict) -> tuple[str, str] | None:
+    """How long the run trained: optimizer steps (and the passes over the data they make) for a run sized in steps
+    (max_steps or a time budget), epochs (and their steps) for one sized in epochs."""
+    steps, epochs = run.get("global_steps"), run.get("num_train_epochs")
+    budget = run.get("budget") or {}
+    by_steps = (isinstance(run.get("max_steps"), int) and run["max_steps"] > 0) or budget.get("total_steps")
+    if by_steps and steps is not None:
+        passes = ""
+        if isinstance(epochs, (int, float)) and run.get("train_images"):
+            passes = f" ({epochs:.3g} passes over the {run['train_images']} training images)"
+        sized = "the time budget below" if budget.get("total_steps") else f"max_steps {run['max_steps']}"
+        return "Length", f"{steps} optimizer steps{passes}, set by {sized}"
+    if epochs is not None:
+        return "Epochs", f"{_number(epochs)}" + (f" ({steps} optimizer steps)" if steps is not None else "")
+    return None
+
+
+def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tuple[str, str]]:
+    lines = [("Initialized from", describe_origin(run, config, base_model)[1])]
+    length = describe_length(run)
+    if length:
+        lines.append(length)
     if run.get("total_batch_size") is not None:
         count = run.get("num_processes")
         processes = f" over {count} process{'es' if count > 1 else ''}" if count else ""

@@ -25,8 +25,9 @@ IGNORE_PATTERNS = [
     "scheduler.pt", "scaler.pt", "random_states_*.pkl", "*.tmp",
 ]
 NO_TOKEN_MESSAGE = (
-    "Pushing to the Hugging Face Hub needs a token with write access, and none was found. Pass --hub_token, set "
-    "the HF_TOKEN environment variable, or run `hf auth login` once (see https://huggingface.co/settings/tokens). "
+    "Pushing to the Hugging Face Hub needs a token with write access, and none was found. Pass it (training: "
+    "--hub_token; `python -m hub_cards.push`: --token), set the HF_TOKEN environment variable, or run "
+    "`hf auth login` once (see https://huggingface.co/settings/tokens). "
     "This is checked before training starts so that a long run does not fail at the end."
 )
 

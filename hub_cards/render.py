@@ -21,12 +21,16 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .card_text import (
+    class_outputs,
     describe_architecture,
     describe_files,
+    describe_origin,
     describe_recipe,
     describe_training_data,
+    max_detections,
     measured,
     percent,
+    sigmoid_head,
 )
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card.jinja")
@@ -63,10 +67,11 @@ def hub_id(value) -> str | None:
     return None
 
 
-def _eval_results(evaluation: dict, dataset_id: str | None, dataset_name: str) -> list[EvalResult]:
+def _eval_results(evaluation: dict, dataset_id: str | None, dataset_name: str,
+                  split: str | None) -> list[EvalResult]:
     return [
         EvalResult(task_type="object-detection", task_name="Object Detection", dataset_type=dataset_id or "custom",
-                   dataset_name=dataset_name, dataset_split="validation", metric_type=metric_type,
+                   dataset_name=dataset_name, dataset_split=split, metric_type=metric_type,
                    metric_name=metric_name, metric_value=evaluation[key])
         for key, (metric_type, metric_name) in MODEL_INDEX_METRICS.items() if measured(evaluation.get(key))
     ]
@@ -144,9 +149,11 @@ def render_model_card(output_dir, *, hub_model_id: str | None = None,
         folder.parent.name if folder.name in ("best", "last") else folder.name)
     base_model = hub_id(run.get("model_name_or_path"))
     dataset_name = run.get("dataset") or "an unnamed dataset"
-    dataset_id = hub_id(run.get("dataset_id")) or hub_id(run.get("dataset"))
+    dataset_id = hub_id(run.get("dataset_id"))   # --dataset_name when it named a Hub dataset, not a local folder
     this = _model_evaluation(metrics, eval_step)
-    eval_results = _eval_results(this or {}, dataset_id, dataset_name)
+    # the split the evaluations ran on: a `datasets` dataset's is recorded by name; a COCO folder's is its val files
+    split = run.get("val_split") or "validation"
+    eval_results = _eval_results(this or {}, dataset_id, dataset_name, split)
 
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="object-detection", license=run.get("license"),
@@ -154,23 +161,28 @@ def render_model_card(output_dir, *, hub_model_id: str | None = None,
         datasets=[dataset_id] if dataset_id else None, base_model=base_model,
         model_name=title if eval_results else None, eval_results=eval_results or None,
     )
-    origin = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else (
-        f"fine-tuned from `{run['model_name_or_path']}`" if run.get("model_name_or_path") else "trained from scratch")
+    origin = describe_origin(run, config, base_model)[0]
+    kind = "deformable DETR" if config.get("decoder_type") == "deformable" else "DETR"
+    head = "sigmoid" if sigmoid_head(config) else "softmax"
     score = f" Validation AP: {percent(this.get('AP'))} (AP50 {percent(this.get('AP50'))})." if this else ""
     pictures = {name: f"{name}.png" if (output_dir / f"{name}.png").is_file() else None
                 for name in ("loss_curve", "map_curve", "predictions")}
     val_images = run.get("val_images")
+    val_text = f"the {val_images} validation images" if val_images else "the validation images"
+    if run.get("val_split"):
+        val_text += f" (split `{run['val_split']}`)"
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE_PATH),
         title=title, model_id=model_id, dataset=dataset_name,
-        summary=(f"A DETR object detector with a `{config.get('backbone')}` backbone, {origin} on {dataset_name}: "
-                 f"{len(id2label)} classes.{score}"),
+        summary=(f"A {kind} object detector with a `{config.get('backbone')}` backbone and a {head} class head, "
+                 f"{origin}, on {dataset_name}: {len(id2label)} classes.{score}"),
         architecture=describe_architecture(config, output_dir), classes=sorted(id2label.items()),
-        num_classes=len(id2label), num_queries=config.get("num_queries"),
+        num_classes=len(id2label), num_queries=config.get("num_queries"), class_outputs=class_outputs(config),
+        sigmoid=sigmoid_head(config),
         example_label=id2label[min(id2label)] if id2label else "object",
-        limitations=_limitations(config, run), training_data=describe_training_data(run),
+        limitations=_limitations(config, run, this), training_data=describe_training_data(run),
         recipe=describe_recipe(run, config, base_model), files_text=describe_files(output_dir),
-        val_images_text=f"the {val_images} validation images" if val_images else "the validation images",
+        val_images_text=val_text,
         **_final_losses(metrics.get("train_history") or []), **_evaluation(metrics, this, eval_step, label2id),
         **pictures,
     )
@@ -179,17 +191,25 @@ def render_model_card(output_dir, *, hub_model_id: str | None = None,
     return card
 
 
-def _limitations(config: dict, run: dict) -> list[str]:
-    if config.get("classification_loss") in ("focal", "varifocal"):   # a sigmoid class head (class_head.py)
-        head = ["At most 100 detections per image: the best (query, class) pairs, a query may give several classes.",
+def _limitations(config: dict, run: dict, evaluation: dict | None) -> list[str]:
+    limit, queries = max_detections(config), config.get("num_queries")
+    if sigmoid_head(config):
+        head = [f"At most {limit} detections per image: the best (query, class) pairs of {queries} queries x "
+                f"{class_outputs(config)} classes; a query may give several classes.",
                 "Scores are per-class sigmoid probabilities"
                 + (" trained toward the box's IoU" if config["classification_loss"] == "varifocal" else "")
-                + "; they are not calibrated."]
+                + "; they were not calibrated."]
     else:
-        head = [f"At most {config.get('num_queries')} detections per image (one per object query).",
-                "Scores are the softmax probability of the predicted class; they are not calibrated."]
-    limits = [*head,
-              "DETR is weaker on small objects than on large ones (see AP small below when it was measured)."]
+        head = [f"At most {limit} detections per image (one per object query).",
+                "Scores are the softmax probability of the predicted class; they were not calibrated."]
+    limits = list(head)
+    sizes = {name: (evaluation or {}).get(key) for key, name in (("AP_small", "small"), ("AP_medium", "medium"),
+                                                                 ("AP_large", "large"))}
+    sizes = {name: value for name, value in sizes.items() if measured(value)}
+    if len(sizes) > 1:
+        limits.append("AP by object size on the validation images: "
+                      + ", ".join(f"{name} {percent(value)}" for name, value in sizes.items())
+                      + " (COCO areas: small < 32², large > 96² pixels).")
     if isinstance(run.get("train_images"), int) and run["train_images"] < 10000:
         limits.append(f"Trained on {run['train_images']} images only: expect failures on images unlike them.")
     return limits

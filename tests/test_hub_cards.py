@@ -172,7 +172,8 @@ def test_card_counts_the_saved_parameters(tmp_path):
 
 def test_card_omits_what_was_not_measured(tmp_path):
     metrics = fixture_metrics()
-    metrics["run"] = {"model_name_or_path": None, "dataset": "detection-datasets/coco", "num_train_epochs": 2}
+    metrics["run"] = {"model_name_or_path": None, "dataset": "detection-datasets/coco",
+                      "dataset_id": "detection-datasets/coco", "num_train_epochs": 2}
     metrics["eval_history"], metrics["best"] = [], None
     output_dir = make_output_dir(tmp_path / "scratch", metrics, pictures=("loss_curve.png",))
     card = render_model_card(output_dir)
@@ -238,6 +239,7 @@ def test_check_hub_token_without_token_fails_with_instructions(tmp_path):
     assert result.returncode != 0
     assert "ValueError" in result.stderr and "none was found" in result.stderr
     assert "HF_TOKEN" in result.stderr and "hf auth login" in result.stderr and "before training" in result.stderr
+    assert "training: --hub_token; `python -m hub_cards.push`: --token" in result.stderr   # each its real flag
 
     found = run_python(["-c", "from hub_cards import check_hub_token; print(check_hub_token())"],
                        clean_env(tmp_path, HF_TOKEN="hf_from_env"))
@@ -446,7 +448,7 @@ def test_recipe_names_the_local_backbone_file_the_levers_and_an_early_stop():
                                          "ran slower than measured)")
     plain = dict(describe_recipe({}, {"classification_loss": "cross_entropy", "num_query_groups": 1}, None))
     assert "Class loss" not in plain and "Query groups" not in plain
-    assert plain["Initialized from"].endswith("backbone from random weights")
+    assert plain["Initialized from"] == "no checkpoint: every weight started random"
 
 
 def test_card_says_which_design_an_rt_detr_model_is():
@@ -465,3 +467,175 @@ def test_card_says_which_design_an_rt_detr_model_is():
     assert "on the coarsest level" in describe_design(deformable)
     encoder = DetrCustomConfig.from_preset("deformable", encoder_type="deformable").to_dict()
     assert "Deformable DETR's encoder (deformable attention over every level)" in describe_design(encoder)
+
+
+# ---------------------------------------------------------------- the card's statements against the model
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def card_facts(text: str) -> dict:
+    """The statements the card makes about the model's outputs, parsed back from its text."""
+    logits = re.search(r"# logits \[1, (\d+), (\d+)\], pred_boxes \[1, (\d+), 4\]", text)
+    limits = {int(n) for n in re.findall(r"[Aa]t most (\d+) detections", text)}
+    head = re.search(r"The class head has (\d+) outputs", text)
+    return {"queries": int(logits[1]), "class_outputs": int(logits[2]), "box_queries": int(logits[3]),
+            "limits": limits, "head": int(head[1])}
+
+
+def saved_model(path: Path, run: dict, *, loss: str, weights_file: Path | None = None, num_queries: int = 10,
+                eval_entry: dict | None = None) -> tuple[Path, DetrCustomForObjectDetection]:
+    """An output folder as train.py leaves it: the model and processor saved, metrics.json with `run`."""
+    config = DetrCustomConfig(**tiny_kwargs(
+        backbone="resnet18", id2label=ID2LABEL, classification_loss=loss, num_queries=num_queries,
+        **({"backbone_weights": str(weights_file)} if weights_file else {})))
+    model = DetrCustomForObjectDetection(config).eval()
+    model.save_pretrained(path)
+    DetrCustomImageProcessor(class_activation="sigmoid" if loss != "cross_entropy" else "softmax",
+                             size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(path)
+    entry = eval_entry or {"step": 40, "epoch": 4.0, "AP": 0.25, "AP50": 0.5, "AP_small": 0.1, "AP_medium": 0.3,
+                           "AP_large": -1.0}
+    metrics = {"run": run, "train_history": [{"step": 40, "loss": 3.0}], "eval_history": [entry], "best": entry}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path, model
+
+
+def run_card_code(card_text: str, workdir: Path, monkeypatch) -> dict:
+    """Runs every Python block of the card, as written, next to an image.jpg; returns the last block's names."""
+    Image.new("RGB", (80, 64), (40, 120, 200)).save(workdir / "image.jpg")
+    monkeypatch.chdir(workdir)
+    namespace = {}
+    for block in python_blocks(card_text):
+        namespace = {}
+        exec(compile(block, "<model card>", "exec"), namespace)
+    return namespace
+
+
+STEP_SIZED = {"model_name_or_path": None, "dataset": "data/shapes", "dataset_id": None, "train_images": 16,
+              "val_images": 8, "num_train_epochs": 10.0, "max_steps": 40, "global_steps": 40, "budget": None}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal", "varifocal"])
+def test_card_states_the_head_the_outputs_and_the_detection_limit_the_model_has(tmp_path, monkeypatch, loss):
+    output_dir, model = saved_model(tmp_path / "run", STEP_SIZED, loss=loss, num_queries=30)
+    text = render_model_card(output_dir).text
+    facts = card_facts(text)
+
+    namespace = run_card_code(text, tmp_path, monkeypatch)     # the Auto-class block ran: its outputs are the model's
+    outputs, results = namespace["outputs"], namespace["results"]
+    assert list(outputs.logits.shape) == [1, facts["queries"], facts["class_outputs"]]
+    assert list(outputs.pred_boxes.shape) == [1, facts["box_queries"], 4]
+    assert facts["head"] == model.config.num_labels + (0 if loss != "cross_entropy" else 1) == facts["class_outputs"]
+    processor = namespace["processor"]
+    everything = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(64, 80)])[0]
+    assert facts["limits"] == {len(everything["scores"])}                 # one limit, the one post-processing has
+    assert len(results["scores"]) <= len(everything["scores"])
+    if loss == "cross_entropy":
+        assert facts["limits"] == {30} and 'then "no object"' in text and "one sigmoid per class" not in text
+    else:
+        assert facts["limits"] == {min(100, 30 * 3)} and '"no object" (the last one)' not in text
+        assert "one sigmoid per class" in text and "no 'no object' output" in text
+
+
+def test_card_limit_is_post_processing_top_k():
+    from hub_cards.card_text import SIGMOID_LOSSES, SIGMOID_TOP_K
+
+    from modeling_detr_custom.configuration_detr_custom import SIGMOID_CLASSIFICATION_LOSSES
+    from modeling_detr_custom.image_processing_detr_custom import SIGMOID_TOP_K as PROCESSOR_TOP_K
+
+    assert SIGMOID_TOP_K == PROCESSOR_TOP_K and set(SIGMOID_LOSSES) == set(SIGMOID_CLASSIFICATION_LOSSES)
+
+
+def test_card_says_where_the_weights_started(tmp_path):
+    import timm
+    import torch
+
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+
+    scratch_dir, _ = saved_model(tmp_path / "scratch", STEP_SIZED, loss="focal")
+    scratch = render_model_card(scratch_dir).text
+    assert "trained from scratch (every weight started random)" in scratch
+    assert "**Initialized from:** no checkpoint: every weight started random" in scratch
+
+    file_dir, model = saved_model(tmp_path / "file", STEP_SIZED, loss="focal", weights_file=weights)
+    expected = torch.load(weights)
+    loaded = {k: v for k, v in model.model.backbone.body.state_dict().items() if k in expected}
+    assert loaded and all(torch.equal(v, expected[k]) for k, v in loaded.items())   # the backbone is the file's
+    started = render_model_card(file_dir).text
+    assert "trained from scratch" not in started.replace("transformer and heads trained from scratch", "")
+    assert "its backbone initialized from the local weights file `resnet18-imagenet.pth`" in started
+    assert str(tmp_path) not in started.split("```python")[0]          # the file's name only, no local path
+
+    tuned_dir, _ = saved_model(tmp_path / "tuned", {**STEP_SIZED, "model_name_or_path": "facebook/detr-resnet-50"},
+                               loss="cross_entropy")
+    tuned = render_model_card(tuned_dir)
+    assert "fine-tuned from [facebook/detr-resnet-50]" in tuned.text and "from scratch" not in tuned.text
+    assert tuned.data.base_model == "facebook/detr-resnet-50"
+
+
+def test_card_length_is_steps_or_epochs_as_the_run_was_sized(tmp_path):
+    from hub_cards.card_text import describe_recipe
+
+    by_steps = dict(describe_recipe({**STEP_SIZED, "num_train_epochs": 3.6625}, {}, None))
+    assert "Epochs" not in by_steps
+    assert by_steps["Length"] == "40 optimizer steps (3.66 passes over the 16 training images), set by max_steps 40"
+    budget = {"minutes": 9, "seconds_per_step": 0.5, "eval_seconds": 3.0, "total_steps": 1042, "upper_bound": 1900}
+    by_budget = dict(describe_recipe({**STEP_SIZED, "max_steps": 1900, "global_steps": 1042, "num_train_epochs": 20.84,
+                                      "train_images": 400, "budget": budget}, {}, None))
+    assert by_budget["Length"] == ("1042 optimizer steps (20.8 passes over the 400 training images), set by the time "
+                                   "budget below")
+    by_epochs = dict(describe_recipe({"num_train_epochs": 30, "max_steps": None, "global_steps": 1500}, {}, None))
+    assert by_epochs["Epochs"] == "30 (1500 optimizer steps)" and "Length" not in by_epochs
+
+
+def test_card_names_the_hub_dataset_and_the_split_it_was_measured_on(tmp_path):
+    run = {**STEP_SIZED, "dataset": "someone/shapes", "dataset_id": "someone/shapes", "train_split": "train",
+           "val_split": "test"}
+    output_dir, _ = saved_model(tmp_path / "run", run, loss="focal")
+    card = render_model_card(output_dir)
+    assert card.data.datasets == ["someone/shapes"]
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {(r.dataset_type, r.dataset_split) for r in results} == {("someone/shapes", "test")}
+    assert "**Validation images:** 8 (split `test`)" in card.text
+    assert "**Training images:** 16 (split `train`)" in card.text
+    assert "on the 8 validation images (split `test`)" in card.text
+
+    folder = {**STEP_SIZED, "dataset": "data/shapes"}
+    folder_dir, _ = saved_model(tmp_path / "folder", folder, loss="focal")
+    folder_card = render_model_card(folder_dir)     # "data/shapes" looks like a Hub id; the run says it is a folder
+    assert folder_card.data.datasets is None and "split `" not in folder_card.text
+    _, results = model_index_to_eval_results(folder_card.data.to_dict()["model-index"])
+    assert {(r.dataset_type, r.dataset_split) for r in results} == {("custom", "validation")}
+
+
+def test_card_of_a_real_run_matches_its_model(tmp_path, data_dir, monkeypatch):
+    """A tiny training run (sigmoid head, backbone from a weights file, sized in steps): its best/ card's
+    statements are the saved model's."""
+    import timm
+    import torch
+
+    from tiny_run import run as train_run
+    from tiny_run import write_config
+
+    weights = tmp_path / "resnet18-start.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+    config = write_config(tmp_path, data_dir, classification_loss="focal", class_cost=2.0,
+                          class_loss_coefficient=2.0, backbone_weights=str(weights), max_steps=6, eval_steps=6,
+                          max_train_minutes=0)
+    train_run(config)
+    best = tmp_path / "run" / "best"
+    text = (best / "README.md").read_text(encoding="utf-8")
+    facts = card_facts(text)
+    model = DetrCustomForObjectDetection.from_pretrained(best)
+    assert facts["class_outputs"] == facts["head"] == model.config.num_labels == len(model.config.id2label)
+    assert facts["queries"] == model.config.num_queries
+    assert facts["limits"] == {min(100, model.config.num_queries * model.config.num_labels)}
+    assert "trained from scratch (every" not in text and "local weights file `resnet18-start.pth`" in text
+    assert re.search(r"\*\*Length:\*\* 6 optimizer steps \([\d.]+ passes over the 16 training images\), set by "
+                     r"max_steps 6", text)
+    assert "Epochs:" not in text
+    namespace = run_card_code(text, tmp_path, monkeypatch)
+    assert list(namespace["outputs"].logits.shape) == [1, facts["queries"], facts["class_outputs"]]

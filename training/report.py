@@ -23,7 +23,12 @@ def describe_run(setup: TrainingSetup, state: RunState, *, model_args: ModelArgu
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "dataset": data_args.dataset_name or data_args.data_dir or data_args.train_annotation_file,
-        "dataset_id": data_args.dataset_name,
+        # the Hub id the card links (a save_to_disk folder is not one)
+        "dataset_id": None if data_args.dataset_name is None or Path(data_args.dataset_name).exists()
+        else data_args.dataset_name,
+        # a `datasets` dataset's splits (Hub or save_to_disk), as the card names what its figures were measured on
+        "train_split": data_args.train_split if data_args.dataset_name else None,
+        "val_split": data_args.val_split if data_args.dataset_name else None,
         "train_images": len(setup.train_dataset), "val_images": len(setup.val_dataset),
         "num_train_epochs": state.global_step / setup.steps_per_epoch, "max_steps": args.max_steps,
         "global_steps": state.global_step,
