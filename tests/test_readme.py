@@ -122,7 +122,7 @@ def real_parser(module_name: str) -> argparse.ArgumentParser:
 
 
 def split_command(line: str) -> tuple[str, list[str]]:
-    tokens = shlex.split(line)
+    tokens = shlex.split(re.sub(r"[\[\]]", " ", line))   # a synopsis's optional parts ([--private]) are parsed too
     if tokens[0] == "accelerate":
         tokens = tokens[tokens.index("-m") + 1:]
         return tokens[0], tokens[1:]
@@ -131,7 +131,18 @@ def split_command(line: str) -> tuple[str, list[str]]:
     return CONSOLE_SCRIPTS[tokens[0]], tokens[1:]
 
 
+def accelerate_parser() -> argparse.ArgumentParser:
+    from accelerate.commands.launch import launch_command_parser
+
+    return launch_command_parser()
+
+
 def check_command(line: str, source: str) -> None:
+    if line.startswith("accelerate launch"):          # the launcher's own flags, before -m
+        tokens = shlex.split(line)
+        launcher = [token for token in tokens[2:tokens.index("-m")] if token.startswith("--")]
+        unknown = [flag for flag in launcher if flag not in accelerate_parser()._option_string_actions]
+        assert not unknown, f"{source}: `{line}`: {unknown} are not flags of accelerate launch"
     module, argv = split_command(line)
     parser = real_parser(module)
     if "--config" in argv:                              # training.train reads it before its parser runs
@@ -172,7 +183,8 @@ def test_flags_named_in_the_text_exist(guide):
         pytest.skip(f"{guide.name} is not written")
     text = guide.read_text(encoding="utf-8")
     modules = {split_command(line)[0] for line in command_lines(text)} | {"training.train"}
-    known = set().union(*(real_parser(module)._option_string_actions for module in sorted(modules)))
+    known = set().union(*(real_parser(module)._option_string_actions for module in sorted(modules)),
+                        accelerate_parser()._option_string_actions)
     quoted = set(re.findall(r"`(--[\w-]+)", re.sub(r"```.*?```", "", text, flags=re.S)))
     assert not quoted - known, f"{guide.name} names {sorted(quoted - known)}: no command it shows has them"
 
@@ -182,5 +194,7 @@ def test_the_flag_check_catches_a_flag_that_does_not_exist():
         check_command("python -m training.train --config training/configs/demo.yaml --learning_rates 1e-4", "test")
     with pytest.raises(AssertionError, match="--out"):
         check_command("detr-custom-predict outputs/demo/best images/ --out predictions", "test")
+    with pytest.raises(AssertionError, match="--multi_gpus"):
+        check_command("accelerate launch --multi_gpus -m training.train --config training/configs/demo.yaml", "test")
     with pytest.raises(pytest.fail.Exception, match="does not parse"):
         check_command("detr-custom-export outputs/demo/best --format tflite --output x", "test")
