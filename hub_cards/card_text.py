@@ -125,7 +125,8 @@ def describe_architecture(config: dict, output_dir: Path) -> list[tuple[str, str
     if config.get("backbone"):
         dc5 = ", last stage dilated (DC5, output stride 16)" if config.get("dilation") else ""
         batch_norm = "BatchNorm frozen" if config.get("freeze_batch_norm", True) else "BatchNorm trained"
-        lines.append(("Backbone", f"`{config['backbone']}` from timm{dc5}; {batch_norm}"))
+        stem = "; stem and first stage frozen" if config.get("freeze_backbone_stem") else ""
+        lines.append(("Backbone", f"`{config['backbone']}` from timm{dc5}; {batch_norm}{stem}"))
     layers = [f"d_model {config['d_model']}"] if config.get("d_model") else []
     if config.get("encoder_layers") is not None and config.get("decoder_layers") is not None:
         layers.append(f"{config['encoder_layers']} encoder + {config['decoder_layers']} decoder layers")

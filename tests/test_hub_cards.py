@@ -639,3 +639,30 @@ def test_card_of_a_real_run_matches_its_model(tmp_path, data_dir, monkeypatch):
     assert "Epochs:" not in text
     namespace = run_card_code(text, tmp_path, monkeypatch)
     assert list(namespace["outputs"].logits.shape) == [1, facts["queries"], facts["class_outputs"]]
+
+
+def test_card_names_every_package_the_remote_code_imports(tmp_path):
+    """"torch, transformers, timm, scipy and pillow are enough": every third-party module the travelling code
+    imports is one of them or installed by transformers itself."""
+    import ast
+    import importlib.metadata
+    import sys
+
+    imported = set()
+    for name in CODE_FILES:
+        for node in ast.walk(ast.parse((ROOT / "modeling_detr_custom" / name).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names}
+    with_transformers = {re.split(r"[<>=~! ;\[]", requirement)[0].replace("-", "_").lower()
+                         for requirement in importlib.metadata.requires("transformers")
+                         if "extra ==" not in requirement}
+    output_dir, _ = saved_model(tmp_path / "run", STEP_SIZED, loss="focal")
+    text = render_model_card(output_dir).text
+    named = re.search(r"`trust_remote_code=True`\); (.*?) are enough", text)[1]
+    packages = {"PIL": "pillow"}
+    needed = {packages.get(name, name) for name in third_party - with_transformers}
+    missing = needed - set(re.split(r", | and ", named))
+    assert not missing, f"the card's How to use does not name {missing}"
