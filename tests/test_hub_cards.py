@@ -14,6 +14,7 @@ huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_TOKEN / HF_HUB_OFFLINE at impor
 with those set (and HF_HUB_OFFLINE unset), exactly as a user's process would.
 """
 import base64
+import io
 import json
 import os
 import re
@@ -666,3 +667,41 @@ def test_card_names_every_package_the_remote_code_imports(tmp_path):
     needed = {packages.get(name, name) for name in third_party - with_transformers}
     missing = needed - set(re.split(r", | and ", named))
     assert not missing, f"the card's How to use does not name {missing}"
+
+
+def test_card_of_a_run_on_a_saved_datasets_folder_names_its_split(tmp_path):
+    """A cppe-5-like `save_to_disk` folder (splits train and test): the card names the split the figures come from
+    and does not take the local folder for a Hub dataset."""
+    import datasets
+
+    from tiny_run import run as train_run
+    from tiny_run import write_config
+
+    def picture(x: int, y: int) -> dict:
+        image = Image.new("RGB", (96, 80), (30, 30, 30))
+        image.paste((220, 40, 40), (x, y, x + 30, y + 24))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    objects = {"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+               "category": datasets.ClassLabel(names=["box"])}
+    features = datasets.Features({"image": datasets.Image(), "objects": datasets.Sequence(objects)})
+
+    def split(corners: list) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({
+            "image": [picture(x, y) for x, y in corners],
+            "objects": [{"bbox": [[x, y, 30, 24]], "category": [0]} for x, y in corners]}, features=features)
+
+    saved = tmp_path / "shapes-hub"
+    datasets.DatasetDict({"train": split([(5, 5), (40, 30), (20, 50), (60, 10)]),
+                          "test": split([(10, 40), (50, 20)])}).save_to_disk(str(saved))
+    config = write_config(tmp_path, None, dataset_name=str(saved), bbox_format="xywh", val_split="test",
+                          max_steps=2, eval_steps=2, max_train_minutes=0)
+    train_run(config)
+    card = ModelCard.load(tmp_path / "run" / "last" / "README.md")
+    assert card.data.datasets is None                        # a local folder, not a Hub dataset
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {r.dataset_split for r in results} == {"test"}
+    assert "**Validation images:** 2 (split `test`)" in card.text
+    assert "**Training images:** 4 (split `train`)" in card.text
