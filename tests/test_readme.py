@@ -198,3 +198,14 @@ def test_the_flag_check_catches_a_flag_that_does_not_exist():
         check_command("accelerate launch --multi_gpus -m training.train --config training/configs/demo.yaml", "test")
     with pytest.raises(pytest.fail.Exception, match="does not parse"):
         check_command("detr-custom-export outputs/demo/best --format tflite --output x", "test")
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda path: path.name)
+def test_guides_speak_of_the_product(guide):
+    """A user's guide: the README fits in 300 lines; no page cites this project's issues."""
+    if not guide.is_file():
+        pytest.skip(f"{guide.name} is not written")
+    text = guide.read_text(encoding="utf-8")
+    if guide == README:
+        assert len(text.splitlines()) <= 300
+    assert not re.search(r"\bissues? \d+|(?<![\w/-])#\d+", text, flags=re.I), f"{guide.name} cites an issue"
