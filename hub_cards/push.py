@@ -25,7 +25,8 @@ IGNORE_PATTERNS = [
     "scheduler.pt", "scaler.pt", "random_states_*.pkl", "*.tmp",
 ]
 NO_TOKEN_MESSAGE = (
-    "Pushing to the Hugging Face Hub needs a token with write access, and none was found. Pass --hub_token, set "
+    "Pushing to the Hugging Face Hub needs a token with write access, and none was found. Pass it (--hub_token to the "
+    "training script, --token to python -m hub_cards.push), set "
     "the HF_TOKEN environment variable, or run `hf auth login` once (see https://huggingface.co/settings/tokens). "
     "This is checked before training starts so that a long run does not fail at the end."
 )

@@ -25,6 +25,11 @@ ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # outputs (no "no object" column) and the matcher the focal cost
 CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "varifocal")
 SIGMOID_CLASSIFICATION_LOSSES = ("focal", "varifocal")
+# the fields that take one of a few names (the training script's flags offer them as choices)
+FIELD_CHOICES = {"position_embedding_type": POSITION_EMBEDDING_TYPES, "encoder_type": ENCODER_TYPES,
+                 "decoder_type": DECODER_TYPES, "activation_function": ACTIVATION_FUNCTIONS,
+                 "encoder_activation_function": ACTIVATION_FUNCTIONS, "projection_norm": PROJECTION_NORMS,
+                 "classification_loss": CLASSIFICATION_LOSSES}
 
 
 # `DetrCustomConfig.from_preset(name)` and the training script's `--preset`: a preset is only a set of config values
@@ -83,7 +88,8 @@ def _heads_divide_d_model(field: str) -> Rule:
                 f"channels. Choose e.g. {field}=8 with d_model=256.")
 
 
-def _one_of(field: str, choices: tuple, hint: str = "") -> Rule:
+def _one_of(field: str, hint: str = "") -> Rule:
+    choices = FIELD_CHOICES[field]
     return Rule(f"{field}_choice", (field,), lambda c: getattr(c, field) in choices,
                 f"{field}={{{field}!r}} is not supported; use one of {choices}{hint}.")
 
@@ -105,9 +111,9 @@ RULES = (
          lambda c: _is_whole_number(c.num_query_groups) and c.num_query_groups >= 1,
          "num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), got "
          "{num_query_groups!r}."),
-    _one_of("position_embedding_type", POSITION_EMBEDDING_TYPES),
-    _one_of("encoder_type", ENCODER_TYPES),
-    _one_of("decoder_type", DECODER_TYPES),
+    _one_of("position_embedding_type"),
+    _one_of("encoder_type"),
+    _one_of("decoder_type"),
     Rule("activation_function_choice", ("activation_function",),
          lambda c: c.activation_function in ACTIVATION_FUNCTIONS,
          "activation_function={activation_function!r}: use 'relu' or 'gelu'."),
@@ -119,12 +125,12 @@ RULES = (
          lambda c: c.position_embedding_type != "sine_absolute" or c.d_model % 4 == 0,
          "position_embedding_type={position_embedding_type!r} needs d_model divisible by 4 (sine and cosine of rows "
          "and columns), got d_model={d_model}."),
-    _one_of("projection_norm", PROJECTION_NORMS, " ('batch' is RT-DETR's)"),
+    _one_of("projection_norm", " ('batch' is RT-DETR's)"),
     Rule("decoder_input_proj_needs_hybrid", ("decoder_input_proj", "encoder_type"),
          lambda c: not c.decoder_input_proj or c.encoder_type == "hybrid",
          "decoder_input_proj={decoder_input_proj} needs encoder_type='hybrid' (got {encoder_type!r}): it projects "
          "the hybrid encoder's fused levels for the decoder, as RT-DETR. Set encoder_type='hybrid' or drop it."),
-    _one_of("classification_loss", CLASSIFICATION_LOSSES, " ('cross_entropy' is the published DETR's softmax)"),
+    _one_of("classification_loss", " ('cross_entropy' is the published DETR's softmax)"),
     *(Rule(f"{field}_range", (field,), lambda c, field=field: 0 <= getattr(c, field) <= 1,
            f"{field}={{{field}}} must be in [0, 1]: it weighs positives against negatives (0.25 for focal_alpha, "
            "0.75 for varifocal_alpha are the papers').") for field in ("focal_alpha", "varifocal_alpha")),
@@ -257,7 +263,10 @@ class DetrCustomConfig(PreTrainedConfig):
             randomly initialized timm ResNet zero-initializes the last BatchNorm of each block, and frozen there it
             would keep every residual branch off forever.
         num_queries: number of object queries, the upper bound on detections per image.
-        encoder_type, decoder_type: which transformer encoder / decoder to build, by name. `"detr"`: the original's
+        encoder_type, decoder_type: which transformer encoder and decoder to build, by name: encoder `"detr"`
+            (DETR's), `"hybrid"` (RT-DETR's) or `"deformable"` (Deformable DETR's), the last two with the deformable
+            decoder; decoder `"detr"` (DETR's) or `"deformable"` (Deformable DETR's: multi-scale, with iterative box
+            refinement). In detail: `"detr"`: the original's
             post-norm layers (`encoder_detr.py` / `decoder_detr.py`). `decoder_type="deformable"`: Deformable DETR's
             decoder (`decoder_deformable.py`, wired in `model_deformable.py`): multi-scale deformable
             cross-attention, learned content queries with learned reference boxes (DAB-DETR's anchors) refined by
