@@ -28,12 +28,11 @@ import yaml
 
 @dataclass(frozen=True)
 class ConfigField:
-    """One DetrCustomConfig field as the flags see it: its type (bool, int, float or str), whether None is a value,
-    its default, the docstring's words for it and its choices."""
+    """One DetrCustomConfig field as the flags see it: its type (bool, int, float or str; a flag's value may also be
+    None = not given), its default, the docstring's words for it and its choices."""
 
     name: str
     type: type
-    optional: bool
     default: object
     help: str
     choices: tuple | None
@@ -99,8 +98,8 @@ def read_config_source(path: Path | None = None) -> tuple[list[ConfigField], dic
         kinds = [part.strip() for part in ast.unparse(node.annotation).split("|")]
         kind = next(k for name, k in (("bool", bool), ("float", float), ("int", int), ("str", str)) if name in kinds)
         name = node.target.id
-        config_fields.append(ConfigField(name, kind, "None" in kinds, ast.literal_eval(node.value),
-                                         docs.get(name, ""), tuple(choices[name]) if name in choices else None))
+        config_fields.append(ConfigField(name, kind, ast.literal_eval(node.value), docs.get(name, ""),
+                                         tuple(choices[name]) if name in choices else None))
     return config_fields, constants.get("PRESETS", {})
 
 
