@@ -1,5 +1,18 @@
-"""DetrCustomConfig: one serializable description of a DETR model, its backbone and its loss."""
+"""DetrCustomConfig: one serializable description of a DETR model, its backbone and its loss.
+
+The config is the one source of the model's options: `RULES` (what the values must satisfy, as data, each with its
+error) and `IGNORED_FIELDS` (what each variant does not read) sit next to the fields, and the training script
+generates its model flags from the fields and this docstring's Args (training/arguments.py)."""
+import contextvars
+from dataclasses import dataclass
+from typing import Callable
+
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+# True while from_pretrained / from_dict builds a config from saved values (see DetrCustomConfig.from_dict)
+_LOADING = contextvars.ContextVar("detr_custom_config_loading", default=False)
 
 POSITION_EMBEDDING_TYPES = ("sine", "learned", "sine_absolute")
 PROJECTION_NORMS = ("group", "batch")
@@ -12,9 +25,15 @@ ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # outputs (no "no object" column) and the matcher the focal cost
 CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "varifocal")
 SIGMOID_CLASSIFICATION_LOSSES = ("focal", "varifocal")
+# the fields that take one of a few names (the training script's flags offer them as choices)
+FIELD_CHOICES = {"position_embedding_type": POSITION_EMBEDDING_TYPES, "encoder_type": ENCODER_TYPES,
+                 "decoder_type": DECODER_TYPES, "activation_function": ACTIVATION_FUNCTIONS,
+                 "encoder_activation_function": ACTIVATION_FUNCTIONS, "projection_norm": PROJECTION_NORMS,
+                 "classification_loss": CLASSIFICATION_LOSSES}
 
 
-# `DetrCustomConfig.from_preset(name)`: a preset is only a set of config values (STYLE.md); the figures are the
+# `DetrCustomConfig.from_preset(name)` and the training script's `--preset`: a preset is only a set of config values
+# (STYLE.md), written as literals (the training script reads them without importing the model); the figures are the
 # papers' own (COCO val2017, ResNet-50), quoted, not reproduced here
 PRESETS = {
     # Carion et al. 2020, "End-to-End Object Detection with Transformers": the defaults; 42.0 AP after 500 epochs
@@ -25,17 +44,18 @@ PRESETS = {
     # without refinement, 45.4 in the paper's table 1). Its decoder, levels, points, queries, FFN width and focal
     # loss; the encoder differs: one DETR encoder layer on the coarsest level (RT-DETR's AIFI, Zhao et al. 2024)
     # instead of six deformable encoder layers, and the queries carry learned anchor boxes (DAB-DETR).
-    "deformable": dict(decoder_type="deformable", num_feature_levels=4, decoder_n_points=4, num_queries=300,
-                       encoder_layers=1, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
-                       classification_loss="focal", class_cost=2.0, class_loss_coefficient=2.0),
+    "deformable": {"decoder_type": "deformable", "num_feature_levels": 4, "decoder_n_points": 4, "num_queries": 300,
+                   "encoder_layers": 1, "decoder_layers": 6, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024,
+                   "classification_loss": "focal", "class_cost": 2.0, "class_loss_coefficient": 2.0},
     # Zhao et al. 2024, "DETRs Beat YOLOs on Real-time Object Detection" (RT-DETR): 53.1 AP for RT-DETR-R50 after 72
     # epochs in its abstract. Its pieces: 3 levels (strides 8, 16, 32), the hybrid encoder (AIFI + cross-scale
     # fusion), IoU-aware query selection of 300 queries (varifocal loss, class cost 2), 6 refining deformable decoder
     # layers with 4 points, 100 denoising queries. Ours differs in details: GroupNorm (not BatchNorm) in the level
     # projections, ReLU in the AIFI layer, a plain timm ResNet (not ResNet-vd).
-    "rtdetr": dict(decoder_type="deformable", encoder_type="hybrid", num_feature_levels=3, decoder_n_points=4,
-                   num_queries=300, encoder_layers=1, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
-                   classification_loss="varifocal", class_cost=2.0, two_stage=True, num_denoising=100),
+    "rtdetr": {"decoder_type": "deformable", "encoder_type": "hybrid", "num_feature_levels": 3, "decoder_n_points": 4,
+               "num_queries": 300, "encoder_layers": 1, "decoder_layers": 6, "encoder_ffn_dim": 1024,
+               "decoder_ffn_dim": 1024, "classification_loss": "varifocal", "class_cost": 2.0, "two_stage": True,
+               "num_denoising": 100},
 }
 
 
@@ -45,12 +65,184 @@ def uses_sigmoid_classes(config) -> bool:
     return getattr(config, "classification_loss", "cross_entropy") in SIGMOID_CLASSIFICATION_LOSSES
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a config's values must satisfy: `holds(config)`, and the error otherwise: `message`, formatted with the
+    values of `fields` (the fields it reads), names them with their values and says what to set."""
+
+    name: str
+    fields: tuple[str, ...]
+    holds: Callable[["DetrCustomConfig"], bool]
+    message: str
+
+
+def _positive(field: str) -> Rule:
+    return Rule(f"{field}_positive", (field,), lambda c: getattr(c, field) >= 1,
+                f"{field} must be >= 1, got {{{field}}}.")
+
+
+def _heads_divide_d_model(field: str) -> Rule:
+    return Rule(f"{field}_divides_d_model", ("d_model", field),
+                lambda c: getattr(c, field) >= 1 and c.d_model % getattr(c, field) == 0,
+                f"d_model={{d_model}} must be divisible by {field}={{{field}}}: each head gets d_model / heads "
+                f"channels. Choose e.g. {field}=8 with d_model=256.")
+
+
+def _one_of(field: str, hint: str = "") -> Rule:
+    choices = FIELD_CHOICES[field]
+    return Rule(f"{field}_choice", (field,), lambda c: getattr(c, field) in choices,
+                f"{field}={{{field}!r}} is not supported; use one of {choices}{hint}.")
+
+
+def _is_whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# every check of the values, in the order they are made (the first broken one is the error). A new field with a
+# constraint adds a line here; tests/test_config_rules.py holds a breaking example of each rule.
+RULES = (
+    _heads_divide_d_model("encoder_attention_heads"),
+    _heads_divide_d_model("decoder_attention_heads"),
+    Rule("d_model_even", ("d_model",), lambda c: c.d_model % 2 == 0,
+         "d_model={d_model} must be even: half of it encodes x, half y positions."),
+    *(_positive(field) for field in ("num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
+                                     "decoder_ffn_dim", "num_channels")),
+    Rule("num_query_groups_whole", ("num_query_groups",),
+         lambda c: _is_whole_number(c.num_query_groups) and c.num_query_groups >= 1,
+         "num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), got "
+         "{num_query_groups!r}."),
+    _one_of("position_embedding_type"),
+    _one_of("encoder_type"),
+    _one_of("decoder_type"),
+    Rule("activation_function_choice", ("activation_function",),
+         lambda c: c.activation_function in ACTIVATION_FUNCTIONS,
+         "activation_function={activation_function!r}: use 'relu' or 'gelu'."),
+    Rule("encoder_activation_function_choice", ("encoder_activation_function",),
+         lambda c: c.encoder_activation_function in (None,) + ACTIVATION_FUNCTIONS,
+         "encoder_activation_function={encoder_activation_function!r}: use 'relu', 'gelu' or None (= "
+         "activation_function)."),
+    Rule("sine_absolute_d_model", ("position_embedding_type", "d_model"),
+         lambda c: c.position_embedding_type != "sine_absolute" or c.d_model % 4 == 0,
+         "position_embedding_type={position_embedding_type!r} needs d_model divisible by 4 (sine and cosine of rows "
+         "and columns), got d_model={d_model}."),
+    _one_of("projection_norm", " ('batch' is RT-DETR's)"),
+    Rule("decoder_input_proj_needs_hybrid", ("decoder_input_proj", "encoder_type"),
+         lambda c: not c.decoder_input_proj or c.encoder_type == "hybrid",
+         "decoder_input_proj={decoder_input_proj} needs encoder_type='hybrid' (got {encoder_type!r}): it projects "
+         "the hybrid encoder's fused levels for the decoder, as RT-DETR. Set encoder_type='hybrid' or drop it."),
+    _one_of("classification_loss", " ('cross_entropy' is the published DETR's softmax)"),
+    *(Rule(f"{field}_range", (field,), lambda c, field=field: 0 <= getattr(c, field) <= 1,
+           f"{field}={{{field}}} must be in [0, 1]: it weighs positives against negatives (0.25 for focal_alpha, "
+           "0.75 for varifocal_alpha are the papers').") for field in ("focal_alpha", "varifocal_alpha")),
+    *(Rule(f"{field}_non_negative", (field,), lambda c, field=field: getattr(c, field) >= 0,
+           f"{field}={{{field}}} must be >= 0 (focal_gamma 2 and class_loss_coefficient 1 are the defaults).")
+      for field in ("focal_gamma", "class_loss_coefficient")),
+    *(_positive(field) for field in ("num_feature_levels", "decoder_n_points", "encoder_n_points")),
+    Rule("query_selection_needs_deformable", ("two_stage", "learn_initial_query", "decoder_type"),
+         lambda c: not (c.two_stage or c.learn_initial_query) or c.decoder_type == "deformable",
+         "two_stage and learn_initial_query need decoder_type='deformable': query selection gives the deformable "
+         "decoder its reference boxes (DETR's decoder has none). Got two_stage={two_stage}, learn_initial_query="
+         "{learn_initial_query}, decoder_type={decoder_type!r}."),
+    Rule("multiscale_encoder_needs_deformable", ("encoder_type", "decoder_type"),
+         lambda c: c.encoder_type not in ("hybrid", "deformable") or c.decoder_type == "deformable",
+         "encoder_type={encoder_type!r} needs decoder_type='deformable' (got {decoder_type!r}): it encodes several "
+         "feature levels, which only the deformable decoder reads."),
+    Rule("hidden_expansion_positive", ("hidden_expansion",), lambda c: c.hidden_expansion > 0,
+         "hidden_expansion must be > 0 (1.0 is RT-DETR's), got {hidden_expansion}."),
+    Rule("denoising_ranges", ("num_denoising", "label_noise_ratio", "box_noise_scale"),
+         lambda c: c.num_denoising >= 0 and 0 <= c.label_noise_ratio <= 1 and c.box_noise_scale >= 0,
+         "num_denoising >= 0, label_noise_ratio in [0, 1] and box_noise_scale >= 0 are needed, got num_denoising="
+         "{num_denoising}, label_noise_ratio={label_noise_ratio}, box_noise_scale={box_noise_scale}."),
+    Rule("denoising_needs_deformable_sigmoid", ("num_denoising", "decoder_type", "classification_loss"),
+         lambda c: c.num_denoising == 0 or (c.decoder_type == "deformable" and uses_sigmoid_classes(c)),
+         "num_denoising={num_denoising} needs decoder_type='deformable' and a sigmoid classification_loss ('focal' "
+         "or 'varifocal'), got decoder_type={decoder_type!r} and classification_loss={classification_loss!r}: "
+         "denoising queries start from boxes, and their negatives learn 'no object' as all-zero sigmoid targets."),
+    Rule("learn_initial_query_needs_two_stage", ("learn_initial_query", "two_stage"),
+         lambda c: not c.learn_initial_query or c.two_stage,
+         "learn_initial_query={learn_initial_query} only means something with two_stage=True (got two_stage="
+         "{two_stage}; without query selection the content queries are always learned)."),
+    Rule("levels_need_deformable", ("num_feature_levels", "decoder_type"),
+         lambda c: c.num_feature_levels == 1 or c.decoder_type == "deformable",
+         "num_feature_levels={num_feature_levels} needs decoder_type='deformable': the {decoder_type!r} decoder "
+         "attends to one feature map (use num_feature_levels=1)."),
+    Rule("matcher_needs_a_cost", ("class_cost", "bbox_cost", "giou_cost"),
+         lambda c: not (c.class_cost == 0 and c.bbox_cost == 0 and c.giou_cost == 0),
+         "class_cost, bbox_cost and giou_cost cannot all be 0 (got {class_cost}, {bbox_cost}, {giou_cost}): the "
+         "matcher needs a cost."),
+)
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A field that a variant does not read: `when(config)` is true for that variant. A value other than the
+    field's default, set by the user, is an error (`refuse`) or a warning given once; `why` says what the variant
+    does instead, `fix` what to set for the value to matter."""
+
+    field: str
+    when: Callable[["DetrCustomConfig"], bool]
+    why: str
+    fix: str
+    refuse: bool
+
+
+_DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"
+# refused: fields that only configure a part the config does not build, so setting one means expecting that part.
+# warned: settings of a head or a training option that the config has switched off; keeping them while trying the
+# other head (or denoising off) is a normal experiment, and they matter again when it is switched back.
+IGNORED_FIELDS = (
+    Ignored("hidden_expansion", lambda c: c.encoder_type != "hybrid",
+            "it sizes the hybrid encoder's fusion blocks, and encoder_type is not 'hybrid'.",
+            "set encoder_type='hybrid' (e.g. from_preset('rtdetr'))", refuse=True),
+    Ignored("encoder_n_points", lambda c: c.encoder_type != "deformable",
+            "it is the deformable encoder's sampling points, and encoder_type is not 'deformable'.",
+            "set encoder_type='deformable' with decoder_type='deformable'", refuse=True),
+    Ignored("decoder_n_points", lambda c: c.decoder_type != "deformable",
+            "it is the deformable decoder's sampling points, and decoder_type is 'detr'.", _DEFORMABLE, refuse=True),
+    Ignored("projection_norm", lambda c: c.decoder_type != "deformable",
+            "it is the norm of the multi-scale level projections, and decoder_type 'detr' reads one level through a "
+            "plain 1x1 convolution.", _DEFORMABLE, refuse=True),
+    Ignored("batch_independent_inference", lambda c: c.decoder_type == "deformable",
+            "the deformable decoder has no batch-independent inference, so every forward would fail.",
+            "use decoder_type='detr'", refuse=True),
+    Ignored("normalize_decoder_residual", lambda c: c.decoder_type != "detr",
+            "it is a property of DETR's decoder (transformers' layout), and decoder_type is not 'detr'.",
+            "use decoder_type='detr'", refuse=False),
+    Ignored("eos_coefficient", uses_sigmoid_classes,
+            "it weighs the softmax head's 'no object' class, and this classification_loss has a sigmoid head.",
+            "use classification_loss='cross_entropy'", refuse=False),
+    Ignored("focal_alpha", lambda c: not uses_sigmoid_classes(c),
+            "it weighs the sigmoid head's focal loss and matching cost, and classification_loss is 'cross_entropy'.",
+            "use classification_loss='focal' or 'varifocal'", refuse=False),
+    Ignored("focal_gamma", lambda c: not uses_sigmoid_classes(c),
+            "it is the sigmoid head's focusing exponent, and classification_loss is 'cross_entropy'.",
+            "use classification_loss='focal' or 'varifocal'", refuse=False),
+    Ignored("varifocal_alpha", lambda c: c.classification_loss != "varifocal",
+            "it weighs the negatives of the varifocal loss only.", "use classification_loss='varifocal'",
+            refuse=False),
+    Ignored("label_noise_ratio", lambda c: c.num_denoising == 0,
+            "it sets the denoising queries' label noise, and num_denoising is 0 (off).", "set num_denoising > 0",
+            refuse=False),
+    Ignored("box_noise_scale", lambda c: c.num_denoising == 0,
+            "it sets the denoising queries' box noise, and num_denoising is 0 (off).", "set num_denoising > 0",
+            refuse=False),
+    Ignored("backbone_weights_sha256", lambda c: c.backbone_weights is None,
+            "it checks the backbone_weights file, and backbone_weights is not set.", "set backbone_weights",
+            refuse=True),
+)
+
+
 class DetrCustomConfig(PreTrainedConfig):
     r"""Configuration of [`DetrCustomModel`] and [`DetrCustomForObjectDetection`].
 
     Field names mirror transformers' `DetrConfig` where the concept is the same. Defaults are the original
     DETR's (facebookresearch/detr `main.py`): R50 backbone, 6 + 6 layers, 100 queries, auxiliary decoding
     losses on, dropout 0.1 inside attention and after the FFN activation as in `nn.MultiheadAttention`.
+
+    Values are checked when a config is built (`RULES`: the first broken one is a ValueError naming the fields, their
+    values and the fix). A field that the chosen variant does not read (`IGNORED_FIELDS`, e.g. `hidden_expansion`
+    without the hybrid encoder) is refused, or for head and denoising settings warned about once, when it is set to
+    a value other than its default; configs loaded with `from_pretrained` are never flagged for it.
 
     Conventions used everywhere in this package: `pixel_mask` is 1 on real pixels and 0 on padding (the
     Hugging Face polarity; the original DETR's `NestedTensor.mask` is the reverse), and boxes are
@@ -71,7 +263,10 @@ class DetrCustomConfig(PreTrainedConfig):
             randomly initialized timm ResNet zero-initializes the last BatchNorm of each block, and frozen there it
             would keep every residual branch off forever.
         num_queries: number of object queries, the upper bound on detections per image.
-        encoder_type, decoder_type: which transformer encoder / decoder to build, by name. `"detr"`: the original's
+        encoder_type, decoder_type: which transformer encoder and decoder to build, by name: encoder `"detr"`
+            (DETR's), `"hybrid"` (RT-DETR's) or `"deformable"` (Deformable DETR's), the last two with the deformable
+            decoder; decoder `"detr"` (DETR's) or `"deformable"` (Deformable DETR's: multi-scale, with iterative box
+            refinement). In detail: `"detr"`: the original's
             post-norm layers (`encoder_detr.py` / `decoder_detr.py`). `decoder_type="deformable"`: Deformable DETR's
             decoder (`decoder_deformable.py`, wired in `model_deformable.py`): multi-scale deformable
             cross-attention, learned content queries with learned reference boxes (DAB-DETR's anchors) refined by
@@ -107,13 +302,16 @@ class DetrCustomConfig(PreTrainedConfig):
             each image unpadded (same-size images together) and pad the feature maps instead of the pixels, so an
             image's outputs do not depend on the other images of its batch (padding changes the convolutions near
             the visible border, in the original DETR and transformers too). Costs one backbone call per image size.
+            `decoder_type="detr"` only.
         class_cost, bbox_cost, giou_cost: Hungarian matcher weights.
         bbox_loss_coefficient, giou_loss_coefficient: loss weights of L1 and GIoU (the class term's:
             `class_loss_coefficient`).
         eos_coefficient: cross-entropy weight of the "no object" class (`classification_loss="cross_entropy"` only).
         init_xavier_std: gain of the xavier-uniform init of linear and projection weights.
-        classification_loss: the class term of the set loss (logged as `loss_ce` whatever it is) and, with it, the
-            class head and the matching cost:
+        classification_loss: the class term of the set loss and, with it, the class head and the matching cost:
+            `"cross_entropy"` (DETR's softmax with "no object"), `"focal"` (Deformable DETR's per-class sigmoid focal
+            loss) or `"varifocal"` (RT-DETR's, the matched box's IoU as the class target). Logged as `loss_ce`
+            whatever it is. In detail:
 
             - `"cross_entropy"` (default): the published DETR. Softmax over num_labels + 1 logits (last = "no
               object", weighted by `eos_coefficient`), matching cost -p(class). Unchanged, bit for bit.
@@ -178,7 +376,7 @@ class DetrCustomConfig(PreTrainedConfig):
             d_model (1.0, RT-DETR's; 0.5 in its R18 variant).
         box_noise_scale: denoising: positives' corners move by up to box_noise_scale half box sizes, negatives' by
             between 1 and 2 times that (1.0, RT-DETR's).
-        projection_norm: the norm after each level's projection to d_model (`num_feature_levels > 1`): `"group"`
+        projection_norm: the norm after each level's projection to d_model (`decoder_type="deformable"`): `"group"`
             (1x1 conv + GroupNorm, Deformable DETR's) or `"batch"` (1x1 conv without bias + BatchNorm, RT-DETR's
             `encoder_input_proj`).
         decoder_input_proj: RT-DETR's second projection, a 1x1 conv (no bias) + BatchNorm per level between the
@@ -253,86 +451,41 @@ class DetrCustomConfig(PreTrainedConfig):
             raise ValueError(f"unknown preset {name!r}; use one of {tuple(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs) -> "DetrCustomConfig":
+        """`from_pretrained` builds the config here. A saved config holds every field at its value, the ones its
+        variant ignores included, so loading checks `RULES` but never flags `IGNORED_FIELDS`."""
+        loading = _LOADING.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _LOADING.reset(loading)
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for heads_field in ("encoder_attention_heads", "decoder_attention_heads"):
-            heads = getattr(self, heads_field)
-            if heads < 1 or self.d_model % heads != 0:
-                raise ValueError(
-                    f"d_model={self.d_model} must be divisible by {heads_field}={heads}: each head gets "
-                    f"d_model / heads channels. Choose e.g. {heads_field}=8 with d_model=256."
-                )
-        if self.d_model % 2 != 0:
-            raise ValueError(f"d_model={self.d_model} must be even: half of it encodes x, half y positions.")
-        for positive in ("num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
-                         "decoder_ffn_dim", "num_channels"):
-            if getattr(self, positive) < 1:
-                raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
-        if isinstance(self.num_query_groups, bool) or not isinstance(self.num_query_groups, int) \
-                or self.num_query_groups < 1:
-            raise ValueError(f"num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), "
-                             f"got {self.num_query_groups!r}.")
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
-                f"position_embedding_type={self.position_embedding_type!r} is not supported; "
-                f"use one of {POSITION_EMBEDDING_TYPES}."
-            )
-        for field, choices in (("encoder_type", ENCODER_TYPES), ("decoder_type", DECODER_TYPES)):
-            if getattr(self, field) not in choices:
-                raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {choices}.")
-        if self.activation_function not in ACTIVATION_FUNCTIONS:
-            raise ValueError(f"activation_function={self.activation_function!r}: use 'relu' or 'gelu'.")
-        if self.encoder_activation_function not in (None,) + ACTIVATION_FUNCTIONS:
-            raise ValueError(f"encoder_activation_function={self.encoder_activation_function!r}: use 'relu', 'gelu' "
-                             "or None (= activation_function).")
-        if self.position_embedding_type == "sine_absolute" and self.d_model % 4 != 0:
-            raise ValueError(f"position_embedding_type='sine_absolute' needs d_model divisible by 4 (sine and cosine "
-                             f"of rows and columns), got d_model={self.d_model}.")
-        if self.projection_norm not in PROJECTION_NORMS:
-            raise ValueError(f"projection_norm={self.projection_norm!r} is not supported; use one of "
-                             f"{PROJECTION_NORMS} ('batch' is RT-DETR's).")
-        if self.decoder_input_proj and self.encoder_type != "hybrid":
-            raise ValueError("decoder_input_proj=True needs encoder_type='hybrid': it projects the hybrid encoder's "
-                             "fused levels for the decoder, as RT-DETR.")
-        if self.classification_loss not in CLASSIFICATION_LOSSES:
-            raise ValueError(f"classification_loss={self.classification_loss!r} is not supported; use one of "
-                             f"{CLASSIFICATION_LOSSES} ('cross_entropy' is the published DETR's softmax).")
-        for field in ("focal_alpha", "varifocal_alpha"):
-            if not 0 <= getattr(self, field) <= 1:
-                raise ValueError(f"{field}={getattr(self, field)} must be in [0, 1]: it weighs positives against "
-                                 "negatives (0.25 for focal_alpha, 0.75 for varifocal_alpha are the papers').")
-        for field in ("focal_gamma", "class_loss_coefficient"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field}={getattr(self, field)} must be >= 0 (focal_gamma 2 and "
-                                 "class_loss_coefficient 1 are the defaults).")
-        for positive in ("num_feature_levels", "decoder_n_points", "encoder_n_points"):
-            if getattr(self, positive) < 1:
-                raise ValueError(f"{positive} must be >= 1, got {getattr(self, positive)}.")
-        if (self.two_stage or self.learn_initial_query) and self.decoder_type != "deformable":
-            raise ValueError("two_stage and learn_initial_query need decoder_type='deformable': query selection gives "
-                             "the deformable decoder its reference boxes (DETR's decoder has none).")
-        if self.encoder_type in ("hybrid", "deformable") and self.decoder_type != "deformable":
-            raise ValueError(f"encoder_type={self.encoder_type!r} needs decoder_type='deformable': it encodes several "
-                             "feature levels, which only the deformable decoder reads.")
-        if self.hidden_expansion <= 0:
-            raise ValueError(f"hidden_expansion must be > 0 (1.0 is RT-DETR's), got {self.hidden_expansion}.")
-        if self.num_denoising < 0 or not 0 <= self.label_noise_ratio <= 1 or self.box_noise_scale < 0:
-            raise ValueError(f"num_denoising >= 0, label_noise_ratio in [0, 1] and box_noise_scale >= 0 are needed, "
-                             f"got {self.num_denoising}, {self.label_noise_ratio}, {self.box_noise_scale}.")
-        if self.num_denoising > 0 and (self.decoder_type != "deformable" or not uses_sigmoid_classes(self)):
-            raise ValueError(f"num_denoising={self.num_denoising} needs decoder_type='deformable' and a sigmoid "
-                             f"classification_loss ('focal' or 'varifocal'), got {self.decoder_type!r} and "
-                             f"{self.classification_loss!r}: denoising queries start from boxes, and their negatives "
-                             "learn 'no object' as all-zero sigmoid targets.")
-        if self.learn_initial_query and not self.two_stage:
-            raise ValueError("learn_initial_query=True only means something with two_stage=True (without query "
-                             "selection the content queries are always learned).")
-        if self.num_feature_levels > 1 and self.decoder_type != "deformable":
-            raise ValueError(f"num_feature_levels={self.num_feature_levels} needs decoder_type='deformable': the "
-                             f"{self.decoder_type!r} decoder attends to one feature map (use num_feature_levels=1).")
-        if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
-            raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0: the matcher needs a cost.")
+        # built by the user (a non-default value was set explicitly), or loaded (see from_dict)
+        self.check_values(user_set=() if _LOADING.get() else None)
+
+    def check_values(self, user_set=None) -> None:
+        """Raise the first of `RULES` that the values break; then flag the fields of `user_set` that this variant
+        ignores (`IGNORED_FIELDS`): an error or a warning, per field. `user_set`: the field names the user set
+        (e.g. the training script's given options applied to a checkpoint); None = every field whose value differs
+        from its default (a config built directly: a non-default value was set)."""
+        for rule in RULES:
+            if not rule.holds(self):
+                raise ValueError(rule.message.format(**{name: getattr(self, name) for name in rule.fields}))
         _check_timm_backbone(self.backbone)
+        for ignored in IGNORED_FIELDS:
+            value = getattr(self, ignored.field)
+            if user_set is not None and ignored.field not in user_set:
+                continue
+            if value == getattr(type(self), ignored.field) or not ignored.when(self):
+                continue
+            message = (f"{ignored.field}={value!r} has no effect here: {ignored.why} Drop it (its default is "
+                       f"{getattr(type(self), ignored.field)!r}), or {ignored.fix}.")
+            if ignored.refuse:
+                raise ValueError(message)
+            logger.warning_once(message)
 
 
 def _check_timm_backbone(name: str) -> None:

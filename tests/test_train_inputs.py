@@ -74,3 +74,10 @@ def test_flags_that_differ_from_a_starting_checkpoint_are_applied_or_refused(tmp
     with pytest.raises(ValueError, match=r"\['backbone_weights'\] apply to new models only"):
         _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), backbone_weights="w.pth",
                      overwrite_output_dir=True))
+    with pytest.raises(ValueError, match=r"\['preset'\] apply to new models only"):
+        _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), preset="deformable",
+                     overwrite_output_dir=True))
+    # a given option that the checkpoint's variant (DETR's decoder) does not read: refused, naming the fix
+    with pytest.raises(ValueError, match=r"hidden_expansion=2.0 has no effect here: .* set encoder_type='hybrid'"):
+        _run(_config(tmp_path, data_dir, max_steps=1, model_name_or_path=str(folder), hidden_expansion=2.0,
+                     overwrite_output_dir=True))

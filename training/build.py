@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
 from modeling_detr_custom.fast_paths import cpu_bf16_support
 
-from .arguments import DataArguments, ModelArguments, TrainArguments
+from .arguments import (CONFIG_DEFAULTS, SHORTCUTS, TRAINING_DEFAULTS, DataArguments, ModelArguments,
+                        TrainArguments)
 from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
 from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, load_coco,
@@ -76,16 +77,6 @@ def data_sources(data_args: DataArguments) -> tuple[str, str]:
     return str(root / "instances_train2017.json"), str(root / "instances_val2017.json")
 
 
-# ModelArguments fields that are None unless given: then the checkpoint's value (model_name_or_path) or the config's
-# default (a new model) holds, so fine-tuning a focal checkpoint is not silently switched back to softmax
-OPTIONAL_CONFIG_FIELDS = ("classification_loss", "focal_alpha", "focal_gamma", "varifocal_alpha",
-                          "class_loss_coefficient", "class_cost", "num_query_groups", "decoder_type",
-                          "num_feature_levels", "decoder_n_points", "encoder_n_points", "two_stage",
-                          "learn_initial_query", "num_denoising", "label_noise_ratio", "box_noise_scale",
-                          "encoder_type", "hidden_expansion", "encoder_activation_function", "projection_norm",
-                          "decoder_input_proj", "backbone_first_block_shortcut")
-
-
 # the processor settings that say what pixel values a checkpoint was trained on (the sizes come from the data args)
 PIXEL_SCALING = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 
@@ -103,27 +94,41 @@ def checkpoint_pixel_scaling(model_name_or_path: str | None) -> dict:
     return {name: getattr(saved, name) for name in PIXEL_SCALING}
 
 
-# ModelArguments fields (-> config fields) that a checkpoint started from with model_name_or_path takes when given
-# (a value other than the argument's default): head sizes and training behaviour. num_queries re-initializes the
-# query table (and the deformable reference boxes); the rest changes no weight.
-APPLIED_TO_CHECKPOINT = {"num_queries": ("num_queries",), "dropout": ("dropout", "attention_dropout",
-                                                                      "activation_dropout"),
+# ModelArguments flags (-> config fields) that a checkpoint started from with model_name_or_path takes when given:
+# head sizes and training behaviour; num_queries re-initializes the query table (and the deformable reference boxes),
+# the rest changes no weight. Every other given config flag is applied too (another decoder, other levels: new weights
+# start from random values, and warn_reinitialized names them), except the two lists below.
+APPLIED_TO_CHECKPOINT = {"num_queries": ("num_queries",), "dropout": SHORTCUTS["dropout"],
                          "eos_coefficient": ("eos_coefficient",), "auxiliary_loss": ("auxiliary_loss",),
                          "freeze_batch_norm": ("freeze_batch_norm",),
                          "freeze_backbone_stem": ("freeze_backbone_stem",), "dilation": ("dilation",)}
-# ModelArguments fields that are the checkpoint's architecture (-> its config field): another value is refused
+# ModelArguments flags that are the checkpoint's architecture (-> its config field): another value is refused
 FIXED_BY_CHECKPOINT = {"backbone": "backbone", "d_model": "d_model", "encoder_layers": "encoder_layers",
                        "decoder_layers": "decoder_layers", "num_heads": "encoder_attention_heads",
-                       "ffn_dim": "encoder_ffn_dim", "position_embedding_type": "position_embedding_type"}
+                       "ffn_dim": "encoder_ffn_dim", "position_embedding_type": "position_embedding_type",
+                       "encoder_attention_heads": "encoder_attention_heads",
+                       "decoder_attention_heads": "decoder_attention_heads", "encoder_ffn_dim": "encoder_ffn_dim",
+                       "decoder_ffn_dim": "decoder_ffn_dim", "num_channels": "num_channels"}
 # new models only: with model_name_or_path the checkpoint's weights are loaded instead
-NEW_MODEL_ONLY = ("backbone_weights", "backbone_weights_sha256", "use_pretrained_backbone")
+NEW_MODEL_ONLY = ("backbone_weights", "backbone_weights_sha256", "use_pretrained_backbone", "preset")
 
 
 def given_model_arguments(model_args: ModelArguments) -> dict:
-    """The ModelArguments fields set to something other than their default (in the config file or as flags)."""
-    defaults = ModelArguments()
+    """The ModelArguments flags given (in the config file or on the command line; None = not given), except
+    use_pretrained_backbone=False, the training script's default."""
     return {f.name: getattr(model_args, f.name) for f in fields(ModelArguments)
-            if getattr(model_args, f.name) != getattr(defaults, f.name)}
+            if getattr(model_args, f.name) is not None
+            and getattr(model_args, f.name) != TRAINING_DEFAULTS.get(f.name, object())}
+
+
+def config_values(given: dict) -> dict:
+    """The config fields that the given flags set: each field given itself, then the shortcuts (--num_heads,
+    --ffn_dim, --dropout) for the fields not given."""
+    values = {name: value for name, value in given.items() if name in CONFIG_DEFAULTS}
+    for shortcut, names in SHORTCUTS.items():
+        if shortcut in given:
+            values.update({name: given[shortcut] for name in names if name not in given})
+    return values
 
 
 def warn_reinitialized(model_name_or_path: str, loading_info: dict, options: dict) -> None:
@@ -140,50 +145,48 @@ def warn_reinitialized(model_name_or_path: str, loading_info: dict, options: dic
                        ", ".join(new[:4]), given)
 
 
+def new_model_config(model_args: ModelArguments, **labels) -> DetrCustomConfig:
+    """The config of a new model: the preset's values (--preset; none: the config's defaults), the given flags on
+    top."""
+    values = config_values(given_model_arguments(model_args))
+    return DetrCustomConfig.from_preset(model_args.preset or "detr", **{**TRAINING_DEFAULTS, **values, **labels})
+
+
 def build_model(model_args: ModelArguments, categories) -> DetrCustomForObjectDetection:
+    """A new model from the preset and the given config flags, or the checkpoint of model_name_or_path with them
+    applied (architecture flags that differ from it are refused). Either way the config's rules hold, and a given
+    flag that the model's variant ignores is refused or warned about (DetrCustomConfig's IGNORED_FIELDS)."""
     labels = {"num_labels": len(categories.names), "id2label": categories.id2label, "label2id": categories.label2id}
-    options = {name: getattr(model_args, name) for name in OPTIONAL_CONFIG_FIELDS
-               if getattr(model_args, name) is not None}
-    if model_args.model_name_or_path:
-        given = given_model_arguments(model_args)
-        refused = [name for name in NEW_MODEL_ONLY if name in given]
-        if refused:
-            raise ValueError(f"{refused} apply to new models only: with --model_name_or_path "
-                             f"{model_args.model_name_or_path} the checkpoint's weights are loaded. Drop them, or "
-                             "drop --model_name_or_path to build a new model.")
-        applied = {config_name: given[name] for name, names in APPLIED_TO_CHECKPOINT.items() if name in given
-                   for config_name in names}
-        model, loading_info = DetrCustomForObjectDetection.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, output_loading_info=True, **labels,
-            **options, **applied)
-        warn_reinitialized(model_args.model_name_or_path, loading_info, {**options, **applied})
-        differing = [f"{name}={given[name]!r} (the checkpoint's {config_name}: "
-                     f"{getattr(model.config, config_name, None)!r})"
-                     for name, config_name in FIXED_BY_CHECKPOINT.items()
-                     if name in given and given[name] != getattr(model.config, config_name, None)]
-        if differing:
-            raise ValueError(f"{model_args.model_name_or_path} fixes the architecture, but {', '.join(differing)} "
-                             "differ: these can not change on a checkpoint. Drop them (the checkpoint's values are "
-                             "used), or drop --model_name_or_path to train a new model with them.")
-        if applied:
-            logger.info("%s: applied to the checkpoint's config: %s", model_args.model_name_or_path,
-                        ", ".join(f"{name}={given[name]!r}" for name in APPLIED_TO_CHECKPOINT if name in given))
-        logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
-                    "another count; the rest of the model is loaded)", model_args.model_name_or_path,
-                    labels["num_labels"])
-        return model
-    config = DetrCustomConfig(
-        backbone=model_args.backbone, use_pretrained_backbone=model_args.use_pretrained_backbone,
-        freeze_batch_norm=model_args.freeze_batch_norm, freeze_backbone_stem=model_args.freeze_backbone_stem,
-        dilation=model_args.dilation, d_model=model_args.d_model, encoder_layers=model_args.encoder_layers,
-        decoder_layers=model_args.decoder_layers, encoder_attention_heads=model_args.num_heads,
-        decoder_attention_heads=model_args.num_heads, encoder_ffn_dim=model_args.ffn_dim,
-        decoder_ffn_dim=model_args.ffn_dim, num_queries=model_args.num_queries, dropout=model_args.dropout,
-        attention_dropout=model_args.dropout, activation_dropout=model_args.dropout,
-        position_embedding_type=model_args.position_embedding_type, auxiliary_loss=model_args.auxiliary_loss,
-        eos_coefficient=model_args.eos_coefficient, backbone_weights=model_args.backbone_weights,
-        backbone_weights_sha256=model_args.backbone_weights_sha256, **labels, **options)
-    return DetrCustomForObjectDetection(config)
+    if not model_args.model_name_or_path:
+        return DetrCustomForObjectDetection(new_model_config(model_args, **labels))
+    given = given_model_arguments(model_args)
+    values = config_values(given)
+    refused = [name for name in NEW_MODEL_ONLY if name in given]
+    if refused:
+        raise ValueError(f"{refused} apply to new models only: with --model_name_or_path "
+                         f"{model_args.model_name_or_path} the checkpoint's weights are loaded. Drop them, or "
+                         "drop --model_name_or_path to build a new model.")
+    fixed = {FIXED_BY_CHECKPOINT[name] for name in given if name in FIXED_BY_CHECKPOINT}
+    options = {name: value for name, value in values.items() if name not in fixed}
+    model, loading_info = DetrCustomForObjectDetection.from_pretrained(
+        model_args.model_name_or_path, ignore_mismatched_sizes=True, output_loading_info=True, **labels, **options)
+    warn_reinitialized(model_args.model_name_or_path, loading_info, options)
+    differing = [f"{name}={given[name]!r} (the checkpoint's {config_name}: "
+                 f"{getattr(model.config, config_name, None)!r})"
+                 for name, config_name in FIXED_BY_CHECKPOINT.items()
+                 if name in given and given[name] != getattr(model.config, config_name, None)]
+    if differing:
+        raise ValueError(f"{model_args.model_name_or_path} fixes the architecture, but {', '.join(differing)} "
+                         "differ: these can not change on a checkpoint. Drop them (the checkpoint's values are "
+                         "used), or drop --model_name_or_path to train a new model with them.")
+    model.config.check_values(user_set=set(options))   # the options were set on the loaded config
+    if options:
+        logger.info("%s: applied to the checkpoint's config: %s", model_args.model_name_or_path,
+                    ", ".join(f"{name}={value!r}" for name, value in options.items()))
+    logger.info("%s: class head sized for the dataset's %d classes (re-initialized if the checkpoint had "
+                "another count; the rest of the model is loaded)", model_args.model_name_or_path,
+                labels["num_labels"])
+    return model
 
 
 def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
