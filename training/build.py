@@ -198,14 +198,19 @@ def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int]):
+def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int],
+                    budget: TimeBudget | None = None):
     """LR factor of the optimizer step (the scheduler steps once per optimizer step, see make_accelerator).
-    total_steps is read when needed: a time budget sizes it after the first (warm-up) steps."""
+    total_steps is read when needed; with a time budget, the cosine follows the budget's plan (sized after the first
+    warm-up steps, then planned again as the run goes, see budget.py)."""
     if args.lr_scheduler_type == "cosine":
         def factor(step):   # matches transformers' get_cosine_schedule_with_warmup
             if step < args.warmup_steps:
                 return float(step) / float(max(1, args.warmup_steps))
-            progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
+            if budget is not None:
+                progress = budget.cosine_progress(step, args.warmup_steps)
+            else:
+                progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -407,7 +412,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
                              f"{budget.measure_steps}: the steps timed before sizing must not depend on the total.")
         accelerator.register_for_checkpointing(budget)   # a resumed run keeps the sized schedule
     scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch,
-                                total_steps=lambda: budget.total_steps if budget else total_steps)
+                                total_steps=lambda: total_steps, budget=budget)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     # the model's initialization and the shuffle (SeedableRandomSampler took the seed in prepare) are the same on
