@@ -52,6 +52,20 @@ def test_the_mean_over_the_window_sizes_the_run():
     assert budget.describe()["timed_steps"] == 4
 
 
+def test_a_timing_window_slowed_by_a_busy_machine_plans_at_its_fastest_step():
+    clock = SetClock()
+    budget = TimeBudget(1.0, upper_bound=1000, timed_steps=4, clock=clock)
+    for step, seconds in enumerate([1.0, 1.0, 10.0, 10.0, 10.0, 0.5], start=1):   # busy for 30 s, then quiet
+        clock.time += seconds
+        budget.step_done(step)
+    # 7.625 s/step measured: (N - 6) steps + 1 evaluation fit in 60 - 32.5 - 1 s -> N = 9, short of the 20-step
+    # warm-up; at the fastest step's 0.5 s, N = 57: planned so, with a warning, and no error
+    assert budget.size(global_step=6, eval_seconds=1.0, eval_every=1000, min_steps=20) == 57
+    assert budget.seconds_per_step == 7.625 and budget.total_steps == budget.sized_total_steps == 57
+    assert "only 9 steps fit, fewer than the 20 warm-up steps. The fastest timed step (0.50 s) would fit 57" in (
+        budget.short_of_budget)
+
+
 def test_deadline_stops_the_run_when_only_the_final_evaluation_and_save_fit():
     clock = SetClock()
     budget, step, total = _sized_budget(clock)

@@ -55,6 +55,7 @@ class TimeBudget:
     planned_at: int | None = None          # the step of the latest plan
     replans: int = 0                       # plans that changed the total
     stopped_early_at: int | None = None    # the step the deadline stopped the run at (out_of_time)
+    short_of_budget: str | None = None     # size(): the warm-up did not fit the measured speed (a warning)
     # the cosine schedule's anchor: its progress (0 .. 1 after the warm-up) at anchor_step; None: from the warm-up
     anchor_step: int | None = None
     anchor_progress: float = 0.0
@@ -118,24 +119,44 @@ class TimeBudget:
                                   eval_every=eval_every, upper_bound=self.upper_bound)
 
     def size(self, *, global_step: int, eval_seconds: float, eval_every: int, min_steps: int) -> int:
-        """Chooses total_steps from the timed steps and one evaluation's duration; min_steps: the LR warm-up."""
+        """Chooses total_steps from the timed steps and one evaluation's duration; min_steps: the LR warm-up.
+
+        When the warm-up does not fit at the measured speed but would at the fastest timed step's (a machine busy
+        while the run was timed), the run is planned at that speed and `short_of_budget` says so: the next plans
+        shorten it if the steps stay slow, and the deadline ends it in time. When it would not fit even then,
+        a ValueError names the minutes needed."""
+        timed = sorted(self.step_seconds)[-self.timed_steps:]
         self.seconds_per_step = self._recent_seconds_per_step(self.timed_steps)
         self.evaluated(eval_seconds)
         seconds_left = self.seconds_left
         elapsed = 60 * self.minutes - seconds_left
         total = self._fit(seconds_left, global_step=global_step, eval_every=eval_every)
-        # too small: the warm-up does not fit, or nothing fits after the timed steps (while more were allowed)
-        if total < max(min_steps, global_step) or global_step == total < self.upper_bound:
+        least = max(min_steps, global_step)
+
+        def too_small(steps: int) -> bool:   # the warm-up does not fit, or nothing after the timed steps (if allowed)
+            return steps < least or global_step == steps < self.upper_bound
+
+        if too_small(total):
             needed = elapsed + eval_seconds + run_seconds(
                 max(min_steps, global_step + 1), done=global_step, seconds_per_step=self.seconds_per_step,
                 eval_seconds=eval_seconds, eval_every=eval_every)
-            least = max(min_steps, global_step)
             short = (f"fewer than the {least} warm-up steps" if total < least
                      else f"no training after the {global_step} timed steps")
-            raise ValueError(
-                f"max_train_minutes={self.minutes:g} is too small: {self.seconds_per_step:.2f} s/step and "
-                f"{eval_seconds:.1f} s per evaluation measured, {elapsed:.0f} s spent, so only {total} steps fit, "
-                f"{short}. Give at least {math.ceil(needed / 6) / 10:g} minutes, or lower warmup_steps.")
+            message = (f"max_train_minutes={self.minutes:g} is too small: {self.seconds_per_step:.2f} s/step and "
+                       f"{eval_seconds:.1f} s per evaluation measured, {elapsed:.0f} s spent, so only {total} steps "
+                       f"fit, {short}.")
+            fastest = min(self.step_seconds[s] for s in timed)
+            optimistic = choose_total_steps(budget_seconds=seconds_left - eval_seconds, done=global_step,
+                                            seconds_per_step=fastest, eval_seconds=eval_seconds,
+                                            eval_every=eval_every, upper_bound=self.upper_bound)
+            if too_small(optimistic):
+                raise ValueError(f"{message} Give at least {math.ceil(needed / 6) / 10:g} minutes, or lower "
+                                 "warmup_steps.")
+            self.short_of_budget = (f"{message} The fastest timed step ({fastest:.2f} s) would fit {optimistic}: "
+                                    "planned at that speed, and planned again as the run goes (a busy machine?). If "
+                                    f"the steps stay this slow, the run ends at its deadline, within the warm-up; "
+                                    f"{math.ceil(needed / 6) / 10:g} minutes would fit it.")
+            total = optimistic   # planned at that speed: the next plans and the deadline correct it
         self.total_steps = self.sized_total_steps = total
         self.sized_at = self.planned_at = global_step
         return total

@@ -163,6 +163,8 @@ def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
                                 eval_every=setup.eval_every, min_steps=setup.args.warmup_steps)
         except ValueError as e:
             error = str(e)
+        if budget.short_of_budget:
+            logger.warning("time budget: %s", budget.short_of_budget)
     error, budget.seconds_per_step, budget.eval_seconds, total = broadcast_object_list(
         [error, budget.seconds_per_step, budget.eval_seconds, total])
     if error:
