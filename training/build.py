@@ -24,8 +24,8 @@ from modeling_detr_custom.fast_paths import cpu_bf16_support
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
-from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, load_coco,
-                   load_hub_detection)
+from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, get_split,
+                   load_coco, load_hub_detection)
 from .data.check import warn_if_small
 from .ema import WeightEma, check_ema_arguments
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms, with_augmentations
@@ -34,7 +34,7 @@ logger = get_logger("training.train")
 
 
 def load_data(data_args: DataArguments, accelerator: Accelerator):
-    if data_args.write_demo_data:
+    if data_args.write_demo_data and not (data_args.dataset_name or data_args.train_annotation_file):
         from .sample_data import write_sample_dataset
 
         with accelerator.main_process_first():
@@ -47,6 +47,9 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
             train, val = (load_hub_detection(data_args.dataset_name, split, bbox_format=data_args.bbox_format,
                                              bbox_normalized=data_args.bbox_normalized)
                           for split in (data_args.train_split, data_args.val_split))
+            # the splits read (cppe-5 validates on 'test'), for the messages and the run's record
+            data_args.train_split = get_split(train) or data_args.train_split
+            data_args.val_split = get_split(val) or data_args.val_split
         elif data_args.train_annotation_file:
             train = load_coco(annotation_file=data_args.train_annotation_file, image_dir=data_args.train_image_dir)
             val = load_coco(annotation_file=data_args.val_annotation_file, image_dir=data_args.val_image_dir)

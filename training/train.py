@@ -11,6 +11,7 @@ save_checkpoint and evaluate_and_save, then finish (report.py). Checkpoints (che
 and resume bit-identically. With --ema_decay, an average of the weights (ema.py) is updated after each optimizer
 step, and it is what the evaluations measure and best/ and last/ hold.
 """
+import contextlib
 import itertools
 import logging
 import time
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .arguments import parse_args
 from .build import TrainingSetup, build, build_model  # noqa: F401 (build_model: the script's public phases)
-from .checkpoints import (RunState, exits_130_on_interrupt, load_checkpoint, record_evaluation, save_checkpoint,
-                          save_model)
+from .checkpoints import (RunState, exits_130_on_interrupt, load_checkpoint, record_evaluation,
+                          release_output_dir_locks, save_checkpoint, save_model)
 from .evaluation import plain_forward, predict_loader, score
 from .report import finish
 
@@ -215,11 +216,29 @@ def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
     return bool(stop[0])
 
 
+@contextlib.contextmanager
+def no_empty_folders_on_failure(output_dir: Path):
+    """A run that fails before training (bad data, a missing split) leaves no trace: the output folder (and its
+    parents) that it created are removed again, once its lock is released, if they are still empty."""
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]   # deepest first
+    try:
+        yield
+    except BaseException:
+        release_output_dir_locks()
+        for folder in created:
+            try:
+                folder.rmdir()   # only an empty folder: what the user or another process put there stays
+            except OSError:
+                break
+        raise
+
+
 @exits_130_on_interrupt   # Ctrl-C: logs the command that resumes from the newest complete checkpoint
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    setup = build(model_args, data_args, args)
+    with no_empty_folders_on_failure(Path(args.output_dir)):
+        setup = build(model_args, data_args, args)
     accelerator, model = setup.accelerator, setup.model
     state = RunState()
     if setup.checkpoint is not None:
