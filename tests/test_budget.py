@@ -72,7 +72,7 @@ def test_deadline_stops_the_run_when_only_the_final_evaluation_and_save_fit():
     # 11 s spent, 5 s an evaluation (one now, one at the end, one reserved for the final save): 60 - 11 - 10 = 39 s
     # for (N - 22) * 0.5 s -> N = 100
     assert total == 100 and not budget.out_of_time(step)
-    clock.time = 49.9                       # 10.1 s left: more than the final evaluation and save need
+    clock.time = 49.5                       # 10.5 s left: one more step (0.5 s), the final evaluation and save fit
     assert not budget.out_of_time(60)
     clock.time = 50.0                       # the machine got slower: at step 61 only 10 s are left
     assert budget.out_of_time(61) and budget.stopped_early_at == 61
@@ -110,7 +110,8 @@ def test_a_run_that_slows_down_stops_at_the_deadline_and_saves(tmp_path, data_di
 
     # as test_train's budgeted run: 1 s a reading sizes 10 steps into 0.25 min at step 5; from the 11th reading (the
     # first deadline check, at step 6, after the step's own reading) each reading is 3 s: at step 7 no time is left
-    # for the final evaluation and save (2 x 1 s). No logging step, so no re-planning: the deadline alone stops it.
+    # for one more step (1 s) and the final evaluation and save (2 x 1 s). No logging step, so no re-planning: the
+    # deadline alone stops it.
     monkeypatch.setattr(budget, "now", SlowingClock(1.0, readings=10, slow=3.0))
     with caplog.at_level("WARNING"):
         _run(_config(tmp_path, data_dir, max_steps=50, eval_steps=100, save_steps=100, lr_scheduler_type="cosine",

@@ -19,9 +19,9 @@ continuous across plans: a plan made at step s keeps the schedule's progress p(s
 1 - p(s), over the steps s .. total, so the learning rate never jumps, and it reaches its end at the planned last
 step. Plans made during the warm-up only set the total (the warm-up factor does not depend on it).
 
-A deadline guards the last stretch: after sizing, `out_of_time()` is True when only the final evaluation and save
-still fit (each estimated as one measured evaluation); the loop then stops early, saves and evaluates, and
-`describe()` records the step it stopped at.
+A deadline guards the last stretch: after sizing, `out_of_time()` is True when one more step and then the final
+evaluation and save (each estimated as one measured evaluation) no longer fit; the loop then stops early, saves and
+evaluates, and `describe()` records the step it stopped at.
 
 The plan (total, seconds_per_step, eval_seconds, and the schedule's anchor) is part of the checkpoint
 (`accelerator.register_for_checkpointing`): a resumed run follows the saved plan to its end, with the same learning
@@ -186,13 +186,13 @@ class TimeBudget:
         return self.anchor_progress + (1.0 - self.anchor_progress) * fraction
 
     def out_of_time(self, global_step: int) -> bool:
-        """After the step that sized the run (in this process): True, and records the step, when the time left holds
-        no more than the final evaluation and save, each estimated as one measured evaluation."""
+        """After the step that sized the run (in this process): True, and records the step, when the time left is
+        less than one more step and the final evaluation and save (each estimated as one measured evaluation)."""
         if self.stopped_early_at is not None:
             return True
         if self.sized_at is None or global_step <= self.sized_at:   # resumed, or just sized from this clock reading
             return False
-        if global_step < self.total_steps and self.seconds_left <= 2 * self.eval_seconds:
+        if global_step < self.total_steps and self.seconds_left < self.seconds_per_step + 2 * self.eval_seconds:
             self.stopped_early_at = global_step
         return self.stopped_early_at is not None
 

@@ -210,8 +210,8 @@ def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
     if stop[0] and budget.stopped_early_at is None:   # the other processes record the main one's decision
         budget.stopped_early_at = state.global_step
     if stop[0]:
-        logger.warning("time budget: stopping at step %d of %d, where only the final evaluation and save still fit in "
-                       "%g min (the steps ran slower than the %.2f s/step measured)", state.global_step,
+        logger.warning("time budget: stopping at step %d of %d: one more step and the final evaluation and save would "
+                       "not fit in %g min (the steps ran slower than the %.2f s/step measured)", state.global_step,
                        setup.total_steps, budget.minutes, budget.seconds_per_step)
     return bool(stop[0])
 
