@@ -58,6 +58,14 @@ class DetrCustomBackbone(nn.Module):
         try:
             body = timm.create_model(
                 config.backbone, pretrained=pretrained, features_only=True, **stages, **create_kwargs)
+        except OSError as error:   # huggingface_hub's: no network, or the Hub is unreachable, and nothing cached
+            if not pretrained:
+                raise
+            raise OSError(
+                f"backbone={config.backbone!r}: timm could not download its pretrained weights ({error}). Without "
+                "network, build the model with use_pretrained_backbone=False (--use_pretrained_backbone false: random "
+                "backbone weights), or give a local weights file with backbone_weights=PATH."
+            ) from error
         except (RuntimeError, AssertionError, TypeError, ValueError) as error:
             raise ValueError(
                 f"timm could not build backbone={config.backbone!r} with features_only=True"

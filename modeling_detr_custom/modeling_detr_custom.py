@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
@@ -423,3 +424,10 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             cross_attentions=outputs.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+# pipeline("object-detection") checks the model's class name against a copy of MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+# (the copy loses what AutoModelForObjectDetection.register adds) and logs every supported name otherwise: our class
+# is listed under its model_type as transformers' own detectors are. Here, not in __init__.py: a folder loaded with
+# trust_remote_code runs this file, not the package.
+MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(DetrCustomConfig.model_type, DetrCustomForObjectDetection.__name__)

@@ -1,6 +1,7 @@
 """COCO folders and Hub datasets -> one schema, cached; the dataset check; the collate in a 2-worker DataLoader."""
 import io
 import json
+import logging
 import os
 
 import datasets
@@ -202,8 +203,64 @@ def test_hub_boxes_that_contradict_the_declared_format_are_refused():
 
 def test_hub_missing_split_names_the_splits(tmp_path):
     datasets.DatasetDict({"train": _pixel_boxes_dataset([[[1, 1, 5, 5]]])}).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(ValueError, match=r"saved has no split 'val': its splits are \['train'\]. Pass --train_split"):
+    with pytest.raises(ValueError, match=r"saved has no validation split \(looked for 'validation', 'val', 'valid', "
+                                         r"'test'\): its splits are \['train'\]. Pass --val_split"):
         load_hub_detection(str(tmp_path / "saved"), "val", bbox_format="xywh", bbox_normalized=False)
+    with pytest.raises(ValueError, match=r"saved has no split 'train2017': its splits are \['train'\]. Pass "
+                                         "--train_split / --val_split"):
+        load_hub_detection(str(tmp_path / "saved"), "train2017", bbox_format="xywh", bbox_normalized=False)
+
+
+def _cppe5_layout() -> datasets.DatasetDict:
+    """cppe-5's layout: train and test splits (no validation), image_id / image / width / height / objects{id, area,
+    bbox (xywh pixels), category (ClassLabel)}; 3 train and 2 test images, told apart by their sizes."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (200, 100)).save(buffer, format="PNG")
+    objects = {"id": datasets.Value("int64"), "area": datasets.Value("int64"),
+               "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+               "category": datasets.ClassLabel(names=["Coverall", "Face_Shield", "Gloves", "Goggles", "Mask"])}
+    features = datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image(),
+                                  "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+                                  "objects": datasets.Sequence(objects)})
+
+    def split(num_images, first_id):
+        return datasets.Dataset.from_dict({
+            "image_id": list(range(first_id, first_id + num_images)),
+            "image": [{"bytes": buffer.getvalue(), "path": None}] * num_images,
+            "width": [200] * num_images, "height": [100] * num_images,
+            "objects": [{"id": [first_id + i], "area": [600], "bbox": [[10, 10, 20, 30]], "category": [i % 5]}
+                        for i in range(num_images)]}, features=features)
+
+    return datasets.DatasetDict({"train": split(3, 1), "test": split(2, 1001)})
+
+
+def test_the_validation_split_of_a_train_test_dataset_is_found(tmp_path, caplog):
+    """cppe-5 as users have it, saved with save_to_disk and as a Hub repository's parquet files (read by
+    datasets.load_dataset, as a Hub id is): "validation" reads its test split, logged and recorded."""
+    from training.data import get_split
+
+    layout = _cppe5_layout()
+    layout.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for name, part in layout.items():
+        part.to_parquet(str(tmp_path / "repo" / "data" / f"{name}-00000-of-00001.parquet"))
+    for source in (tmp_path / "saved", tmp_path / "repo"):
+        with caplog.at_level(logging.INFO, logger="training.data"):
+            val = load_hub_detection(str(source), "validation", bbox_format="xywh", bbox_normalized=False)
+        assert val["image_id"] == [1001, 1002] and get_split(val) == "test"
+        assert f"{source} has no 'validation' split: validating on its 'test' split (its splits: train, test" in (
+            caplog.text)
+        train = load_hub_detection(str(source), "train", bbox_format="xywh", bbox_normalized=False)
+        assert train["image_id"] == [1, 2, 3] and get_split(train) == "train"
+        assert get_categories(train).names == ("Coverall", "Face_Shield", "Gloves", "Goggles", "Mask")
+        with pytest.raises(ValueError, match=r"has no split 'dev': its splits are \['train', 'test'\]"):
+            load_hub_detection(str(source), "dev", bbox_format="xywh", bbox_normalized=False)
+        caplog.clear()
+    # a validation split is preferred to test, and val / valid are found too
+    for name in ("validation", "val", "valid"):
+        datasets.DatasetDict({**layout, name: layout["train"]}).save_to_disk(str(tmp_path / name))
+        assert get_split(load_hub_detection(str(tmp_path / name), "validation", bbox_format="xywh",
+                                            bbox_normalized=False)) == name
 
 
 def test_hub_sizes_ids_and_categories_from_the_source():

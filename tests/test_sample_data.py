@@ -88,6 +88,20 @@ def test_deterministic_from_seed_and_idempotent(demo, tmp_path):
     assert len(load(other, "train")["images"]) == 10
 
 
+def test_never_written_over_a_users_coco_folder(tmp_path):
+    """The demo config with another --data_dir: the user's annotations are not replaced by the demo's."""
+    user = tmp_path / "mine"
+    (user / "annotations").mkdir(parents=True)
+    mine = json.dumps({"info": {"description": "my boxes"}, "images": [], "annotations": [], "categories": []})
+    (user / "annotations" / "instances_val2017.json").write_text(mine)
+    with pytest.raises(ValueError, match=r"instances_val2017.json is not the demo's dataset: writing the demo data "
+                                         r"into .*mine would replace it. To train on that folder pass "
+                                         "--write_demo_data false"):
+        write_sample_dataset(user, num_train=2, num_val=2)
+    assert (user / "annotations" / "instances_val2017.json").read_text() == mine
+    assert not (user / "train2017").exists() and not (user / "annotations" / "instances_train2017.json").exists()
+
+
 def test_cli(tmp_path, capsys):
     main(["--output-dir", str(tmp_path / "cli"), "--num-train", "5", "--num-val", "2", "--seed", "3"])
     assert "wrote" in capsys.readouterr().out

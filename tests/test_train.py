@@ -362,3 +362,65 @@ def test_images_that_cannot_be_decoded_are_skipped_in_training_and_evaluation(tm
     skipped = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
     assert len(skipped) >= 2 and all("truncated" in message or "image file" in message for message in skipped)
     assert any("1 of 8 validation images could not be decoded" in r.getMessage() for r in caplog.records)
+
+
+def _cppe5_layout(data_dir: Path, path: Path, splits=(("train", "train"), ("test", "val"))) -> Path:
+    """The embedded dataset as a Hub user has cppe-5: a save_to_disk DatasetDict with train and test splits (no
+    validation), columns image_id, image, width, height, objects{id, area, bbox (xywh pixels), category}."""
+    def split(coco_split):
+        coco = json.loads((data_dir / "annotations" / f"instances_{coco_split}2017.json").read_text())
+        names = [c["name"] for c in coco["categories"]]
+        label = {c["id"]: i for i, c in enumerate(coco["categories"])}
+        objects = {image["id"]: {"id": [], "area": [], "bbox": [], "category": []} for image in coco["images"]}
+        for a in coco["annotations"]:
+            for key, value in (("id", a["id"]), ("area", a["area"]), ("bbox", a["bbox"]),
+                               ("category", label[a["category_id"]])):
+                objects[a["image_id"]][key].append(value)
+        features = datasets.Features({
+            "image_id": datasets.Value("int64"), "image": datasets.Image(), "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"), "objects": datasets.Sequence({
+                "id": datasets.Value("int64"), "area": datasets.Value("float32"),
+                "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                "category": datasets.ClassLabel(names=names)})})
+        return datasets.Dataset.from_dict({
+            "image_id": [image["id"] for image in coco["images"]],
+            "image": [str(data_dir / f"{coco_split}2017" / image["file_name"]) for image in coco["images"]],
+            "width": [image["width"] for image in coco["images"]],
+            "height": [image["height"] for image in coco["images"]],
+            "objects": [objects[image["id"]] for image in coco["images"]]}, features=features)
+
+    datasets.DatasetDict({name: split(coco_split) for name, coco_split in splits}).save_to_disk(str(path))
+    return path
+
+
+def test_a_train_test_hub_dataset_trains_and_the_demo_data_is_not_written(tmp_path, data_dir, caplog):
+    """The demo config's write_demo_data with --dataset_name: the Hub dataset is read, no demo data is written."""
+    saved = _cppe5_layout(data_dir, tmp_path / "cppe5")
+    with caplog.at_level(logging.INFO, logger="training.data"):
+        _run(_config(tmp_path, tmp_path / "demo", dataset_name=str(saved), bbox_format="xywh", write_demo_data=True,
+                     max_steps=2, eval_steps=2))
+    assert "has no 'validation' split: validating on its 'test' split (its splits: train, test" in caplog.text
+    assert not (tmp_path / "demo").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["run"]["global_steps"] == 2 and metrics["run"]["val_images"] == 8
+    assert metrics["eval_history"][-1]["step"] == 2
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, data_dir):
+    only_train = _cppe5_layout(data_dir, tmp_path / "only_train", splits=(("train", "train"),))
+    output = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match=r"only_train has no validation split \(looked for 'validation', 'val', "
+                                         r"'valid', 'test'\): its splits are \['train'\]"):
+        train.main(["--config", str(_config(tmp_path, None, dataset_name=str(only_train), bbox_format="xywh",
+                                            max_steps=2)), "--output_dir", str(output)])
+    assert not (tmp_path / "new").exists()   # neither the folder nor its lock file
+    # a folder that was there before the run stays, with what it held
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    for folder in (tmp_path / "mine", tmp_path / "empty"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match="has no validation split"):
+            train.main(["--config", str(_config(tmp_path, None, dataset_name=str(only_train), bbox_format="xywh",
+                                                max_steps=2)), "--output_dir", str(folder)])
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())

@@ -25,8 +25,8 @@ from .arguments import (CONFIG_DEFAULTS, SHORTCUTS, TRAINING_DEFAULTS, DataArgum
                         TrainArguments)
 from .budget import TimeBudget
 from .checkpoints import check_output_dir, find_checkpoint
-from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, load_coco,
-                   load_hub_detection)
+from .data import (Categories, DetrCollator, check_dataset, check_same_categories, get_categories, get_split,
+                   load_coco, load_hub_detection)
 from .data.check import warn_if_small
 from .ema import WeightEma, check_ema_arguments
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, make_detr_transforms, with_augmentations
@@ -35,7 +35,7 @@ logger = get_logger("training.train")
 
 
 def load_data(data_args: DataArguments, accelerator: Accelerator):
-    if data_args.write_demo_data:
+    if data_args.write_demo_data and not (data_args.dataset_name or data_args.train_annotation_file):
         from .sample_data import write_sample_dataset
 
         with accelerator.main_process_first():
@@ -48,6 +48,9 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
             train, val = (load_hub_detection(data_args.dataset_name, split, bbox_format=data_args.bbox_format,
                                              bbox_normalized=data_args.bbox_normalized)
                           for split in (data_args.train_split, data_args.val_split))
+            # the splits read (cppe-5 validates on 'test'), for the messages and the run's record
+            data_args.train_split = get_split(train) or data_args.train_split
+            data_args.val_split = get_split(val) or data_args.val_split
         elif data_args.train_annotation_file:
             train = load_coco(annotation_file=data_args.train_annotation_file, image_dir=data_args.train_image_dir)
             val = load_coco(annotation_file=data_args.val_annotation_file, image_dir=data_args.val_image_dir)
@@ -201,14 +204,19 @@ def build_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int]):
+def build_scheduler(optimizer, args: TrainArguments, *, steps_per_epoch: int, total_steps: Callable[[], int],
+                    budget: TimeBudget | None = None):
     """LR factor of the optimizer step (the scheduler steps once per optimizer step, see make_accelerator).
-    total_steps is read when needed: a time budget sizes it after the first (warm-up) steps."""
+    total_steps is read when needed; with a time budget, the cosine follows the budget's plan (sized after the first
+    warm-up steps, then planned again as the run goes, see budget.py)."""
     if args.lr_scheduler_type == "cosine":
         def factor(step):   # matches transformers' get_cosine_schedule_with_warmup
             if step < args.warmup_steps:
                 return float(step) / float(max(1, args.warmup_steps))
-            progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
+            if budget is not None:
+                progress = budget.cosine_progress(step, args.warmup_steps)
+            else:
+                progress = float(step - args.warmup_steps) / float(max(1, total_steps() - args.warmup_steps))
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -410,7 +418,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
                              f"{budget.measure_steps}: the steps timed before sizing must not depend on the total.")
         accelerator.register_for_checkpointing(budget)   # a resumed run keeps the sized schedule
     scheduler = build_scheduler(optimizer, args, steps_per_epoch=steps_per_epoch,
-                                total_steps=lambda: budget.total_steps if budget else total_steps)
+                                total_steps=lambda: total_steps, budget=budget)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     # the model's initialization and the shuffle (SeedableRandomSampler took the seed in prepare) are the same on

@@ -28,6 +28,7 @@ CATEGORIES = [  # id, name, colour (RGB)
     (18, "cross", (205, 55, 205)),
 ]
 SPLITS = {"train": ("train2017", 1), "val": ("val2017", 500_001)}   # folder, first image id
+DEMO_DESCRIPTION = "detr_custom synthetic demo"   # the json's info.description starts so: the folder is the demo's
 MIN_SIDE, MAX_SIDE = 144, 192      # image width/height in pixels
 MIN_OBJECT, MAX_OBJECT = 20, 80    # object width/height in pixels
 EMPTY_FRACTION, CROWD_FRACTION = 0.08, 0.04
@@ -132,7 +133,7 @@ def make_split(split: str, num_images: int, seed: int) -> tuple[dict, list]:
             annotation_id += 1
         to_render.append((file_name, width, height, objects, [seed, first_id, index, 1]))
     coco = {
-        "info": {"description": f"detr_custom synthetic demo ({split}, seed {seed})", "version": "1.0"},
+        "info": {"description": f"{DEMO_DESCRIPTION} ({split}, seed {seed})", "version": "1.0"},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -144,6 +145,12 @@ def make_split(split: str, num_images: int, seed: int) -> tuple[dict, list]:
 def write_sample_dataset(output_dir, num_train: int = 400, num_val: int = 100, seed: int = 0) -> bool:
     """Writes the dataset; returns False (and writes nothing) when ``output_dir`` already holds the same content."""
     root = Path(output_dir)
+    for split in SPLITS:   # never over a user's own COCO folder (the demo config with another --data_dir)
+        path = root / "annotations" / f"instances_{split}2017.json"
+        if path.is_file() and not _is_demo(path):
+            raise ValueError(f"{path} is not the demo's dataset: writing the demo data into {root} would replace it. "
+                             "To train on that folder pass --write_demo_data false; for the demo, choose another "
+                             "--data_dir.")
     splits = {split: make_split(split, n, seed) for split, n in (("train", num_train), ("val", num_val))}
     if all(_is_written(root, split, coco) for split, (coco, _) in splits.items()):
         return False
@@ -157,6 +164,16 @@ def write_sample_dataset(output_dir, num_train: int = 400, num_val: int = 100, s
         with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
             json.dump(coco, f)
     return True
+
+
+def _is_demo(path: Path) -> bool:
+    """Whether a COCO json was written by write_sample_dataset (any seed and size): its info says so."""
+    try:
+        with open(path) as f:
+            info = json.load(f).get("info") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and str(info.get("description", "")).startswith(DEMO_DESCRIPTION)
 
 
 def _is_written(root: Path, split: str, coco: dict) -> bool:

@@ -11,6 +11,7 @@ save_checkpoint and evaluate_and_save, then finish (report.py). Checkpoints (che
 and resume bit-identically. With --ema_decay, an average of the weights (ema.py) is updated after each optimizer
 step, and it is what the evaluations measure and best/ and last/ hold.
 """
+import contextlib
 import itertools
 import logging
 import time
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .arguments import parse_args
 from .build import TrainingSetup, build, build_model  # noqa: F401 (build_model: the script's public phases)
-from .checkpoints import (RunState, exits_130_on_interrupt, load_checkpoint, record_evaluation, save_checkpoint,
-                          save_model)
+from .checkpoints import (RunState, exits_130_on_interrupt, load_checkpoint, record_evaluation,
+                          release_output_dir_locks, save_checkpoint, save_model)
 from .evaluation import plain_forward, predict_loader, score
 from .report import finish
 
@@ -163,14 +164,41 @@ def size_to_budget(setup: TrainingSetup, state: RunState) -> int:
                                 eval_every=setup.eval_every, min_steps=setup.args.warmup_steps)
         except ValueError as e:
             error = str(e)
+        if budget.short_of_budget:
+            logger.warning("time budget: %s", budget.short_of_budget)
     error, budget.seconds_per_step, budget.eval_seconds, total = broadcast_object_list(
         [error, budget.seconds_per_step, budget.eval_seconds, total])
     if error:
         raise ValueError(error)
-    budget.total_steps = setup.total_steps = total
+    budget.total_steps = budget.sized_total_steps = setup.total_steps = total
+    budget.sized_at = budget.planned_at = state.global_step   # on every process: they re-plan at the same steps
     logger.info("time budget: %.2f s/step and %.1f s per evaluation measured, %d steps fit in %g min (upper bound %d)",
                 budget.seconds_per_step, budget.eval_seconds, total, budget.minutes, budget.upper_bound)
     return total
+
+
+def replan_budget(setup: TrainingSetup, state: RunState) -> int:
+    """At a logging step after sizing: plans the rest of the run again from the recent steps' speed and the time
+    left, on the main process, and tells the others (the plan includes the LR schedule's anchor). Returns the new
+    total: the current step when nothing more fits."""
+    budget, accelerator = setup.budget, setup.accelerator
+    previous = budget.total_steps
+    plan = None
+    if accelerator.is_main_process:
+        budget.replan(global_step=state.global_step, eval_every=setup.eval_every,
+                      warmup_steps=setup.args.warmup_steps)
+        plan = (budget.total_steps, budget.anchor_step, budget.anchor_progress, budget.seconds_per_step,
+                budget.replans)
+    if accelerator.num_processes > 1:
+        plan = broadcast_object_list([plan])[0]
+        (budget.total_steps, budget.anchor_step, budget.anchor_progress, budget.seconds_per_step,
+         budget.replans) = plan
+    budget.planned_at = state.global_step
+    setup.total_steps = budget.total_steps
+    if abs(setup.total_steps - previous) >= max(1, 0.05 * previous):   # the small moves of every plan stay quiet
+        logger.info("time budget: %.2f s/step now, %.0f s left: %d steps planned (was %d)", budget.seconds_per_step,
+                    budget.seconds_left, setup.total_steps, previous)
+    return setup.total_steps
 
 
 def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
@@ -182,17 +210,35 @@ def budget_deadline(setup: TrainingSetup, state: RunState) -> bool:
     if stop[0] and budget.stopped_early_at is None:   # the other processes record the main one's decision
         budget.stopped_early_at = state.global_step
     if stop[0]:
-        logger.warning("time budget: stopping at step %d of %d, where only the final evaluation and save still fit in "
-                       "%g min (the steps ran slower than the %.2f s/step measured)", state.global_step,
+        logger.warning("time budget: stopping at step %d of %d: one more step and the final evaluation and save would "
+                       "not fit in %g min (the steps ran slower than the %.2f s/step measured)", state.global_step,
                        setup.total_steps, budget.minutes, budget.seconds_per_step)
     return bool(stop[0])
+
+
+@contextlib.contextmanager
+def no_empty_folders_on_failure(output_dir: Path):
+    """A run that fails before training (bad data, a missing split) leaves no trace: the output folder (and its
+    parents) that it created are removed again, once its lock is released, if they are still empty."""
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]   # deepest first
+    try:
+        yield
+    except BaseException:
+        release_output_dir_locks()
+        for folder in created:
+            try:
+                folder.rmdir()   # only an empty folder: what the user or another process put there stays
+            except OSError:
+                break
+        raise
 
 
 @exits_130_on_interrupt   # Ctrl-C: logs the command that resumes from the newest complete checkpoint
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    setup = build(model_args, data_args, args)
+    with no_empty_folders_on_failure(Path(args.output_dir)):
+        setup = build(model_args, data_args, args)
     accelerator, model = setup.accelerator, setup.model
     state = RunState()
     if setup.checkpoint is not None:
@@ -227,19 +273,26 @@ def main(argv=None):
             if state.global_step % args.logging_steps == 0:
                 progress.set_postfix(loss=f"{log_losses(setup, state, running)['loss']:.3f}")
                 running = []
+                if setup.budget is not None and setup.budget.planned_at is not None and (
+                        setup.budget.planned_at < state.global_step < setup.total_steps):
+                    progress.total = replan_budget(setup, state)
             done = state.global_step >= setup.total_steps
             # the deadline: every step on one process, every logging_steps on several (it costs a broadcast there)
             if not done and setup.budget is not None and (
                     accelerator.num_processes == 1 or state.global_step % args.logging_steps == 0):
                 done = budget_deadline(setup, state)
             saving = state.global_step % setup.save_every == 0 or done
+            evaluating = state.global_step % setup.eval_every == 0 or done
+            paused_from = setup.budget.clock() if setup.budget is not None and evaluating else None
             if saving:   # before evaluating: a failing evaluation loses no training
                 state.set_position(epoch, setup.steps_per_epoch)
                 last_checkpoint = save_checkpoint(accelerator, state, output_dir=args.output_dir,
                                                   save_total_limit=args.save_total_limit, ema=setup.ema,
                                                   config=accelerator.unwrap_model(model).config)
-            if state.global_step % setup.eval_every == 0 or done:
+            if evaluating:
                 evaluate_and_save(setup, state, checkpoint=last_checkpoint if saving else None)
+            if paused_from is not None:   # what the next plans count per evaluation (with its checkpoint)
+                setup.budget.evaluated(setup.budget.clock() - paused_from)
             if done:
                 break
         if batches_trained == 0 and steps_done == 0 and not done:

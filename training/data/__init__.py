@@ -12,8 +12,8 @@ from .check import AUTO_DECODE_MAX_IMAGES, BOX_PROBLEMS, CHECK_IMAGES, IMAGE_PRO
     check_dataset, check_same_categories
 from .coco import CACHE_VERSION, build_coco_dataset, load_coco
 from .collate import DetrCollator
-from .hub import BBOX_FORMATS, HUB_COLUMNS, load_hub_detection, normalize_hub_dataset
-from .schema import DETECTION_FEATURES, Categories, get_categories, get_load_problems, set_categories
+from .hub import BBOX_FORMATS, HUB_COLUMNS, VALIDATION_SPLITS, choose_split, load_hub_detection, normalize_hub_dataset
+from .schema import DETECTION_FEATURES, Categories, get_categories, get_load_problems, get_split, set_categories
 
 __all__ = [
     "DETECTION_FEATURES",
@@ -21,11 +21,14 @@ __all__ = [
     "get_categories",
     "set_categories",
     "get_load_problems",
+    "get_split",
     "CACHE_VERSION",
     "load_coco",
     "build_coco_dataset",
     "HUB_COLUMNS",
     "BBOX_FORMATS",
+    "VALIDATION_SPLITS",
+    "choose_split",
     "load_hub_detection",
     "normalize_hub_dataset",
     "IMAGE_PROBLEMS",

@@ -3,13 +3,14 @@
 Column and field names map through ``HUB_COLUMNS`` and ``column_mapping``; the box format is an argument, never
 guessed; the categories come from the source's ``ClassLabel`` or from the caller.
 """
+import logging
 from pathlib import Path
 
 import datasets
 import numpy as np
 
 from .images import image_size
-from .schema import DETECTION_FEATURES, Categories, set_categories
+from .schema import DETECTION_FEATURES, Categories, set_categories, set_split
 
 # our name -> the source's name; the transformers detection schema (cppe-5: image + objects{id, area, bbox,
 # category}). Only image, objects, bbox and category are required in the source.
@@ -17,12 +18,21 @@ HUB_COLUMNS = {"image": "image", "image_id": "image_id", "width": "width", "heig
                "objects": "objects", "bbox": "bbox", "category": "category", "area": "area", "id": "id",
                "iscrowd": "iscrowd"}
 BBOX_FORMATS = ("xywh", "xyxy")
+logger = logging.getLogger("training.data")
+
+
+# the names a validation split goes by, looked for in this order when "validation" (or "val", "valid") is asked
+# for: cppe-5 and many other detection sets have only train and test
+VALIDATION_SPLITS = ("validation", "val", "valid", "test")
 
 
 def load_hub_detection(name_or_path: str, split: str | None = None, *, bbox_format: str, bbox_normalized: bool,
                        column_mapping: dict | None = None, categories: list | None = None, **load_kwargs):
     """A Hub detection dataset (``datasets.load_dataset(name_or_path)``, or a ``save_to_disk`` folder) in our schema.
 
+    ``split``: the split to read (None: every split, as a ``DatasetDict``). "validation" reads the first of
+    ``VALIDATION_SPLITS`` the dataset has (logged when it is not "validation"); the name read is recorded on the
+    returned dataset (``get_split``). A missing split is a ValueError listing the dataset's splits.
     ``bbox_format`` ("xywh" or "xyxy") and ``bbox_normalized`` (coordinates divided by the image size) must be
     given: they are never guessed (cppe-5 is xywh absolute, detection-datasets/coco is xyxy absolute).
     ``column_mapping`` overrides entries of ``HUB_COLUMNS`` (our name -> the source's column or field name).
@@ -32,16 +42,37 @@ def load_hub_detection(name_or_path: str, split: str | None = None, *, bbox_form
     saved = Path(name_or_path)
     if (saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file():  # a save_to_disk folder
         dataset = datasets.load_from_disk(name_or_path)
-        if split is not None and isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name_or_path} has no split {split!r}: its splits are {list(dataset)}. Pass "
-                                 "--train_split / --val_split with one of them.")
-            dataset = dataset[split]
-    else:
-        dataset = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
-    return normalize_hub_dataset(dataset, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
-                                 column_mapping=column_mapping, categories=categories,
-                                 source=f"{name_or_path}" + (f" split {split!r}" if split else ""))
+    else:   # all splits: load_dataset prepares every split anyway, and the names are needed to choose one
+        dataset = datasets.load_dataset(name_or_path, **load_kwargs)
+    if split is not None and isinstance(dataset, datasets.DatasetDict):
+        split = choose_split(list(dataset), split, source=name_or_path)
+        dataset = dataset[split]
+    elif split is not None:
+        logger.warning("%s is one dataset, without splits: %r reads all of it (training and validating on the same "
+                       "rows?). Save a DatasetDict with train and validation splits.", name_or_path, split)
+        split = None
+    dataset = normalize_hub_dataset(dataset, bbox_format=bbox_format, bbox_normalized=bbox_normalized,
+                                    column_mapping=column_mapping, categories=categories,
+                                    source=f"{name_or_path}" + (f" split {split!r}" if split else ""))
+    return set_split(dataset, split) if split else dataset
+
+
+def choose_split(splits: list[str], split: str, *, source: str) -> str:
+    """The split to read among `splits`: `split` itself, or for a validation split ("validation", "val", "valid")
+    the first of VALIDATION_SPLITS there is. Otherwise a ValueError naming the splits and the flags."""
+    if split in splits:
+        return split
+    if split in VALIDATION_SPLITS[:3]:
+        found = next((name for name in VALIDATION_SPLITS if name in splits), None)
+        if found is not None:
+            logger.info("%s has no %r split: validating on its %r split (its splits: %s; --val_split chooses)",
+                        source, split, found, ", ".join(splits))
+            return found
+        raise ValueError(f"{source} has no validation split (looked for {', '.join(map(repr, VALIDATION_SPLITS))}):"
+                         f" its splits are {splits}. Pass --val_split with one of them, or hold out part of the "
+                         "training split (datasets' train_test_split) and save it as 'validation'.")
+    raise ValueError(f"{source} has no split {split!r}: its splits are {splits}. Pass --train_split / --val_split "
+                     "with one of them.")
 
 
 def normalize_hub_dataset(dataset, *, bbox_format: str, bbox_normalized: bool, column_mapping: dict | None = None,

@@ -32,6 +32,7 @@ DETECTION_FEATURES = datasets.Features({
 })
 _CATEGORIES_KEY = "detr_custom_categories"
 _LOAD_PROBLEMS_KEY = "detr_custom_load_problems"
+_SPLIT_KEY = "detr_custom_split"
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,18 @@ def set_load_problems(dataset: datasets.Dataset, problems: dict) -> datasets.Dat
 def get_load_problems(dataset: datasets.Dataset) -> dict:
     """What ``set_load_problems`` stored, or {}."""
     return _description(dataset).get(_LOAD_PROBLEMS_KEY, {})
+
+
+def set_split(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """Stores the name of the source's split the rows came from (in place), e.g. "test" where a validation split
+    was asked for and the source has only train and test."""
+    dataset.info.description = json.dumps({**_description(dataset), _SPLIT_KEY: split})
+    return dataset
+
+
+def get_split(dataset: datasets.Dataset) -> str | None:
+    """What ``set_split`` stored, or None (a COCO file, or every split of a Hub dataset)."""
+    return _description(dataset).get(_SPLIT_KEY)
 
 
 def get_categories(dataset: datasets.Dataset | datasets.DatasetDict) -> Categories:
