@@ -263,11 +263,12 @@ class TrainArguments:
         "help": "Epochs to train (paper: 300), unless max_steps > 0."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     max_train_minutes: float = field(default=0, metadata={
-        "help": "A time budget (> 0): the run times its first steps and one evaluation, then trains as many optimizer "
+        "help": "A time budget (> 0): the run times its first steps and one evaluation, trains as many optimizer "
                 "steps as fit, with evaluations and the final save, in this many minutes (max_steps / "
-                "num_train_epochs stay the upper bound), and sizes the LR schedule for them. The measured steps fall "
-                "in the LR warm-up (cosine needs warmup_steps >= 5). metrics.json's run.budget records the decision; "
-                "a resumed run keeps it."})
+                "num_train_epochs stay the upper bound), then plans again at every logging step from the recent "
+                "steps' speed and the time left (the LR stays continuous); a deadline stops it when one more step, "
+                "the final evaluation and the save would not fit. The measured steps fall in the LR warm-up (cosine "
+                "needs warmup_steps >= 5). metrics.json's run.budget records the plans; a resumed run keeps them."})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Training images per batch and process."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Evaluation images per batch and process."})
     gradient_accumulation_steps: int = field(default=1, metadata={
