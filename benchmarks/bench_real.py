@@ -2,11 +2,12 @@
 
     .venv/bin/python -m benchmarks.bench_real [--data-dir data/real/stardist_nuclei] [--steps 300]
                                               [--detectors detr-demo,detr-rtdetr,fasterrcnn,retinanet,fcos]
-                                              [--output-dir outputs/bench_real]
+                                              [--fold right] [--output-dir outputs/bench_real]
 
 The data: any COCO folder in the 2017 layout (`annotations/instances_{train,val}2017.json`, `{train,val}2017/`) whose
 val split is held out; by default the stardist nuclei tiles (`benchmarks.real_data`, built on first use from the
-installed stardist package: 35 training tiles, 4 held-out tiles of another region of the image).
+installed stardist package: 35 training tiles, 4 held-out tiles of another region of the image; --fold picks which
+region is held out).
 
 Every detector starts from torchvision's ImageNet MobileNetV2 (`.weights/mobilenet_v2-b0353104.pth`, `make weights`)
 with frozen BatchNorm and a frozen stem, sees the same images with the same augmentation (horizontal flip, the shortest
@@ -248,18 +249,19 @@ def detr_config(name: str, files: dict, folder: Path, *, steps: int, batch_size:
     if weights and not Path(weights).is_absolute():
         base["backbone_weights"] = str(REPO / weights)
     (train_annotations, train_images), (val_annotations, val_images) = files["train"], files["val"]
-    return {**base, **overrides, **(extra or {}),
-            "data_dir": None, "write_demo_data": False, "dataset_name": None,
-            "train_annotation_file": str(train_annotations), "train_image_dir": str(train_images),
-            "val_annotation_file": str(val_annotations), "val_image_dir": str(val_images),
-            "train_scales": list(scales), "eval_size": eval_size, "max_size": max_size,
-            "per_device_train_batch_size": batch_size, "seed": seed, "num_workers": 0,
-            "max_steps": steps, "max_train_minutes": 0, "warmup_steps": min(int(base.get("warmup_steps", 0)),
-                                                                            max(1, steps // 5)),
-            "eval_steps": max(1, steps // EVALS), "save_steps": steps, "save_total_limit": 1,
-            "logging_steps": max(1, min(10, steps // 4)), "output_dir": str(folder / "run"),
-            "overwrite_output_dir": True, "resume_from_checkpoint": None, "report_to": "none",
-            "num_prediction_images": 0, "push_to_hub": False}
+    settings = {
+        "data_dir": None, "write_demo_data": False, "dataset_name": None,
+        "train_annotation_file": str(train_annotations), "train_image_dir": str(train_images),
+        "val_annotation_file": str(val_annotations), "val_image_dir": str(val_images),
+        "train_scales": list(scales), "eval_size": eval_size, "max_size": max_size,
+        "per_device_train_batch_size": batch_size, "seed": seed, "num_workers": 0,
+        "max_steps": steps, "max_train_minutes": 0, "warmup_steps": min(int(base.get("warmup_steps", 0)),
+                                                                        max(1, steps // 5)),
+        "eval_steps": max(1, steps // EVALS), "save_steps": steps, "save_total_limit": 1,
+        "logging_steps": max(1, min(10, steps // 4)), "output_dir": str(folder / "run"),
+        "overwrite_output_dir": True, "resume_from_checkpoint": None, "report_to": "none",
+        "num_prediction_images": 0, "push_to_hub": False}
+    return {**base, **overrides, **settings, **(extra or {})}   # extra last: a lever may set sizes, steps, warm-up
 
 
 def run_training_script(config: dict, folder: Path) -> None:
@@ -373,6 +375,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="a COCO 2017 layout folder (default: the stardist nuclei "
                         "tiles, built on first use under data/real/)")
+    parser.add_argument("--fold", default="right", choices=("right", "left"), help="the stardist image's region "
+                        "held out when --data-dir is not given (benchmarks.real_data.FOLDS)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps, every detector")
     parser.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS),
                         help=f"comma-separated, of {', '.join([*DETR_PRESETS, *CNN_DETECTORS])}")
@@ -405,7 +409,7 @@ def main(argv=None) -> dict:
     if args.data_dir is None:
         from benchmarks.real_data import ensure
 
-        data_dir = ensure()
+        data_dir = ensure(fold=args.fold)
     else:
         data_dir = Path(args.data_dir)
     files = subset(data_dir, output / "data", args.max_train_images, args.max_val_images)

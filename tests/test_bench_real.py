@@ -3,6 +3,7 @@ of our presets trains through the training script and a torchvision detector her
 the held-out and the training split."""
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_real, real_data
@@ -24,6 +25,38 @@ def test_real_data_is_a_coco_folder_of_disjoint_regions(tmp_path):
     train_right = max(int(i["file_name"].split("_x")[1].split("_")[0]) + i["width"] for i in splits["train"]["images"])
     val_left = min(int(i["file_name"].split("_x")[1].split("_")[0]) for i in splits["val"]["images"])
     assert train_right < val_left   # the held-out tiles come from another region of the image
+
+
+@pytest.mark.parametrize("fold", sorted(real_data.FOLDS))
+def test_no_nucleus_is_labelled_in_both_splits_of_a_fold(fold):
+    """Each source nucleus's box, traced back from every labelled tile box, lands in one split only."""
+    _, labels = real_data.load_source()
+    boxes = real_data.instance_boxes(labels)
+    labelled = {}
+    for split, tiles in real_data.tile_grid(fold).items():
+        for left, top, width, height in tiles:
+            clipped = np.clip(boxes - [left, top, left, top], 0, [width, height, width, height])
+            for box in real_data.tile_annotations(boxes, left, top, width, height):
+                # the nucleus whose clipped box this is
+                match = np.flatnonzero(np.abs(clipped - [box[0], box[1], box[0] + box[2], box[1] + box[3]]).sum(1)
+                                       < 1e-3)
+                labelled.setdefault(split, set()).update(match.tolist())
+    assert labelled["train"] and labelled["val"] and not labelled["train"] & labelled["val"]
+
+
+def test_the_two_folds_hold_out_different_nuclei(tmp_path):
+    held_out = {}
+    for fold in ("right", "left"):
+        folder = real_data.build(tmp_path / fold, fold=fold)
+        coco = json.loads((folder / "annotations" / "instances_val2017.json").read_text())
+        held_out[fold] = {(i["file_name"].split("_x")[1], i["width"]) for i in coco["images"]}
+        assert len(coco["images"]) == 4 and len(coco["annotations"]) > 30
+    (right_columns,) = {(int(c.split("_")[0]), w) for c, w in held_out["right"]}
+    (left_columns,) = {(int(c.split("_")[0]), w) for c, w in held_out["left"]}
+    assert left_columns[0] + left_columns[1] <= right_columns[0]   # the held-out strips do not overlap
+    assert real_data.fold_dir("left").name == "stardist_nuclei_left"
+    with pytest.raises(ValueError, match="unknown fold 'middle'"):
+        real_data.build(tmp_path / "x", fold="middle")
 
 
 def test_bench_real_runs_end_to_end_on_a_tiny_subset(tmp_path):
