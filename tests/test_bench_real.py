@@ -78,3 +78,24 @@ def test_bench_real_runs_end_to_end_on_a_tiny_subset(tmp_path):
     text = (tmp_path / "out" / "bench_real.md").read_text()
     assert "| detr-demo | 2 |" in text and "| fasterrcnn | 2 |" in text and "Command:" in text
     assert (tmp_path / "out" / "detr-demo" / "run" / "metrics.json").is_file()   # trained by the training script
+
+
+def test_a_lever_overrides_the_benchmark_sizes_and_several_runs_give_their_mean(tmp_path):
+    from benchmarks import bench_real_levers
+
+    data = real_data.build(tmp_path / "nuclei")
+    files = bench_real.subset(data, tmp_path / "subset", None, None)
+    settings = {**bench_real_levers.SETTINGS, "steps": 300, "seed": 42}
+    config = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings,
+                                    extra=bench_real_levers.LEVERS["upscale x2"])
+    assert config["train_scales"] == [224, 256, 288] and config["eval_size"] == 256 and config["max_size"] == 448
+    assert config["vertical_flip"] and config["two_stage"]   # the preset's own fields stay
+    plain = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings)
+    assert plain["train_scales"] == [112, 128, 144] and plain["eval_size"] == 128
+    runs = [{"AP": 0.3, "AP50": 0.8, "train AP50": 0.9, "gap": 0.1, "s/step": 1.0},
+            {"AP": 0.4, "AP50": 0.9, "train AP50": 0.9, "gap": 0.0, "s/step": 2.0}]
+    row = bench_real_levers.summarize("x", runs)
+    assert row["AP50"] == pytest.approx(0.85) and row["gap"] == pytest.approx(0.05) and row["s/step"] == 1.5
+    assert row["AP50 by run"] == "0.800 / 0.900 (± 0.050)"
+    assert "| x | 0.350 | 0.850 | 0.800 / 0.900 (± 0.050) | 0.900 | +0.050 | 1.50 |" in \
+        bench_real_levers.format_table([row])
