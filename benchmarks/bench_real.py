@@ -56,6 +56,9 @@ DETR_PRESETS = {
     "detr-rtdetr": ("training/configs/demo.yaml",
                     {"two_stage": True, "num_denoising": 50, "classification_loss": "varifocal"}),
     "detr-small": ("training/configs/finetune_small.yaml", {}),
+    # the same at twice the images' size: the 13-36 px nuclei as 26-72 px objects (finetune_small.yaml's sizes note)
+    "detr-small-x2": ("training/configs/finetune_small.yaml",
+                      {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}),
 }
 CNN_DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 # torchvision's detection references: these learning rates for a batch of 16 (8 GPUs x 2), scaled linearly
@@ -261,7 +264,8 @@ def detr_config(name: str, files: dict, folder: Path, *, steps: int, batch_size:
         "logging_steps": max(1, min(10, steps // 4)), "output_dir": str(folder / "run"),
         "overwrite_output_dir": True, "resume_from_checkpoint": None, "report_to": "none",
         "num_prediction_images": 0, "push_to_hub": False}
-    return {**base, **overrides, **settings, **(extra or {})}   # extra last: a lever may set sizes, steps, warm-up
+    # a preset's overrides and extra (a lever) after the benchmark's settings: they may set sizes, steps, warm-up
+    return {**base, **settings, **overrides, **(extra or {})}
 
 
 def run_training_script(config: dict, folder: Path) -> None:

@@ -92,6 +92,8 @@ def test_a_lever_overrides_the_benchmark_sizes_and_several_runs_give_their_mean(
     assert config["vertical_flip"] and config["two_stage"]   # the preset's own fields stay
     plain = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings)
     assert plain["train_scales"] == [112, 128, 144] and plain["eval_size"] == 128
+    doubled = bench_real.detr_config("detr-small-x2", files, tmp_path / "run", **settings)
+    assert doubled["train_scales"] == [224, 256, 288] and doubled["eval_size"] == 256 and doubled["max_steps"] == 300
     runs = [{"AP": 0.3, "AP50": 0.8, "train AP50": 0.9, "gap": 0.1, "s/step": 1.0},
             {"AP": 0.4, "AP50": 0.9, "train AP50": 0.9, "gap": 0.0, "s/step": 2.0}]
     row = bench_real_levers.summarize("x", runs)
