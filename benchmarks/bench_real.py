@@ -1,7 +1,7 @@
 """Real data, few images: our DETR presets against torchvision's CNN detectors from the same ImageNet backbone file.
 
     .venv/bin/python -m benchmarks.bench_real [--data-dir data/real/stardist_nuclei] [--steps 300]
-                                              [--detectors detr-demo,detr-rtdetr,fasterrcnn,retinanet,fcos]
+                                              [--detectors detr-demo,detr-small,detr-small-x2,fasterrcnn,...]
                                               [--fold right] [--output-dir outputs/bench_real]
 
 The data: any COCO folder in the 2017 layout (`annotations/instances_{train,val}2017.json`, `{train,val}2017/`) whose
@@ -63,7 +63,7 @@ DETR_PRESETS = {
 CNN_DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 # torchvision's detection references: these learning rates for a batch of 16 (8 GPUs x 2), scaled linearly
 CNN_LR = {"fasterrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}
-DEFAULT_DETECTORS = ("detr-demo", "detr-rtdetr", "fasterrcnn", "retinanet", "fcos")
+DEFAULT_DETECTORS = ("detr-demo", "detr-small", "detr-small-x2", "fasterrcnn", "retinanet", "fcos")
 COLUMNS = ("detector", "steps", "train s", "s/step", "AP", "AP50", "AR@100", "best AP50 (step)", "train AP50", "gap")
 
 
