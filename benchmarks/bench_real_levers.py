@@ -56,6 +56,8 @@ LEVERS = {
     "warmup 20": {"warmup_steps": 20},
     "denoising 100": {"num_denoising": 100},
     "600 steps": {"max_steps": 600},
+    "upscale x2+lr x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448, "learning_rate": 1.0e-3,
+                         "backbone_learning_rate": 2.0e-4},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's
