@@ -1,12 +1,13 @@
 """Real data, few images: our DETR presets against torchvision's CNN detectors from the same ImageNet backbone file.
 
     .venv/bin/python -m benchmarks.bench_real [--data-dir data/real/stardist_nuclei] [--steps 300]
-                                              [--detectors detr-demo,detr-rtdetr,fasterrcnn,retinanet,fcos]
-                                              [--output-dir outputs/bench_real]
+                                              [--detectors detr-demo,detr-small,detr-small-x2,fasterrcnn,...]
+                                              [--fold right] [--output-dir outputs/bench_real]
 
 The data: any COCO folder in the 2017 layout (`annotations/instances_{train,val}2017.json`, `{train,val}2017/`) whose
 val split is held out; by default the stardist nuclei tiles (`benchmarks.real_data`, built on first use from the
-installed stardist package: 35 training tiles, 4 held-out tiles of another region of the image).
+installed stardist package: 35 training tiles, 4 held-out tiles of another region of the image; --fold picks which
+region is held out).
 
 Every detector starts from torchvision's ImageNet MobileNetV2 (`.weights/mobilenet_v2-b0353104.pth`, `make weights`)
 with frozen BatchNorm and a frozen stem, sees the same images with the same augmentation (horizontal flip, the shortest
@@ -55,11 +56,14 @@ DETR_PRESETS = {
     "detr-rtdetr": ("training/configs/demo.yaml",
                     {"two_stage": True, "num_denoising": 50, "classification_loss": "varifocal"}),
     "detr-small": ("training/configs/finetune_small.yaml", {}),
+    # the same at twice the images' size: the 13-36 px nuclei as 26-72 px objects (finetune_small.yaml's sizes note)
+    "detr-small-x2": ("training/configs/finetune_small.yaml",
+                      {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}),
 }
 CNN_DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 # torchvision's detection references: these learning rates for a batch of 16 (8 GPUs x 2), scaled linearly
 CNN_LR = {"fasterrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}
-DEFAULT_DETECTORS = ("detr-demo", "detr-rtdetr", "fasterrcnn", "retinanet", "fcos")
+DEFAULT_DETECTORS = ("detr-demo", "detr-small", "detr-small-x2", "fasterrcnn", "retinanet", "fcos")
 COLUMNS = ("detector", "steps", "train s", "s/step", "AP", "AP50", "AR@100", "best AP50 (step)", "train AP50", "gap")
 
 
@@ -248,18 +252,20 @@ def detr_config(name: str, files: dict, folder: Path, *, steps: int, batch_size:
     if weights and not Path(weights).is_absolute():
         base["backbone_weights"] = str(REPO / weights)
     (train_annotations, train_images), (val_annotations, val_images) = files["train"], files["val"]
-    return {**base, **overrides, **(extra or {}),
-            "data_dir": None, "write_demo_data": False, "dataset_name": None,
-            "train_annotation_file": str(train_annotations), "train_image_dir": str(train_images),
-            "val_annotation_file": str(val_annotations), "val_image_dir": str(val_images),
-            "train_scales": list(scales), "eval_size": eval_size, "max_size": max_size,
-            "per_device_train_batch_size": batch_size, "seed": seed, "num_workers": 0,
-            "max_steps": steps, "max_train_minutes": 0, "warmup_steps": min(int(base.get("warmup_steps", 0)),
-                                                                            max(1, steps // 5)),
-            "eval_steps": max(1, steps // EVALS), "save_steps": steps, "save_total_limit": 1,
-            "logging_steps": max(1, min(10, steps // 4)), "output_dir": str(folder / "run"),
-            "overwrite_output_dir": True, "resume_from_checkpoint": None, "report_to": "none",
-            "num_prediction_images": 0, "push_to_hub": False}
+    settings = {
+        "data_dir": None, "write_demo_data": False, "dataset_name": None,
+        "train_annotation_file": str(train_annotations), "train_image_dir": str(train_images),
+        "val_annotation_file": str(val_annotations), "val_image_dir": str(val_images),
+        "train_scales": list(scales), "eval_size": eval_size, "max_size": max_size,
+        "per_device_train_batch_size": batch_size, "seed": seed, "num_workers": 0,
+        "max_steps": steps, "max_train_minutes": 0, "warmup_steps": min(int(base.get("warmup_steps", 0)),
+                                                                        max(1, steps // 5)),
+        "eval_steps": max(1, steps // EVALS), "save_steps": steps, "save_total_limit": 1,
+        "logging_steps": max(1, min(10, steps // 4)), "output_dir": str(folder / "run"),
+        "overwrite_output_dir": True, "resume_from_checkpoint": None, "report_to": "none",
+        "num_prediction_images": 0, "push_to_hub": False}
+    # a preset's overrides and extra (a lever) after the benchmark's settings: they may set sizes, steps, warm-up
+    return {**base, **settings, **overrides, **(extra or {})}
 
 
 def run_training_script(config: dict, folder: Path) -> None:
@@ -305,7 +311,12 @@ def train_detr(name: str, files: dict, folder: Path, **settings) -> dict:
     seconds_logged = [r["elapsed_s"] for r in logged]
     curve = [{"step": r["step"], "seconds": float(np.interp(r["step"], steps_logged, seconds_logged)),
               "AP": r["AP"], "AP50": r["AP50"], "AR100": r["AR100"]} for r in metrics["eval_history"]]
-    train, categories = load_split(*files["train"])
+    # the last point scored here, on every held-out image as the CNNs' (the training script's evaluations can leave
+    # out the last images of the split when they fall at the end of a training epoch)
+    val, categories = load_split(*files["val"])
+    final = coco_metrics(files["val"][0], detr_detections(folder / "run" / "last", val, categories))
+    curve[-1] = {**curve[-1], "script AP50": curve[-1]["AP50"], **final}
+    train, _ = load_split(*files["train"])
     train_metrics = coco_metrics(files["train"][0], detr_detections(folder / "run" / "last", train, categories))
     return {"curve": curve, "train": train_metrics, "loss": logged[-1].get("loss")}
 
@@ -373,6 +384,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="a COCO 2017 layout folder (default: the stardist nuclei "
                         "tiles, built on first use under data/real/)")
+    parser.add_argument("--fold", default="right", choices=("right", "left"), help="the stardist image's region "
+                        "held out when --data-dir is not given (benchmarks.real_data.FOLDS)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps, every detector")
     parser.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS),
                         help=f"comma-separated, of {', '.join([*DETR_PRESETS, *CNN_DETECTORS])}")
@@ -405,7 +418,7 @@ def main(argv=None) -> dict:
     if args.data_dir is None:
         from benchmarks.real_data import ensure
 
-        data_dir = ensure()
+        data_dir = ensure(fold=args.fold)
     else:
         data_dir = Path(args.data_dir)
     files = subset(data_dir, output / "data", args.max_train_images, args.max_val_images)

@@ -1,18 +1,23 @@
 """The small-data recipe's levers, one at a time, on the real-data benchmark: which move the held-out AP.
 
-    .venv/bin/python -m benchmarks.bench_real_levers [--preset detr-rtdetr] [--levers none,augment,...]
-                                                     [--steps 300] [--output-dir outputs/bench_real_levers]
+    .venv/bin/python -m benchmarks.bench_real_levers [--preset detr-small] [--levers none,augment,...]
+                                                     [--folds right,left] [--seeds 42,43] [--steps 300]
+                                                     [--output-dir outputs/bench_real_levers]
 
-Each lever is a set of config overrides (LEVERS) on one of bench_real's presets, trained by the training script
-with bench_real's data, sizes, steps and seed, and evaluated the same way (held-out AP at the last step, the best
-held-out AP50 of the run's evaluations and its step, the training split's AP50 and the gap). One table, written to
-OUTPUT_DIR/levers.md with the machine and the command.
+Each lever is a set of config overrides (LEVERS, applied last: a lever may also change the sizes or the steps) on
+one of bench_real's presets, trained by the training script with bench_real's data, sizes and steps on each fold
+(benchmarks.real_data.FOLDS: which region of the image is held out) and seed, and evaluated the same way (held-out
+AP at the last step, the training split's AP50 and the gap). One row per lever: the mean over its runs and each
+run's held-out AP50 with their spread (standard deviation). One table, written to OUTPUT_DIR/levers.md with the
+machine and the command.
 """
 import argparse
 import json
 import shlex
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import bench_real
 from benchmarks.machine import describe_machine, format_machine
@@ -42,49 +47,82 @@ LEVERS = {
                     "decoder_layers": 3},
     "turns+lr x2": {"vertical_flip": True, "rotate90": True, "learning_rate": 1.0e-3,
                     "backbone_learning_rate": 2.0e-4},
+    # on detr-small (finetune_small.yaml): resolution, supervision, regularization, schedule
+    "upscale x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448},
+    "upscale x1.5": {"train_scales": [176, 192, 208], "eval_size": 192, "max_size": 336},
+    "groups 3": {"num_query_groups": 3},
+    "queries 60": {"num_queries": 60},
+    "wd 0.05": {"weight_decay": 0.05},
+    "warmup 20": {"warmup_steps": 20},
+    "denoising 100": {"num_denoising": 100},
+    "600 steps": {"max_steps": 600},
+    "upscale x2+lr x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448, "learning_rate": 1.0e-3,
+                         "backbone_learning_rate": 2.0e-4},
 }
-COLUMNS = ("lever", "AP", "AP50", "best AP50 (step)", "train AP50", "gap", "s/step")
+COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
+SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="detr-rtdetr", choices=list(bench_real.DETR_PRESETS))
+    parser.add_argument("--preset", default="detr-small", choices=list(bench_real.DETR_PRESETS))
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of {', '.join(LEVERS)}")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--folds", default="right", help="comma-separated, of right, left (benchmarks.real_data: "
+                        "which region of the image is held out); several: the table gives their mean")
+    parser.add_argument("--seeds", default="42", help="comma-separated; several: the table gives their mean")
+    parser.add_argument("--data-dir", default=None, help="a COCO folder instead of the stardist folds")
     parser.add_argument("--output-dir", default="outputs/bench_real_levers")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.levers.split(",") if name.strip()]
     unknown = [name for name in names if name not in LEVERS]
     if unknown:
         parser.error(f"unknown lever(s) {unknown}: choose from {', '.join(LEVERS)}.")
-    if args.data_dir is None:
-        from benchmarks.real_data import ensure
-
-        data_dir = ensure()
-    else:
-        data_dir = Path(args.data_dir)
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     output = Path(args.output_dir)
-    files = bench_real.subset(data_dir, output / "data", None, None)
-    settings = {"steps": args.steps, "batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224,
-                "seed": 42}
+    if args.data_dir is None:
+        from benchmarks import real_data
+
+        folds = [fold.strip() for fold in args.folds.split(",") if fold.strip()]
+        unknown = [fold for fold in folds if fold not in real_data.FOLDS]
+        if unknown:
+            parser.error(f"unknown fold(s) {unknown}: choose from {', '.join(real_data.FOLDS)}.")
+        data = {fold: real_data.ensure(fold=fold) for fold in folds}
+    else:
+        data = {"data": Path(args.data_dir)}
+    files = {fold: bench_real.subset(data_dir, output / "data" / fold, None, None) for fold, data_dir in data.items()}
     machine = format_machine(describe_machine())
     print(machine, flush=True)
     rows = []
     for name in names:
         print(f"== {name}: {LEVERS[name] or 'no overrides'}", flush=True)
-        folder = output / name.replace(" ", "_").replace("/", "div")
-        result = bench_real.train_detr(args.preset, files, folder, **settings, extra=LEVERS[name])
-        row = {**bench_real.row(name, result), "lever": name}
-        rows.append(row)
+        runs = []
+        for fold in files:
+            for seed in seeds:
+                settings = {**SETTINGS, "steps": args.steps, "seed": seed}
+                folder = output / name.replace(" ", "_").replace("/", "div") / f"{fold}_seed{seed}"
+                result = bench_real.train_detr(args.preset, files[fold], folder, **settings, extra=LEVERS[name])
+                runs.append({**bench_real.row(name, result), "run": f"{fold} {seed}"})
+                print(f"  {fold}, seed {seed}: held-out AP50 {runs[-1]['AP50']:.3f}", flush=True)
+        rows.append(summarize(name, runs))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         (output / "levers.json").write_text(json.dumps(rows, indent=1))
     table = format_table(rows)
     command = shlex.join(["python", "-m", "benchmarks.bench_real_levers", *(sys.argv[1:] if argv is None else argv)])
-    (output / "levers.md").write_text(f"{table}\n\npreset {args.preset}, data {data_dir}, {args.steps} steps; "
-                                      f"held-out split unless named.\nCommand: `{command}`\n\n```\n{machine}\n```\n")
+    (output / "levers.md").write_text(f"{table}\n\npreset {args.preset}, data {', '.join(map(str, data.values()))}, "
+                                      f"seeds {seeds}, {args.steps} steps; held-out split unless named; several "
+                                      f"runs: their mean.\nCommand: `{command}`\n\n```\n{machine}\n```\n")
     print(f"\n{table}", flush=True)
     return rows
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    """One lever's row: the mean over its runs (folds x seeds), each run's held-out AP50 and their spread."""
+    mean = {key: float(np.mean([run[key] for run in runs])) for key in ("AP", "AP50", "train AP50", "gap", "s/step")}
+    values = [run["AP50"] for run in runs]
+    by_run = " / ".join(f"{value:.3f}" for value in values)
+    spread = f" (± {np.std(values):.3f})" if len(values) > 1 else ""
+    return {"lever": name, **mean, "AP50 by run": by_run + spread, "runs": runs}
 
 
 def format_table(rows: list[dict]) -> str:

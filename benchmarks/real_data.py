@@ -9,11 +9,13 @@ Nature Methods 16; the image set BBBC038 of the Broad Bioimage Benchmark Collect
 itself is BSD-3-Clause. The files are read from the installed package (`pip install stardist`, or the `bench` extra);
 nothing is downloaded, and the image is not imported as a module (stardist's own import pulls numba).
 
-Each nucleus mask becomes its bounding box (one class, "nucleus"). The image is split by columns: the left part
-(x < TRAIN_RIGHT) gives the training tiles, 128 x 128 px with overlap (35 tiles), the right part (x >= HELD_OUT_LEFT)
-the held-out tiles, 192 wide x 128 high without overlap (4 tiles), the gap between the two keeping a nucleus from
-being seen in both. A nucleus cut by a tile's edge keeps its clipped box when at least MIN_VISIBLE of its box is
-inside, and is left out otherwise. Pixels: 16-bit with values up to ~235, scaled to 8 bits by the image's 99.8th
+Each nucleus mask becomes its bounding box (one class, "nucleus"). The image is split by columns, two ways (FOLDS):
+in fold "right" the left part (x < 304) gives the training tiles, 128 x 128 px with overlap (35 tiles), the right
+part (x >= 320) the held-out tiles, 192 wide x 128 high without overlap (4 tiles); fold "left" is its mirror image
+(held out x < 192, training x >= 208). The 16 px gap between the two parts of a fold keeps a nucleus from being seen
+in both; the two folds' held-out regions do not overlap, so together they hold out 8 tiles (99 boxes) of different
+nuclei. A nucleus cut by a tile's edge keeps its clipped box when at least MIN_VISIBLE of its box is inside, and is
+left out otherwise. Pixels: 16-bit with values up to ~235, scaled to 8 bits by the image's 99.8th
 percentile and stored as 8-bit grayscale PNGs.
 
 The result, under the output folder, is the COCO 2017 layout `training.train --data_dir` reads:
@@ -28,11 +30,12 @@ import numpy as np
 import PIL.Image
 from scipy import ndimage
 
-DEFAULT_DIR = Path("data/real/stardist_nuclei")
+DEFAULT_DIR = Path("data/real/stardist_nuclei")   # fold "right"; other folds: DEFAULT_DIR + "_" + fold
 SOURCE = "stardist/data/images/img2d.tif + mask2d.tif (the stardist wheel); 2018 Data Science Bowl (BBBC038, CC0)"
 TILE = 128                     # training tiles: TILE x TILE
-TRAIN_RIGHT = 304              # training tiles lie in x < TRAIN_RIGHT
-HELD_OUT_LEFT = 320            # held-out tiles lie in x >= HELD_OUT_LEFT (the 16 px between: no shared nucleus)
+WIDTH = 512
+# fold -> (training columns [start, stop), held-out columns [start, stop)): 16 px between, no shared nucleus
+FOLDS = {"right": ((0, 304), (320, 512)), "left": ((208, 512), (0, 192))}
 TRAIN_COLUMNS, TRAIN_ROWS = 5, 7
 MIN_VISIBLE = 0.4              # a cut nucleus is labelled when this fraction of its box lies in the tile
 CATEGORIES = [{"id": 1, "name": "nucleus", "supercategory": "cell"}]
@@ -77,22 +80,35 @@ def tile_annotations(boxes: np.ndarray, left: int, top: int, width: int, height:
     return [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in clipped[keep]]
 
 
-def tile_grid() -> dict[str, list[tuple[int, int, int, int]]]:
+def check_fold(fold: str) -> str:
+    if fold not in FOLDS:
+        raise ValueError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}.")
+    return fold
+
+
+def fold_dir(fold: str = "right") -> Path:
+    """The default folder of a fold: DEFAULT_DIR for "right", DEFAULT_DIR_<fold> for the others."""
+    check_fold(fold)
+    return DEFAULT_DIR if fold == "right" else DEFAULT_DIR.with_name(f"{DEFAULT_DIR.name}_{fold}")
+
+
+def tile_grid(fold: str = "right") -> dict[str, list[tuple[int, int, int, int]]]:
     """(left, top, width, height) of each tile, per split."""
-    lefts = np.linspace(0, TRAIN_RIGHT - TILE, TRAIN_COLUMNS).round().astype(int)
-    tops = np.linspace(0, 512 - TILE, TRAIN_ROWS).round().astype(int)
+    (train_start, train_stop), (held_start, held_stop) = FOLDS[check_fold(fold)]
+    lefts = np.linspace(train_start, train_stop - TILE, TRAIN_COLUMNS).round().astype(int)
+    tops = np.linspace(0, WIDTH - TILE, TRAIN_ROWS).round().astype(int)
     train = [(int(x), int(y), TILE, TILE) for y in tops for x in lefts]
-    val = [(HELD_OUT_LEFT, top, 512 - HELD_OUT_LEFT, TILE) for top in range(0, 512, TILE)]
+    val = [(held_start, top, held_stop - held_start, TILE) for top in range(0, WIDTH, TILE)]
     return {"train": train, "val": val}
 
 
-def build(output_dir: str | Path = DEFAULT_DIR) -> Path:
-    """Writes the COCO folder (both splits) and returns it."""
-    output_dir = Path(output_dir)
+def build(output_dir: str | Path | None = None, fold: str = "right") -> Path:
+    """Writes the COCO folder of a fold (both splits) and returns it."""
+    output_dir = Path(output_dir) if output_dir is not None else fold_dir(fold)
     image, labels = load_source()
     boxes = instance_boxes(labels)
     (output_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, tiles in tile_grid().items():
+    for split, tiles in tile_grid(fold).items():
         folder = output_dir / f"{split}2017"
         folder.mkdir(exist_ok=True)
         images, annotations = [], []
@@ -104,26 +120,28 @@ def build(output_dir: str | Path = DEFAULT_DIR) -> Path:
             for box in tile_annotations(boxes, left, top, width, height):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "bbox": box,
                                     "area": box[2] * box[3], "iscrowd": 0})
-        coco = {"info": {"description": f"stardist nuclei tiles ({split})", "source": SOURCE},
+        coco = {"info": {"description": f"stardist nuclei tiles ({split}, fold {fold})", "source": SOURCE},
                 "licenses": [{"id": 1, "name": "CC0 1.0 (BBBC038)"}],
                 "images": images, "annotations": annotations, "categories": CATEGORIES}
         (output_dir / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
     return output_dir
 
 
-def ensure(output_dir: str | Path = DEFAULT_DIR) -> Path:
-    """The folder, built first if its annotation files are missing."""
-    output_dir = Path(output_dir)
+def ensure(output_dir: str | Path | None = None, fold: str = "right") -> Path:
+    """The folder of a fold, built first if its annotation files are missing."""
+    output_dir = Path(output_dir) if output_dir is not None else fold_dir(fold)
     if not all((output_dir / "annotations" / f"instances_{s}2017.json").is_file() for s in ("train", "val")):
-        build(output_dir)
+        build(output_dir, fold)
     return output_dir
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=str(DEFAULT_DIR))
+    parser.add_argument("--fold", default="right", choices=list(FOLDS), help="which region is held out")
+    parser.add_argument("--output-dir", default=None, help=f"default: {DEFAULT_DIR} (fold right), "
+                        f"{DEFAULT_DIR}_left (fold left)")
     args = parser.parse_args(argv)
-    output_dir = build(args.output_dir)
+    output_dir = build(args.output_dir, args.fold)
     for split in ("train", "val"):
         coco = json.loads((output_dir / "annotations" / f"instances_{split}2017.json").read_text())
         print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} boxes -> {output_dir}")

@@ -3,6 +3,7 @@ of our presets trains through the training script and a torchvision detector her
 the held-out and the training split."""
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_real, real_data
@@ -26,6 +27,38 @@ def test_real_data_is_a_coco_folder_of_disjoint_regions(tmp_path):
     assert train_right < val_left   # the held-out tiles come from another region of the image
 
 
+@pytest.mark.parametrize("fold", sorted(real_data.FOLDS))
+def test_no_nucleus_is_labelled_in_both_splits_of_a_fold(fold):
+    """Each source nucleus's box, traced back from every labelled tile box, lands in one split only."""
+    _, labels = real_data.load_source()
+    boxes = real_data.instance_boxes(labels)
+    labelled = {}
+    for split, tiles in real_data.tile_grid(fold).items():
+        for left, top, width, height in tiles:
+            clipped = np.clip(boxes - [left, top, left, top], 0, [width, height, width, height])
+            for box in real_data.tile_annotations(boxes, left, top, width, height):
+                # the nucleus whose clipped box this is
+                match = np.flatnonzero(np.abs(clipped - [box[0], box[1], box[0] + box[2], box[1] + box[3]]).sum(1)
+                                       < 1e-3)
+                labelled.setdefault(split, set()).update(match.tolist())
+    assert labelled["train"] and labelled["val"] and not labelled["train"] & labelled["val"]
+
+
+def test_the_two_folds_hold_out_different_nuclei(tmp_path):
+    held_out = {}
+    for fold in ("right", "left"):
+        folder = real_data.build(tmp_path / fold, fold=fold)
+        coco = json.loads((folder / "annotations" / "instances_val2017.json").read_text())
+        held_out[fold] = {(i["file_name"].split("_x")[1], i["width"]) for i in coco["images"]}
+        assert len(coco["images"]) == 4 and len(coco["annotations"]) > 30
+    (right_columns,) = {(int(c.split("_")[0]), w) for c, w in held_out["right"]}
+    (left_columns,) = {(int(c.split("_")[0]), w) for c, w in held_out["left"]}
+    assert left_columns[0] + left_columns[1] <= right_columns[0]   # the held-out strips do not overlap
+    assert real_data.fold_dir("left").name == "stardist_nuclei_left"
+    with pytest.raises(ValueError, match="unknown fold 'middle'"):
+        real_data.build(tmp_path / "x", fold="middle")
+
+
 def test_bench_real_runs_end_to_end_on_a_tiny_subset(tmp_path):
     data = real_data.build(tmp_path / "nuclei")
     result = bench_real.main(["--data-dir", str(data), "--detectors", "detr-demo,fasterrcnn", "--steps", "2",
@@ -45,3 +78,26 @@ def test_bench_real_runs_end_to_end_on_a_tiny_subset(tmp_path):
     text = (tmp_path / "out" / "bench_real.md").read_text()
     assert "| detr-demo | 2 |" in text and "| fasterrcnn | 2 |" in text and "Command:" in text
     assert (tmp_path / "out" / "detr-demo" / "run" / "metrics.json").is_file()   # trained by the training script
+
+
+def test_a_lever_overrides_the_benchmark_sizes_and_several_runs_give_their_mean(tmp_path):
+    from benchmarks import bench_real_levers
+
+    data = real_data.build(tmp_path / "nuclei")
+    files = bench_real.subset(data, tmp_path / "subset", None, None)
+    settings = {**bench_real_levers.SETTINGS, "steps": 300, "seed": 42}
+    config = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings,
+                                    extra=bench_real_levers.LEVERS["upscale x2"])
+    assert config["train_scales"] == [224, 256, 288] and config["eval_size"] == 256 and config["max_size"] == 448
+    assert config["vertical_flip"] and config["two_stage"]   # the preset's own fields stay
+    plain = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings)
+    assert plain["train_scales"] == [112, 128, 144] and plain["eval_size"] == 128
+    doubled = bench_real.detr_config("detr-small-x2", files, tmp_path / "run", **settings)
+    assert doubled["train_scales"] == [224, 256, 288] and doubled["eval_size"] == 256 and doubled["max_steps"] == 300
+    runs = [{"AP": 0.3, "AP50": 0.8, "train AP50": 0.9, "gap": 0.1, "s/step": 1.0},
+            {"AP": 0.4, "AP50": 0.9, "train AP50": 0.9, "gap": 0.0, "s/step": 2.0}]
+    row = bench_real_levers.summarize("x", runs)
+    assert row["AP50"] == pytest.approx(0.85) and row["gap"] == pytest.approx(0.05) and row["s/step"] == 1.5
+    assert row["AP50 by run"] == "0.800 / 0.900 (± 0.050)"
+    assert "| x | 0.350 | 0.850 | 0.800 / 0.900 (± 0.050) | 0.900 | +0.050 | 1.50 |" in \
+        bench_real_levers.format_table([row])
