@@ -424,3 +424,19 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, data
                                                 max_steps=2)), "--output_dir", str(folder)])
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_an_evaluation_on_the_last_batch_of_an_epoch_scores_every_validation_image(fresh_accelerator_state):
+    """35 training images in batches of 8 leave a remainder of 3 at the epoch's last batch; an evaluation there
+    (every 60 steps on the real-data benchmark) gathered only 3 of its 4 validation images' predictions."""
+    from torch.utils.data import DataLoader
+
+    accelerator = Accelerator(cpu=True)
+    train_loader, val_loader = accelerator.prepare(DataLoader(list(range(35)), batch_size=8),
+                                                   DataLoader(list(range(4)), batch_size=16))
+    gathered = None
+    for step, _ in enumerate(train_loader):
+        if step == len(train_loader) - 1:   # the evaluation of the epoch's last step, before the loader ends
+            predictions = [{"image_id": int(i)} for batch in val_loader for i in batch]
+            gathered = train.gather_predictions(accelerator, predictions)
+    assert [p["image_id"] for p in gathered] == [0, 1, 2, 3]

@@ -30,9 +30,8 @@ ground truth), and 0 when there is ground truth but nothing was found (e.g. a cl
 
 Behaviour worth knowing:
 
-* Duplicates: `accelerator.gather_for_metrics` can repeat samples (padding of the last batch when it cannot tell
-  the remainder, e.g. with `use_gather_object`), so predictions and references are deduplicated by image_id, the
-  first one seen wins. Each image therefore counts once.
+* Duplicates: gathering from several processes repeats the samples that pad the last batch, so predictions and
+  references are deduplicated by image_id, the first one seen wins. Each image therefore counts once.
 * A reference without a prediction is an image with no detections (its objects are all missed); a reference with
   no objects is an image without ground truth (its detections are false positives). A prediction whose image_id
   has no reference is an error.
