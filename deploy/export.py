@@ -30,6 +30,8 @@ import torch
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
 
+from .runtimes import model_inputs
+
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}
 METADATA_KEY = "detr_custom"   # ONNX metadata_props key / OpenVINO rt_info section: processor, id2label, activation
 
@@ -67,8 +69,7 @@ def export_onnx(model, processor, output: Path, *, opset: int | None = None, bat
     from torch.export import Dim
 
     images = check_images(1)
-    example = processor([images[i % len(images)] for i in range(batch_size or 2)], return_tensors="pt")
-    pixel_values, pixel_mask = example["pixel_values"], example["pixel_mask"]
+    pixel_values, pixel_mask = model_inputs(processor, [images[i % len(images)] for i in range(batch_size or 2)])
     size = Dim.AUTO
     batch_dim = None if batch_size else Dim.AUTO
     dynamic = {"pixel_values": {0: batch_dim, 2: size, 3: size}, "pixel_mask": {0: batch_dim, 1: size, 2: size}}
@@ -77,7 +78,7 @@ def export_onnx(model, processor, output: Path, *, opset: int | None = None, bat
                    for name, axes in dynamic.items()}
     kwargs = {} if opset is None else {"opset_version": opset}
     with torch.no_grad():
-        program = torch.onnx.export(LogitsAndBoxes(model), (pixel_values, pixel_mask), dynamo=True,
+        program = torch.onnx.export(LogitsAndBoxes(model).eval(), (pixel_values, pixel_mask), dynamo=True,
                                     input_names=["pixel_values", "pixel_mask"], output_names=["logits", "pred_boxes"],
                                     dynamic_shapes=dynamic, external_data=False, **kwargs)
     program.save(str(output), external_data=False)
@@ -115,8 +116,8 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
         checks["one image"] = images[:1]
     differences = {}
     for name, batch in checks.items():
-        inputs = processor(batch, return_tensors="pt")
-        inputs = {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+        pixel_values, pixel_mask = model_inputs(processor, batch)
+        inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         with torch.no_grad():
             expected = model(**inputs)
         got = runner.forward(**inputs)

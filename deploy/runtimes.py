@@ -34,12 +34,23 @@ class Detector:
         Each image runs without the others' padding (training/evaluation.py's detect_batch)."""
         from training.evaluation import detect_batch
 
-        inputs = self.processor(images, return_tensors="pt")
+        pixel_values, pixel_mask = model_inputs(self.processor, images)
         target_sizes = torch.tensor([_image_size(image) for image in images])    # [batch, 2], (h, w)
         started = time.perf_counter()
-        results = detect_batch(self.forward, self.processor, inputs["pixel_values"], inputs["pixel_mask"],
-                               target_sizes, threshold=threshold)
+        results = detect_batch(self.forward, self.processor, pixel_values, pixel_mask, target_sizes,
+                               threshold=threshold)
         return results, time.perf_counter() - started
+
+
+def model_inputs(processor: DetrCustomImageProcessor, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images -> (pixel_values [B, 3, H, W], pixel_mask [B, H, W]); a processor that resizes to one fixed size and
+    does not pad (RT-DETR's settings) gives no mask: every pixel is real."""
+    inputs = processor(images, return_tensors="pt")
+    pixel_values = inputs["pixel_values"]
+    pixel_mask = inputs.get("pixel_mask")
+    if pixel_mask is None:
+        pixel_mask = torch.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=torch.long)
+    return pixel_values, pixel_mask
 
 
 def _image_size(image) -> tuple[int, int]:

@@ -1,9 +1,13 @@
-"""detr-custom-export: every preset and the RT-DETRv2 layout to ONNX and OpenVINO, each file against PyTorch on a
-padded batch of differently sized images and on one image; exported files give the folder's detections and AP
-through detr-custom-predict and detr-custom-eval."""
+"""detr-custom-export: every preset, the RT-DETRv2 layout, and checkpoints saved by transformers' DETR and RT-DETRv2
+(converted by from_pretrained) to ONNX and OpenVINO, each file against PyTorch on a padded batch of differently sized
+images and on one image; exported files give the folder's detections and AP through detr-custom-predict and
+detr-custom-eval."""
 import json
 
+import numpy as np
 import pytest
+import torch
+from test_checkpoint_conversion_rt_detr import _rt_detr_v2
 from test_evaluate import centred_boxes_data
 from test_export import model_of
 from test_predict import centred_model
@@ -11,11 +15,28 @@ from test_predict import centred_model
 from deploy import evaluate as eval_cli
 from deploy import export as export_cli
 from deploy import predict as predict_cli
-from deploy.runtimes import load_detector
+from deploy.runtimes import load_detector, model_inputs
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.testing_utils import randomize_, tiny_kwargs
 
 
 LAYOUTS = ("detr", "deformable", "rtdetr", "rtdetr_v2")
+CONVERTED = ("transformers_detr", "transformers_rtdetr_v2")   # folders saved by transformers, converted on loading
+
+
+def transformers_folder(name: str, folder):
+    """A folder as transformers saves it (model and image processor), with random weights; returns the model."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, RTDetrImageProcessor
+
+    if name == "transformers_detr":
+        reference = randomize_(DetrForObjectDetection(DetrConfig(**tiny_kwargs())).eval())
+        processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    else:
+        reference = _rt_detr_v2()
+        processor = RTDetrImageProcessor(size={"height": 96, "width": 96})
+    reference.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +51,8 @@ def exports(tmp_path_factory):
             folder = root / name
             if name == "detr":
                 centred_model(folder)
+            elif name in CONVERTED:
+                transformers_folder(name, folder)
             else:
                 model_of(name).save_pretrained(folder)
                 DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
@@ -44,7 +67,7 @@ def exports(tmp_path_factory):
 
 
 @pytest.mark.timeout(1200)   # an export of a layout, converted, and two checks
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", LAYOUTS + CONVERTED)
 def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, name):
     _, model, processor, onnx_file, xml = exports(name)
     for fmt, file in (("onnx", onnx_file), ("openvino", xml)):
@@ -54,6 +77,38 @@ def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, n
             # boxes to 1e-4; logits relative to their magnitude to 1e-3 (eager folds BatchNorm, the file does not)
             assert difference["pred_boxes"] <= 1e-4 and difference["logits"] <= 1e-3, (name, fmt, where, difference)
         print(name, fmt, differences)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", CONVERTED)
+def test_exported_converted_checkpoints_equal_transformers(exports, tmp_path, name):
+    """The exported file of a converted checkpoint against transformers' own model on the same pixels: DETR on a
+    padded batch of differently sized images (its pixel_mask) and on one image; RT-DETRv2 (fixed-size resize, no
+    mask) on a batch of two and on one image."""
+    folder, _, processor, onnx_file, xml = exports(name)
+    reference = transformers_folder(name, tmp_path / "again")       # the same seeds: the same weights
+    images = export_cli.check_images()
+    batches = {"padded batch": images, "one image": images[:1]}
+    if name == "transformers_rtdetr_v2":
+        batches["padded batch"] = images[:2]
+    pytorch = load_detector(str(folder)).detect(images, threshold=0.0)[0]
+    for fmt, file in (("onnx", onnx_file), ("openvino", xml)):
+        runner = load_detector(str(file))
+        for got, expected in zip(runner.detect(images, threshold=0.0)[0], pytorch):   # the same detections
+            assert got["labels"].tolist() == expected["labels"].tolist() and len(got["labels"]) > 0
+            torch.testing.assert_close(got["scores"], expected["scores"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-2, rtol=0)   # pixels
+        for where, batch in batches.items():
+            pixel_values, pixel_mask = model_inputs(processor, batch)
+            assert (pixel_mask == 0).any() == (name == "transformers_detr" and where == "padded batch")
+            with torch.no_grad():
+                expected = reference(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            got = runner.forward(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            boxes = (expected.pred_boxes - got["pred_boxes"]).abs().max().item()
+            logits = (expected.logits - got["logits"]).abs().max().item() / max(1.0, expected.logits.abs().max())
+            assert boxes <= 1e-4 and logits <= 1e-3, (name, fmt, where, boxes, logits)
+            print(name, fmt, where, "vs transformers: boxes", boxes, "logits", logits)
+            assert np.ptp(got["pred_boxes"].numpy(), axis=1).min() > 1e-3    # not vacuous: queries differ
 
 
 def test_exported_files_give_the_folders_detections_and_ap(exports, tmp_path):
