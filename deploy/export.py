@@ -3,6 +3,8 @@ against PyTorch before it is reported written.
 
     detr-custom-export outputs/demo/best --format onnx --output demo.onnx
     detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
+    detr-custom-export MODEL --format openvino --output demo_bf16.xml --precision bf16
+    detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/
 
 The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixel_mask` [batch, height, width] int64
 (1 on real pixels, 0 on padding), its outputs `logits` and `pred_boxes` (cx, cy, w, h in [0, 1] of each image's
@@ -12,11 +14,14 @@ them). Batch, height and width are dynamic in both formats (--batch_size fixes t
 image's outputs as PyTorch does.
 
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
-file, weights kept in fp32 (the runtime's default precision is chosen when it is compiled: see exported.py).
+file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
+the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
+training images); the precision travels in the metadata and exported.py compiles the file at it.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
-them apart, and the rounding differs), else nothing is written.
+them apart, and the rounding differs), else nothing is written. A bf16 / int8 file is made from the checked fp32
+graph; its differences are reported, and its accuracy is measured by detr-custom-eval on the file.
 """
 import argparse
 import json
@@ -103,6 +108,55 @@ def onnx_to_openvino(onnx_file: Path, output: Path) -> Path:
     return output
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def set_precision(model, precision: str) -> None:
+    """Records in an OpenVINO model's metadata the precision it is compiled at (exported.PRECISIONS)."""
+    settings = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+    settings["precision"] = precision
+    model.set_rt_info(json.dumps(settings), [METADATA_KEY])
+
+
+def calibration_images(folder: str, count: int) -> list[Path]:
+    """Up to `count` images of `folder` (and its globs), evenly spread over the sorted files."""
+    from .predict import IMAGE_SUFFIXES, expand_inputs
+
+    files = [path for path in expand_inputs([folder]) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"--calibration_data {folder}: no image in it (images: {', '.join(IMAGE_SUFFIXES)}).")
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *,
+                  calibration_size: int = 300) -> Path:
+    """Post-training int8 quantization (NNCF) of the exported graph: activation ranges from the calibration images
+    (training images: never the data the model is scored on), pre-processed by the model's processor, one at a
+    time; the model's numerically fragile parts (softmax, layer norms, the box sigmoid) stay in floating point
+    (NNCF's transformer patterns). `xml`: the fp32 OpenVINO file; writes `output` (.xml + .bin) with "int8" in its
+    metadata."""
+    import nncf
+    import openvino
+    import PIL.Image
+    import PIL.ImageOps
+
+    files = calibration_images(calibration_data, calibration_size)
+
+    def transform(path):
+        with PIL.Image.open(path) as image:
+            picture = PIL.ImageOps.exif_transpose(image).convert("RGB")
+        pixel_values, pixel_mask = model_inputs(processor, [picture])
+        return {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
+
+    model = openvino.Core().read_model(str(xml))
+    quantized = nncf.quantize(model, nncf.Dataset(files, transform), subset_size=len(files),
+                              model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False)
+    set_precision(quantized, "int8")
+    openvino.save_model(quantized, str(output), compress_to_fp16=False)
+    return output
+
+
 def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
     """The largest |file - PyTorch| of pred_boxes, and of logits relative to their largest magnitude (at least 1), on
     a padded batch of differently sized images (3, or the fixed batch size) and on one image alone (where the batch
@@ -128,10 +182,22 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
 
 
 def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
-           tolerance: float = 1e-4, logits_tolerance: float = 1e-3) -> dict:
-    """The Python function behind detr-custom-export; returns the report (file, differences, seconds)."""
+           tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
+           calibration_data: str | None = None, calibration_size: int = 300) -> dict:
+    """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
+    graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
+    bounded (its accuracy is measured by detr-custom-eval on the file)."""
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision != "fp32" and format != "openvino":
+        raise ValueError(f"--precision {precision} is for --format openvino; ONNX files are fp32.")
+    if (precision == "int8") != (calibration_data is not None):
+        raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
+                         "--calibration_data is only for --precision int8.")
+    if calibration_size < 1:
+        raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
     output = Path(output)
     if output.suffix.lower() != FORMATS[format]:
         raise ValueError(f"--output {output}: a {format} file ends in {FORMATS[format]}.")
@@ -156,12 +222,25 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
                                f"{worst['pred_boxes']:.3g} (tolerance {tolerance:g}), logits by "
                                f"{worst['logits']:.3g} (tolerance {logits_tolerance:g}), on {differences}; nothing "
                                f"was written to {output}.")
+        reduced = {}
+        if precision != "fp32":
+            import openvino
+
+            fp32_file, written = written, Path(scratch) / f"{precision}.xml"
+            if precision == "int8":
+                quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size)
+            else:
+                model_ir = openvino.Core().read_model(str(fp32_file))
+                set_precision(model_ir, precision)
+                openvino.save_model(model_ir, str(written), compress_to_fp16=False)
+            reduced = largest_differences(model, processor, written, batch_size=batch_size)
         written.replace(output)
         if format == "openvino":
             written.with_suffix(".bin").replace(output.with_suffix(".bin"))
     dynamic = "height and width" if batch_size else "batch, height and width"
-    return {"file": str(output), "format": format, "differences": differences, "largest_differences": worst,
-            "dynamic": dynamic, "batch_size": batch_size, "seconds": time.perf_counter() - started}
+    return {"file": str(output), "format": format, "precision": precision, "differences": differences,
+            "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
+            "batch_size": batch_size, "seconds": time.perf_counter() - started}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,6 +254,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="largest difference from PyTorch allowed on the check's boxes (cx, cy, w, h in [0, 1])")
     parser.add_argument("--logits_tolerance", type=float, default=1e-3,
                         help="the same for logits, relative to their largest magnitude (at least 1)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="OpenVINO: the arithmetic the file runs at. bf16: fp32 weights, bf16 compute (CPUs with "
+                             "AVX512_BF16 or AMX); int8: post-training quantization (NNCF) calibrated on "
+                             "--calibration_data")
+    parser.add_argument("--calibration_data", help="with --precision int8: a folder (or glob) of training images "
+                                                   "that set the int8 ranges (not the images the model is scored on)")
+    parser.add_argument("--calibration_size", type=int, default=300, help="images used from --calibration_data")
     return parser.parse_args(argv)
 
 
@@ -182,14 +268,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
-                        tolerance=args.tolerance, logits_tolerance=args.logits_tolerance)
+                        tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
+                        calibration_data=args.calibration_data, calibration_size=args.calibration_size)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {report['file']} ({report['format']}; dynamic {report['dynamic']}) in {report['seconds']:.0f} s")
+    print(f"wrote {report['file']} ({report['format']}, {report['precision']}; dynamic {report['dynamic']}) in "
+          f"{report['seconds']:.0f} s")
     for name, difference in report["differences"].items():
         print(f"  checked against PyTorch on {name}: largest difference logits {difference['logits']:.2e}, "
               f"boxes {difference['pred_boxes']:.2e}")
+    for name, difference in report["reduced_precision_differences"].items():
+        print(f"  at {report['precision']} on {name}: largest difference logits {difference['logits']:.2e}, "
+              f"boxes {difference['pred_boxes']:.2e} (reduced precision: measure its AP with detr-custom-eval)")
     return 0
 
 

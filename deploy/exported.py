@@ -47,9 +47,25 @@ def load_onnx(path: Path, *, threads: int | None = None) -> Detector:
     return _detector(forward, props[METADATA_KEY], "onnxruntime", path)
 
 
-def load_openvino(path: Path, *, threads: int | None = None, precision: str = "f32") -> Detector:
-    """precision: "f32" (the default here: PyTorch's numbers) or "default" (the runtime's choice: bf16 on CPUs with
-    AMX / AVX512_BF16, faster, not the same numbers)."""
+# precision (the file's, from its metadata, or the caller's) -> OpenVINO CPU compile settings. int8: the quantized
+# operations in int8, the others in fp32 ("int8" files are written by `detr-custom-export --precision int8`)
+PRECISIONS = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
+              "int8": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}}
+
+
+def file_precision(settings: str) -> str:
+    """The precision an exported file was written for (its metadata's; files without one are fp32)."""
+    try:
+        return json.loads(settings).get("precision", "fp32")
+    except (TypeError, ValueError, AttributeError):
+        return "fp32"
+
+
+def load_openvino(path: Path, *, threads: int | None = None, precision: str | None = None) -> Detector:
+    """precision: None (the file's: fp32 unless exported with --precision bf16 / int8), "fp32" (PyTorch's numbers),
+    "bf16" (bf16 arithmetic: needs AVX512_BF16 or AMX, else the runtime falls back to fp32), "int8" (a quantized
+    file: its int8 operations, the rest in fp32) or "default" (the runtime's choice: bf16 on CPUs with AMX /
+    AVX512_BF16)."""
     import openvino
 
     core = openvino.Core()
@@ -58,7 +74,10 @@ def load_openvino(path: Path, *, threads: int | None = None, precision: str = "f
         raise ValueError(f"{path} has no '{METADATA_KEY}' rt_info (processor settings, class names): it was not "
                          "written by detr-custom-export. Export the model folder with detr-custom-export.")
     settings = model.get_rt_info([METADATA_KEY]).astype(str)
-    config = {} if precision == "default" else {"INFERENCE_PRECISION_HINT": precision}
+    precision = precision or file_precision(settings)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    config = dict(PRECISIONS[precision])
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
@@ -73,9 +92,11 @@ def load_openvino(path: Path, *, threads: int | None = None, precision: str = "f
     return _detector(forward, settings, f"openvino ({precision})", path)
 
 
-def load_exported(path, *, threads: int | None = None, precision: str = "f32") -> Detector:
+def load_exported(path, *, threads: int | None = None, precision: str | None = None) -> Detector:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
+        if precision not in (None, "fp32"):
+            raise ValueError(f"--precision {precision} applies to OpenVINO files; {path} runs in ONNX Runtime, fp32.")
         return load_onnx(path, threads=threads)
     if not os.path.isfile(path.with_suffix(".bin")):
         raise ValueError(f"{path}: its weights {path.with_suffix('.bin').name} are missing beside it.")

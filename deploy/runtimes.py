@@ -61,8 +61,9 @@ def _image_size(image) -> tuple[int, int]:
     return tuple(image.shape[:2])
 
 
-def load_detector(model: str, *, threads: int | None = None) -> Detector:
-    """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file."""
+def load_detector(model: str, *, threads: int | None = None, precision: str | None = None) -> Detector:
+    """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file.
+    precision: an OpenVINO file's, instead of the one it was exported for (exported.PRECISIONS)."""
     path = Path(model)
     if path.suffix.lower() in EXPORTED_SUFFIXES:
         if not path.is_file():
@@ -70,7 +71,9 @@ def load_detector(model: str, *, threads: int | None = None) -> Detector:
                              "model folder.")
         from .exported import load_exported
 
-        return load_exported(path, threads=threads)
+        return load_exported(path, threads=threads, precision=precision)
+    if precision is not None:
+        raise ValueError(f"--precision applies to an exported OpenVINO .xml file, not to {model}.")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model} holds no config.json: give a folder saved by the training script (outputs/.../"
                          "best or last), a transformers DETR / RT-DETR folder, or an exported .onnx / .xml file.")

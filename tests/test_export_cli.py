@@ -150,3 +150,36 @@ def test_the_command_checks_and_writes_the_file(exports, tmp_path, capsys):
     onnx.save(proto, str(tmp_path / "bare.onnx"))
     with pytest.raises(ValueError, match="not written by detr-custom-export"):
         load_detector(str(tmp_path / "bare.onnx"))
+
+
+@pytest.mark.timeout(1200)   # quantization runs the calibration images through the graph twice
+def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys):
+    """--precision bf16 / int8: OpenVINO files compiled at that precision (metadata), int8 quantized on the
+    calibration images (FakeQuantize in the graph), close to PyTorch but not equal, scored by detr-custom-eval."""
+    folder = exports("detr")[0]
+    data = centred_boxes_data(tmp_path / "data")
+    fp32_ap = eval_cli.evaluate_detector(str(folder), data_dir=str(data), progress=False)["AP"]
+    for precision in ("bf16", "int8"):
+        output = tmp_path / f"model_{precision}.xml"
+        calibration = {"calibration_data": str(data / "val2017"), "calibration_size": 5} if precision == "int8" else {}
+        report = export_cli.export(str(folder), "openvino", str(output), precision=precision, **calibration)
+        assert report["largest_differences"]["pred_boxes"] <= 1e-4       # the fp32 graph it was made from
+        reduced = max(d["pred_boxes"] for d in report["reduced_precision_differences"].values())
+        print(precision, report["reduced_precision_differences"])
+        assert 1e-6 < reduced < 0.1                                     # not fp32's numbers, near them
+        assert ("FakeQuantize" in output.read_text()) == (precision == "int8")
+        detector = load_detector(str(output))
+        assert detector.runtime == f"openvino ({precision})"
+        assert load_detector(str(output), precision="fp32").runtime == "openvino (fp32)"
+        metrics = eval_cli.evaluate_detector(str(output), data_dir=str(data), progress=False)
+        print(precision, "AP", metrics["AP"], "fp32 AP", fp32_ap)
+        assert metrics["runtime"] == f"openvino ({precision})"
+        if precision == "bf16":   # int8 of random weights with 5 calibration images: its AP says nothing
+            assert metrics["AP"] > 0.5 * fp32_ap
+    for arguments, message in ((["--format", "onnx", "--output", "m.onnx", "--precision", "bf16"], "is for --format"),
+                               (["--format", "openvino", "--output", "m.xml", "--precision", "int8"],
+                                "needs --calibration_data")):
+        assert export_cli.main([str(folder), *arguments]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="applies to an exported OpenVINO"):
+        load_detector(str(folder), precision="bf16")
