@@ -63,6 +63,9 @@ def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, 
     arguments: training/metrics.py's figures plus images, ms_per_image (forward and post-processing) and
     ms_per_image_total (with decoding and pre-processing). precision: an OpenVINO file's, instead of its own."""
     detector = load_detector(model, precision=precision)
+    if detector.postprocessed:
+        raise ValueError(f"{model} was exported with --postprocess (scores, labels and pixel boxes out, top-k only): "
+                         "evaluate the file exported without --postprocess, or the model folder.")
     dataset = load_validation(**data)
     categories, label_to_category_id = match_categories(detector.id2label, get_categories(dataset))
     dataset, report = check_dataset(dataset, num_queries=detector.num_queries)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import SIGMOID_TOP_K
 
 from .runtimes import model_inputs
 
@@ -53,11 +54,44 @@ class LogitsAndBoxes(torch.nn.Module):
         return outputs.logits, outputs.pred_boxes
 
 
+class PostProcessed(torch.nn.Module):
+    """The model and its post-processing (DetrCustomImageProcessor.post_process_object_detection at threshold 0):
+    (pixel_values, pixel_mask, target_sizes [B, 2] (height, width) of the original images) -> scores [B, k],
+    labels [B, k], boxes [B, k, 4] (x0, y0, x1, y1 in pixels of the original image, clipped to it), best first.
+    Sigmoid heads: the k best (query, class) pairs; softmax heads: each query's best class, the k best queries."""
+
+    def __init__(self, model: torch.nn.Module, activation: str, top_k: int):
+        super().__init__()
+        self.model, self.activation, self.top_k = model, activation, top_k
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, target_sizes: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        logits, boxes = outputs.logits, outputs.pred_boxes
+        center, half = boxes[..., :2], boxes[..., 2:] / 2
+        height, width = target_sizes.to(boxes.dtype).unbind(1)                  # [batch]
+        scale = torch.stack([width, height, width, height], dim=1)[:, None, :]   # [batch, 1, 4]
+        xyxy = torch.minimum((torch.cat([center - half, center + half], -1) * scale).clamp(min=0), scale)
+        if self.activation == "sigmoid":
+            num_labels = logits.shape[-1]
+            scores, index = logits.sigmoid().flatten(1).topk(self.top_k, dim=1)
+            queries = torch.div(index, num_labels, rounding_mode="floor")
+            labels = index % num_labels
+        else:
+            best, best_labels = logits.softmax(-1)[..., :-1].max(-1)             # [batch, queries]
+            scores, queries = best.topk(self.top_k, dim=1)
+            labels = best_labels.gather(1, queries)
+        return scores, labels, xyxy.gather(1, queries[..., None].expand(-1, -1, 4))
+
+
+def class_activation(model, processor) -> str:
+    default = "sigmoid" if getattr(model.config, "classification_loss", "") in ("focal", "varifocal") else "softmax"
+    return processor.class_activation or default
+
+
 def metadata(model, processor: DetrCustomImageProcessor) -> str:
     """What a runtime needs besides the graph, as one json string."""
-    activation = "sigmoid" if getattr(model.config, "classification_loss", "") in ("focal", "varifocal") else "softmax"
     settings = processor.to_dict()
-    settings["class_activation"] = processor.class_activation or activation
+    settings["class_activation"] = class_activation(model, processor)
     return json.dumps({"processor": settings, "id2label": {str(k): v for k, v in model.config.id2label.items()},
                        "num_queries": model.config.num_queries})
 
@@ -69,12 +103,16 @@ def check_images(seed: int = 0) -> list[np.ndarray]:
             for height, width in ((480, 640), (640, 400), (500, 500))]
 
 
-def export_onnx(model, processor, output: Path, *, opset: int | None = None, batch_size: int | None = None) -> Path:
-    """`model` (eval mode) -> `output` (.onnx, one file), with dynamic batch (unless batch_size), height and width."""
+def export_onnx(model, processor, output: Path, *, opset: int | None = None, batch_size: int | None = None,
+                top_k: int | None = None) -> Path:
+    """`model` (eval mode) -> `output` (.onnx, one file), with dynamic batch (unless batch_size), height and width.
+    top_k: the post-processing in the graph too (`PostProcessed`): a third input `target_sizes`, outputs `scores`,
+    `labels`, `boxes`."""
     from torch.export import Dim
 
     images = check_images(1)
-    pixel_values, pixel_mask = model_inputs(processor, [images[i % len(images)] for i in range(batch_size or 2)])
+    batch = [images[i % len(images)] for i in range(batch_size or 2)]
+    pixel_values, pixel_mask = model_inputs(processor, batch)
     size = Dim.AUTO
     batch_dim = None if batch_size else Dim.AUTO
     dynamic = {"pixel_values": {0: batch_dim, 2: size, 3: size}, "pixel_mask": {0: batch_dim, 1: size, 2: size}}
@@ -82,16 +120,25 @@ def export_onnx(model, processor, output: Path, *, opset: int | None = None, bat
         dynamic = {name: {axis: dim for axis, dim in axes.items() if dim is not None}
                    for name, axes in dynamic.items()}
     kwargs = {} if opset is None else {"opset_version": opset}
+    module, inputs = LogitsAndBoxes(model), (pixel_values, pixel_mask)
+    input_names, output_names = ["pixel_values", "pixel_mask"], ["logits", "pred_boxes"]
+    if top_k is not None:
+        module = PostProcessed(model, class_activation(model, processor), top_k)
+        inputs += (torch.tensor([image.shape[:2] for image in batch]),)
+        input_names, output_names = input_names + ["target_sizes"], ["scores", "labels", "boxes"]
+        dynamic["target_sizes"] = {0: batch_dim} if batch_dim is not None else {}
     with torch.no_grad():
-        program = torch.onnx.export(LogitsAndBoxes(model).eval(), (pixel_values, pixel_mask), dynamo=True,
-                                    input_names=["pixel_values", "pixel_mask"], output_names=["logits", "pred_boxes"],
-                                    dynamic_shapes=dynamic, external_data=False, **kwargs)
+        program = torch.onnx.export(module.eval(), inputs, dynamo=True, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic, external_data=False, **kwargs)
     program.save(str(output), external_data=False)
     import onnx
 
     proto = onnx.load(str(output))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, metadata(model, processor)
+    settings = json.loads(metadata(model, processor))
+    if top_k is not None:
+        settings["top_k"] = top_k          # post-processed in the graph
+    entry.key, entry.value = METADATA_KEY, json.dumps(settings)
     onnx.save(proto, str(output))
     return output
 
@@ -160,7 +207,9 @@ def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *,
 def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
     """The largest |file - PyTorch| of pred_boxes, and of logits relative to their largest magnitude (at least 1), on
     a padded batch of differently sized images (3, or the fixed batch size) and on one image alone (where the batch
-    is dynamic or 1)."""
+    is dynamic or 1). A post-processed file: of scores, and of boxes relative to the image size (`logits` and
+    `pred_boxes` then hold those), against post_process_object_detection at threshold 0 and the file's top_k, with
+    the labels checked equal."""
     from .exported import load_exported
 
     runner = load_exported(file)
@@ -174,6 +223,21 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
         inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         with torch.no_grad():
             expected = model(**inputs)
+        if runner.postprocessed:
+            sizes = torch.tensor([image.shape[:2] for image in batch])
+            got = runner.forward(**inputs, target_sizes=sizes)
+            top_k = got["scores"].shape[1]
+            reference = processor.post_process_object_detection(expected, threshold=0.0, target_sizes=sizes,
+                                                                top_k=top_k, class_activation=runner.processor
+                                                                .class_activation)
+            scale = sizes.flip(1).repeat(1, 2)[:, None, :].float()           # [batch, 1, 4]: w, h, w, h
+            ref_scores = torch.stack([r["scores"] for r in reference])
+            ref_boxes = torch.stack([r["boxes"] for r in reference])
+            labels_equal = all(torch.equal(r["labels"], g) for r, g in zip(reference, got["labels"]))
+            differences[name] = {"logits": (ref_scores - got["scores"]).abs().max().item(),
+                                 "pred_boxes": ((ref_boxes - got["boxes"]) / scale).abs().max().item()
+                                 if labels_equal else float("inf")}
+            continue
         got = runner.forward(**inputs)
         scale = max(1.0, expected.logits.abs().max().item())   # logits: relative to their magnitude
         differences[name] = {"logits": (expected.logits - got["logits"]).abs().max().item() / scale,
@@ -183,7 +247,8 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
 
 def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
            tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
-           calibration_data: str | None = None, calibration_size: int = 300) -> dict:
+           calibration_data: str | None = None, calibration_size: int = 300, postprocess: bool = False,
+           top_k: int | None = None) -> dict:
     """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
     graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
     bounded (its accuracy is measured by detr-custom-eval on the file)."""
@@ -198,6 +263,8 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
                          "--calibration_data is only for --precision int8.")
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {top_k}.")
     output = Path(output)
     if output.suffix.lower() != FORMATS[format]:
         raise ValueError(f"--output {output}: a {format} file ends in {FORMATS[format]}.")
@@ -209,7 +276,11 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         onnx_file = Path(scratch) / "model.onnx"
-        export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size)
+        if postprocess or top_k is not None:
+            sigmoid = class_activation(model, processor) == "sigmoid"
+            pairs = model.config.num_queries * (model.config.num_labels if sigmoid else 1)
+            top_k = min(top_k or (SIGMOID_TOP_K if sigmoid else model.config.num_queries), pairs)
+        export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size, top_k=top_k)
         written = Path(scratch) / output.name
         if format == "onnx":
             written = onnx_file
@@ -240,7 +311,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     dynamic = "height and width" if batch_size else "batch, height and width"
     return {"file": str(output), "format": format, "precision": precision, "differences": differences,
             "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
-            "batch_size": batch_size, "seconds": time.perf_counter() - started}
+            "batch_size": batch_size, "top_k": top_k, "seconds": time.perf_counter() - started}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -261,6 +332,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration_data", help="with --precision int8: a folder (or glob) of training images "
                                                    "that set the int8 ranges (not the images the model is scored on)")
     parser.add_argument("--calibration_size", type=int, default=300, help="images used from --calibration_data")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
+                             "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
+                             "top_k best first")
+    parser.add_argument("--top_k", type=int, help="with the post-processing: detections per image (default: 100 "
+                                                  "(query, class) pairs of sigmoid heads, every query of softmax "
+                                                  "heads); implies --postprocess")
     return parser.parse_args(argv)
 
 
@@ -269,12 +347,14 @@ def main(argv=None) -> int:
     try:
         report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
                         tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
-                        calibration_data=args.calibration_data, calibration_size=args.calibration_size)
+                        calibration_data=args.calibration_data, calibration_size=args.calibration_size,
+                        postprocess=args.postprocess, top_k=args.top_k)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {report['file']} ({report['format']}, {report['precision']}; dynamic {report['dynamic']}) in "
-          f"{report['seconds']:.0f} s")
+    graph = f"post-processed, top {report['top_k']}; " if report["top_k"] else ""
+    print(f"wrote {report['file']} ({report['format']}, {report['precision']}; {graph}dynamic {report['dynamic']}) "
+          f"in {report['seconds']:.0f} s")
     for name, difference in report["differences"].items():
         print(f"  checked against PyTorch on {name}: largest difference logits {difference['logits']:.2e}, "
               f"boxes {difference['pred_boxes']:.2e}")

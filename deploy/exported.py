@@ -23,7 +23,7 @@ def _detector(forward, settings: str, runtime: str, path: Path) -> Detector:
         raise ValueError(f"{path}: its '{METADATA_KEY}' metadata cannot be read ({type(error).__name__}: {error}); "
                          "export the model again with detr-custom-export.") from error
     return Detector(forward=forward, processor=processor, id2label=id2label, runtime=runtime, source=str(path),
-                    num_queries=meta.get("num_queries"))
+                    num_queries=meta.get("num_queries"), postprocessed="top_k" in meta)
 
 
 def load_onnx(path: Path, *, threads: int | None = None) -> Detector:
@@ -39,10 +39,13 @@ def load_onnx(path: Path, *, threads: int | None = None) -> Detector:
         options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def forward(pixel_values, pixel_mask):
-        logits, boxes = session.run(["logits", "pred_boxes"], {"pixel_values": pixel_values.float().numpy(),
-                                                               "pixel_mask": pixel_mask.long().numpy()})
-        return {"logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)}
+    names = [output.name for output in session.get_outputs()]    # logits, pred_boxes; or scores, labels, boxes
+
+    def forward(pixel_values, pixel_mask, target_sizes=None):
+        inputs = {"pixel_values": pixel_values.float().numpy(), "pixel_mask": pixel_mask.long().numpy()}
+        if target_sizes is not None:
+            inputs["target_sizes"] = torch.as_tensor(target_sizes).long().numpy()
+        return {name: torch.from_numpy(value) for name, value in zip(names, session.run(names, inputs))}
 
     return _detector(forward, props[METADATA_KEY], "onnxruntime", path)
 
@@ -83,11 +86,14 @@ def load_openvino(path: Path, *, threads: int | None = None, precision: str | No
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
-    def forward(pixel_values, pixel_mask):
-        results = request.infer({"pixel_values": pixel_values.float().numpy(),
-                                 "pixel_mask": pixel_mask.long().numpy()})
-        return {"logits": torch.from_numpy(results[compiled.output("logits")].copy()),
-                "pred_boxes": torch.from_numpy(results[compiled.output("pred_boxes")].copy())}
+    names = [output.get_any_name() for output in compiled.outputs]
+
+    def forward(pixel_values, pixel_mask, target_sizes=None):
+        inputs = {"pixel_values": pixel_values.float().numpy(), "pixel_mask": pixel_mask.long().numpy()}
+        if target_sizes is not None:
+            inputs["target_sizes"] = torch.as_tensor(target_sizes).long().numpy()
+        results = request.infer(inputs)
+        return {name: torch.from_numpy(results[compiled.output(name)].copy()) for name in names}
 
     return _detector(forward, settings, f"openvino ({precision})", path)
 

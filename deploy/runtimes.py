@@ -27,6 +27,9 @@ class Detector:
     source: str
     num_queries: int | None = None     # the dataset check's bound on boxes per image, as in training
     model: torch.nn.Module | None = field(default=None, repr=False)   # the PyTorch model, when it is one
+    # an exported file with the post-processing in its graph: forward(pixel_values, pixel_mask, target_sizes) ->
+    # scores, labels, boxes (pixels), best first
+    postprocessed: bool = False
 
     @torch.no_grad()
     def detect(self, images: list, threshold: float) -> tuple[list[dict], float]:
@@ -37,9 +40,25 @@ class Detector:
         pixel_values, pixel_mask = model_inputs(self.processor, images)
         target_sizes = torch.tensor([_image_size(image) for image in images])    # [batch, 2], (h, w)
         started = time.perf_counter()
-        results = detect_batch(self.forward, self.processor, pixel_values, pixel_mask, target_sizes,
-                               threshold=threshold)
+        if self.postprocessed:
+            results = self._detect_postprocessed(pixel_values, pixel_mask, target_sizes, threshold)
+        else:
+            results = detect_batch(self.forward, self.processor, pixel_values, pixel_mask, target_sizes,
+                                   threshold=threshold)
         return results, time.perf_counter() - started
+
+    def _detect_postprocessed(self, pixel_values, pixel_mask, target_sizes, threshold: float) -> list[dict]:
+        """Each image alone, cropped to its real pixels (as detect_batch), through a post-processed file."""
+        from training.evaluation import unpadded_sizes
+
+        results = []
+        for index, (height, width) in enumerate(unpadded_sizes(pixel_mask)):
+            out = self.forward(pixel_values[index:index + 1, :, :height, :width].contiguous(),
+                               pixel_mask[index:index + 1, :height, :width].contiguous(),
+                               target_sizes[index:index + 1])
+            keep = out["scores"][0] > threshold
+            results.append({key: out[key][0][keep] for key in ("scores", "labels", "boxes")})
+        return results
 
 
 def model_inputs(processor: DetrCustomImageProcessor, images: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -183,3 +183,34 @@ def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="applies to an exported OpenVINO"):
         load_detector(str(folder), precision="bf16")
+
+
+@pytest.mark.timeout(1200)
+def test_postprocessed_files_give_the_folders_detections(exports, tmp_path, capsys):
+    """--postprocess / --top_k: scores, labels and pixel boxes out of the graph, checked against
+    post_process_object_detection by the exporter; detr-custom-predict on such a file writes the folder's
+    detections (softmax head: every query at threshold 0, best first instead of in query order)."""
+    folder = exports("detr")[0]
+    data = centred_boxes_data(tmp_path / "data")
+    onnx_file, xml = tmp_path / "post.onnx", tmp_path / "post_top3.xml"
+    assert export_cli.main([str(folder), "--format", "onnx", "--output", str(onnx_file), "--postprocess"]) == 0
+    assert "post-processed, top 10" in capsys.readouterr().out        # softmax: every one of the 10 queries
+    report = export_cli.export(str(folder), "openvino", str(xml), top_k=3)
+    assert report["top_k"] == 3 and report["largest_differences"]["pred_boxes"] <= 1e-4
+    assert report["largest_differences"]["logits"] <= 1e-4          # scores
+    results = {}
+    for label, model in (("pytorch", folder), ("onnx", onnx_file), ("openvino", xml)):
+        predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / label), threshold=0.0,
+                            batch_size=3, progress=False)
+        detections = json.loads((tmp_path / label / "predictions.json").read_text())
+        results[label] = sorted(detections, key=lambda d: (d["image_id"], -d["score"]))
+    assert load_detector(str(xml)).postprocessed and not load_detector(str(folder)).postprocessed
+    assert len(results["onnx"]) == len(results["pytorch"]) == 8 * 10 and len(results["openvino"]) == 8 * 3
+    top3 = [d for i, d in enumerate(results["pytorch"]) if i % 10 < 3]
+    for label, expected in (("onnx", results["pytorch"]), ("openvino", top3)):
+        for got, want in zip(results[label], expected):
+            assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"]), label
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+            assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-2)
+    with pytest.raises(ValueError, match="exported with --postprocess"):
+        eval_cli.evaluate_detector(str(xml), data_dir=str(data), progress=False)
