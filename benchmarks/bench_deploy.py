@@ -1,76 +1,175 @@
-"""Deployed runtimes side by side: transformers' eager RT-DETRv2, ours eager, our ONNX export in ONNX Runtime, and
-the OpenVINO IR in fp32 and at OpenVINO's default precision, on the same weights.
+"""Deployed runtimes side by side: transformers' eager model, ours eager, our ONNX export in ONNX Runtime, and the
+OpenVINO IR in fp32, bf16 and int8, on the same weights, with one thread and with all cores.
 
-    .venv/bin/python -m benchmarks.bench_deploy [--size 640] [--rounds 5] [--threads 1] [--models r18]
+    .venv/bin/python -m benchmarks.bench_deploy [--models r18,r50,detr_r50] [--threads 1,all] [--rounds 5]
+                                                [--precisions fp32,bf16,int8] [--quick]
 
-The model is bench_rt_detr.py's: a transformers RT-DETRv2 (ResNet-vd, 80 classes, 300 queries) with random weights,
-saved and loaded into ours through `from_pretrained`, then exported by deploy/export.py (dynamic batch and size,
-checked against PyTorch). One image at size x size, no padding; median milliseconds over interleaved rounds, the
-speed against transformers' eager, and the largest box difference from ours eager (cx, cy, w, h in [0, 1]) with
-whether the 100 best (query, class) pairs are the same.
+Models (random weights, transformers' classes saved and loaded into ours through `from_pretrained`, which converts,
+then exported by deploy/export.py: dynamic batch and size, checked against PyTorch):
+- r18 / r50: RT-DETRv2 with ResNet18-vd / ResNet50-vd (80 classes, 300 queries), one 640 x 640 image;
+- detr_r50: DETR with timm's ResNet-50 (91 classes, 100 queries), one 800 x 1066 image.
+int8: NNCF post-training quantization (deploy/export.py's), calibrated here on a few random images: its speed is
+the trained model's, its outputs are not (the demo model's AP per precision is in docs/deploy.md).
+
+Per model and thread count: median milliseconds over interleaved rounds (load from other processes hits every
+runtime alike), the speed against transformers' eager, the largest box difference from ours eager (cx, cy, w, h in
+[0, 1]) and whether the 100 best (query, class) pairs by sigmoid score are the same (RT-DETR's ranking; DETR's
+softmax logits have near ties there, so its boxes column is the comparison). The last lines are the README / docs
+table: speed ratios against transformers' eager.
 """
 import argparse
+import os
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import transformers
 
+from benchmarks.bench_model import build_pair as build_detr_pair
 from benchmarks.bench_model import interleaved
-from benchmarks.bench_rt_detr import MODELS, best_pairs, build_pair
+from benchmarks.bench_rt_detr import best_pairs
+from benchmarks.bench_rt_detr import build_pair as build_rt_detr_pair
 from benchmarks.machine import describe_machine, format_machine
-from deploy.export import export_onnx, onnx_to_openvino
+from deploy.export import export_onnx, onnx_to_openvino, quantize_int8
 from deploy.exported import load_onnx, load_openvino
 from modeling_detr_custom import DetrCustomImageProcessor
 
+# name -> (label, height, width)
+MODELS = {"r18": ("RT-DETRv2 R18vd", 640, 640), "r50": ("RT-DETRv2 R50vd", 640, 640),
+          "detr_r50": ("DETR R50", 800, 1066)}
+PRECISIONS = ("fp32", "bf16", "int8")
 
-def rows_for(name: str, folder: Path, size: int, rounds: int, threads: int) -> list[tuple]:
-    reference, ours = build_pair(name, folder)
-    processor = DetrCustomImageProcessor(size={"height": size, "width": size}, do_normalize=False)
+
+def build(name: str, folder: Path):
+    """(transformers' model, ours converted from its saved folder, ours' processor at the model's size)."""
+    label, height, width = MODELS[name]
+    if name == "detr_r50":
+        # BatchNorm variances x4: activations O(1) through 16 random blocks (bench_model.py's `trainable`)
+        reference, ours = build_detr_pair(folder, trainable=True)
+        processor = DetrCustomImageProcessor(size={"height": height, "width": width})
+    else:
+        reference, ours = build_rt_detr_pair(name, folder)
+        processor = DetrCustomImageProcessor(size={"height": height, "width": width}, do_normalize=False)
+    return reference.eval(), ours.eval(), processor
+
+
+def calibration_folder(folder: Path, count: int, height: int, width: int) -> Path:
+    """`count` random pictures (the int8 speed does not depend on what calibrates it)."""
+    images = folder / "calibration"
+    images.mkdir(exist_ok=True)
+    generator = np.random.default_rng(0)
+    for index in range(count):
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(images / f"{index}.png")
+    return images
+
+
+def thread_counts(text: str) -> list[int]:
+    cores = len(os.sched_getaffinity(0))
+    return [cores if item == "all" else int(item) for item in text.split(",")]
+
+
+def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precisions: list[str],
+             calibration_size: int) -> dict[int, list[tuple]]:
+    """{threads: [(runtime, seconds, speed vs transformers, box difference, same 100 best pairs)]}."""
+    label, height, width = MODELS[name]
+    started = time.perf_counter()
+    reference, ours, processor = build(name, folder)
     onnx_file = export_onnx(ours, processor, folder / "model.onnx")
     xml = onnx_to_openvino(onnx_file, folder / "model.xml")
-    runners = {"onnxruntime": load_onnx(onnx_file, threads=threads).forward,
-               "openvino fp32": load_openvino(xml, threads=threads).forward,
-               "openvino default": load_openvino(xml, threads=threads, precision="default").forward}
-    pixel_values = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(1))
-    pixel_mask = torch.ones((1, size, size), dtype=torch.long)
-    functions = {"transformers eager": lambda: reference(pixel_values=pixel_values),
-                 "ours eager": lambda: ours(pixel_values, pixel_mask=pixel_mask),
-                 **{key: (lambda run=run: run(pixel_values=pixel_values, pixel_mask=pixel_mask))
-                    for key, run in runners.items()}}
-    with torch.no_grad():
-        outputs = {key: function() for key, function in functions.items()}
-        times = interleaved(functions, rounds)
-    expected = outputs["ours eager"]
-    rows = []
-    for key, output in outputs.items():
-        boxes = output["pred_boxes"] if isinstance(output, dict) else output.pred_boxes
-        logits = output["logits"] if isinstance(output, dict) else output.logits
-        got = type("Outputs", (), {"logits": logits})
-        same = all(torch.equal(a, b) for a, b in zip(best_pairs(expected, 100)[:2], best_pairs(got, 100)[:2]))
-        rows.append((f"RT-DETRv2-{name.upper()}vd {key}", times[key], times["transformers eager"] / times[key],
-                     (boxes.float() - expected.pred_boxes).abs().max().item(), same))
-    return rows
+    files = {"fp32": xml, "bf16": xml}
+    if "int8" in precisions:
+        images = calibration_folder(folder, calibration_size, height, width)
+        files["int8"] = quantize_int8(xml, folder / "int8.xml", processor, str(images),
+                                      calibration_size=calibration_size)
+    print(f"{label}: built, exported and quantized in {time.perf_counter() - started:.0f} s", flush=True)
+    pixel_values = torch.randn((1, 3, height, width), generator=torch.Generator().manual_seed(1))
+    pixel_mask = torch.ones((1, height, width), dtype=torch.long)
+    table = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        runners = {"onnxruntime": load_onnx(onnx_file, threads=count).forward}
+        for precision in precisions:
+            runners[f"openvino {precision}"] = load_openvino(files[precision], threads=count,
+                                                             precision=precision).forward
+        # transformers' RT-DETR takes no mask (one fixed size); its DETR takes one
+        masks = {"pixel_mask": pixel_mask} if name == "detr_r50" else {}
+        functions = {"transformers eager": lambda: reference(pixel_values=pixel_values, **masks),
+                     "ours eager": lambda: ours(pixel_values, pixel_mask=pixel_mask),
+                     **{key: (lambda run=run: run(pixel_values=pixel_values, pixel_mask=pixel_mask))
+                        for key, run in runners.items()}}
+        with torch.no_grad():
+            outputs = {key: function() for key, function in functions.items()}
+            times = interleaved(functions, rounds)
+        expected = outputs["ours eager"]
+        rows = []
+        for key, output in outputs.items():
+            boxes = output["pred_boxes"] if isinstance(output, dict) else output.pred_boxes
+            logits = output["logits"] if isinstance(output, dict) else output.logits
+            got = type("Outputs", (), {"logits": logits})
+            same = all(torch.equal(a, b) for a, b in zip(best_pairs(expected, 100)[:2], best_pairs(got, 100)[:2]))
+            rows.append((key, times[key], times["transformers eager"] / times[key],
+                         (boxes.float() - expected.pred_boxes).abs().max().item(), same))
+        table[count] = rows
+    return table
+
+
+def ratio_table(results: dict, threads: list[int]) -> str:
+    """The README / docs table: speed against transformers' eager, one column per (model, threads)."""
+    columns = [(name, count) for name in results for count in threads]
+    runtimes = [row[0] for row in next(iter(results.values()))[threads[0]]]
+    header = "| runtime | " + " | ".join(
+        f"{MODELS[name][0]} {MODELS[name][1]}x{MODELS[name][2]}, {count} thread{'s' if count > 1 else ''}"
+        for name, count in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
+    for index, runtime in enumerate(runtimes):
+        cells = []
+        for name, count in columns:
+            _, seconds, speed, _, _ = results[name][count][index]
+            cells.append(f"{speed:.2f}x ({1000 * seconds:.0f} ms)")
+        lines.append(f"| {runtime} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--models", default="r18,r50,detr_r50", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all': every core")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="threads of every runtime (torch intra-op too)")
-    parser.add_argument("--models", default="r18", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="OpenVINO precisions to time")
+    parser.add_argument("--calibration_size", type=int, default=8, help="random pictures calibrating int8")
+    parser.add_argument("--quick", action="store_true", help="r18 only, 3 rounds (checks the script runs)")
+    parser.add_argument("--size", help="HEIGHTxWIDTH for every model instead of its own (quick checks)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.size:
+        height, width = (int(side) for side in args.size.split("x"))
+        for name, (label, _, _) in MODELS.items():
+            MODELS[name] = (label, height, width)
+    if args.quick:
+        args.models, args.rounds = "r18", 3
+    threads = thread_counts(args.threads)
+    precisions = args.precisions.split(",")
     transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
     print(format_machine(describe_machine()))
-    print(f"one {args.size} x {args.size} image, {args.rounds} interleaved rounds, {args.threads} thread(s) each")
-    print(f"{'model / runtime':<42} {'ms':>8} {'vs transformers':>16} {'boxes diff':>11} {'top-100':>8}")
+    print(f"one image per call, {args.rounds} interleaved rounds, threads {threads} (every runtime and torch)")
+    results = {}
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            rows = rows_for(name, Path(folder), args.size, args.rounds, args.threads)
-            for label, seconds, speed, boxes, same in rows:
-                print(f"{label:<42} {1000 * seconds:>8.1f} {speed:>15.2f}x {boxes:>11.1e} "
-                      f"{'equal' if same else 'DIFFER':>8}")
+            results[name] = rows_for(name, Path(folder), threads, args.rounds, precisions, args.calibration_size)
+        label, height, width = MODELS[name]
+        for count, rows in results[name].items():
+            print(f"\n{label} {height}x{width}, {count} thread(s)")
+            print(f"{'runtime':<22} {'ms':>9} {'vs transformers':>16} {'boxes diff':>11} {'top-100':>8}")
+            for key, seconds, speed, boxes, same in rows:
+                print(f"{key:<22} {1000 * seconds:>9.1f} {speed:>15.2f}x {boxes:>11.1e} "
+                      f"{'equal' if same else 'DIFFER':>8}", flush=True)
+    print("\nSpeed against transformers' eager model (median ms):\n")
+    print(ratio_table(results, threads))
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,14 @@ def match_categories(id2label: dict, data_categories: Categories) -> tuple[Categ
 
 
 def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, progress: bool = True,
-                      **data) -> dict:
+                      precision: str | None = None, **data) -> dict:
     """The metrics of MODEL (a folder or an exported file) on the validation data given as `load_validation`'s
     arguments: training/metrics.py's figures plus images, ms_per_image (forward and post-processing) and
-    ms_per_image_total (with decoding and pre-processing)."""
-    detector = load_detector(model)
+    ms_per_image_total (with decoding and pre-processing). precision: an OpenVINO file's, instead of its own."""
+    detector = load_detector(model, precision=precision)
+    if detector.postprocessed:
+        raise ValueError(f"{model} was exported with --postprocess (scores, labels and pixel boxes out, top-k only): "
+                         "evaluate the file exported without --postprocess, or the model folder.")
     dataset = load_validation(**data)
     categories, label_to_category_id = match_categories(detector.id2label, get_categories(dataset))
     dataset, report = check_dataset(dataset, num_queries=detector.num_queries)
@@ -108,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--output_json", help="write the metrics here as json")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8", "default"),
+                        help="an OpenVINO file's arithmetic instead of the one it was exported for (bf16: CPUs with "
+                             "AVX512_BF16 or AMX; default: the runtime's choice)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
             args.model, batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
             data_dir=args.data_dir, val_annotation_file=args.val_annotation_file, val_image_dir=args.val_image_dir,
             dataset_name=args.dataset_name, val_split=args.val_split, bbox_format=args.bbox_format,
-            bbox_normalized=args.bbox_normalized)
+            bbox_normalized=args.bbox_normalized, precision=args.precision)
     except ValueError as error:
         print(f"detr-custom-eval: {error}", file=sys.stderr)
         return 2

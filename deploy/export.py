@@ -3,6 +3,8 @@ against PyTorch before it is reported written.
 
     detr-custom-export outputs/demo/best --format onnx --output demo.onnx
     detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
+    detr-custom-export MODEL --format openvino --output demo_bf16.xml --precision bf16
+    detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/
 
 The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixel_mask` [batch, height, width] int64
 (1 on real pixels, 0 on padding), its outputs `logits` and `pred_boxes` (cx, cy, w, h in [0, 1] of each image's
@@ -12,11 +14,14 @@ them). Batch, height and width are dynamic in both formats (--batch_size fixes t
 image's outputs as PyTorch does.
 
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
-file, weights kept in fp32 (the runtime's default precision is chosen when it is compiled: see exported.py).
+file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
+the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
+training images); the precision travels in the metadata and exported.py compiles the file at it.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
-them apart, and the rounding differs), else nothing is written.
+them apart, and the rounding differs), else nothing is written. A bf16 / int8 file is made from the checked fp32
+graph; its differences are reported, and its accuracy is measured by detr-custom-eval on the file.
 """
 import argparse
 import json
@@ -29,6 +34,9 @@ import numpy as np
 import torch
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import SIGMOID_TOP_K
+
+from .runtimes import model_inputs
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}
 METADATA_KEY = "detr_custom"   # ONNX metadata_props key / OpenVINO rt_info section: processor, id2label, activation
@@ -46,11 +54,44 @@ class LogitsAndBoxes(torch.nn.Module):
         return outputs.logits, outputs.pred_boxes
 
 
+class PostProcessed(torch.nn.Module):
+    """The model and its post-processing (DetrCustomImageProcessor.post_process_object_detection at threshold 0):
+    (pixel_values, pixel_mask, target_sizes [B, 2] (height, width) of the original images) -> scores [B, k],
+    labels [B, k], boxes [B, k, 4] (x0, y0, x1, y1 in pixels of the original image, clipped to it), best first.
+    Sigmoid heads: the k best (query, class) pairs; softmax heads: each query's best class, the k best queries."""
+
+    def __init__(self, model: torch.nn.Module, activation: str, top_k: int):
+        super().__init__()
+        self.model, self.activation, self.top_k = model, activation, top_k
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, target_sizes: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        logits, boxes = outputs.logits, outputs.pred_boxes
+        center, half = boxes[..., :2], boxes[..., 2:] / 2
+        height, width = target_sizes.to(boxes.dtype).unbind(1)                  # [batch]
+        scale = torch.stack([width, height, width, height], dim=1)[:, None, :]   # [batch, 1, 4]
+        xyxy = torch.minimum((torch.cat([center - half, center + half], -1) * scale).clamp(min=0), scale)
+        if self.activation == "sigmoid":
+            num_labels = logits.shape[-1]
+            scores, index = logits.sigmoid().flatten(1).topk(self.top_k, dim=1)
+            queries = torch.div(index, num_labels, rounding_mode="floor")
+            labels = index % num_labels
+        else:
+            best, best_labels = logits.softmax(-1)[..., :-1].max(-1)             # [batch, queries]
+            scores, queries = best.topk(self.top_k, dim=1)
+            labels = best_labels.gather(1, queries)
+        return scores, labels, xyxy.gather(1, queries[..., None].expand(-1, -1, 4))
+
+
+def class_activation(model, processor) -> str:
+    default = "sigmoid" if getattr(model.config, "classification_loss", "") in ("focal", "varifocal") else "softmax"
+    return processor.class_activation or default
+
+
 def metadata(model, processor: DetrCustomImageProcessor) -> str:
     """What a runtime needs besides the graph, as one json string."""
-    activation = "sigmoid" if getattr(model.config, "classification_loss", "") in ("focal", "varifocal") else "softmax"
     settings = processor.to_dict()
-    settings["class_activation"] = processor.class_activation or activation
+    settings["class_activation"] = class_activation(model, processor)
     return json.dumps({"processor": settings, "id2label": {str(k): v for k, v in model.config.id2label.items()},
                        "num_queries": model.config.num_queries})
 
@@ -62,13 +103,16 @@ def check_images(seed: int = 0) -> list[np.ndarray]:
             for height, width in ((480, 640), (640, 400), (500, 500))]
 
 
-def export_onnx(model, processor, output: Path, *, opset: int | None = None, batch_size: int | None = None) -> Path:
-    """`model` (eval mode) -> `output` (.onnx, one file), with dynamic batch (unless batch_size), height and width."""
+def export_onnx(model, processor, output: Path, *, opset: int | None = None, batch_size: int | None = None,
+                top_k: int | None = None) -> Path:
+    """`model` (eval mode) -> `output` (.onnx, one file), with dynamic batch (unless batch_size), height and width.
+    top_k: the post-processing in the graph too (`PostProcessed`): a third input `target_sizes`, outputs `scores`,
+    `labels`, `boxes`."""
     from torch.export import Dim
 
     images = check_images(1)
-    example = processor([images[i % len(images)] for i in range(batch_size or 2)], return_tensors="pt")
-    pixel_values, pixel_mask = example["pixel_values"], example["pixel_mask"]
+    batch = [images[i % len(images)] for i in range(batch_size or 2)]
+    pixel_values, pixel_mask = model_inputs(processor, batch)
     size = Dim.AUTO
     batch_dim = None if batch_size else Dim.AUTO
     dynamic = {"pixel_values": {0: batch_dim, 2: size, 3: size}, "pixel_mask": {0: batch_dim, 1: size, 2: size}}
@@ -76,16 +120,25 @@ def export_onnx(model, processor, output: Path, *, opset: int | None = None, bat
         dynamic = {name: {axis: dim for axis, dim in axes.items() if dim is not None}
                    for name, axes in dynamic.items()}
     kwargs = {} if opset is None else {"opset_version": opset}
+    module, inputs = LogitsAndBoxes(model), (pixel_values, pixel_mask)
+    input_names, output_names = ["pixel_values", "pixel_mask"], ["logits", "pred_boxes"]
+    if top_k is not None:
+        module = PostProcessed(model, class_activation(model, processor), top_k)
+        inputs += (torch.tensor([image.shape[:2] for image in batch]),)
+        input_names, output_names = input_names + ["target_sizes"], ["scores", "labels", "boxes"]
+        dynamic["target_sizes"] = {0: batch_dim} if batch_dim is not None else {}
     with torch.no_grad():
-        program = torch.onnx.export(LogitsAndBoxes(model), (pixel_values, pixel_mask), dynamo=True,
-                                    input_names=["pixel_values", "pixel_mask"], output_names=["logits", "pred_boxes"],
-                                    dynamic_shapes=dynamic, external_data=False, **kwargs)
+        program = torch.onnx.export(module.eval(), inputs, dynamo=True, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic, external_data=False, **kwargs)
     program.save(str(output), external_data=False)
     import onnx
 
     proto = onnx.load(str(output))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, metadata(model, processor)
+    settings = json.loads(metadata(model, processor))
+    if top_k is not None:
+        settings["top_k"] = top_k          # post-processed in the graph
+    entry.key, entry.value = METADATA_KEY, json.dumps(settings)
     onnx.save(proto, str(output))
     return output
 
@@ -102,10 +155,61 @@ def onnx_to_openvino(onnx_file: Path, output: Path) -> Path:
     return output
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def set_precision(model, precision: str) -> None:
+    """Records in an OpenVINO model's metadata the precision it is compiled at (exported.PRECISIONS)."""
+    settings = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+    settings["precision"] = precision
+    model.set_rt_info(json.dumps(settings), [METADATA_KEY])
+
+
+def calibration_images(folder: str, count: int) -> list[Path]:
+    """Up to `count` images of `folder` (and its globs), evenly spread over the sorted files."""
+    from .predict import IMAGE_SUFFIXES, expand_inputs
+
+    files = [path for path in expand_inputs([folder]) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"--calibration_data {folder}: no image in it (images: {', '.join(IMAGE_SUFFIXES)}).")
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *,
+                  calibration_size: int = 300) -> Path:
+    """Post-training int8 quantization (NNCF) of the exported graph: activation ranges from the calibration images
+    (training images: never the data the model is scored on), pre-processed by the model's processor, one at a
+    time; the model's numerically fragile parts (softmax, layer norms, the box sigmoid) stay in floating point
+    (NNCF's transformer patterns). `xml`: the fp32 OpenVINO file; writes `output` (.xml + .bin) with "int8" in its
+    metadata."""
+    import nncf
+    import openvino
+    import PIL.Image
+    import PIL.ImageOps
+
+    files = calibration_images(calibration_data, calibration_size)
+
+    def transform(path):
+        with PIL.Image.open(path) as image:
+            picture = PIL.ImageOps.exif_transpose(image).convert("RGB")
+        pixel_values, pixel_mask = model_inputs(processor, [picture])
+        return {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
+
+    model = openvino.Core().read_model(str(xml))
+    quantized = nncf.quantize(model, nncf.Dataset(files, transform), subset_size=len(files),
+                              model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False)
+    set_precision(quantized, "int8")
+    openvino.save_model(quantized, str(output), compress_to_fp16=False)
+    return output
+
+
 def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
     """The largest |file - PyTorch| of pred_boxes, and of logits relative to their largest magnitude (at least 1), on
     a padded batch of differently sized images (3, or the fixed batch size) and on one image alone (where the batch
-    is dynamic or 1)."""
+    is dynamic or 1). A post-processed file: of scores, and of boxes relative to the image size (`logits` and
+    `pred_boxes` then hold those), against post_process_object_detection at threshold 0 and the file's top_k, with
+    the labels checked equal."""
     from .exported import load_exported
 
     runner = load_exported(file)
@@ -115,10 +219,25 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
         checks["one image"] = images[:1]
     differences = {}
     for name, batch in checks.items():
-        inputs = processor(batch, return_tensors="pt")
-        inputs = {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+        pixel_values, pixel_mask = model_inputs(processor, batch)
+        inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         with torch.no_grad():
             expected = model(**inputs)
+        if runner.postprocessed:
+            sizes = torch.tensor([image.shape[:2] for image in batch])
+            got = runner.forward(**inputs, target_sizes=sizes)
+            top_k = got["scores"].shape[1]
+            reference = processor.post_process_object_detection(expected, threshold=0.0, target_sizes=sizes,
+                                                                top_k=top_k, class_activation=runner.processor
+                                                                .class_activation)
+            scale = sizes.flip(1).repeat(1, 2)[:, None, :].float()           # [batch, 1, 4]: w, h, w, h
+            ref_scores = torch.stack([r["scores"] for r in reference])
+            ref_boxes = torch.stack([r["boxes"] for r in reference])
+            labels_equal = all(torch.equal(r["labels"], g) for r, g in zip(reference, got["labels"]))
+            differences[name] = {"logits": (ref_scores - got["scores"]).abs().max().item(),
+                                 "pred_boxes": ((ref_boxes - got["boxes"]) / scale).abs().max().item()
+                                 if labels_equal else float("inf")}
+            continue
         got = runner.forward(**inputs)
         scale = max(1.0, expected.logits.abs().max().item())   # logits: relative to their magnitude
         differences[name] = {"logits": (expected.logits - got["logits"]).abs().max().item() / scale,
@@ -127,10 +246,25 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
 
 
 def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
-           tolerance: float = 1e-4, logits_tolerance: float = 1e-3) -> dict:
-    """The Python function behind detr-custom-export; returns the report (file, differences, seconds)."""
+           tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
+           calibration_data: str | None = None, calibration_size: int = 300, postprocess: bool = False,
+           top_k: int | None = None) -> dict:
+    """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
+    graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
+    bounded (its accuracy is measured by detr-custom-eval on the file)."""
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision != "fp32" and format != "openvino":
+        raise ValueError(f"--precision {precision} is for --format openvino; ONNX files are fp32.")
+    if (precision == "int8") != (calibration_data is not None):
+        raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
+                         "--calibration_data is only for --precision int8.")
+    if calibration_size < 1:
+        raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {top_k}.")
     output = Path(output)
     if output.suffix.lower() != FORMATS[format]:
         raise ValueError(f"--output {output}: a {format} file ends in {FORMATS[format]}.")
@@ -142,7 +276,11 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         onnx_file = Path(scratch) / "model.onnx"
-        export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size)
+        if postprocess or top_k is not None:
+            sigmoid = class_activation(model, processor) == "sigmoid"
+            pairs = model.config.num_queries * (model.config.num_labels if sigmoid else 1)
+            top_k = min(top_k or (SIGMOID_TOP_K if sigmoid else model.config.num_queries), pairs)
+        export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size, top_k=top_k)
         written = Path(scratch) / output.name
         if format == "onnx":
             written = onnx_file
@@ -155,12 +293,25 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
                                f"{worst['pred_boxes']:.3g} (tolerance {tolerance:g}), logits by "
                                f"{worst['logits']:.3g} (tolerance {logits_tolerance:g}), on {differences}; nothing "
                                f"was written to {output}.")
+        reduced = {}
+        if precision != "fp32":
+            import openvino
+
+            fp32_file, written = written, Path(scratch) / f"{precision}.xml"
+            if precision == "int8":
+                quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size)
+            else:
+                model_ir = openvino.Core().read_model(str(fp32_file))
+                set_precision(model_ir, precision)
+                openvino.save_model(model_ir, str(written), compress_to_fp16=False)
+            reduced = largest_differences(model, processor, written, batch_size=batch_size)
         written.replace(output)
         if format == "openvino":
             written.with_suffix(".bin").replace(output.with_suffix(".bin"))
     dynamic = "height and width" if batch_size else "batch, height and width"
-    return {"file": str(output), "format": format, "differences": differences, "largest_differences": worst,
-            "dynamic": dynamic, "batch_size": batch_size, "seconds": time.perf_counter() - started}
+    return {"file": str(output), "format": format, "precision": precision, "differences": differences,
+            "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
+            "batch_size": batch_size, "top_k": top_k, "seconds": time.perf_counter() - started}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,6 +325,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="largest difference from PyTorch allowed on the check's boxes (cx, cy, w, h in [0, 1])")
     parser.add_argument("--logits_tolerance", type=float, default=1e-3,
                         help="the same for logits, relative to their largest magnitude (at least 1)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="OpenVINO: the arithmetic the file runs at. bf16: fp32 weights, bf16 compute (CPUs with "
+                             "AVX512_BF16 or AMX); int8: post-training quantization (NNCF) calibrated on "
+                             "--calibration_data")
+    parser.add_argument("--calibration_data", help="with --precision int8: a folder (or glob) of training images "
+                                                   "that set the int8 ranges (not the images the model is scored on)")
+    parser.add_argument("--calibration_size", type=int, default=300, help="images used from --calibration_data")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
+                             "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
+                             "top_k best first")
+    parser.add_argument("--top_k", type=int, help="with the post-processing: detections per image (default: 100 "
+                                                  "(query, class) pairs of sigmoid heads, every query of softmax "
+                                                  "heads); implies --postprocess")
     return parser.parse_args(argv)
 
 
@@ -181,14 +346,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
-                        tolerance=args.tolerance, logits_tolerance=args.logits_tolerance)
+                        tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
+                        calibration_data=args.calibration_data, calibration_size=args.calibration_size,
+                        postprocess=args.postprocess, top_k=args.top_k)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {report['file']} ({report['format']}; dynamic {report['dynamic']}) in {report['seconds']:.0f} s")
+    graph = f"post-processed, top {report['top_k']}; " if report["top_k"] else ""
+    print(f"wrote {report['file']} ({report['format']}, {report['precision']}; {graph}dynamic {report['dynamic']}) "
+          f"in {report['seconds']:.0f} s")
     for name, difference in report["differences"].items():
         print(f"  checked against PyTorch on {name}: largest difference logits {difference['logits']:.2e}, "
               f"boxes {difference['pred_boxes']:.2e}")
+    for name, difference in report["reduced_precision_differences"].items():
+        print(f"  at {report['precision']} on {name}: largest difference logits {difference['logits']:.2e}, "
+              f"boxes {difference['pred_boxes']:.2e} (reduced precision: measure its AP with detr-custom-eval)")
     return 0
 
 

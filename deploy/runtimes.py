@@ -27,6 +27,9 @@ class Detector:
     source: str
     num_queries: int | None = None     # the dataset check's bound on boxes per image, as in training
     model: torch.nn.Module | None = field(default=None, repr=False)   # the PyTorch model, when it is one
+    # an exported file with the post-processing in its graph: forward(pixel_values, pixel_mask, target_sizes) ->
+    # scores, labels, boxes (pixels), best first
+    postprocessed: bool = False
 
     @torch.no_grad()
     def detect(self, images: list, threshold: float) -> tuple[list[dict], float]:
@@ -34,12 +37,39 @@ class Detector:
         Each image runs without the others' padding (training/evaluation.py's detect_batch)."""
         from training.evaluation import detect_batch
 
-        inputs = self.processor(images, return_tensors="pt")
+        pixel_values, pixel_mask = model_inputs(self.processor, images)
         target_sizes = torch.tensor([_image_size(image) for image in images])    # [batch, 2], (h, w)
         started = time.perf_counter()
-        results = detect_batch(self.forward, self.processor, inputs["pixel_values"], inputs["pixel_mask"],
-                               target_sizes, threshold=threshold)
+        if self.postprocessed:
+            results = self._detect_postprocessed(pixel_values, pixel_mask, target_sizes, threshold)
+        else:
+            results = detect_batch(self.forward, self.processor, pixel_values, pixel_mask, target_sizes,
+                                   threshold=threshold)
         return results, time.perf_counter() - started
+
+    def _detect_postprocessed(self, pixel_values, pixel_mask, target_sizes, threshold: float) -> list[dict]:
+        """Each image alone, cropped to its real pixels (as detect_batch), through a post-processed file."""
+        from training.evaluation import unpadded_sizes
+
+        results = []
+        for index, (height, width) in enumerate(unpadded_sizes(pixel_mask)):
+            out = self.forward(pixel_values[index:index + 1, :, :height, :width].contiguous(),
+                               pixel_mask[index:index + 1, :height, :width].contiguous(),
+                               target_sizes[index:index + 1])
+            keep = out["scores"][0] > threshold
+            results.append({key: out[key][0][keep] for key in ("scores", "labels", "boxes")})
+        return results
+
+
+def model_inputs(processor: DetrCustomImageProcessor, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images -> (pixel_values [B, 3, H, W], pixel_mask [B, H, W]); a processor that resizes to one fixed size and
+    does not pad (RT-DETR's settings) gives no mask: every pixel is real."""
+    inputs = processor(images, return_tensors="pt")
+    pixel_values = inputs["pixel_values"]
+    pixel_mask = inputs.get("pixel_mask")
+    if pixel_mask is None:
+        pixel_mask = torch.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=torch.long)
+    return pixel_values, pixel_mask
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -50,8 +80,9 @@ def _image_size(image) -> tuple[int, int]:
     return tuple(image.shape[:2])
 
 
-def load_detector(model: str, *, threads: int | None = None) -> Detector:
-    """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file."""
+def load_detector(model: str, *, threads: int | None = None, precision: str | None = None) -> Detector:
+    """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file.
+    precision: an OpenVINO file's, instead of the one it was exported for (exported.PRECISIONS)."""
     path = Path(model)
     if path.suffix.lower() in EXPORTED_SUFFIXES:
         if not path.is_file():
@@ -59,7 +90,9 @@ def load_detector(model: str, *, threads: int | None = None) -> Detector:
                              "model folder.")
         from .exported import load_exported
 
-        return load_exported(path, threads=threads)
+        return load_exported(path, threads=threads, precision=precision)
+    if precision is not None:
+        raise ValueError(f"--precision applies to an exported OpenVINO .xml file, not to {model}.")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model} holds no config.json: give a folder saved by the training script (outputs/.../"
                          "best or last), a transformers DETR / RT-DETR folder, or an exported .onnx / .xml file.")

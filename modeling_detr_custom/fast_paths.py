@@ -28,6 +28,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from timm.layers.norm_act import FrozenBatchNorm2d  # torchvision's class, as timm's freeze_batch_norm_2d makes it
+from timm.layers.norm_act import FrozenBatchNormAct2d  # timm's BatchNormAct2d frozen (EfficientNet, MobileNet)
 from torch import nn
 from transformers.utils import logging
 
@@ -52,7 +53,8 @@ INFERENCE_FAST_PATH_MIN_PIXELS = 0
 
 class _FrozenBatchNormTracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, FrozenBatchNorm2d) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d))
+                or super().is_leaf_module(module, qualified_name))
 
 
 class ConvFrozenBatchNorm2d(nn.Module):
@@ -192,12 +194,18 @@ def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def fold_frozen_batch_norm(body: nn.Module) -> torch.fx.GraphModule:
     """`body` (traced with torch.fx) with every frozen BatchNorm whose input is a plain `nn.Conv2d` used by nothing
     else replaced by a `ConvFrozenBatchNorm2d` of the two: the graph proves the BatchNorm follows the convolution.
-    A ReLU after it (after the residual addition too) joins it as a `ConvFrozenBatchNorm2dReLU`.
+    A ReLU after it (after the residual addition too) joins it as a `ConvFrozenBatchNorm2dReLU`. timm's
+    `FrozenBatchNormAct2d` (EfficientNet-family blocks: MobileNetV2, EfficientNet) folds the same way, its dropout
+    and activation (ReLU6, SiLU, ...) kept as the modules after the folded convolution.
     Shares `body`'s modules, parameters and buffers; the state_dict keys stay those of `body`."""
     graph = _FrozenBatchNormTracer().trace(body)
     modules = dict(body.named_modules())
+    for node in graph.nodes:    # constants tracing stored on `body` (e.g. timm's feature hooks' tensors)
+        if node.op == "get_attr" and node.target not in modules:
+            modules[node.target] = operator.attrgetter(node.target)(body)
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], FrozenBatchNorm2d):
+        if node.op != "call_module" or not isinstance(modules[node.target],
+                                                      (FrozenBatchNorm2d, FrozenBatchNormAct2d)):
             continue
         conv_node = node.args[0]
         if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module" and len(conv_node.users) == 1
@@ -206,7 +214,13 @@ def fold_frozen_batch_norm(body: nn.Module) -> torch.fx.GraphModule:
         folded_name = f"{conv_node.target}_with_bn".replace(".", "_")
         modules[folded_name] = ConvFrozenBatchNorm2d(modules[conv_node.target], modules[node.target])
         conv_node.target = folded_name
-        node.replace_all_uses_with(conv_node)
+        out = conv_node
+        if isinstance(modules[node.target], FrozenBatchNormAct2d):     # then its dropout and activation
+            with graph.inserting_before(node):
+                for part in ("drop", "act"):
+                    if type(modules[f"{node.target}.{part}"]) is not nn.Identity:
+                        out = graph.call_module(f"{node.target}.{part}", (out,))
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
     for node in graph.nodes:
         # tracing turned the blocks' `x += shortcut` into `x + shortcut`: add in place again into a fresh conv output
@@ -320,7 +334,8 @@ class _FastBackbone(_FastPaths):
 
     def _init_fast_paths(self):
         # frozen BatchNorm is folded into the convolutions when the body runs, see `folded_body`
-        self.fold_batch_norm = any(isinstance(m, FrozenBatchNorm2d) for m in self.body.modules())
+        self.fold_batch_norm = any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d))
+                                   for m in self.body.modules())
         self.fast_path_min_pixels = FAST_PATH_MIN_PIXELS   # per image; tests set 0 to run the fast paths small
         # without autograd and with frozen BatchNorm (the fold cached): from any size
         self.inference_fast_path_min_pixels = INFERENCE_FAST_PATH_MIN_PIXELS

@@ -1,9 +1,13 @@
-"""detr-custom-export: every preset and the RT-DETRv2 layout to ONNX and OpenVINO, each file against PyTorch on a
-padded batch of differently sized images and on one image; exported files give the folder's detections and AP
-through detr-custom-predict and detr-custom-eval."""
+"""detr-custom-export: every preset, the RT-DETRv2 layout, and checkpoints saved by transformers' DETR and RT-DETRv2
+(converted by from_pretrained) to ONNX and OpenVINO, each file against PyTorch on a padded batch of differently sized
+images and on one image; exported files give the folder's detections and AP through detr-custom-predict and
+detr-custom-eval."""
 import json
 
+import numpy as np
 import pytest
+import torch
+from test_checkpoint_conversion_rt_detr import _rt_detr_v2
 from test_evaluate import centred_boxes_data
 from test_export import model_of
 from test_predict import centred_model
@@ -11,11 +15,28 @@ from test_predict import centred_model
 from deploy import evaluate as eval_cli
 from deploy import export as export_cli
 from deploy import predict as predict_cli
-from deploy.runtimes import load_detector
+from deploy.runtimes import load_detector, model_inputs
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.testing_utils import randomize_, tiny_kwargs
 
 
 LAYOUTS = ("detr", "deformable", "rtdetr", "rtdetr_v2")
+CONVERTED = ("transformers_detr", "transformers_rtdetr_v2")   # folders saved by transformers, converted on loading
+
+
+def transformers_folder(name: str, folder):
+    """A folder as transformers saves it (model and image processor), with random weights; returns the model."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, RTDetrImageProcessor
+
+    if name == "transformers_detr":
+        reference = randomize_(DetrForObjectDetection(DetrConfig(**tiny_kwargs())).eval())
+        processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    else:
+        reference = _rt_detr_v2()
+        processor = RTDetrImageProcessor(size={"height": 96, "width": 96})
+    reference.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +51,8 @@ def exports(tmp_path_factory):
             folder = root / name
             if name == "detr":
                 centred_model(folder)
+            elif name in CONVERTED:
+                transformers_folder(name, folder)
             else:
                 model_of(name).save_pretrained(folder)
                 DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
@@ -44,7 +67,7 @@ def exports(tmp_path_factory):
 
 
 @pytest.mark.timeout(1200)   # an export of a layout, converted, and two checks
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", LAYOUTS + CONVERTED)
 def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, name):
     _, model, processor, onnx_file, xml = exports(name)
     for fmt, file in (("onnx", onnx_file), ("openvino", xml)):
@@ -54,6 +77,38 @@ def test_exported_files_equal_pytorch_on_a_padded_batch_and_one_image(exports, n
             # boxes to 1e-4; logits relative to their magnitude to 1e-3 (eager folds BatchNorm, the file does not)
             assert difference["pred_boxes"] <= 1e-4 and difference["logits"] <= 1e-3, (name, fmt, where, difference)
         print(name, fmt, differences)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", CONVERTED)
+def test_exported_converted_checkpoints_equal_transformers(exports, tmp_path, name):
+    """The exported file of a converted checkpoint against transformers' own model on the same pixels: DETR on a
+    padded batch of differently sized images (its pixel_mask) and on one image; RT-DETRv2 (fixed-size resize, no
+    mask) on a batch of two and on one image."""
+    folder, _, processor, onnx_file, xml = exports(name)
+    reference = transformers_folder(name, tmp_path / "again")       # the same seeds: the same weights
+    images = export_cli.check_images()
+    batches = {"padded batch": images, "one image": images[:1]}
+    if name == "transformers_rtdetr_v2":
+        batches["padded batch"] = images[:2]
+    pytorch = load_detector(str(folder)).detect(images, threshold=0.0)[0]
+    for fmt, file in (("onnx", onnx_file), ("openvino", xml)):
+        runner = load_detector(str(file))
+        for got, expected in zip(runner.detect(images, threshold=0.0)[0], pytorch):   # the same detections
+            assert got["labels"].tolist() == expected["labels"].tolist() and len(got["labels"]) > 0
+            torch.testing.assert_close(got["scores"], expected["scores"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-2, rtol=0)   # pixels
+        for where, batch in batches.items():
+            pixel_values, pixel_mask = model_inputs(processor, batch)
+            assert (pixel_mask == 0).any() == (name == "transformers_detr" and where == "padded batch")
+            with torch.no_grad():
+                expected = reference(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            got = runner.forward(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            boxes = (expected.pred_boxes - got["pred_boxes"]).abs().max().item()
+            logits = (expected.logits - got["logits"]).abs().max().item() / max(1.0, expected.logits.abs().max())
+            assert boxes <= 1e-4 and logits <= 1e-3, (name, fmt, where, boxes, logits)
+            print(name, fmt, where, "vs transformers: boxes", boxes, "logits", logits)
+            assert np.ptp(got["pred_boxes"].numpy(), axis=1).min() > 1e-3    # not vacuous: queries differ
 
 
 def test_exported_files_give_the_folders_detections_and_ap(exports, tmp_path):
@@ -95,3 +150,67 @@ def test_the_command_checks_and_writes_the_file(exports, tmp_path, capsys):
     onnx.save(proto, str(tmp_path / "bare.onnx"))
     with pytest.raises(ValueError, match="not written by detr-custom-export"):
         load_detector(str(tmp_path / "bare.onnx"))
+
+
+@pytest.mark.timeout(1200)   # quantization runs the calibration images through the graph twice
+def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys):
+    """--precision bf16 / int8: OpenVINO files compiled at that precision (metadata), int8 quantized on the
+    calibration images (FakeQuantize in the graph), close to PyTorch but not equal, scored by detr-custom-eval."""
+    folder = exports("detr")[0]
+    data = centred_boxes_data(tmp_path / "data")
+    fp32_ap = eval_cli.evaluate_detector(str(folder), data_dir=str(data), progress=False)["AP"]
+    for precision in ("bf16", "int8"):
+        output = tmp_path / f"model_{precision}.xml"
+        calibration = {"calibration_data": str(data / "val2017"), "calibration_size": 5} if precision == "int8" else {}
+        report = export_cli.export(str(folder), "openvino", str(output), precision=precision, **calibration)
+        assert report["largest_differences"]["pred_boxes"] <= 1e-4       # the fp32 graph it was made from
+        reduced = max(d["pred_boxes"] for d in report["reduced_precision_differences"].values())
+        print(precision, report["reduced_precision_differences"])
+        assert 1e-6 < reduced < 0.1                                     # not fp32's numbers, near them
+        assert ("FakeQuantize" in output.read_text()) == (precision == "int8")
+        detector = load_detector(str(output))
+        assert detector.runtime == f"openvino ({precision})"
+        assert load_detector(str(output), precision="fp32").runtime == "openvino (fp32)"
+        metrics = eval_cli.evaluate_detector(str(output), data_dir=str(data), progress=False)
+        print(precision, "AP", metrics["AP"], "fp32 AP", fp32_ap)
+        assert metrics["runtime"] == f"openvino ({precision})"
+        if precision == "bf16":   # int8 of random weights with 5 calibration images: its AP says nothing
+            assert metrics["AP"] > 0.5 * fp32_ap
+    for arguments, message in ((["--format", "onnx", "--output", "m.onnx", "--precision", "bf16"], "is for --format"),
+                               (["--format", "openvino", "--output", "m.xml", "--precision", "int8"],
+                                "needs --calibration_data")):
+        assert export_cli.main([str(folder), *arguments]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="applies to an exported OpenVINO"):
+        load_detector(str(folder), precision="bf16")
+
+
+@pytest.mark.timeout(1200)
+def test_postprocessed_files_give_the_folders_detections(exports, tmp_path, capsys):
+    """--postprocess / --top_k: scores, labels and pixel boxes out of the graph, checked against
+    post_process_object_detection by the exporter; detr-custom-predict on such a file writes the folder's
+    detections (softmax head: every query at threshold 0, best first instead of in query order)."""
+    folder = exports("detr")[0]
+    data = centred_boxes_data(tmp_path / "data")
+    onnx_file, xml = tmp_path / "post.onnx", tmp_path / "post_top3.xml"
+    assert export_cli.main([str(folder), "--format", "onnx", "--output", str(onnx_file), "--postprocess"]) == 0
+    assert "post-processed, top 10" in capsys.readouterr().out        # softmax: every one of the 10 queries
+    report = export_cli.export(str(folder), "openvino", str(xml), top_k=3)
+    assert report["top_k"] == 3 and report["largest_differences"]["pred_boxes"] <= 1e-4
+    assert report["largest_differences"]["logits"] <= 1e-4          # scores
+    results = {}
+    for label, model in (("pytorch", folder), ("onnx", onnx_file), ("openvino", xml)):
+        predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / label), threshold=0.0,
+                            batch_size=3, progress=False)
+        detections = json.loads((tmp_path / label / "predictions.json").read_text())
+        results[label] = sorted(detections, key=lambda d: (d["image_id"], -d["score"]))
+    assert load_detector(str(xml)).postprocessed and not load_detector(str(folder)).postprocessed
+    assert len(results["onnx"]) == len(results["pytorch"]) == 8 * 10 and len(results["openvino"]) == 8 * 3
+    top3 = [d for i, d in enumerate(results["pytorch"]) if i % 10 < 3]
+    for label, expected in (("onnx", results["pytorch"]), ("openvino", top3)):
+        for got, want in zip(results[label], expected):
+            assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"]), label
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+            assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-2)
+    with pytest.raises(ValueError, match="exported with --postprocess"):
+        eval_cli.evaluate_detector(str(xml), data_dir=str(data), progress=False)
