@@ -51,6 +51,15 @@ def mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn
     return nn.Sequential(*layers[:-1])
 
 
+def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Concatenate the levels row-major, finest first: memory [batch, sequence, d_model], memory_mask [batch,
+    sequence] (True = real) and spatial_shapes as Python ints (so shapes never need a device sync)."""
+    spatial_shapes = [tuple(level.shape[-2:]) for level in maps]   # ints (symbolic while exporting)
+    memory = torch.cat([level.flatten(2).transpose(1, 2) for level in maps], 1)
+    memory_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
+    return memory, memory_mask, spatial_shapes
+
+
 @contextlib.contextmanager
 def fp32_on_cpu(tensor: torch.Tensor):
     """Under CPU autocast, runs the block in fp32 (yields `tensor` as float); elsewhere changes nothing.

@@ -164,7 +164,7 @@ KEY_RULES = [
     (r"\.shortcut\.(1\.)?normalization\.", ".downsample.2."),
     (r"^model\.encoder_input_proj\.(\d+)\.", r"model.input_proj.levels.\1."),
     (r"^model\.encoder\.(aifi|encoder)\.0\.layers\.", "model.encoder.layers."),
-    (r"^model\.encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"model.fusion.\1."),
+    (r"^model\.encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"model.encoder.fusion.\1."),
     (r"^model\.enc_output\.0\.", "model.query_selection.enc_output."),
     (r"^model\.enc_output\.1\.", "model.query_selection.enc_output_norm."),
     (r"^model\.enc_score_head\.", "model.query_selection.enc_score_head."),

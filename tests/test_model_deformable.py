@@ -61,7 +61,7 @@ def test_the_rt_detr_preset_holds_every_piece_and_they_run_together():
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
     assert {"loss_ce_enc", "loss_ce_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
-    assert out.logits.shape == (2, 20, 3) and model.model.fusion is not None
+    assert out.logits.shape == (2, 20, 3) and model.model.encoder.fusion is not None
 
 
 def test_a_fresh_model_keeps_the_deformable_inits_that_the_generic_init_would_wipe():
