@@ -53,11 +53,21 @@ ORIGINAL_KEY_RULES = [
     (r"\.multihead_attn\.", ".cross_attn."),
 ]
 
+
+def _sequential_to_layers(match: re.Match) -> str:
+    # an nn.Sequential(Linear, ReLU, Linear, ...) index 2j -> the MLP's `layers.j`
+    return f"{match.group(1)}layers.{int(match.group(2)) // 2}."
+
+
 # folders saved by earlier versions of this package -> today's names (applied in order): the hybrid encoder's fusion
-# and the deformable encoder's level embeddings moved into their encoders (registry.py builds each part whole)
+# and the deformable encoder's level embeddings moved into their encoders (registry.py builds each part whole); the
+# multi-scale MLPs were nn.Sequential (Linear at 0, 2, 4), now blocks.MLP (`layers.0, 1, 2`)
 LEGACY_KEY_RULES = [
     (r"^model\.fusion\.", "model.encoder.fusion."),
     (r"^model\.level_embed$", "model.encoder.level_embed"),
+    (r"^(model\.bbox_embed\.\d+\.)(\d+)\.", _sequential_to_layers),
+    (r"^(model\.query_pos_head\.)(\d+)\.", _sequential_to_layers),
+    (r"^(model\.(?:query_selection|extra_query_selections\.\d+)\.enc_bbox_head\.)(\d+)\.", _sequential_to_layers),
 ]
 
 # fields with the same name and meaning in transformers' DetrConfig

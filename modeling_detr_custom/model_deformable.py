@@ -21,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .blocks import flatten_levels, fp32_on_cpu, inverse_sigmoid, mask_if_padded, mlp
+from .blocks import MLP, flatten_levels, fp32_on_cpu, inverse_sigmoid, mask_if_padded
 from .class_head import class_head_outputs, init_class_head_bias_
 from .configuration_detr_custom import DetrCustomConfig
 from .denoising import denoising_groups, denoising_indices
@@ -100,11 +100,11 @@ class DetrCustomDeformableDetector(nn.Module):
         self.denoising_class_embed = None
         if config.num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d_model, padding_idx=config.num_labels)
-        self.query_pos_head = mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
+        self.query_pos_head = MLP(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
         self.decoder = build_decoder(config)
         self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
                                          for _ in range(config.decoder_layers))
-        self.bbox_embed = nn.ModuleList(mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
+        self.bbox_embed = nn.ModuleList(MLP(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
         for class_head in self.class_embed:
             class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
         self.config = config
@@ -122,8 +122,8 @@ class DetrCustomDeformableDetector(nn.Module):
         for class_head in self.class_embed:
             init_class_head_bias_(class_head, self.config)
         for box_head in self.bbox_embed:
-            init.zeros_(box_head[-1].weight)
-            init.zeros_(box_head[-1].bias)
+            init.zeros_(box_head.layers[-1].weight)
+            init.zeros_(box_head.layers[-1].bias)
         for selection in [self.query_selection, *self.extra_query_selections]:
             if selection is not None:
                 selection.reset_parameters()

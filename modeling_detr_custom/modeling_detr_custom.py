@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
-from .blocks import fp32_on_cpu, mask_if_padded
+from .blocks import MLP, fp32_on_cpu, mask_if_padded
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
@@ -329,20 +328,6 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
-class DetrCustomMLP(nn.Module):
-    """A small feed-forward network (ReLU between layers), the box head."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     """DETR with its class and box heads and the set-prediction loss.
 
@@ -361,7 +346,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         else:
             self.model = DetrCustomModel(config)
             self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
-            self.bbox_embed = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
+            self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
         self.criterion = DetrCustomLoss(config)
         self.post_init()
 

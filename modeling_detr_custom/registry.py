@@ -17,7 +17,9 @@ before a model is built or loaded; the config then accepts the name (the registr
 `configuration_detr_custom.ENCODER_TYPES` / `DECODER_TYPES`, since the config never imports the parts).
 docs/ARCHITECTURE.md walks through adding a decoder.
 """
-from . import configuration_detr_custom
+import sys
+
+from .configuration_detr_custom import DetrCustomConfig
 from .decoder_deformable import DetrCustomDeformableDecoder
 from .decoder_detr import DetrCustomDecoder
 from .encoder_deformable import DetrCustomDeformableLevelEncoder
@@ -43,8 +45,9 @@ def _register(table: dict, kind: str, name: str, cls: type) -> type:
 def publish_names() -> None:
     """The config validates encoder_type / decoder_type against its ENCODER_TYPES / DECODER_TYPES: these tables'
     names (call again after removing an entry)."""
-    configuration_detr_custom.ENCODER_TYPES = tuple(ENCODERS)
-    configuration_detr_custom.DECODER_TYPES = tuple(DECODERS)
+    configuration = sys.modules[DetrCustomConfig.__module__]   # also under remote code's module names
+    configuration.ENCODER_TYPES = tuple(ENCODERS)
+    configuration.DECODER_TYPES = tuple(DECODERS)
 
 
 def register_encoder(name: str, cls: type) -> type:

@@ -75,7 +75,8 @@ def test_a_fresh_model_keeps_the_deformable_inits_that_the_generic_init_would_wi
     prior = -np.log((1 - SIGMOID_CLASS_PRIOR) / SIGMOID_CLASS_PRIOR)
     for class_head, box_head in zip(model.model.class_embed, model.model.bbox_embed):
         assert torch.allclose(class_head.bias, torch.full((3,), prior, dtype=torch.float32))
-        assert not box_head[-1].weight.any() and not box_head[-1].bias.any()   # layers start at their reference
+        last = box_head.layers[-1]
+        assert not last.weight.any() and not last.bias.any()   # layers start at their reference
     boxes = model.model.reference_boxes.sigmoid()
     assert torch.allclose(boxes[:, 2:], torch.tensor(0.1)) and boxes[:, :2].std() > 0.1
 
