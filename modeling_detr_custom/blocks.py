@@ -68,6 +68,12 @@ def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
     return memory, memory_mask, spatial_shapes
 
 
+def fold_groups(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Group DETR's folding (`query_groups.py`): `[batch, K * Q, ...]` -> `[K * batch, Q, ...]`, group-major: rows
+    g * batch .. (g + 1) * batch - 1 hold group g of every image, so the folded batch's labels are `labels * K`."""
+    return tensor.unflatten(1, (num_groups, -1)).transpose(0, 1).flatten(0, 1)
+
+
 @contextlib.contextmanager
 def fp32_on_cpu(tensor: torch.Tensor):
     """Under CPU autocast, runs the block in fp32 (yields `tensor` as float); elsewhere changes nothing.

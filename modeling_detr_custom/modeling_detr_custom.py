@@ -83,7 +83,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     Args:
         loss: scalar, only when `labels` are given: the weighted sum of the set-prediction losses.
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
-            `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
+            `class_error`, and `<name>_<layer>` for auxiliary decoder layers; a sigmoid head's class term is
+            `loss_focal` or `loss_vfl`, see `loss_detr_custom.CLASS_TERMS`).
         logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; a sigmoid head's
             ([`DetrCustomSigmoidObjectDetectionOutput`]) `[batch, num_queries, num_labels]`, one logit per class.
             (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)

@@ -60,7 +60,7 @@ def test_the_rt_detr_preset_holds_every_piece_and_they_run_together():
                                                                       id2label=ID2LABEL, num_queries=20)).train()
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
-    assert {"loss_ce_enc", "loss_ce_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
+    assert {"loss_vfl_enc", "loss_vfl_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
     assert out.logits.shape == (2, 20, 3) and model.model.encoder.fusion is not None
 
 
@@ -88,7 +88,7 @@ def test_forward_shapes_levels_and_masks():
     assert out.logits.shape == (2, 10, 3) and out.pred_boxes.shape == (2, 10, 4)
     assert out.class_activation == "sigmoid" and ((0 <= out.pred_boxes) & (out.pred_boxes <= 1)).all()
     assert len(out.auxiliary_outputs) == 1 and out.auxiliary_outputs[0]["pred_boxes"].shape == (2, 10, 4)
-    assert torch.isfinite(out.loss) and {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= set(out.loss_dict)
+    assert torch.isfinite(out.loss) and {"loss_focal", "loss_bbox", "loss_giou", "loss_focal_0"} <= set(out.loss_dict)
     # strides 8, 16, 32 from the ResNet and one extra stride-2 level
     shapes = [(20, 16), (10, 8), (5, 4), (3, 2)]
     assert out.encoder_last_hidden_state.shape == (2, sum(h * w for h, w in shapes), 32)

@@ -132,7 +132,7 @@ def test_the_selected_proposals_get_the_set_loss_weighted_as_the_decoders():
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
     assert out.logits.shape == (2, 10, 3) and out.pred_boxes.shape == (2, 10, 4)
-    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "cardinality_error_enc"} <= set(out.loss_dict)
+    assert {"loss_focal_enc", "loss_bbox_enc", "loss_giou_enc", "cardinality_error_enc"} <= set(out.loss_dict)
     weights = model.criterion.weights
     expected = sum(out.loss_dict[f"{term}{suffix}"] * weight for term, weight in weights.items()
                    for suffix in ("", "_0", "_enc"))
