@@ -44,10 +44,14 @@ def _register(table: dict, kind: str, name: str, cls: type) -> type:
 
 def publish_names() -> None:
     """The config validates encoder_type / decoder_type against its ENCODER_TYPES / DECODER_TYPES: these tables'
-    names (call again after removing an entry)."""
+    names, and the multi-scale ones as MULTI_SCALE_ENCODER_TYPES / MULTI_SCALE_DECODER_TYPES (call again after
+    removing an entry)."""
     configuration = sys.modules[DetrCustomConfig.__module__]   # also under remote code's module names
     configuration.ENCODER_TYPES = tuple(ENCODERS)
     configuration.DECODER_TYPES = tuple(DECODERS)
+    # for the config's cross-field rules: the parts that need (encoders) or build (decoders) several feature levels
+    configuration.MULTI_SCALE_ENCODER_TYPES = tuple(name for name, cls in ENCODERS.items() if cls.multi_scale)
+    configuration.MULTI_SCALE_DECODER_TYPES = tuple(name for name, cls in DECODERS.items() if cls.multi_scale)
 
 
 def register_encoder(name: str, cls: type) -> type:

@@ -41,6 +41,9 @@ def toy_decoder():
 
 
 def test_a_decoder_registered_from_outside_trains_saves_and_loads(toy_decoder, tmp_path):
+    from modeling_detr_custom import configuration_detr_custom as configuration
+
+    assert "toy" in configuration.DECODER_TYPES and "toy" not in configuration.MULTI_SCALE_DECODER_TYPES
     torch.manual_seed(0)
     model = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs(decoder_type="toy"))).train()
     assert type(model.model.decoder) is ToyDecoder
