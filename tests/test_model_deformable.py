@@ -115,9 +115,10 @@ def test_refinement_stops_the_gradient_between_layers():
     pixel_values, pixel_mask, _ = padded_batch()
     out = model(pixel_values, pixel_mask)
     out.pred_boxes.sum().backward()                                    # the last layer's boxes only
-    assert model.model.bbox_embed[1][0].weight.grad.abs().sum() > 0
+    assert model.model.bbox_embed[1].layers[0].weight.grad.abs().sum() > 0
     # layer 0's box head reaches the last boxes only through the (detached) reference: no gradient
-    assert model.model.bbox_embed[0][0].weight.grad is None or not model.model.bbox_embed[0][0].weight.grad.any()
+    first = model.model.bbox_embed[0].layers[0].weight.grad
+    assert first is None or not first.any()
 
 
 def test_the_padded_memory_is_never_read():
