@@ -6,7 +6,8 @@ auto class, so that `save_pretrained` writes the code files and `auto_map` next 
 loads anywhere with `trust_remote_code=True`.
 
 One concept per file, as in facebookresearch/detr's models/: `configuration_detr_custom.py`; `modeling_detr_custom.py`
-(outputs, models, box head, and the seam choosing the encoder / decoder by `config.encoder_type` / `decoder_type`);
+(outputs, models, box head, the one detection forward); `registry.py`, the seam choosing the encoder / decoder by
+`config.encoder_type` / `decoder_type` (`register_encoder` / `register_decoder` add parts from outside);
 its parts `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`, `decoder_detr.py`,
 `blocks.py` (shared blocks); the CPU speed-ups as one pass in `fast_paths.py` (`apply_fast_paths`, applied to every
 model built, and `remove_fast_paths`); `loss_detr_custom.py` and `box_ops.py`; the image processor;
@@ -28,6 +29,7 @@ from .modeling_detr_custom import (
     DetrCustomPreTrainedModel,
     DetrCustomSigmoidObjectDetectionOutput,
 )
+from .registry import decoder_types, encoder_types, register_decoder, register_encoder
 
 __all__ = [
     "DetrCustomConfig",
@@ -42,6 +44,10 @@ __all__ = [
     "HungarianMatcher",
     "apply_fast_paths",
     "remove_fast_paths",
+    "register_encoder",
+    "register_decoder",
+    "encoder_types",
+    "decoder_types",
 ]
 
 AutoConfig.register(DetrCustomConfig.model_type, DetrCustomConfig, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Small building blocks shared by the variants' files: the post-norm FFN, the MLP heads, the inverse sigmoid of box
-refinement, the fp32 island under CPU autocast, and the one place where the forward looks at tensor values in Python.
+"""Small building blocks shared by the variants' files: the post-norm FFN, the MLP (every box head, the query position
+head), the inverse sigmoid of box refinement, the levels' flattening, the fp32 island under CPU autocast, and the one
+place where the forward looks at tensor values in Python.
 Each part's file imports them from here, never from a peer.
 
 `tracing()` tells whether the forward is being captured (torch.export, the dynamo ONNX exporter, torch.compile,
@@ -41,14 +42,36 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> nn.Sequential:
-    """Linear layers with ReLU between them (Deformable DETR's and RT-DETR's MLP): the box heads, the query position
-    head and the query selection's box head."""
-    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-    layers = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+class MLP(nn.Module):
+    """Linear layers with ReLU between them, the one MLP of every variant: DETR's box head, the deformable box heads,
+    the query position head and the query selection's box head. Its parameters are `layers.<i>.weight / bias`, the
+    names of transformers' DETR and RT-DETR MLPs (`checkpoint_conversion.LEGACY_KEY_RULES` renames the
+    `nn.Sequential` indices of folders saved by earlier versions)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Concatenate the levels row-major, finest first: memory [batch, sequence, d_model], memory_mask [batch,
+    sequence] (True = real) and spatial_shapes as Python ints (so shapes never need a device sync)."""
+    spatial_shapes = [tuple(level.shape[-2:]) for level in maps]   # ints (symbolic while exporting)
+    memory = torch.cat([level.flatten(2).transpose(1, 2) for level in maps], 1)
+    memory_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
+    return memory, memory_mask, spatial_shapes
+
+
+def fold_groups(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Group DETR's folding (`query_groups.py`): `[batch, K * Q, ...]` -> `[K * batch, Q, ...]`, group-major: rows
+    g * batch .. (g + 1) * batch - 1 hold group g of every image, so the folded batch's labels are `labels * K`."""
+    return tensor.unflatten(1, (num_groups, -1)).transpose(0, 1).flatten(0, 1)
 
 
 @contextlib.contextmanager

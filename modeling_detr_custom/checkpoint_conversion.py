@@ -53,6 +53,23 @@ ORIGINAL_KEY_RULES = [
     (r"\.multihead_attn\.", ".cross_attn."),
 ]
 
+
+def _sequential_to_layers(match: re.Match) -> str:
+    # an nn.Sequential(Linear, ReLU, Linear, ...) index 2j -> the MLP's `layers.j`
+    return f"{match.group(1)}layers.{int(match.group(2)) // 2}."
+
+
+# folders saved by earlier versions of this package -> today's names (applied in order): the hybrid encoder's fusion
+# and the deformable encoder's level embeddings moved into their encoders (registry.py builds each part whole); the
+# multi-scale MLPs were nn.Sequential (Linear at 0, 2, 4), now blocks.MLP (`layers.0, 1, 2`)
+LEGACY_KEY_RULES = [
+    (r"^model\.fusion\.", "model.encoder.fusion."),
+    (r"^model\.level_embed$", "model.encoder.level_embed"),
+    (r"^(model\.bbox_embed\.\d+\.)(\d+)\.", _sequential_to_layers),
+    (r"^(model\.query_pos_head\.)(\d+)\.", _sequential_to_layers),
+    (r"^(model\.(?:query_selection|extra_query_selections\.\d+)\.enc_bbox_head\.)(\d+)\.", _sequential_to_layers),
+]
+
 # fields with the same name and meaning in transformers' DetrConfig
 SHARED_CONFIG_FIELDS = (
     "num_channels", "num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
@@ -109,6 +126,18 @@ def convert_original_state_dict(state_dict: dict) -> dict:
         else:
             converted[key] = value
     return converted
+
+
+def convert_legacy_state_dict(state_dict: dict) -> dict:
+    """A state dict saved by an earlier version of this package, in today's names (`LEGACY_KEY_RULES`)."""
+    return {_rename(key, LEGACY_KEY_RULES): value for key, value in state_dict.items()}
+
+
+def _has_legacy_keys(weights_file: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(weights_file, framework="pt") as f:
+        return any(_rename(key, LEGACY_KEY_RULES) != key for key in f.keys())
 
 
 def check_converted_keys(model_class, config: DetrCustomConfig, state_dict: dict, source: str) -> None:
@@ -203,6 +232,23 @@ def converted_transformers_folder(name_or_path, from_pretrained_kwargs: dict, mo
     with open(config_file) as f:
         detr_config = json.load(f)
     model_type = detr_config.get("model_type")
+    if model_type == DetrCustomConfig.model_type:   # ours: renamed only if saved with earlier names
+        weights = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False,
+                              **hub_kwargs)
+        if weights is None or not _has_legacy_keys(weights):
+            yield None
+            return
+        from safetensors.torch import load_file, save_file
+
+        state_dict = convert_legacy_state_dict(load_file(weights))
+        for key in HUB_KWARGS:
+            from_pretrained_kwargs.pop(key, None)
+        with tempfile.TemporaryDirectory(prefix="detr_custom_renamed_") as folder:
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump(detr_config, f)
+            save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+            yield folder
+        return
     if model_type not in CONVERTERS:
         yield None
         return

@@ -143,11 +143,6 @@ def _stage_block(match: re.Match) -> str:
     return f"model.backbone.body.layer{stage + 1}.{block}."
 
 
-def _mlp_layer(prefix: str):
-    # their MLPs' `layers.j` -> our nn.Sequential index 2j (a ReLU between the Linears)
-    return lambda match: f"{prefix}{2 * int(match.group(match.lastindex))}."
-
-
 # applied in order to every key. Both layouts: transformers 5 runs RTDetrV2 with `mlp.fc1`, `aifi`, `o_proj` and saves
 # (and the Hub holds) `fc1`, `encoder.encoder`, `out_proj`
 KEY_RULES = [
@@ -164,16 +159,15 @@ KEY_RULES = [
     (r"\.shortcut\.(1\.)?normalization\.", ".downsample.2."),
     (r"^model\.encoder_input_proj\.(\d+)\.", r"model.input_proj.levels.\1."),
     (r"^model\.encoder\.(aifi|encoder)\.0\.layers\.", "model.encoder.layers."),
-    (r"^model\.encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"model.fusion.\1."),
+    (r"^model\.encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"model.encoder.fusion.\1."),
     (r"^model\.enc_output\.0\.", "model.query_selection.enc_output."),
     (r"^model\.enc_output\.1\.", "model.query_selection.enc_output_norm."),
     (r"^model\.enc_score_head\.", "model.query_selection.enc_score_head."),
-    (r"^model\.enc_bbox_head\.layers\.(\d)\.", _mlp_layer("model.query_selection.enc_bbox_head.")),
+    (r"^model\.enc_bbox_head\.", "model.query_selection.enc_bbox_head."),
     (r"^model\.weight_embedding\.", "model.query_embed."),
-    (r"^model\.decoder\.query_pos_head\.layers\.(\d)\.", _mlp_layer("model.query_pos_head.")),
+    (r"^model\.decoder\.query_pos_head\.", "model.query_pos_head."),
     (r"^(model\.decoder\.)?class_embed\.(\d+)\.", r"model.class_embed.\2."),
-    (r"^(model\.decoder\.)?bbox_embed\.(\d+)\.layers\.(\d)\.",
-     lambda m: f"model.bbox_embed.{m.group(2)}.{2 * int(m.group(3))}."),
+    (r"^(model\.decoder\.)?bbox_embed\.(\d+)\.layers\.", r"model.bbox_embed.\2.layers."),
     (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
     (r"\.self_attn_layer_norm\.", ".norm1."),
     (r"\.encoder_attn_layer_norm\.", ".norm2."),

@@ -2,8 +2,9 @@
 cross-attention around each query's reference point or box, and FFN; with iterative box refinement (each layer's box
 head predicts a delta in inverse-sigmoid space, and the refined box, detached, is the next layer's reference).
 
-Not yet one of the `DECODER_CLASSES`: the model does not build multi-scale memories yet. The decoder takes
-`(query, query_pos, reference_points, memory, spatial_shapes, ...)`, see `DetrCustomDeformableDecoder.forward`.
+`decoder_type="deformable"` (`registry.py`), a multi-scale decoder: built as `cls(config)`, it takes `(query,
+query_pos, reference_points, memory, spatial_shapes, ...)` and the per-layer box heads (the interface of every
+multi-scale decoder, assembled by `model_deformable.py`), see `DetrCustomDeformableDecoder.forward`.
 The reference points are relative to the visible (unpadded) image, our box convention; `valid_ratios` (the visible
 fraction of each level's padded map) turn them into each level's padded coordinates, as in Deformable DETR.
 """
@@ -87,11 +88,22 @@ class DetrCustomDeformableDecoder(nn.Module):
     """Stack of deformable decoder layers with optional iterative box refinement (no final LayerNorm: each layer
     ends in one, as in Deformable DETR)."""
 
-    def __init__(self, config: DetrCustomConfig, num_levels: int, num_points: int | list[int] = 4,
-                 offset_scale: float = 0.5):
+    multi_scale = True
+
+    def __init__(self, config: DetrCustomConfig, num_levels: int | None = None,
+                 num_points: int | list[int] | None = None, offset_scale: float = 0.5):
         super().__init__()
+        num_levels = config.num_feature_levels if num_levels is None else num_levels
+        num_points = config.decoder_n_points if num_points is None else num_points
         self.layers = nn.ModuleList(DetrCustomDeformableDecoderLayer(config, num_levels, num_points, offset_scale)
                                     for _ in range(config.decoder_layers))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The deformable attention's direction grid and uniform weights (Deformable DETR's init), which a generic
+        Linear init undoes: the model calls this after it."""
+        for layer in self.layers:
+            layer.cross_attn.reset_parameters()
 
     def forward(
         self,

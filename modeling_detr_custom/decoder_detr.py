@@ -1,8 +1,9 @@
 """The DETR transformer decoder: post-norm layers of query self-attention, cross-attention to the encoder's memory
 and FFN, starting from zeros, with the learned object queries as `query_pos`.
 
-One of the interchangeable decoders chosen by `config.decoder_type` (`"detr"`, see `DECODER_CLASSES` in
-`modeling_detr_custom.py`). A decoder takes `(query_pos, memory, memory_pos, memory_mask, output_attentions,
+One of the interchangeable decoders chosen by `config.decoder_type` (`"detr"`, see `registry.py`), built as
+`cls(config)`. A single-scale decoder (`multi_scale = False`: the model puts one class and one box head on its
+outputs) takes `(query_pos, memory, memory_pos, memory_mask, output_attentions,
 output_hidden_states)`, with query_pos `[batch, num_queries, d_model]`, memory and memory_pos
 `[batch, height * width, d_model]` and memory_mask `[batch, height * width]` (True = real cell; None = no padding),
 optionally self_attn_mask `[num_queries, num_queries]` bool (True = may attend; the query groups' block-diagonal
@@ -59,6 +60,8 @@ class DetrCustomDecoder(nn.Module):
     `normalize_decoder_residual=True` reproduces transformers' DetrDecoder with auxiliary loss instead: the normed
     state is fed to the next layer and the last state is normed twice.
     """
+
+    multi_scale = False
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()

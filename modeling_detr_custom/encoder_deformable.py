@@ -6,7 +6,8 @@ Where the other encoders of the deformable variant attend within the coarsest le
 levels through (or fuse them by convolutions, `encoder_hybrid.py`), here every position of every level is a query:
 it samples `encoder_n_points` points around its own cell centre on each level (`DetrCustomDeformableAttention` with
 point references), so the finer levels are encoded too, at a cost linear in the number of positions. The queries'
-positions are each level's sine encoding plus a learned level embedding (the model adds them, `level_embed`).
+positions are each level's sine encoding plus a learned level embedding (`DetrCustomDeformableLevelEncoder`, the
+registered `encoder_type="deformable"`, holds them as `level_embed` and adds them in `encode_levels`).
 
 An encoder layer takes the flattened levels `[batch, sequence, d_model]` (finest first, row-major), their positions,
 the levels' shapes, their valid ratios and the mask (True = real pixel; None = no padding). The reference points are
@@ -17,11 +18,12 @@ each cell's centre relative to its level's visible region, times each level's va
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_deformable import DetrCustomDeformableAttention
-from .blocks import post_norm_feed_forward
+from .blocks import flatten_levels, mask_if_padded, post_norm_feed_forward
 from .configuration_detr_custom import DetrCustomConfig
 
 
@@ -73,7 +75,7 @@ class DetrCustomDeformableEncoderLayer(GradientCheckpointingLayer):
 
 class DetrCustomDeformableEncoder(nn.Module):
     """`config.encoder_layers` deformable encoder layers over the flattened levels (no final LayerNorm: each layer
-    ends in one)."""
+    ends in one), transformers' `DeformableDetrEncoder`."""
 
     def __init__(self, config: DetrCustomConfig, num_levels: int):
         super().__init__()
@@ -104,3 +106,33 @@ class DetrCustomDeformableEncoder(nn.Module):
             if output_attentions:
                 all_attentions += (weights,)
         return hidden_states, all_states, all_attentions
+
+
+class DetrCustomDeformableLevelEncoder(DetrCustomDeformableEncoder):
+    """`encoder_type="deformable"`: the layers over every level, with the learned level embeddings that Deformable
+    DETR adds to each level's positions (`encode_levels`, the interface of
+    `encoder_detr.DetrCustomEncoder.encode_levels`)."""
+
+    multi_scale = True
+
+    def __init__(self, config: DetrCustomConfig, backbone_levels: int = 1):
+        super().__init__(config, config.num_feature_levels)
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, config.d_model))   # reset: N(0, 1)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Deformable DETR's init of its encoder's attention and of the level embeddings."""
+        for layer in self.layers:
+            layer.self_attn.reset_parameters()
+        init.normal_(self.level_embed)
+
+    def encode_levels(self, maps: list, masks: list, valid_ratios: torch.Tensor, position_embedding,
+                      output_attentions: bool, output_hidden_states: bool) -> tuple[list, tuple | None, tuple | None]:
+        memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)
+        value_mask = mask_if_padded(memory_mask)                 # None without padding (eager mode)
+        position = torch.cat([position_embedding(mask, value_mask is not None) + self.level_embed[level]
+                              for level, mask in enumerate(masks)], 1).to(memory.dtype)   # [batch, sequence, d]
+        memory, states, attentions = self(memory, position, spatial_shapes, valid_ratios, value_mask,
+                                          output_attentions, output_hidden_states)
+        parts = memory.split([level.shape[-2] * level.shape[-1] for level in maps], 1)   # per level [b, h * w, d]
+        return [part.transpose(1, 2).reshape(level.shape) for part, level in zip(parts, maps)], states, attentions

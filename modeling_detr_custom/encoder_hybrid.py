@@ -1,7 +1,7 @@
 """RT-DETR's cross-scale feature fusion (CCFF; Zhao et al. 2024, section 4.2), the convolutional half of its hybrid
-encoder (`config.encoder_type="hybrid"`, with `decoder_type="deformable"`): after the attention within the coarsest
-level (AIFI, the DETR encoder layer in `model_deformable.py`), a top-down path (FPN) and a bottom-up path (PAN) fuse
-the backbone levels with convolutions.
+encoder (`config.encoder_type="hybrid"`, `DetrCustomHybridEncoder`, with a multi-scale decoder): after the attention
+within the coarsest level (AIFI, the DETR encoder's `encode_levels`), a top-down path (FPN) and a bottom-up path (PAN)
+fuse the backbone levels with convolutions.
 
 Top-down, from the coarsest level: a 1x1 lateral conv, nearest upsampling to the next finer level's size,
 concatenation with it and a CSP block of RepVGG blocks; bottom-up, from the finest: a 3x3 stride-2 conv,
@@ -14,6 +14,9 @@ by a factor of 2, so images whose sides are not multiples of the coarsest stride
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .configuration_detr_custom import DetrCustomConfig
+from .encoder_detr import DetrCustomEncoder
 
 
 # RT-DETR's: SiLU after the fusion convs, 3 RepVGG blocks per CSP block, BatchNorm eps 1e-5
@@ -100,3 +103,20 @@ class DetrCustomCrossScaleFusion(nn.Module):
             assert down.shape[-2:] == coarser.shape[-2:], (down.shape, coarser.shape)
             fused.append(block(torch.cat([down, coarser], 1)))
         return fused
+
+
+class DetrCustomHybridEncoder(DetrCustomEncoder):
+    """RT-DETR's hybrid encoder: the DETR encoder on the coarsest backbone level (AIFI, its `layers`), then the
+    cross-scale fusion of the backbone levels (`fusion`); the extra stride-2 levels pass through."""
+
+    multi_scale = True
+
+    def __init__(self, config: DetrCustomConfig, backbone_levels: int = 1):
+        super().__init__(config, backbone_levels)
+        self.fusion = DetrCustomCrossScaleFusion(config.d_model, backbone_levels, config.hidden_expansion)
+
+    def encode_levels(self, maps, masks, valid_ratios, position_embedding, output_attentions, output_hidden_states):
+        maps, states, attentions = super().encode_levels(maps, masks, valid_ratios, position_embedding,
+                                                         output_attentions, output_hidden_states)
+        maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
+        return maps, states, attentions

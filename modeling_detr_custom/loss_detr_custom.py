@@ -1,97 +1,30 @@
-"""Hungarian matcher and DETR's set-prediction loss, with the class term chosen by `config.classification_loss`:
-softmax cross-entropy (DETR), sigmoid focal (Deformable DETR) or varifocal (RT-DETR).
+"""DETR's set-prediction loss as a table of terms, like DETR's `loss_map`: the class term chosen by
+`config.classification_loss` (`CLASS_TERMS`: softmax cross-entropy `loss_ce`, DETR's; sigmoid focal `loss_focal`,
+Deformable DETR's; varifocal `loss_vfl`, RT-DETR's), each declaring the head it needs and its matching cost; the box
+terms (`BOX_TERMS`: L1 `loss_bbox`, GIoU `loss_giou`); and the sets of outputs they run on (`TERM_SETS`: the last
+decoder layer, the auxiliary layers, the encoder's proposals, the denoising queries). The matcher is in
+`matcher_detr_custom.py`.
 
 Called explicitly by `DetrCustomForObjectDetection` (never through transformers' `loss_function`, which picks a
 loss by class name and normalizes `num_boxes` differently across processes, see docs/ARCHITECTURE.md).
 """
 import itertools
-import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
-from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou, generalized_box_iou
-from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
-from .query_groups import fold_groups
+from .blocks import fold_groups
+from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from .configuration_detr_custom import DetrCustomConfig
+from .matcher_detr_custom import HungarianMatcher, focal_matching_cost, pad_targets
+
+__all__ = ["CLASS_TERMS", "BOX_TERMS", "TERM_SETS", "ClassTerm", "DetrCustomLoss", "HungarianMatcher",
+           "focal_matching_cost", "pad_targets", "sigmoid_focal_loss", "varifocal_loss"]
 
 BOX_TOLERANCE = 1e-4   # normalized boxes may overshoot [0, 1] by float rounding, not more
-
-
-class HungarianMatcher(nn.Module):
-    """One-to-one assignment of predictions to targets, per image, at minimum cost.
-
-    cost = class_cost * class cost + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes)), computed for all
-    images at once on targets padded to the largest count (`[batch, queries, max_targets]`: no cross-image pairs),
-    copied to the CPU once and solved per image with scipy's `linear_sum_assignment`. The class cost is -p(target
-    class) under a softmax (DETR), or with `focal_alpha` set the focal cost of a sigmoid head (Deformable DETR):
-    alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), p the sigmoid of the target class's logit.
-    """
-
-    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
-                 focal_alpha: float | None = None, focal_gamma: float = 2.0):
-        super().__init__()
-        if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
-            raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0.")
-        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-
-    @torch.no_grad()
-    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], padded_targets=None):
-        """
-        Args:
-            logits: `[batch, queries, num_labels + 1]` (softmax) or `[batch, queries, num_labels]` (focal cost);
-                pred_boxes: `[batch, queries, 4]`, cxcywh in [0, 1].
-            labels: per image, `class_labels` `[num_targets]` and `boxes` `[num_targets, 4]` cxcywh.
-            padded_targets: `pad_targets(labels)`, when the caller matches the same labels several times.
-        Returns:
-            per image, `(query_indices, target_indices)` int64 tensors of length min(queries, num_targets).
-        """
-        batch, num_queries = logits.shape[:2]
-        sizes = [len(target["class_labels"]) for target in labels]
-        for image_index, size in enumerate(sizes):
-            if size > num_queries:
-                raise ValueError(
-                    f"image {image_index} of the batch has {size} objects but the model has only num_queries="
-                    f"{num_queries}: each object needs its own query. Raise config.num_queries or drop objects."
-                )
-        empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty) for _ in range(batch)]
-        # diverged predictions: a clear error before the box functions reject NaN boxes as malformed
-        if not (torch.isfinite(logits).all() and torch.isfinite(pred_boxes).all()):
-            raise FloatingPointError("the predictions contain NaN or inf: training diverged.")
-        target_ids, target_boxes = padded_targets if padded_targets is not None else pad_targets(labels)
-        target_ids = target_ids.to(logits.device)                      # [batch, max_targets], padding: class 0
-        target_boxes = target_boxes.to(logits.device).float()          # [batch, max_targets, 4]
-        boxes_cxcywh = pred_boxes.float()                              # [batch, queries, 4]
-        target_columns = target_ids[:, None, :].expand(-1, num_queries, -1)   # [batch, queries, max_targets]
-        if self.focal_alpha is None:
-            probs = logits.float().softmax(-1)                         # [batch, queries, num_labels + 1]
-            # 1 - p(class) ranks matches the same as -p(class), so the constant is dropped
-            cost_class = -probs.gather(2, target_columns)              # [batch, queries, max_targets]
-        else:
-            probs = logits.float().sigmoid().gather(2, target_columns)  # [batch, queries, max_targets]
-            cost_class = focal_matching_cost(probs, self.focal_alpha, self.focal_gamma)
-        cost_bbox = torch.cdist(boxes_cxcywh, target_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))
-        cost = self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
-        cost = cost.cpu().numpy()                                      # [batch, queries, max_targets]
-        indices = []
-        for image_cost, size in zip(cost, sizes):
-            query_idx, target_idx = linear_sum_assignment(image_cost[:, :size])
-            indices.append((torch.from_numpy(query_idx).long(), torch.from_numpy(target_idx).long()))
-        return indices
-
-
-def focal_matching_cost(probs: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """The focal loss of a positive minus that of a negative, per sigmoid probability (any shape); the 1e-8 inside the
-    logs matches Deformable DETR's matcher (models/matcher.py) and transformers' DeformableDetrHungarianMatcher."""
-    positive = alpha * (1 - probs) ** gamma * -(probs + 1e-8).log()
-    negative = (1 - alpha) * probs ** gamma * -(1 - probs + 1e-8).log()
-    return positive - negative
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -114,25 +47,97 @@ def varifocal_loss(logits: torch.Tensor, target_scores: torch.Tensor, positives:
     return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="none")
 
 
-def _term(name: str) -> str:
-    """`loss_ce_3` / `loss_ce_enc` / `loss_ce_dn_0` -> `loss_ce`: every layer's terms weigh as the last's."""
-    return re.sub(r"_(\d+|enc|dn_\d+)$", "", name)
+@dataclass
+class Matched:
+    """One output set's matched pairs, what every term reads."""
+
+    batch_idx: torch.Tensor       # [num_matched] image of each matched query
+    query_idx: torch.Tensor       # [num_matched]
+    classes: torch.Tensor         # [num_matched] the target's class
+    boxes: torch.Tensor           # [num_matched, 4] the predicted boxes, cxcywh
+    target_boxes: torch.Tensor    # [num_matched, 4]
 
 
-def pad_targets(labels: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image targets padded to the largest count: class ids `[batch, max_targets]` (padding 0) and cxcywh boxes
-    `[batch, max_targets, 4]` (padding: the whole image, a valid box whose cost columns are never read)."""
-    target_ids = pad_sequence([target["class_labels"] for target in labels], batch_first=True, padding_value=0)
-    target_boxes = pad_sequence([target["boxes"] for target in labels], batch_first=True, padding_value=0.5)
-    return target_ids, target_boxes
+def cross_entropy_term(criterion, logits, matched: Matched, num_boxes: float, class_weight_sum: float):
+    """Softmax cross-entropy over num_labels + 1 classes, unmatched queries target "no object" (weighted by
+    `eos_coefficient`), summed / the class weights' sum (DETR's weighted mean, normalized across processes)."""
+    target_classes = torch.full(logits.shape[:2], criterion.num_labels, dtype=torch.int64, device=logits.device)
+    target_classes[matched.batch_idx, matched.query_idx] = matched.classes    # [batch, queries]
+    class_weight = torch.ones(criterion.num_labels + 1, device=logits.device)
+    class_weight[-1] = criterion.eos_coefficient
+    loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+    return loss_ce / class_weight_sum
+
+
+def _positives(logits, matched: Matched) -> torch.Tensor:
+    positives = torch.zeros_like(logits)                            # [batch, queries, num_labels]
+    positives[matched.batch_idx, matched.query_idx, matched.classes] = 1.0
+    return positives
+
+
+def focal_term(criterion, logits, matched: Matched, num_boxes: float, class_weight_sum: float):
+    """Sigmoid focal loss over `[batch, queries, num_labels]`, summed / num_boxes (Deformable DETR's normalization:
+    its mean over queries times the number of queries)."""
+    loss = sigmoid_focal_loss(logits, _positives(logits, matched), criterion.focal_alpha, criterion.focal_gamma)
+    return loss.sum() / num_boxes
+
+
+def varifocal_term(criterion, logits, matched: Matched, num_boxes: float, class_weight_sum: float):
+    """Varifocal loss with the matched box's IoU as the target score (RT-DETR's), summed / num_boxes."""
+    with torch.no_grad():   # the target is the box's quality, not something to optimize through
+        iou = elementwise_box_iou(box_cxcywh_to_xyxy(matched.boxes), box_cxcywh_to_xyxy(matched.target_boxes))
+    target_scores = torch.zeros_like(logits)
+    target_scores[matched.batch_idx, matched.query_idx, matched.classes] = iou.to(logits.dtype)
+    loss = varifocal_loss(logits, target_scores, _positives(logits, matched), criterion.varifocal_alpha,
+                          criterion.focal_gamma)
+    return loss.sum() / num_boxes
+
+
+def l1_term(matched: Matched, num_boxes: float):
+    return F.l1_loss(matched.boxes, matched.target_boxes, reduction="none").sum() / num_boxes
+
+
+def giou_term(matched: Matched, num_boxes: float):
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(matched.boxes),
+                                           box_cxcywh_to_xyxy(matched.target_boxes))    # [num_matched]
+    return (1 - giou).sum() / num_boxes
+
+
+@dataclass(frozen=True)
+class ClassTerm:
+    """A class term: its logged name, the head it needs (`"softmax"`: num_labels + 1 logits, the last "no object";
+    `"sigmoid"`: num_labels per-class logits, see `class_head.py`), the matcher's class cost that goes with it
+    (`"probability"`: -p(class) under the softmax; `"focal"`: the focal cost of the sigmoid) and its function
+    `(criterion, logits, matched, num_boxes, class_weight_sum) -> scalar`."""
+
+    name: str
+    head: str
+    matching_cost: str
+    function: Callable
+
+
+# config.classification_loss -> its class term; the weight of each is config.class_loss_coefficient
+CLASS_TERMS = {
+    "cross_entropy": ClassTerm("loss_ce", "softmax", "probability", cross_entropy_term),   # DETR (the published name)
+    "focal": ClassTerm("loss_focal", "sigmoid", "focal", focal_term),                      # Deformable DETR
+    "varifocal": ClassTerm("loss_vfl", "sigmoid", "focal", varifocal_term),                # RT-DETR
+}
+# the box terms on the matched pairs: name -> (function, the config field of its weight)
+BOX_TERMS = {"loss_bbox": (l1_term, "bbox_loss_coefficient"), "loss_giou": (giou_term, "giou_loss_coefficient")}
+# the sets of outputs every term runs on, with the suffix of their logged names: the last decoder layer; the layers
+# before it (config.auxiliary_loss); the encoder's selected proposals (two-stage); the denoising queries of every
+# layer (their fixed assignment, normalized by num_boxes x the number of denoising groups). Each weighs as the last
+# layer's term of the same name
+TERM_SETS = {"decoder": "", "auxiliary": "_{layer}", "encoder": "_enc", "denoising": "_dn_{layer}"}
 
 
 class DetrCustomLoss(nn.Module):
-    """DETR's set-prediction loss: Hungarian matching, then a class term, L1 and GIoU on matched boxes; repeated on
-    every auxiliary decoder output. The class term (`loss_ce`) is `config.classification_loss`: cross-entropy with
-    "no object" weighted by `eos_coefficient` (DETR), or over the num_labels sigmoid logits the focal loss
-    (Deformable DETR) or the varifocal loss with the matched box's IoU as target (RT-DETR), each summed over queries
-    and classes and divided by `num_boxes`; the matcher then uses the focal cost.
+    """DETR's set-prediction loss: Hungarian matching, then the class term and L1 and GIoU on matched boxes (the
+    table above), on every set of outputs in `TERM_SETS`. The class term is `CLASS_TERMS[config.classification_loss]`:
+    cross-entropy with "no object" weighted by `eos_coefficient` (DETR, `loss_ce`), or over the num_labels sigmoid
+    logits the focal loss (Deformable DETR, `loss_focal`) or the varifocal loss with the matched box's IoU as target
+    (RT-DETR, `loss_vfl`), each summed over queries and classes and divided by `num_boxes`; the matcher uses the
+    class cost the term declares.
 
     Box losses are divided by `num_boxes`: matched targets summed over all processes / number of processes
     (at least 1), as in the original. The cross-entropy is a weighted mean whose denominator (the sum of class
@@ -144,17 +149,20 @@ class DetrCustomLoss(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.classification_loss = getattr(config, "classification_loss", "cross_entropy")
-        self.sigmoid = uses_sigmoid_classes(config)
+        self.class_term = CLASS_TERMS[self.classification_loss]
+        self.sigmoid = self.class_term.head == "sigmoid"
         # a transformers DetrConfig (or a config saved before these fields) works too: the fields' defaults apply
         for name in ("focal_alpha", "focal_gamma", "varifocal_alpha", "class_loss_coefficient"):
             setattr(self, name, getattr(config, name, getattr(DetrCustomConfig, name)))
+        focal_cost = self.class_term.matching_cost == "focal"
         self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost,
-                                        focal_alpha=self.focal_alpha if self.sigmoid else None,
+                                        focal_alpha=self.focal_alpha if focal_cost else None,
                                         focal_gamma=self.focal_gamma)
         self.num_labels = config.num_labels
         self.eos_coefficient = config.eos_coefficient
-        self.weights = {"loss_ce": self.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
-                        "loss_giou": config.giou_loss_coefficient}
+        # each term's weight, by the term's own name
+        self.weights = {self.class_term.name: self.class_loss_coefficient,
+                        **{name: getattr(config, field) for name, (_, field) in BOX_TERMS.items()}}
 
     def forward(self, logits, pred_boxes, labels, auxiliary_outputs=None, labels_checked: bool = False,
                 encoder_outputs: dict | None = None, denoising_outputs: dict | None = None,
@@ -166,22 +174,24 @@ class DetrCustomLoss(nn.Module):
         `[decoder_layers, batch, denoising, ...]` of the denoising queries, with `indices` (their fixed assignment,
         `denoising.denoising_indices`) and `num_groups`: every layer's terms `loss_ce_dn_0`, ..., normalized by
         num_boxes x num_groups, as RT-DETR. `labels_checked`: the caller already ran `check_labels` (the model does,
-        before its forward).
+        before its forward). (`loss_ce` stands for the class term's name: `loss_focal` / `loss_vfl` with a sigmoid
+        head.)
 
         `num_query_groups` K > 1 (Group DETR, `query_groups.py`): the matching outputs (`logits`, `pred_boxes`, the
         auxiliary and encoder outputs) hold K groups of queries, `[batch, K * queries, ...]`, each matched to the
         labels on its own. They are folded into the batch (K copies of each image), so one matching pass per layer
         serves every group, and normalized by K times the first group's normalizers: each term is the mean over
         groups of the 1-group term (LW-DETR's `num_boxes * group_detr`). The denoising terms keep the 1-group
-        normalizers: they are the terms a 1-group model with the same outputs gets."""
+        normalizers and labels: they are the terms a 1-group model with the same outputs gets."""
         batch = logits.shape[0]
         if not labels_checked:
             labels = self.label_tensors(labels, logits.device)
             self.check_labels(labels, batch=batch)
         num_boxes, class_weight_sum = self._normalizers(logits[:, :logits.shape[1] // num_query_groups], labels)
         targets = self._targets(labels, logits.device)   # gathered once for every decoder layer
-        if denoising_outputs is not None:   # on the unfolded batch, before the groups scale the normalizers
-            denoising_dict = self._denoising_losses(denoising_outputs, labels, targets, num_boxes, class_weight_sum)
+        # the matching outputs with K groups folded into the batch, and their labels and normalizers
+        matching_labels, matching_targets = labels, targets
+        matching_boxes, matching_weights = num_boxes, class_weight_sum
         if num_query_groups > 1:
             logits, pred_boxes = fold_groups(logits, num_query_groups), fold_groups(pred_boxes, num_query_groups)
             auxiliary_outputs = [{name: fold_groups(value, num_query_groups) for name, value in layer.items()}
@@ -189,23 +199,31 @@ class DetrCustomLoss(nn.Module):
             if encoder_outputs is not None:
                 encoder_outputs = {name: fold_groups(value, num_query_groups)
                                    for name, value in encoder_outputs.items()}
-            labels = list(labels) * num_query_groups
-            num_boxes, class_weight_sum = num_boxes * num_query_groups, class_weight_sum * num_query_groups
-            targets = self._targets(labels, logits.device)   # of the folded batch
-        loss_dict = self._layer_losses(logits, pred_boxes, labels, targets, num_boxes, class_weight_sum, log=True)
-        for layer, aux in enumerate(auxiliary_outputs or []):
-            aux_losses = self._layer_losses(
-                aux["logits"], aux["pred_boxes"], labels, targets, num_boxes, class_weight_sum, log=False)
-            loss_dict.update({f"{name}_{layer}": value for name, value in aux_losses.items()})
+            matching_labels = list(labels) * num_query_groups
+            matching_targets = self._targets(matching_labels, logits.device)
+            matching_boxes, matching_weights = num_boxes * num_query_groups, class_weight_sum * num_query_groups
+        matching = (matching_labels, matching_targets, matching_boxes, matching_weights)
+        # TERM_SETS, in order: (suffix, logits, pred_boxes, the labels and normalizers, fixed indices, log)
+        sets = [(TERM_SETS["decoder"], logits, pred_boxes, matching, None, True)]
+        sets += [(TERM_SETS["auxiliary"].format(layer=layer), aux["logits"], aux["pred_boxes"], matching, None, False)
+                 for layer, aux in enumerate(auxiliary_outputs or [])]
         if encoder_outputs is not None:
-            encoder_losses = self._layer_losses(encoder_outputs["logits"], encoder_outputs["pred_boxes"], labels,
-                                                targets, num_boxes, class_weight_sum, log=False)
-            loss_dict.update({f"{name}_enc": value for name, value in encoder_losses.items()})
+            sets.append((TERM_SETS["encoder"], encoder_outputs["logits"], encoder_outputs["pred_boxes"], matching,
+                         None, False))
         if denoising_outputs is not None:
-            loss_dict.update(denoising_dict)
-        loss = sum(value * self.weights[_term(name)]
-                   for name, value in loss_dict.items() if _term(name) in self.weights)
-        return loss, loss_dict
+            single = (labels, targets, num_boxes * denoising_outputs["num_groups"], class_weight_sum)
+            sets += [(TERM_SETS["denoising"].format(layer=layer), layer_logits, layer_boxes, single,
+                      denoising_outputs["indices"], False)
+                     for layer, (layer_logits, layer_boxes) in enumerate(zip(denoising_outputs["logits"],
+                                                                             denoising_outputs["pred_boxes"]))]
+        loss_dict, weighted = {}, []
+        for suffix, set_logits, set_boxes, (set_labels, set_targets, boxes, weights), indices, log in sets:
+            terms = self._layer_losses(set_logits, set_boxes, set_labels, set_targets, boxes, weights, log, indices)
+            for name, value in terms.items():
+                loss_dict[name + suffix] = value
+                if name in self.weights:
+                    weighted.append(value * self.weights[name])
+        return sum(weighted), loss_dict
 
     @staticmethod
     def _targets(labels: list[dict], device) -> dict:
@@ -217,19 +235,6 @@ class DetrCustomLoss(nn.Module):
             "offsets": [0] + list(itertools.accumulate(len(target["class_labels"]) for target in labels))[:-1],
             "counts": torch.tensor([float(len(t["class_labels"])) for t in labels], device=device),  # [batch]
         }
-
-    def _denoising_losses(self, denoising_outputs: dict, labels, targets: dict, num_boxes: float,
-                          class_weight_sum: float) -> dict:
-        """Every decoder layer's terms of the denoising queries (`loss_ce_dn_0`, ...): their fixed assignment,
-        normalized by num_boxes x the number of denoising groups (RT-DETR's)."""
-        loss_dict = {}
-        for layer, (layer_logits, layer_boxes) in enumerate(zip(denoising_outputs["logits"],
-                                                                denoising_outputs["pred_boxes"])):
-            denoising_losses = self._layer_losses(
-                layer_logits, layer_boxes, labels, targets, num_boxes * denoising_outputs["num_groups"],
-                class_weight_sum, log=False, indices=denoising_outputs["indices"])
-            loss_dict.update({f"{name}_dn_{layer}": value for name, value in denoising_losses.items()})
-        return loss_dict
 
     @staticmethod
     def label_tensors(labels, device: torch.device):
@@ -296,7 +301,8 @@ class DetrCustomLoss(nn.Module):
 
     def _layer_losses(self, logits, pred_boxes, labels, targets: dict, num_boxes: float, class_weight_sum: float,
                       log: bool, indices=None) -> dict:
-        """`indices`: per image (query indices, target indices); None = the Hungarian matching."""
+        """The class term and the box terms of one set of outputs, then the logged errors. `indices`: per image
+        (query indices, target indices); None = the Hungarian matching."""
         logits, pred_boxes = logits.float(), pred_boxes.float()        # losses in fp32, also under autocast
         if indices is None:
             indices = self.matcher(logits, pred_boxes, labels, targets["padded"])
@@ -305,23 +311,12 @@ class DetrCustomLoss(nn.Module):
         # position of each matched target in the concatenation of all images' targets
         flat_target_idx = torch.cat([target + offset for (_, target), offset in zip(indices, targets["offsets"])])
         flat_target_idx = flat_target_idx.to(logits.device)            # [num_matched]
-        matched_classes = targets["classes"][flat_target_idx]          # [num_matched]
-        matched_boxes = pred_boxes[batch_idx, query_idx]               # [num_matched, 4]
-        target_boxes = targets["boxes"][flat_target_idx]               # [num_matched, 4]
-        matched = (batch_idx, query_idx, matched_classes)
-        if self.sigmoid:
-            losses = {"loss_ce": self._sigmoid_class_loss(logits, matched, matched_boxes, target_boxes, num_boxes)}
-        else:
-            target_classes = torch.full(logits.shape[:2], self.num_labels, dtype=torch.int64, device=logits.device)
-            target_classes[batch_idx, query_idx] = matched_classes    # [batch, queries], unmatched = no object
-            class_weight = torch.ones(self.num_labels + 1, device=logits.device)
-            class_weight[-1] = self.eos_coefficient
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
-            losses = {"loss_ce": loss_ce / class_weight_sum}
-
-        losses["loss_bbox"] = F.l1_loss(matched_boxes, target_boxes, reduction="none").sum() / num_boxes
-        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
-        losses["loss_giou"] = (1 - giou).sum() / num_boxes             # giou: [num_matched]
+        matched = Matched(batch_idx, query_idx, targets["classes"][flat_target_idx],
+                          pred_boxes[batch_idx, query_idx], targets["boxes"][flat_target_idx])
+        losses = {self.class_term.name: self.class_term.function(self, logits, matched, num_boxes, class_weight_sum)}
+        for name, (function, _) in BOX_TERMS.items():
+            losses[name] = function(matched, num_boxes)
+        matched_classes = matched.classes
 
         with torch.no_grad():   # logging only
             if self.sigmoid:   # an object where some class has p > 0.5, as Deformable DETR's transformers loss
@@ -334,19 +329,3 @@ class DetrCustomLoss(nn.Module):
                 correct = (logits[batch_idx, query_idx].argmax(-1) == matched_classes).float()
                 losses["class_error"] = 100 * (1 - correct.mean()) if len(correct) else logits.new_zeros(())
         return losses
-
-    def _sigmoid_class_loss(self, logits, matched, matched_boxes, target_boxes, num_boxes: float) -> torch.Tensor:
-        """Focal or varifocal loss over `[batch, queries, num_labels]` sigmoid logits, summed / num_boxes (Deformable
-        DETR's and RT-DETR's normalization: their mean over queries times the number of queries)."""
-        batch_idx, query_idx, matched_classes = matched
-        positives = torch.zeros_like(logits)                            # [batch, queries, num_labels]
-        positives[batch_idx, query_idx, matched_classes] = 1.0
-        if self.classification_loss == "focal":
-            loss = sigmoid_focal_loss(logits, positives, self.focal_alpha, self.focal_gamma)
-        else:
-            with torch.no_grad():   # the target is the box's quality, not something to optimize through
-                iou = elementwise_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
-            target_scores = torch.zeros_like(logits)
-            target_scores[batch_idx, query_idx, matched_classes] = iou.to(logits.dtype)
-            loss = varifocal_loss(logits, target_scores, positives, self.varifocal_alpha, self.focal_gamma)
-        return loss.sum() / num_boxes

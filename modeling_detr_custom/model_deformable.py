@@ -1,17 +1,18 @@
-"""The deformable variant (`config.decoder_type="deformable"`): Deformable DETR's decoder (Zhu et al. 2021) on
-multi-scale features, wired as one module that `DetrCustomForObjectDetection` holds as its `model`.
+"""The multi-scale assembly (a decoder with `multi_scale = True` in `registry.py`, e.g. `decoder_type="deformable"`,
+Deformable DETR's decoder, Zhu et al. 2021), one module that `DetrCustomForObjectDetection` holds as its `model`.
 
-multi-scale features (`multiscale.py`) -> DETR encoder on the coarsest backbone level only (RT-DETR's AIFI, Zhao et al.
-2024; the other levels pass through; with `encoder_type="hybrid"` RT-DETR's cross-scale fusion follows, and with
-`decoder_input_proj` its per-level conv + BatchNorm), or with `encoder_type="deformable"` Deformable DETR's encoder
-over every level (`encoder_deformable.py`, positions + level embeddings) -> learned content queries with learned
-reference boxes (DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top
-proposals (`query_selection.py`) -> deformable decoder (`decoder_deformable.py`), whose layers each refine the boxes
-with their own box head (iterative box refinement, stop-gradient between layers) -> one class head per layer.
+multi-scale features (`multiscale.py`) -> the registered encoder's `encode_levels` (`config.encoder_type`: "detr" on
+the coarsest backbone level only, RT-DETR's AIFI, Zhao et al. 2024, the other levels passing through; "hybrid" the
+same followed by RT-DETR's cross-scale fusion; "deformable" Deformable DETR's encoder over every level), with
+`decoder_input_proj` RT-DETR's per-level conv + BatchNorm -> learned content queries with learned reference boxes
+(DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals
+(`query_selection.py`); in training the denoising groups (`denoising.py`) -> the registered decoder (the deformable
+one's layers each refine the boxes with their own box head: iterative box refinement, stop-gradient between layers)
+-> one class head per layer.
 
 The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
-layer; `deformable_detection_fields` returns the same fields as the DETR path's output (logits, pred_boxes,
-auxiliary_outputs, loss), so loss, post-processing, pipeline and training work unchanged.
+layer; the output carries each layer's logits and boxes, which `DetrCustomForObjectDetection.forward` takes as they
+are (the single-scale assembly's come from its own heads): one detection forward, loss and outputs for every variant.
 """
 from dataclasses import dataclass
 
@@ -20,20 +21,17 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .blocks import MLP, flatten_levels, fp32_on_cpu, inverse_sigmoid, mask_if_padded
 from .class_head import class_head_outputs, init_class_head_bias_
-from .blocks import fp32_on_cpu, inverse_sigmoid, mask_if_padded, mlp
 from .configuration_detr_custom import DetrCustomConfig
-from .decoder_deformable import DetrCustomDeformableDecoder
 from .denoising import denoising_groups, denoising_indices
-from .encoder_deformable import DetrCustomDeformableEncoder
-from .encoder_detr import DetrCustomEncoder
-from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .inputs_detr_custom import check_pixel_inputs
-from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, flatten_levels, level_masks,
-                         projection, valid_ratios)
+from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, level_masks, projection,
+                         valid_ratios)
 from .position_encoding import build_position_embedding
 from .query_groups import build_extra_query_embeds, group_attention_mask, with_denoising_mask
 from .query_selection import DetrCustomQuerySelection, SelectedQueries
+from .registry import build_decoder, build_encoder, encoder_class
 
 # the learned reference boxes start with random centres over the image and this width and height
 INITIAL_BOX_SIZE = 0.1
@@ -72,20 +70,11 @@ class DetrCustomDeformableDetector(nn.Module):
         d_model = config.d_model
         self.backbone = DetrCustomMultiScaleBackbone(config)
         self.input_proj = DetrCustomMultiScaleProjection(config, self.backbone.channels)
-        self.encoder_level = len(self.backbone.channels) - 1          # the coarsest backbone level
         self.position_embedding = build_position_embedding(config)
-        # encoder_type "deformable": Deformable DETR's encoder over every level, whose positions carry a learned
-        # level embedding; otherwise the DETR encoder on the coarsest level (AIFI)
-        self.level_embed = None
-        if config.encoder_type == "deformable":
-            self.encoder = DetrCustomDeformableEncoder(config, config.num_feature_levels)
-            self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d_model))
-        else:
-            self.encoder = DetrCustomEncoder(config)
-        # encoder_type="hybrid": RT-DETR's cross-scale fusion of the backbone levels after AIFI
-        self.fusion = None
-        if config.encoder_type == "hybrid":
-            self.fusion = DetrCustomCrossScaleFusion(d_model, len(self.backbone.channels), config.hidden_expansion)
+        if not hasattr(encoder_class(config), "encode_levels"):
+            raise ValueError(f"encoder_type={config.encoder_type!r} has no `encode_levels`, the interface of encoders "
+                             "with a multi-scale decoder (see encoder_detr.DetrCustomEncoder.encode_levels).")
+        self.encoder = build_encoder(config, backbone_levels=len(self.backbone.channels))
         # RT-DETR's decoder_input_proj: each level again through a 1x1 conv + BatchNorm after the encoder
         self.decoder_input_proj = None
         if config.decoder_input_proj:
@@ -111,11 +100,11 @@ class DetrCustomDeformableDetector(nn.Module):
         self.denoising_class_embed = None
         if config.num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d_model, padding_idx=config.num_labels)
-        self.query_pos_head = mlp(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
-        self.decoder = DetrCustomDeformableDecoder(config, config.num_feature_levels, config.decoder_n_points)
+        self.query_pos_head = MLP(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
+        self.decoder = build_decoder(config)
         self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
                                          for _ in range(config.decoder_layers))
-        self.bbox_embed = nn.ModuleList(mlp(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
+        self.bbox_embed = nn.ModuleList(MLP(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
         for class_head in self.class_embed:
             class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
         self.config = config
@@ -127,17 +116,14 @@ class DetrCustomDeformableDetector(nn.Module):
         deformable attention's direction grid and uniform weights, the class heads' prior, zero box deltas (each
         layer starts from its reference box, as Deformable DETR's refinement) and the reference boxes. Written with
         transformers' `initialization` functions, which leave alone what `from_pretrained` loaded."""
-        for layer in self.decoder.layers:
-            layer.cross_attn.reset_parameters()
-        if self.level_embed is not None:   # Deformable DETR's init of its encoder and level embeddings
-            for layer in self.encoder.layers:
-                layer.self_attn.reset_parameters()
-            init.normal_(self.level_embed)
+        for part in (self.decoder, self.encoder):   # the parts' own inits (e.g. deformable attention), if any
+            if hasattr(part, "reset_parameters"):
+                part.reset_parameters()
         for class_head in self.class_embed:
             init_class_head_bias_(class_head, self.config)
         for box_head in self.bbox_embed:
-            init.zeros_(box_head[-1].weight)
-            init.zeros_(box_head[-1].bias)
+            init.zeros_(box_head.layers[-1].weight)
+            init.zeros_(box_head.layers[-1].bias)
         for selection in [self.query_selection, *self.extra_query_selections]:
             if selection is not None:
                 selection.reset_parameters()
@@ -150,11 +136,21 @@ class DetrCustomDeformableDetector(nn.Module):
     def forward(
         self,
         pixel_values: torch.Tensor,            # [batch, channels, height, width]
-        pixel_mask: torch.Tensor,              # [batch, height, width], 1 = real pixel (checked by the caller)
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        pixel_mask: torch.Tensor | None = None,   # [batch, height, width], 1 = real pixel; None = no padding
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool = True,              # taken for a call alike DetrCustomModel's: the output is a dataclass
+        batch_independent: bool | None = None,
         labels: list[dict] | None = None,      # in training with num_denoising: the denoising queries' targets
     ) -> DetrCustomDeformableDetectorOutput:
+        config = self.config
+        if batch_independent or (batch_independent is None and getattr(config, "batch_independent_inference", False)):
+            raise ValueError("batch_independent inference is not supported with a multi-scale decoder "
+                             f"(decoder_type={config.decoder_type!r}) yet; pass batch_independent=False (and "
+                             "config.batch_independent_inference=False).")
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        pixel_mask = check_pixel_inputs(pixel_values, pixel_mask, config.num_channels, next(self.parameters()).dtype)
         features = self.backbone(pixel_values)                        # per level [batch, channels, h, w]
         # under CPU autocast the backbone's maps may be bf16 (a convolution's output)
         bf16_features = features[0].device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -163,23 +159,12 @@ class DetrCustomDeformableDetector(nn.Module):
                 features = [feature.float() for feature in features]
             maps = self.input_proj(features)                          # per level [batch, d_model, h, w]
             masks = level_masks(pixel_mask, maps)                     # per level [batch, h, w], True = real
-            level_mask, ratios = masks[self.encoder_level], valid_ratios(masks)   # ratios: [batch, levels, 2]
-            if self.level_embed is not None:   # the deformable encoder: every level
-                memory, memory_mask, spatial_shapes, encoder_states, encoder_attentions = self._encode_levels(
-                    maps, masks, ratios, output_attentions, output_hidden_states)
-            else:
-                # AIFI: attention within the coarsest backbone level only, its positions the DETR sine encoding
-                level = maps[self.encoder_level]
-                key_mask = mask_if_padded(level_mask.flatten(1))               # [batch, h * w]; None: no padding
-                position = self.position_embedding(level_mask, key_mask is not None).to(level.dtype)   # [b, h*w, d]
-                encoded, encoder_states, encoder_attentions = self.encoder(
-                    level.flatten(2).transpose(1, 2), position, key_mask, output_attentions, output_hidden_states)
-                maps[self.encoder_level] = encoded.transpose(1, 2).reshape(level.shape)
-                if self.fusion is not None:   # CCFF over the backbone levels; the extra levels pass through
-                    maps[:self.encoder_level + 1] = self.fusion(maps[:self.encoder_level + 1])
-                if self.decoder_input_proj is not None:
-                    maps = [layer(level) for layer, level in zip(self.decoder_input_proj, maps)]
-                memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
+            ratios = valid_ratios(masks)                              # [batch, levels, 2]
+            maps, encoder_states, encoder_attentions = self.encoder.encode_levels(
+                maps, masks, ratios, self.position_embedding, output_attentions, output_hidden_states)
+            if self.decoder_input_proj is not None:
+                maps = [layer(level) for layer, level in zip(self.decoder_input_proj, maps)]
+            memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             # K = num_query_groups groups of matching queries in training, one in eval mode
             num_groups = self.config.num_query_groups if self.training else 1
             query, reference, selected = self._matching_queries(memory, memory_mask, spatial_shapes, num_groups)
@@ -216,23 +201,11 @@ class DetrCustomDeformableDetector(nn.Module):
         return DetrCustomDeformableDetectorOutput(
             logits=logits, pred_boxes=boxes, last_hidden_state=decoded.intermediate[-1],
             intermediate_hidden_states=decoded.intermediate, encoder_last_hidden_state=memory,
-            feature_mask=level_mask, spatial_shapes=spatial_shapes, encoder_hidden_states=encoder_states,
+            feature_mask=masks[len(self.backbone.channels) - 1], spatial_shapes=spatial_shapes,
+            encoder_hidden_states=encoder_states,
             encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
             cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
             enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
-
-    def _encode_levels(self, maps: list[torch.Tensor], masks: list[torch.Tensor], ratios: torch.Tensor,
-                       output_attentions: bool, output_hidden_states: bool):
-        """`encoder_type="deformable"`: every level's positions through the deformable encoder, each with its
-        level's sine encoding plus its level embedding. Returns (memory [batch, sequence, d_model], memory_mask
-        [batch, sequence], spatial_shapes, the encoder's hidden states and attentions or None)."""
-        memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)
-        value_mask = mask_if_padded(memory_mask)                 # None without padding (eager mode)
-        position = torch.cat([self.position_embedding(mask, value_mask is not None) + self.level_embed[level]
-                              for level, mask in enumerate(masks)], 1).to(memory.dtype)   # [batch, sequence, d]
-        memory, states, attentions = self.encoder(memory, position, spatial_shapes, ratios, value_mask,
-                                                  output_attentions, output_hidden_states)
-        return memory, memory_mask, spatial_shapes, states, attentions
 
     def _matching_queries(self, memory: torch.Tensor, memory_mask: torch.Tensor, spatial_shapes, num_groups: int
                           ) -> tuple[torch.Tensor, torch.Tensor, SelectedQueries | None]:
@@ -258,39 +231,3 @@ class DetrCustomDeformableDetector(nn.Module):
         else:
             query = selected.content                                             # [batch, K * queries, d_model]
         return query, reference, selected
-
-
-def deformable_detection_fields(model, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states,
-                                return_dict, batch_independent) -> dict:
-    """`DetrCustomForObjectDetection.forward` for `decoder_type="deformable"`: the fields of its output dataclass
-    (`model` is the `DetrCustomForObjectDetection`, whose `model` is a [`DetrCustomDeformableDetector`])."""
-    config = model.config
-    if batch_independent or (batch_independent is None and getattr(config, "batch_independent_inference", False)):
-        raise ValueError("batch_independent inference is not supported with decoder_type='deformable' yet; pass "
-                         "batch_independent=False (and config.batch_independent_inference=False).")
-    output_attentions = config.output_attentions if output_attentions is None else output_attentions
-    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    pixel_mask = check_pixel_inputs(pixel_values, pixel_mask, config.num_channels, model.dtype)
-    outputs = model.model(pixel_values, pixel_mask, output_attentions, output_hidden_states, labels=labels)
-    all_logits, all_boxes = outputs.logits, outputs.pred_boxes    # [layers, batch, queries, classes / 4]
-    auxiliary_outputs = None
-    if config.auxiliary_loss:
-        auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes}
-                             for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
-    loss, loss_dict = None, None
-    if labels is not None:
-        encoder_outputs = None
-        if outputs.enc_logits is not None:   # query selection: the selected proposals get the set loss too
-            encoder_outputs = {"logits": outputs.enc_logits, "pred_boxes": outputs.enc_pred_boxes}
-        loss, loss_dict = model.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
-                                          labels_checked=True, encoder_outputs=encoder_outputs,
-                                          denoising_outputs=outputs.denoising,
-                                          num_query_groups=all_logits.shape[2] // config.num_queries)
-    if not return_dict and labels is None:
-        auxiliary_outputs = None   # as the DETR path: the tuple has them only with labels
-    return dict(loss=loss, loss_dict=loss_dict, logits=all_logits[-1], pred_boxes=all_boxes[-1],
-                auxiliary_outputs=auxiliary_outputs, last_hidden_state=outputs.last_hidden_state,
-                encoder_last_hidden_state=outputs.encoder_last_hidden_state, feature_mask=outputs.feature_mask,
-                encoder_hidden_states=outputs.encoder_hidden_states,
-                decoder_hidden_states=outputs.decoder_hidden_states, encoder_attentions=outputs.encoder_attentions,
-                cross_attentions=outputs.cross_attentions)

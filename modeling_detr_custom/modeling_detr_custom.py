@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -27,33 +26,23 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MA
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
-from .blocks import fp32_on_cpu, mask_if_padded
+from .blocks import MLP, fp32_on_cpu, mask_if_padded
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
 from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
-from .decoder_deformable import DetrCustomDeformableDecoder
-from .decoder_detr import DetrCustomDecoder
-from .encoder_deformable import DetrCustomDeformableEncoder
-from .encoder_detr import DetrCustomEncoder
-from .encoder_hybrid import DetrCustomCrossScaleFusion
 from .fast_paths import apply_fast_paths
 from .inputs_detr_custom import check_pixel_inputs
 from .loss_detr_custom import DetrCustomLoss
-from .model_deformable import DetrCustomDeformableDetector, deformable_detection_fields
+from .model_deformable import DetrCustomDeformableDetector
 from .position_encoding import build_position_embedding
 from .query_groups import EXTRA_GROUP_KEYS_TO_IGNORE, build_extra_query_embeds, init_missing_groups_, object_queries
+from .registry import DECODERS, ENCODERS, build_decoder, build_encoder, decoder_class, encoder_class
 
-# the seam for alternative transformers (STYLE.md "Variants plug in at one seam"): config.encoder_type /
-# config.decoder_type -> class, each in its own encoder_*.py / decoder_*.py with the interface documented in
-# encoder_detr.py / decoder_detr.py. The keys are configuration_detr_custom.ENCODER_TYPES / DECODER_TYPES.
-# "hybrid" (RT-DETR's) is the "detr" encoder on the coarsest level followed by this cross-scale fusion of the levels,
-# with the deformable decoder only: model_deformable.DetrCustomDeformableDetector builds both; "deformable" (Deformable
-# DETR's, over every level) is built there too, with its level embeddings
-ENCODER_CLASSES = {"detr": DetrCustomEncoder, "hybrid": DetrCustomCrossScaleFusion,
-                   "deformable": DetrCustomDeformableEncoder}
-# "deformable" reads multi-scale memories and needs a box head per layer: DetrCustomForObjectDetection builds it inside
-# model_deformable.DetrCustomDeformableDetector
-DECODER_CLASSES = {"detr": DetrCustomDecoder, "deformable": DetrCustomDeformableDecoder}
+# the seam for variants (STYLE.md "Variants plug in at one seam"): config.encoder_type / config.decoder_type -> the
+# class that builds the part, `registry.py` (register_encoder / register_decoder add one from outside). A decoder's
+# `multi_scale` picks the assembly: DETR's (DetrCustomModel + one class and box head here) or the multi-scale one
+# (model_deformable.DetrCustomDeformableDetector, heads per layer inside); both end in the one forward below
+ENCODER_CLASSES, DECODER_CLASSES = ENCODERS, DECODERS
 # config._attn_implementation: both run `attention_mha.DetrCustomAttention`, through SDPA or an explicit softmax
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -95,7 +84,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     Args:
         loss: scalar, only when `labels` are given: the weighted sum of the set-prediction losses.
         loss_dict: unweighted terms for logging (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`,
-            `class_error`, and `<name>_<layer>` for auxiliary decoder layers).
+            `class_error`, and `<name>_<layer>` for auxiliary decoder layers; a sigmoid head's class term is
+            `loss_focal` or `loss_vfl`, see `loss_detr_custom.CLASS_TERMS`).
         logits: `[batch, num_queries, num_labels + 1]`, the last class is "no object"; a sigmoid head's
             ([`DetrCustomSigmoidObjectDetectionOutput`]) `[batch, num_queries, num_labels]`, one logit per class.
             (Every `num_queries` here is `K * num_queries` in training with K query groups, see `query_groups.py`.)
@@ -258,15 +248,19 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config)
-        if config.decoder_type == "deformable":
-            raise ValueError("decoder_type='deformable' has its heads inside the decoder (box refinement): use "
-                             "DetrCustomForObjectDetection (its `model` is a DetrCustomDeformableDetector).")
+        if decoder_class(config).multi_scale:
+            raise ValueError(f"decoder_type={config.decoder_type!r} is a multi-scale decoder with its heads inside "
+                             "(box refinement): use DetrCustomForObjectDetection (its `model` is a "
+                             "DetrCustomDeformableDetector).")
+        if encoder_class(config).multi_scale:
+            raise ValueError(f"encoder_type={config.encoder_type!r} encodes several feature levels: it needs a "
+                             "multi-scale decoder (e.g. decoder_type='deformable').")
         self.backbone = DetrCustomBackbone(config)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.position_embedding = build_position_embedding(config)
         self.query_embed = nn.Embedding(config.num_queries, config.d_model)   # the learned object queries
-        self.encoder = ENCODER_CLASSES[config.encoder_type](config)
-        self.decoder = DECODER_CLASSES[config.decoder_type](config)
+        self.encoder = build_encoder(config)
+        self.decoder = build_decoder(config)
         self.extra_query_embeds = build_extra_query_embeds(config)   # query groups 1..K-1, used in training only
         self.post_init()
 
@@ -282,6 +276,7 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         batch_independent: bool | None = None,
+        labels: list[dict] | None = None,
     ) -> DetrCustomModelOutput | tuple:
         """
         Args:
@@ -296,6 +291,8 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
                 Default: `config.batch_independent_inference` if set, else False.
             return_dict: False returns `output.to_tuple()` (None fields left out), as transformers' models do.
                 Default: `config.return_dict` (True).
+            labels: not used (DETR's queries do not depend on the targets); taken so that both assemblies are called
+                alike (the multi-scale one builds denoising queries from them in training).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -333,20 +330,6 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
-class DetrCustomMLP(nn.Module):
-    """A small feed-forward network (ReLU between layers), the box head."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     """DETR with its class and box heads and the set-prediction loss.
 
@@ -360,12 +343,12 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config)
-        if config.decoder_type == "deformable":   # multi-scale, with one class and box head per decoder layer
+        if decoder_class(config).multi_scale:   # multi-scale, with one class and box head per decoder layer inside
             self.model = DetrCustomDeformableDetector(config)
         else:
             self.model = DetrCustomModel(config)
             self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
-            self.bbox_embed = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
+            self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
         self.criterion = DetrCustomLoss(config)
         self.post_init()
 
@@ -384,28 +367,23 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             labels = self.criterion.label_tensors(labels, pixel_values.device)   # Python lists work too
             self.criterion.check_labels(labels, batch=len(pixel_values))   # before any layer runs
         return_dict = _return_dict(self.config, return_dict)
-        if self.config.decoder_type == "deformable":   # model_deformable.py: multi-scale features to per-layer heads
-            output = _output_class(self.config)(**deformable_detection_fields(
-                self, pixel_values, pixel_mask, labels, output_attentions, output_hidden_states, return_dict,
-                batch_independent))
-            return output if return_dict else output.to_tuple()
-        outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states,
-                             return_dict=True, batch_independent=batch_independent)
-        intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
-        if not self.config.auxiliary_loss:
-            intermediate = intermediate[-1:]
-        with fp32_on_cpu(intermediate) as intermediate:
-            all_logits = self.class_embed(intermediate)                 # [layers, batch, queries, classes]
-            all_boxes = self.bbox_embed(intermediate).sigmoid()         # [layers, batch, queries, 4]
+        outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True,
+                             batch_independent=batch_independent, labels=labels)
+        all_logits, all_boxes = self._layer_predictions(outputs)      # [layers, batch, queries, classes / 4]
         auxiliary_outputs = None
         if self.config.auxiliary_loss:
             auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes}
                                  for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
         loss, loss_dict = None, None
         if labels is not None:
+            encoder_outputs = None
+            if getattr(outputs, "enc_logits", None) is not None:   # query selection: the set loss on its proposals
+                encoder_outputs = {"logits": outputs.enc_logits, "pred_boxes": outputs.enc_pred_boxes}
             num_groups = all_logits.shape[2] // self.config.num_queries     # 1 = the criterion's own call
             loss, loss_dict = self.criterion(all_logits[-1], all_boxes[-1], labels, auxiliary_outputs,
-                                             labels_checked=True, num_query_groups=num_groups)
+                                             labels_checked=True, encoder_outputs=encoder_outputs,
+                                             denoising_outputs=getattr(outputs, "denoising", None),
+                                             num_query_groups=num_groups)
         if not return_dict and labels is None:
             auxiliary_outputs = None   # transformers' tuple has them only with labels: the same positions as there
         output = _output_class(self.config)(
@@ -420,10 +398,22 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             encoder_hidden_states=outputs.encoder_hidden_states,
             decoder_hidden_states=outputs.decoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
-            decoder_attentions=outputs.decoder_attentions,
+            decoder_attentions=getattr(outputs, "decoder_attentions", None),
             cross_attentions=outputs.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def _layer_predictions(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoder layer's logits and boxes `[layers, batch, queries, classes / 4]` (only the last layer's
+        without `auxiliary_loss`, single-scale): the multi-scale assembly's heads run inside it (box refinement),
+        the single-scale one's here, shared by the layers."""
+        if getattr(outputs, "logits", None) is not None:
+            return outputs.logits, outputs.pred_boxes
+        intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
+        if not self.config.auxiliary_loss:
+            intermediate = intermediate[-1:]
+        with fp32_on_cpu(intermediate) as intermediate:
+            return self.class_embed(intermediate), self.bbox_embed(intermediate).sigmoid()
 
 
 # pipeline("object-detection") checks the model's class name against a copy of MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES

@@ -97,12 +97,3 @@ def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:      # [batch, leve
         visible_width = mask[:, 0, :].sum(1).float() / width
         ratios.append(torch.stack([visible_width, visible_height], -1))
     return torch.stack(ratios, 1)
-
-
-def flatten_levels(maps: list[torch.Tensor], masks: list[torch.Tensor]):
-    """Concatenate the levels row-major, finest first: memory [batch, sequence, d_model], memory_mask [batch,
-    sequence] (True = real) and spatial_shapes as Python ints (so shapes never need a device sync)."""
-    spatial_shapes = [tuple(level.shape[-2:]) for level in maps]   # ints (symbolic while exporting)
-    memory = torch.cat([level.flatten(2).transpose(1, 2) for level in maps], 1)
-    memory_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
-    return memory, memory_mask, spatial_shapes

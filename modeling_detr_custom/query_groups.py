@@ -65,12 +65,6 @@ def object_queries(query_embed: nn.Embedding, extra_query_embeds: nn.ModuleList,
     return query_pos, mask
 
 
-def fold_groups(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """`[batch, K * Q, ...]` -> `[K * batch, Q, ...]`, group-major: rows g * batch .. (g + 1) * batch - 1 hold group
-    g of every image, so the labels of the folded batch are `labels * K`."""
-    return tensor.unflatten(1, (num_groups, -1)).transpose(0, 1).flatten(0, 1)
-
-
 def with_denoising_mask(denoising_mask: torch.Tensor, num_denoising: int, num_groups: int,
                         num_queries: int) -> torch.Tensor:
     """The self-attention mask of `num_denoising` denoising queries followed by K groups of matching queries,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .blocks import mlp
+from .blocks import MLP
 from .class_head import class_head_outputs
 from .configuration_detr_custom import uses_sigmoid_classes
 
@@ -77,7 +77,7 @@ class DetrCustomQuerySelection(nn.Module):
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.enc_score_head = nn.Linear(d_model, class_head_outputs(config))
         self.enc_score_head.is_class_head = True   # the model's _init_weights gives it the class prior
-        self.enc_bbox_head = mlp(d_model, d_model, 4, num_layers=3)
+        self.enc_bbox_head = MLP(d_model, d_model, 4, num_layers=3)
         self.num_queries = config.num_queries
         self.sigmoid = uses_sigmoid_classes(config)
 
@@ -108,5 +108,5 @@ class DetrCustomQuerySelection(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Zero box deltas at the start: each selected box is its proposal (RT-DETR's init of `enc_bbox_head`)."""
-        init.zeros_(self.enc_bbox_head[-1].weight)
-        init.zeros_(self.enc_bbox_head[-1].bias)
+        init.zeros_(self.enc_bbox_head.layers[-1].weight)
+        init.zeros_(self.enc_bbox_head.layers[-1].bias)

@@ -132,7 +132,7 @@ def test_converted_model_saves_reloads_and_fine_tunes_on_new_classes(tmp_path):
     tuned.model.backbone.requires_grad_(False)
     losses = train_on_a_fixed_batch(tuned, steps=8, lr=1e-3)
     pixel_values, pixel_mask, labels = padded_batch(height=64, width=64)
-    assert "loss_ce_dn_0" in tuned(pixel_values, pixel_mask, labels=labels).loss_dict   # denoising trains too
+    assert "loss_vfl_dn_0" in tuned(pixel_values, pixel_mask, labels=labels).loss_dict   # denoising trains too
     assert losses[-1] < losses[0]
 
 

@@ -83,7 +83,7 @@ def test_loss_terms_training_only_and_weights():
     model = _model().train()
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
-    assert {"loss_ce_dn_0", "loss_bbox_dn_1", "loss_giou_dn_1"} <= set(out.loss_dict)
+    assert {"loss_focal_dn_0", "loss_bbox_dn_1", "loss_giou_dn_1"} <= set(out.loss_dict)
     assert out.logits.shape == (2, 10, 3) and out.pred_boxes.shape == (2, 10, 4)
     weights = model.criterion.weights
     expected = sum(out.loss_dict[f"{term}{suffix}"] * weight for term, weight in weights.items()

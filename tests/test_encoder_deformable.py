@@ -110,7 +110,7 @@ def test_a_fresh_model_has_deformable_detr_inits_and_level_embeddings():
         attention = layer.self_attn
         assert torch.equal(attention.sampling_offsets.bias, reference.sampling_offsets.bias)
         assert not attention.sampling_offsets.weight.any() and not attention.attention_weights.weight.any()
-    level_embed = model.model.level_embed
+    level_embed = model.model.encoder.level_embed
     assert level_embed.shape == (3, 32) and 0.7 < level_embed.std() < 1.3   # N(0, 1), as Deformable DETR
     assert "encoder_deformable.py" in remote_code_files()                     # travels as remote code
     assert not any("level_embed" in key for key in DetrCustomForObjectDetection(
@@ -130,7 +130,7 @@ def test_model_shapes_gradients_and_outputs():
     missing = [name for name, p in model.named_parameters()
                if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0 or not p.grad.isfinite().all())]
     assert not missing
-    assert model.model.level_embed.grad.abs().sum() > 0
+    assert model.model.encoder.level_embed.grad.abs().sum() > 0
 
 
 def test_the_padded_memory_is_never_read():

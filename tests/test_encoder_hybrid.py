@@ -76,7 +76,7 @@ def test_the_hybrid_variant_trains_saves_and_loads(tmp_path):
         DetrCustomConfig(**tiny_kwargs(encoder_type="hybrid"))
     torch.manual_seed(0)
     model = randomize_(DetrCustomForObjectDetection(_config(freeze_batch_norm=False, freeze_backbone_stem=False)))
-    assert len(model.model.fusion.pan_blocks) == 2                    # 3 backbone levels (ResNet strides 8-32)
+    assert len(model.model.encoder.fusion.pan_blocks) == 2                    # 3 backbone levels (ResNet strides 8-32)
     pixel_values, pixel_mask, labels = padded_batch()
     model.train()(pixel_values, pixel_mask, labels=labels).loss.backward()
     missing = [name for name, p in model.named_parameters()
@@ -102,4 +102,4 @@ def test_training_script_option_reaches_the_model(tmp_path, data_dir):
     run(write_config(tmp_path / "new", data_dir, max_steps=2, eval_steps=2, decoder_type="deformable",
                      encoder_type="hybrid", num_feature_levels=3, decoder_n_points=2, classification_loss="focal"))
     model = DetrCustomForObjectDetection.from_pretrained(tmp_path / "new" / "run" / "last")
-    assert model.config.encoder_type == "hybrid" and model.model.fusion is not None
+    assert model.config.encoder_type == "hybrid" and model.model.encoder.fusion is not None

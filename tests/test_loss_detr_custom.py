@@ -192,8 +192,10 @@ def test_focal_matcher_and_loss_equal_transformers_deformable_detr(seed):
     expected = reference({"logits": last[0], "pred_boxes": last[1],
                           "auxiliary_outputs": [{"logits": aux[0], "pred_boxes": aux[1]}]}, labels)
     _, found = criterion(*last, labels, auxiliary_outputs=[{"logits": aux[0], "pred_boxes": aux[1]}])
+    # their focal term is named loss_ce, ours loss_focal (the logs name the term computed)
     for name in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "loss_ce_0", "loss_bbox_0", "loss_giou_0"):
-        assert found[name].item() == pytest.approx(expected[name].item(), rel=1e-6, abs=1e-7), name
+        ours_name = name.replace("loss_ce", "loss_focal")
+        assert found[ours_name].item() == pytest.approx(expected[name].item(), rel=1e-6, abs=1e-7), name
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -212,8 +214,8 @@ def test_varifocal_matcher_and_loss_equal_transformers_rt_detr(seed):
     expected = RTDetrLoss(reference_config)({"logits": last[0], "pred_boxes": last[1],
                                              "auxiliary_outputs": [{"logits": aux[0], "pred_boxes": aux[1]}]}, labels)
     _, found = criterion(*last, labels, auxiliary_outputs=[{"logits": aux[0], "pred_boxes": aux[1]}])
-    for ours_name, theirs_name, weight in (("loss_ce", "loss_vfl", 1), ("loss_bbox", "loss_bbox", 5),
-                                           ("loss_giou", "loss_giou", 2), ("loss_ce_0", "loss_vfl_aux_0", 1),
+    for ours_name, theirs_name, weight in (("loss_vfl", "loss_vfl", 1), ("loss_bbox", "loss_bbox", 5),
+                                           ("loss_giou", "loss_giou", 2), ("loss_vfl_0", "loss_vfl_aux_0", 1),
                                            ("loss_bbox_0", "loss_bbox_aux_0", 5)):
         assert found[ours_name].item() * weight == pytest.approx(expected[theirs_name].item(), rel=1e-6, abs=1e-7)
 
@@ -228,13 +230,13 @@ def test_focal_and_varifocal_losses_equal_the_formulas_on_hand_cases():
     # focal: class 0 negative, class 1 positive; / num_boxes = 1
     focal = (1 - alpha) * p0 ** gamma * -math.log(1 - p0) + alpha * (1 - p1) ** gamma * -math.log(p1)
     _, found = DetrCustomLoss(_sigmoid_config("focal", classes=2, auxiliary_loss=False))(logits, boxes, labels)
-    assert found["loss_ce"].item() == pytest.approx(focal, rel=1e-6)
+    assert found["loss_focal"].item() == pytest.approx(focal, rel=1e-6) and "loss_ce" not in found
     # varifocal: target q = IoU = 0.5 at class 1, weighted by q; class 0 negative weighted by 0.75 p^gamma
     iou = 0.5
     varifocal = (0.75 * p0 ** gamma * -math.log(1 - p0)
                  + iou * -(iou * math.log(p1) + (1 - iou) * math.log(1 - p1)))
     _, found = DetrCustomLoss(_sigmoid_config("varifocal", classes=2, auxiliary_loss=False))(logits, boxes, labels)
-    assert found["loss_ce"].item() == pytest.approx(varifocal, rel=1e-6)
+    assert found["loss_vfl"].item() == pytest.approx(varifocal, rel=1e-6)
     # the focal matching cost prefers the query whose target class is likely
     matcher = HungarianMatcher(class_cost=1.0, bbox_cost=0.0, giou_cost=0.0, focal_alpha=0.25)
     (query, _), = matcher(torch.tensor([[[-3.0, 0.0], [3.0, 0.0]]]), torch.rand(1, 2, 4) * 0.2 + 0.4,
@@ -246,7 +248,7 @@ def test_varifocal_target_is_detached_and_focal_normalizes_globally():
     (last, _), labels = _sigmoid_case(0)
     logits, boxes = last[0].clone().requires_grad_(), last[1].clone().requires_grad_()
     _, found = DetrCustomLoss(_sigmoid_config("varifocal", auxiliary_loss=False))(logits, boxes, labels)
-    found["loss_ce"].backward()
+    found["loss_vfl"].backward()
     assert boxes.grad is None or boxes.grad.abs().sum() == 0       # the IoU target carries no box gradient
     assert logits.grad.abs().sum() > 0
     # the class weight applies to the class term only, and 1.0 leaves today's total unchanged
@@ -254,4 +256,29 @@ def test_varifocal_target_is_detached_and_focal_normalizes_globally():
     total, terms = DetrCustomLoss(config)(*last, labels)
     config.class_loss_coefficient = 2.0
     doubled, _ = DetrCustomLoss(config)(*last, labels)
-    assert (doubled - total).item() == pytest.approx(terms["loss_ce"].item(), rel=1e-5)
+    assert (doubled - total).item() == pytest.approx(terms["loss_focal"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss, name, head, cost", [("cross_entropy", "loss_ce", "softmax", "probability"),
+                                                    ("focal", "loss_focal", "sigmoid", "focal"),
+                                                    ("varifocal", "loss_vfl", "sigmoid", "focal")])
+def test_the_class_term_table_names_the_term_its_head_cost_and_weight(loss, name, head, cost):
+    from modeling_detr_custom.class_head import class_head_outputs
+    from modeling_detr_custom.loss_detr_custom import CLASS_TERMS
+    from modeling_detr_custom.matcher_detr_custom import HungarianMatcher as MatcherInItsFile
+
+    term = CLASS_TERMS[loss]
+    assert (term.name, term.head, term.matching_cost) == (name, head, cost)
+    config = DetrCustomConfig(**tiny_kwargs(classification_loss=loss, class_loss_coefficient=3.0))
+    assert class_head_outputs(config) == config.num_labels + (head == "softmax")   # the head the term declares
+    criterion = DetrCustomLoss(config)
+    assert HungarianMatcher is MatcherInItsFile and (criterion.matcher.focal_alpha is None) == (cost == "probability")
+    assert criterion.weights == {name: 3.0, "loss_bbox": 5.0, "loss_giou": 2.0}   # by the terms' own names
+    model = randomize_(DetrCustomForObjectDetection(config)).train()
+    pixel_values, pixel_mask, labels = padded_batch()
+    out = model(pixel_values, pixel_mask, labels=labels)
+    assert {name, f"{name}_0"} <= set(out.loss_dict)
+    assert not {"loss_ce", "loss_focal", "loss_vfl"} - {name} & set(out.loss_dict)   # logs name the term computed
+    expected = sum(out.loss_dict[f"{term}{suffix}"] * weight for term, weight in criterion.weights.items()
+                   for suffix in ("", "_0"))
+    assert torch.allclose(out.loss, expected)

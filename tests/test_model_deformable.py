@@ -60,8 +60,8 @@ def test_the_rt_detr_preset_holds_every_piece_and_they_run_together():
                                                                       id2label=ID2LABEL, num_queries=20)).train()
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
-    assert {"loss_ce_enc", "loss_ce_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
-    assert out.logits.shape == (2, 20, 3) and model.model.fusion is not None
+    assert {"loss_vfl_enc", "loss_vfl_dn_0", "loss_giou_0"} <= set(out.loss_dict) and torch.isfinite(out.loss)
+    assert out.logits.shape == (2, 20, 3) and model.model.encoder.fusion is not None
 
 
 def test_a_fresh_model_keeps_the_deformable_inits_that_the_generic_init_would_wipe():
@@ -75,7 +75,8 @@ def test_a_fresh_model_keeps_the_deformable_inits_that_the_generic_init_would_wi
     prior = -np.log((1 - SIGMOID_CLASS_PRIOR) / SIGMOID_CLASS_PRIOR)
     for class_head, box_head in zip(model.model.class_embed, model.model.bbox_embed):
         assert torch.allclose(class_head.bias, torch.full((3,), prior, dtype=torch.float32))
-        assert not box_head[-1].weight.any() and not box_head[-1].bias.any()   # layers start at their reference
+        last = box_head.layers[-1]
+        assert not last.weight.any() and not last.bias.any()   # layers start at their reference
     boxes = model.model.reference_boxes.sigmoid()
     assert torch.allclose(boxes[:, 2:], torch.tensor(0.1)) and boxes[:, :2].std() > 0.1
 
@@ -87,7 +88,7 @@ def test_forward_shapes_levels_and_masks():
     assert out.logits.shape == (2, 10, 3) and out.pred_boxes.shape == (2, 10, 4)
     assert out.class_activation == "sigmoid" and ((0 <= out.pred_boxes) & (out.pred_boxes <= 1)).all()
     assert len(out.auxiliary_outputs) == 1 and out.auxiliary_outputs[0]["pred_boxes"].shape == (2, 10, 4)
-    assert torch.isfinite(out.loss) and {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= set(out.loss_dict)
+    assert torch.isfinite(out.loss) and {"loss_focal", "loss_bbox", "loss_giou", "loss_focal_0"} <= set(out.loss_dict)
     # strides 8, 16, 32 from the ResNet and one extra stride-2 level
     shapes = [(20, 16), (10, 8), (5, 4), (3, 2)]
     assert out.encoder_last_hidden_state.shape == (2, sum(h * w for h, w in shapes), 32)
@@ -114,9 +115,10 @@ def test_refinement_stops_the_gradient_between_layers():
     pixel_values, pixel_mask, _ = padded_batch()
     out = model(pixel_values, pixel_mask)
     out.pred_boxes.sum().backward()                                    # the last layer's boxes only
-    assert model.model.bbox_embed[1][0].weight.grad.abs().sum() > 0
+    assert model.model.bbox_embed[1].layers[0].weight.grad.abs().sum() > 0
     # layer 0's box head reaches the last boxes only through the (detached) reference: no gradient
-    assert model.model.bbox_embed[0][0].weight.grad is None or not model.model.bbox_embed[0][0].weight.grad.any()
+    first = model.model.bbox_embed[0].layers[0].weight.grad
+    assert first is None or not first.any()
 
 
 def test_the_padded_memory_is_never_read():

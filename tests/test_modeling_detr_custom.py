@@ -199,8 +199,12 @@ def test_impossible_config_values(kwargs, message):
 
 
 def test_every_config_choice_of_a_part_has_its_class():
-    # the seam: the config validates names, the model maps them to classes; the two lists must stay the same
-    assert tuple(ENCODER_CLASSES) == ENCODER_TYPES and tuple(DECODER_CLASSES) == DECODER_TYPES
+    # the seam: the registry maps names to classes and is the source of the names the config accepts
+    from modeling_detr_custom import configuration_detr_custom
+
+    assert tuple(ENCODER_CLASSES) == configuration_detr_custom.ENCODER_TYPES
+    assert tuple(DECODER_CLASSES) == configuration_detr_custom.DECODER_TYPES
+    assert {"detr", "hybrid", "deformable"} <= set(ENCODER_TYPES) and {"detr", "deformable"} <= set(DECODER_TYPES)
     assert tuple(POSITION_EMBEDDING_CLASSES) == POSITION_EMBEDDING_TYPES
     model = DetrCustomModel(DetrCustomConfig(**tiny_kwargs(position_embedding_type="learned")))
     assert type(model.encoder) is ENCODER_CLASSES["detr"] and type(model.decoder) is DECODER_CLASSES["detr"]

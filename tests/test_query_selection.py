@@ -117,7 +117,7 @@ def test_config_and_a_fresh_model_hold_only_what_two_stage_uses():
     model = DetrCustomForObjectDetection(_config())
     detector = model.model
     assert detector.reference_boxes is None and detector.query_embed is None
-    assert not detector.query_selection.enc_bbox_head[-1].weight.any()     # each box starts at its proposal
+    assert not detector.query_selection.enc_bbox_head.layers[-1].weight.any()     # each box starts at its proposal
     prior = -np.log((1 - SIGMOID_CLASS_PRIOR) / SIGMOID_CLASS_PRIOR)
     assert torch.allclose(detector.query_selection.enc_score_head.bias, torch.full((3,), prior, dtype=torch.float32))
     assert DetrCustomForObjectDetection(_config(learn_initial_query=True)).model.query_embed is not None
@@ -132,7 +132,7 @@ def test_the_selected_proposals_get_the_set_loss_weighted_as_the_decoders():
     pixel_values, pixel_mask, labels = padded_batch()
     out = model(pixel_values, pixel_mask, labels=labels)
     assert out.logits.shape == (2, 10, 3) and out.pred_boxes.shape == (2, 10, 4)
-    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "cardinality_error_enc"} <= set(out.loss_dict)
+    assert {"loss_focal_enc", "loss_bbox_enc", "loss_giou_enc", "cardinality_error_enc"} <= set(out.loss_dict)
     weights = model.criterion.weights
     expected = sum(out.loss_dict[f"{term}{suffix}"] * weight for term, weight in weights.items()
                    for suffix in ("", "_0", "_enc"))

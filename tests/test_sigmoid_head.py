@@ -16,6 +16,7 @@ from modeling_detr_custom.testing_utils import (padded_batch, pipeline_detection
                                                 tiny_kwargs)
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
+TERM = {"focal": "focal", "varifocal": "vfl"}   # the class term's logged name: loss_focal / loss_vfl
 
 
 def _model(seed=0, **overrides):
@@ -35,7 +36,8 @@ def test_sigmoid_head_has_num_labels_outputs_at_the_prior(loss):
     out = model(pixel_values, pixel_mask, labels=labels)
     assert out.logits.shape == (2, 10, 3) and out.class_activation == "sigmoid"
     assert all(aux["logits"].shape == (2, 10, 3) for aux in out.auxiliary_outputs)
-    assert torch.isfinite(out.loss) and {"loss_ce", "loss_ce_0", "loss_bbox", "loss_giou"} <= set(out.loss_dict)
+    names = {f"loss_{TERM[loss]}", f"loss_{TERM[loss]}_0", "loss_bbox", "loss_giou"}
+    assert torch.isfinite(out.loss) and names <= set(out.loss_dict)
     # the softmax head is today's: num_labels + 1 outputs, zero bias
     softmax = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))
     assert softmax.class_embed.out_features == 4 and not softmax.class_embed.bias.any()

@@ -15,8 +15,8 @@ from .data.images import DECODE_ERRORS, decode_rgb  # noqa: E402
 
 def plot_curves(train_history: list[dict], eval_history: list[dict], output_dir: Path) -> None:
     """loss_curve.png (the total and its unweighted terms) and map_curve.png (validation AP) against the step."""
-    losses = {"loss": {"linewidth": 2}, "loss_ce": {"linewidth": 1}, "loss_bbox": {"linewidth": 1},
-              "loss_giou": {"linewidth": 1}}
+    losses = {"loss": {"linewidth": 2}, "loss_ce": {"linewidth": 1}, "loss_focal": {"linewidth": 1},
+              "loss_vfl": {"linewidth": 1}, "loss_bbox": {"linewidth": 1}, "loss_giou": {"linewidth": 1}}
     _plot_history(train_history, losses, output_dir / "loss_curve.png",
                   ylabel="loss (unweighted terms; total is weighted)", yscale="log")
     _plot_history(eval_history, {name: {"marker": "o"} for name in ("AP", "AP50", "AP75")},

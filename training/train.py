@@ -45,7 +45,9 @@ def epoch_batches(setup: TrainingSetup, epoch: int, *, steps_done: int):
     return setup.accelerator.skip_first_batches(setup.train_loader, skip) if skip else setup.train_loader
 
 
-LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error")
+# the class term under its own name (loss_ce, loss_focal or loss_vfl: the model's loss_detr_custom.CLASS_TERMS), the
+# box terms and the errors; a record holds those the model computed
+LOGGED_TERMS = ("loss_ce", "loss_focal", "loss_vfl", "loss_bbox", "loss_giou", "cardinality_error", "class_error")
 
 
 def train_step(setup: TrainingSetup, batch: dict, *, step: int, epoch: int, last_checkpoint: Path | None) -> dict:
@@ -72,7 +74,7 @@ def train_step(setup: TrainingSetup, batch: dict, *, step: int, epoch: int, last
             if setup.ema is not None:
                 setup.ema.step(accelerator.unwrap_model(model), accelerator)
         setup.optimizer.zero_grad()
-    losses = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS}
+    losses = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS if name in outputs.loss_dict}
     return {**losses, "loss": outputs.loss.item()}
 
 
