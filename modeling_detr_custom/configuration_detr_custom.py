@@ -16,10 +16,14 @@ _LOADING = contextvars.ContextVar("detr_custom_config_loading", default=False)
 
 POSITION_EMBEDDING_TYPES = ("sine", "learned", "sine_absolute")
 PROJECTION_NORMS = ("group", "batch")
-# the names of the interchangeable transformer parts; modeling_detr_custom.ENCODER_CLASSES / DECODER_CLASSES map them
-# to classes (kept here as names so that the config never imports the model)
+# the names of the interchangeable transformer parts, and those that read (encoders) or build (decoders) several
+# feature levels. Kept here as names so that the config never imports the model: registry.py rewrites the four
+# tuples from its tables (also after register_encoder / register_decoder), and the rules below read them when they
+# check a config
 ENCODER_TYPES = ("detr", "hybrid", "deformable")
 DECODER_TYPES = ("detr", "deformable")
+MULTI_SCALE_ENCODER_TYPES = ("hybrid", "deformable")
+MULTI_SCALE_DECODER_TYPES = ("deformable",)
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
 # outputs (no "no object" column) and the matcher the focal cost
@@ -75,6 +79,10 @@ class Rule:
     holds: Callable[["DetrCustomConfig"], bool]
     message: str
 
+    def error_message(self, values: dict) -> str:
+        """The message for these values of its fields (and the part names registered now)."""
+        return self.message.format(**values, encoder_types=ENCODER_TYPES, decoder_types=DECODER_TYPES)
+
 
 def _positive(field: str) -> Rule:
     return Rule(f"{field}_positive", (field,), lambda c: getattr(c, field) >= 1,
@@ -92,6 +100,14 @@ def _one_of(field: str, hint: str = "") -> Rule:
     choices = FIELD_CHOICES[field]
     return Rule(f"{field}_choice", (field,), lambda c: getattr(c, field) in choices,
                 f"{field}={{{field}!r}} is not supported; use one of {choices}{hint}.")
+
+
+def _multi_scale_decoder(config) -> bool:
+    return config.decoder_type in MULTI_SCALE_DECODER_TYPES
+
+
+def _multi_scale_encoder(config) -> bool:
+    return config.encoder_type in MULTI_SCALE_ENCODER_TYPES
 
 
 def _is_whole_number(value) -> bool:
@@ -112,8 +128,12 @@ RULES = (
          "num_query_groups must be an integer >= 1 (1 = no query groups, Group DETR uses 13), got "
          "{num_query_groups!r}."),
     _one_of("position_embedding_type"),
-    _one_of("encoder_type"),
-    _one_of("decoder_type"),
+    Rule("encoder_type_choice", ("encoder_type",), lambda c: c.encoder_type in ENCODER_TYPES,
+         "encoder_type={encoder_type!r} is not supported; use one of {encoder_types} (or register your encoder with "
+         "modeling_detr_custom.register_encoder)."),
+    Rule("decoder_type_choice", ("decoder_type",), lambda c: c.decoder_type in DECODER_TYPES,
+         "decoder_type={decoder_type!r} is not supported; use one of {decoder_types} (or register your decoder with "
+         "modeling_detr_custom.register_decoder)."),
     Rule("activation_function_choice", ("activation_function",),
          lambda c: c.activation_function in ACTIVATION_FUNCTIONS,
          "activation_function={activation_function!r}: use 'relu' or 'gelu'."),
@@ -139,12 +159,12 @@ RULES = (
       for field in ("focal_gamma", "class_loss_coefficient")),
     *(_positive(field) for field in ("num_feature_levels", "decoder_n_points", "encoder_n_points")),
     Rule("query_selection_needs_deformable", ("two_stage", "learn_initial_query", "decoder_type"),
-         lambda c: not (c.two_stage or c.learn_initial_query) or c.decoder_type == "deformable",
+         lambda c: not (c.two_stage or c.learn_initial_query) or _multi_scale_decoder(c),
          "two_stage and learn_initial_query need decoder_type='deformable': query selection gives the deformable "
          "decoder its reference boxes (DETR's decoder has none). Got two_stage={two_stage}, learn_initial_query="
          "{learn_initial_query}, decoder_type={decoder_type!r}."),
     Rule("multiscale_encoder_needs_deformable", ("encoder_type", "decoder_type"),
-         lambda c: c.encoder_type not in ("hybrid", "deformable") or c.decoder_type == "deformable",
+         lambda c: not _multi_scale_encoder(c) or _multi_scale_decoder(c),
          "encoder_type={encoder_type!r} needs decoder_type='deformable' (got {decoder_type!r}): it encodes several "
          "feature levels, which only the deformable decoder reads."),
     Rule("hidden_expansion_positive", ("hidden_expansion",), lambda c: c.hidden_expansion > 0,
@@ -154,7 +174,7 @@ RULES = (
          "num_denoising >= 0, label_noise_ratio in [0, 1] and box_noise_scale >= 0 are needed, got num_denoising="
          "{num_denoising}, label_noise_ratio={label_noise_ratio}, box_noise_scale={box_noise_scale}."),
     Rule("denoising_needs_deformable_sigmoid", ("num_denoising", "decoder_type", "classification_loss"),
-         lambda c: c.num_denoising == 0 or (c.decoder_type == "deformable" and uses_sigmoid_classes(c)),
+         lambda c: c.num_denoising == 0 or (_multi_scale_decoder(c) and uses_sigmoid_classes(c)),
          "num_denoising={num_denoising} needs decoder_type='deformable' and a sigmoid classification_loss ('focal' "
          "or 'varifocal'), got decoder_type={decoder_type!r} and classification_loss={classification_loss!r}: "
          "denoising queries start from boxes, and their negatives learn 'no object' as all-zero sigmoid targets."),
@@ -163,7 +183,7 @@ RULES = (
          "learn_initial_query={learn_initial_query} only means something with two_stage=True (got two_stage="
          "{two_stage}; without query selection the content queries are always learned)."),
     Rule("levels_need_deformable", ("num_feature_levels", "decoder_type"),
-         lambda c: c.num_feature_levels == 1 or c.decoder_type == "deformable",
+         lambda c: c.num_feature_levels == 1 or _multi_scale_decoder(c),
          "num_feature_levels={num_feature_levels} needs decoder_type='deformable': the {decoder_type!r} decoder "
          "attends to one feature map (use num_feature_levels=1)."),
     Rule("matcher_needs_a_cost", ("class_cost", "bbox_cost", "giou_cost"),
@@ -199,10 +219,10 @@ IGNORED_FIELDS = (
             "set encoder_type='deformable' with decoder_type='deformable'", refuse=True),
     Ignored("decoder_n_points", lambda c: c.decoder_type != "deformable",
             "it is the deformable decoder's sampling points, and decoder_type is 'detr'.", _DEFORMABLE, refuse=True),
-    Ignored("projection_norm", lambda c: c.decoder_type != "deformable",
+    Ignored("projection_norm", lambda c: not _multi_scale_decoder(c),
             "it is the norm of the multi-scale level projections, and decoder_type 'detr' reads one level through a "
             "plain 1x1 convolution.", _DEFORMABLE, refuse=True),
-    Ignored("batch_independent_inference", lambda c: c.decoder_type == "deformable",
+    Ignored("batch_independent_inference", _multi_scale_decoder,
             "the deformable decoder has no batch-independent inference, so every forward would fail.",
             "use decoder_type='detr'", refuse=True),
     Ignored("normalize_decoder_residual", lambda c: c.decoder_type != "detr",
@@ -310,8 +330,8 @@ class DetrCustomConfig(PreTrainedConfig):
         init_xavier_std: gain of the xavier-uniform init of linear and projection weights.
         classification_loss: the class term of the set loss and, with it, the class head and the matching cost:
             `"cross_entropy"` (DETR's softmax with "no object"), `"focal"` (Deformable DETR's per-class sigmoid focal
-            loss) or `"varifocal"` (RT-DETR's, the matched box's IoU as the class target). Logged as `loss_ce`
-            whatever it is. In detail:
+            loss) or `"varifocal"` (RT-DETR's, the matched box's IoU as the class target). Logged under its own
+            name: `loss_ce`, `loss_focal` or `loss_vfl`. In detail:
 
             - `"cross_entropy"` (default): the published DETR. Softmax over num_labels + 1 logits (last = "no
               object", weighted by `eos_coefficient`), matching cost -p(class). Unchanged, bit for bit.
@@ -473,7 +493,7 @@ class DetrCustomConfig(PreTrainedConfig):
         from its default (a config built directly: a non-default value was set)."""
         for rule in RULES:
             if not rule.holds(self):
-                raise ValueError(rule.message.format(**{name: getattr(self, name) for name in rule.fields}))
+                raise ValueError(rule.error_message({name: getattr(self, name) for name in rule.fields}))
         _check_timm_backbone(self.backbone)
         for ignored in IGNORED_FIELDS:
             value = getattr(self, ignored.field)

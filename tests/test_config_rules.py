@@ -60,8 +60,8 @@ def test_each_rule_refuses_its_example_naming_fields_and_values(rule):
     with pytest.raises(ValueError) as error:
         DetrCustomConfig(**values)
     message = str(error.value)
-    assert message == rule.message.format(**{name: values.get(name, getattr(DetrCustomConfig, name))
-                                             for name in rule.fields})
+    assert message == rule.error_message({name: values.get(name, getattr(DetrCustomConfig, name))
+                                          for name in rule.fields})
     for name in rule.fields:
         assert name in message
     for name, value in values.items():

@@ -72,3 +72,26 @@ def test_unknown_and_malformed_parts_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="no boolean class attribute `multi_scale`"):
         register_decoder("broken", nn.Linear)
     assert "broken" not in registry.DECODERS
+
+
+def test_the_config_checks_a_registered_multi_scale_decoder_by_its_kind_not_its_name():
+    """The config's rules read the registry's names: a registered multi-scale decoder takes feature levels and query
+    selection as the deformable one does; an unknown name lists the registered ones."""
+    from modeling_detr_custom import DetrCustomConfig, registry
+    from modeling_detr_custom.decoder_deformable import DetrCustomDeformableDecoder
+
+    class Renamed(DetrCustomDeformableDecoder):
+        pass
+
+    registry.register_decoder("renamed_deformable", Renamed)
+    try:
+        config = DetrCustomConfig.from_preset("deformable", decoder_type="renamed_deformable", two_stage=True,
+                                              num_labels=3, use_pretrained_backbone=False)
+        assert config.num_feature_levels == 4
+        with pytest.raises(ValueError, match=r"decoder_type='nope'.*renamed_deformable.*register_decoder"):
+            DetrCustomConfig(decoder_type="nope")
+    finally:
+        registry.DECODERS.pop("renamed_deformable")
+        registry.publish_names()
+    with pytest.raises(ValueError, match="decoder_type='renamed_deformable' is not supported"):
+        DetrCustomConfig(decoder_type="renamed_deformable")
