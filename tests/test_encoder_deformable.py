@@ -114,7 +114,7 @@ def test_a_fresh_model_has_deformable_detr_inits_and_level_embeddings():
     assert level_embed.shape == (3, 32) and 0.7 < level_embed.std() < 1.3   # N(0, 1), as Deformable DETR
     assert "encoder_deformable.py" in remote_code_files()                     # travels as remote code
     assert not any("level_embed" in key for key in DetrCustomForObjectDetection(
-        _config(encoder_type="detr")).state_dict())                           # the other encoders have none
+        _config(encoder_type="detr", encoder_n_points=4)).state_dict())       # the other encoders have none
 
 
 def test_model_shapes_gradients_and_outputs():
