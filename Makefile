@@ -44,8 +44,11 @@ export FETCH_WEIGHTS
 weights: $(STAMP)
 	$(PY) -c "$$FETCH_WEIGHTS"
 
+# the export tests run in a pytest process of their own: after them (OpenVINO, ONNX Runtime, NNCF in one process),
+# the suite's process died of a SIGSEGV in poll() when a later test launched a subprocess
 test: $(STAMP) weights  # weights: the tests of backbone_weights.py run on the real file
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests --deselect tests/test_export_cli.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests/test_export_cli.py
 
 demo: $(STAMP) weights   # fine-tunes from the ImageNet MobileNetV2 file
 	HF_HUB_OFFLINE=1 $(PY) -m training.train --config training/configs/demo.yaml
