@@ -64,6 +64,14 @@ def register_decoder(name: str, cls: type) -> type:
     return _register(DECODERS, "decoder", name, cls)
 
 
+def encoder_types() -> tuple[str, ...]:
+    return tuple(ENCODERS)
+
+
+def decoder_types() -> tuple[str, ...]:
+    return tuple(DECODERS)
+
+
 def _lookup(table: dict, kind: str, name: str) -> type:
     if name not in table:
         raise ValueError(f"config.{kind}_type={name!r} is not registered; registered: {tuple(table)}. Register a "
