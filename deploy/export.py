@@ -16,7 +16,8 @@ image's outputs as PyTorch does.
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
 file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
 the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
-training images); the precision travels in the metadata and exported.py compiles the file at it.
+training images; --int8_scope transformer keeps the convolutions in fp32); the precision travels in the metadata and
+exported.py compiles the file at it.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
