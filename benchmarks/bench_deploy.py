@@ -1,5 +1,6 @@
 """Deployed runtimes side by side: transformers' eager model, ours eager, our ONNX export in ONNX Runtime, and the
-OpenVINO IR in fp32, bf16 and int8, on the same weights, with one thread and with all cores.
+OpenVINO IR in fp32, bf16 and int8 (every convolution and matrix multiplication but the depthwise ones; and
+`int8_transformer`: the matrix multiplications only), on the same weights, with one thread and with all cores.
 
     .venv/bin/python -m benchmarks.bench_deploy [--models r18,r50,detr_r50] [--threads 1,all] [--rounds 5]
                                                 [--precisions fp32,bf16,int8] [--quick]
@@ -40,7 +41,8 @@ from modeling_detr_custom import DetrCustomImageProcessor
 # name -> (label, height, width)
 MODELS = {"r18": ("RT-DETRv2 R18vd", 640, 640), "r50": ("RT-DETRv2 R50vd", 640, 640),
           "detr_r50": ("DETR R50", 800, 1066)}
-PRECISIONS = ("fp32", "bf16", "int8")
+# OpenVINO precisions; int8_transformer: `--int8_scope transformer` (the convolutions in fp32)
+PRECISIONS = ("fp32", "bf16", "int8", "int8_transformer")
 
 
 def build(name: str, folder: Path):
@@ -81,10 +83,11 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
     onnx_file = export_onnx(ours, processor, folder / "model.onnx")
     xml = onnx_to_openvino(onnx_file, folder / "model.xml")
     files = {"fp32": xml, "bf16": xml}
-    if "int8" in precisions:
+    for precision in [p for p in precisions if p.startswith("int8")]:
         images = calibration_folder(folder, calibration_size, height, width)
-        files["int8"] = quantize_int8(xml, folder / "int8.xml", processor, str(images),
-                                      calibration_size=calibration_size)
+        scope = "transformer" if precision == "int8_transformer" else "full"
+        files[precision] = quantize_int8(xml, folder / f"{precision}.xml", processor, str(images),
+                                         calibration_size=calibration_size, scope=scope)
     print(f"{label}: built, exported and quantized in {time.perf_counter() - started:.0f} s", flush=True)
     pixel_values = torch.randn((1, 3, height, width), generator=torch.Generator().manual_seed(1))
     pixel_mask = torch.ones((1, height, width), dtype=torch.long)
@@ -94,7 +97,7 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
         runners = {"onnxruntime": load_onnx(onnx_file, threads=count).forward}
         for precision in precisions:
             runners[f"openvino {precision}"] = load_openvino(files[precision], threads=count,
-                                                             precision=precision).forward
+                                                             precision=precision[:4]).forward
         # transformers' RT-DETR takes no mask (one fixed size); its DETR takes one
         masks = {"pixel_mask": pixel_mask} if name == "detr_r50" else {}
         functions = {"transformers eager": lambda: reference(pixel_values=pixel_values, **masks),
@@ -139,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--models", default="r18,r50,detr_r50", help=f"comma-separated, of {sorted(MODELS)}")
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all': every core")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="OpenVINO precisions to time")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"OpenVINO precisions to time, of {PRECISIONS}")
     parser.add_argument("--calibration_size", type=int, default=8, help="random pictures calibrating int8")
     parser.add_argument("--quick", action="store_true", help="r18 only, 3 rounds (checks the script runs)")
     parser.add_argument("--size", help="HEIGHTxWIDTH for every model instead of its own (quick checks)")

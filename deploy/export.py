@@ -16,7 +16,8 @@ image's outputs as PyTorch does.
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
 file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
 the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
-training images); the precision travels in the metadata and exported.py compiles the file at it.
+training images; --int8_scope transformer keeps the convolutions in fp32); the precision travels in the metadata and
+exported.py compiles the file at it.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
@@ -176,19 +177,41 @@ def calibration_images(folder: str, count: int) -> list[Path]:
     return files[::step][:count]
 
 
-def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *,
-                  calibration_size: int = 300) -> Path:
-    """Post-training int8 quantization (NNCF) of the exported graph: activation ranges from the calibration images
-    (training images: never the data the model is scored on), pre-processed by the model's processor, one at a
-    time; the model's numerically fragile parts (softmax, layer norms, the box sigmoid) stay in floating point
-    (NNCF's transformer patterns). `xml`: the fp32 OpenVINO file; writes `output` (.xml + .bin) with "int8" in its
-    metadata."""
+# Post-training int8 (NNCF) settings, chosen on the demo model (MobileNetV2 + deformable decoder) against its fp32 AP
+# (docs/deploy.md): depthwise convolutions (OpenVINO's GroupConvolution: one filter per channel, whose per-tensor
+# int8 ranges lose the small channels) stay in floating point, as do the types of `INT8_SCOPES[scope]`; activation
+# ranges are the calibration images' mean 0.01% / 99.99% quantiles instead of their extremes.
+INT8_SCOPES = {"full": ("GroupConvolution",), "transformer": ("GroupConvolution", "Convolution")}
+
+
+def quantize_model(model, items: list, transform=None, *, scope: str = "full"):
+    """An OpenVINO fp32 model -> its int8 version (NNCF post-training quantization): the inputs (input name ->
+    array) that `transform` makes of each of `items` (the items themselves without it) set the activation ranges.
+    scope: "full" (every matrix multiplication and convolution but the depthwise ones in int8) or "transformer" (the
+    matrix multiplications only: every convolution, the backbone's, stays in floating point). Softmax,
+    normalizations and sigmoids stay in floating point (NNCF's transformer patterns)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    if scope not in INT8_SCOPES:
+        raise ValueError(f"--int8_scope must be one of {sorted(INT8_SCOPES)}, got {scope!r}.")
+    return nncf.quantize(model, nncf.Dataset(items, transform), subset_size=len(items),
+                         model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False,
+                         ignored_scope=nncf.IgnoredScope(types=list(INT8_SCOPES[scope]), validate=False),
+                         advanced_parameters=AdvancedQuantizationParameters(
+                             activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE))
+
+
+def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *, calibration_size: int = 300,
+                  scope: str = "full") -> Path:
+    """Post-training int8 quantization (`quantize_model`) of the exported graph: activation ranges from the
+    calibration images (training images: never the data the model is scored on), pre-processed by the model's
+    processor, one at a time. `xml`: the fp32 OpenVINO file; writes `output` (.xml + .bin) with "int8" in its
+    metadata."""
     import openvino
     import PIL.Image
     import PIL.ImageOps
-
-    files = calibration_images(calibration_data, calibration_size)
 
     def transform(path):
         with PIL.Image.open(path) as image:
@@ -196,9 +219,8 @@ def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *,
         pixel_values, pixel_mask = model_inputs(processor, [picture])
         return {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
 
-    model = openvino.Core().read_model(str(xml))
-    quantized = nncf.quantize(model, nncf.Dataset(files, transform), subset_size=len(files),
-                              model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False)
+    files = calibration_images(calibration_data, calibration_size)
+    quantized = quantize_model(openvino.Core().read_model(str(xml)), files, transform, scope=scope)
     set_precision(quantized, "int8")
     openvino.save_model(quantized, str(output), compress_to_fp16=False)
     return output
@@ -247,8 +269,8 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
 
 def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
            tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
-           calibration_data: str | None = None, calibration_size: int = 300, postprocess: bool = False,
-           top_k: int | None = None) -> dict:
+           calibration_data: str | None = None, calibration_size: int = 300, int8_scope: str = "full",
+           postprocess: bool = False, top_k: int | None = None) -> dict:
     """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
     graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
     bounded (its accuracy is measured by detr-custom-eval on the file)."""
@@ -261,6 +283,8 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     if (precision == "int8") != (calibration_data is not None):
         raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
                          "--calibration_data is only for --precision int8.")
+    if int8_scope not in INT8_SCOPES:
+        raise ValueError(f"--int8_scope must be one of {sorted(INT8_SCOPES)}, got {int8_scope!r}.")
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
     if top_k is not None and top_k < 1:
@@ -299,7 +323,8 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
 
             fp32_file, written = written, Path(scratch) / f"{precision}.xml"
             if precision == "int8":
-                quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size)
+                quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size,
+                              scope=int8_scope)
             else:
                 model_ir = openvino.Core().read_model(str(fp32_file))
                 set_precision(model_ir, precision)
@@ -332,6 +357,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration_data", help="with --precision int8: a folder (or glob) of training images "
                                                    "that set the int8 ranges (not the images the model is scored on)")
     parser.add_argument("--calibration_size", type=int, default=300, help="images used from --calibration_data")
+    parser.add_argument("--int8_scope", default="full", choices=sorted(INT8_SCOPES),
+                        help="with --precision int8: full (every matrix multiplication and convolution but the "
+                             "depthwise ones: the speed) or transformer (the matrix multiplications only, the "
+                             "convolutions in floating point: the accuracy; docs/deploy.md gives both)")
     parser.add_argument("--postprocess", action="store_true",
                         help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
                              "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
@@ -348,7 +377,7 @@ def main(argv=None) -> int:
         report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
                         tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
                         calibration_data=args.calibration_data, calibration_size=args.calibration_size,
-                        postprocess=args.postprocess, top_k=args.top_k)
+                        int8_scope=args.int8_scope, postprocess=args.postprocess, top_k=args.top_k)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2

@@ -198,6 +198,38 @@ def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys
         load_detector(str(folder), precision="bf16")
 
 
+QUANTIZE_SMALL_NETWORK = """
+import sys, numpy as np, openvino, torch
+from deploy.export import quantize_model
+torch.manual_seed(0)
+network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4)).eval()
+model = openvino.convert_model(network, example_input=torch.rand(1, 3, 8, 8))
+samples = [np.random.default_rng(seed).random((1, 3, 8, 8), dtype=np.float32) for seed in range(4)]
+openvino.save_model(quantize_model(model, samples, scope=sys.argv[2]), sys.argv[1], compress_to_fp16=False)
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("scope", ["full", "transformer"])
+def test_int8_keeps_the_sensitive_operations_in_floating_point(tmp_path, scope):
+    """--int8_scope full: convolutions and matrix multiplications in int8 (an int8 input), depthwise convolutions
+    (GroupConvolution) in fp32; transformer: every convolution in fp32. NNCF runs in a process of its own (see
+    _export_in_a_subprocess)."""
+    import openvino
+
+    output = tmp_path / "int8.xml"
+    result = subprocess.run([sys.executable, "-c", QUANTIZE_SMALL_NETWORK, str(output), scope], capture_output=True,
+                            text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = openvino.Core().read_model(str(output))
+    quantized = {op.get_type_name(): op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+                 for op in model.get_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
+    assert quantized == {"Convolution": scope == "full", "GroupConvolution": False, "MatMul": True}
+    with pytest.raises(ValueError, match="--int8_scope must be one of"):
+        export_cli.quantize_model(model, [], scope="backbone")
+
+
 @pytest.mark.timeout(1200)
 def test_postprocessed_files_give_the_folders_detections(exports, tmp_path, capsys):
     """--postprocess / --top_k: scores, labels and pixel boxes out of the graph, checked against
