@@ -40,9 +40,10 @@ INITIAL_BOX_SIZE = 0.1
 
 @dataclass
 class Queries:
-    """What a query source gives the decoder (and the loss), `num_groups` groups of `num_queries`, group after group."""
+    """What a query source gives the decoder (and the loss): `num_groups` groups of `num_queries`, group after
+    group."""
 
-    content: torch.Tensor | None = None     # [batch, K * queries, d_model], the decoder's content queries (multi-scale)
+    content: torch.Tensor | None = None     # [batch, K * queries, d_model], content queries (multi-scale decoders)
     position: torch.Tensor | None = None    # [batch, K * queries, d_model], query positions (DETR's object queries)
     reference: torch.Tensor | None = None   # [batch, K * queries, 4] cxcywh in [0, 1], the reference boxes
     proposals: SelectedQueries | None = None   # two-stage: the selected proposals, whose logits and boxes get the loss
@@ -125,6 +126,7 @@ class LearnedBoxQueries(QuerySource):
         self.extra_query_embeds = build_extra_query_embeds(config)
         self.extra_reference_boxes = nn.ParameterList(
             nn.Parameter(torch.empty(config.num_queries, 4)) for _ in range(config.num_query_groups - 1))
+        self.register_module("query_selection", None)   # the two-stage source's, None here (model.query_selection)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -151,7 +153,9 @@ class TwoStageQueries(QuerySource):
 
     def __init__(self, config):
         super().__init__()
-        self.query_embed = nn.Embedding(config.num_queries, config.d_model) if config.learn_initial_query else None
+        self.register_module("query_embed", nn.Embedding(config.num_queries, config.d_model)
+                             if config.learn_initial_query else None)   # None: model.query_embed is None
+        self.register_parameter("reference_boxes", None)   # the boxes come from the proposals: None
         self.query_selection = DetrCustomQuerySelection(config)
         self.extra_query_embeds = build_extra_query_embeds(config) if config.learn_initial_query else nn.ModuleList()
         self.extra_query_selections = nn.ModuleList(
