@@ -18,9 +18,9 @@ before a model is built or loaded; the config then accepts the name (the registr
 
 The rest of the assembly goes through the same kind of table, each entry built as `cls(config)`:
 
-- a query source (`QUERY_SOURCES`, `query_sources.py`), by `config.query_source` (None: "two_stage" with
-  `two_stage=True`, "learned_boxes" with a multi-scale decoder, "learned" otherwise), declares `multi_scale` as the
-  decoder it feeds;
+- a query source (`QUERY_SOURCES`, `query_sources.py`; one file per source), by `config.query_source` (None:
+  "two_stage" with `two_stage=True`, "learned_boxes" with a multi-scale decoder, "learned" otherwise), declares
+  `multi_scale` as the decoder it feeds;
 - the heads (`HEADS`, `heads.py`: "shared" or "per_layer"), by the decoder's class attribute `heads` (default
   "per_layer" for a multi-scale decoder, "shared" otherwise); an entry is a builder `(config) -> (class_embed,
   bbox_embed)`;
@@ -40,7 +40,10 @@ from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomHybridEncoder
 from .heads import per_layer_heads, shared_heads
 from .loss_detr_custom import DetrCustomLoss
-from .query_sources import LearnedBoxQueries, LearnedQueries, QuerySource, TwoStageQueries
+from .query_selection import TwoStageQueries
+from .query_source_learned import LearnedQueries
+from .query_source_learned_boxes import LearnedBoxQueries
+from .query_sources import QuerySource
 
 ENCODERS: dict[str, type] = {}
 DECODERS: dict[str, type] = {}

@@ -177,7 +177,9 @@ def test_a_query_source_registered_from_outside_trains_saves_and_loads(toy_query
 def test_query_sources_are_chosen_from_the_config_and_unknown_ones_list_the_registered():
     """The built-in sources by the existing fields (saved configs without `query_source` build what they built), and
     by name; a source the decoder cannot take, a name that disagrees with two_stage or an unknown name is refused."""
-    from modeling_detr_custom.query_sources import LearnedBoxQueries, LearnedQueries, TwoStageQueries
+    from modeling_detr_custom.query_selection import TwoStageQueries
+    from modeling_detr_custom.query_source_learned import LearnedQueries
+    from modeling_detr_custom.query_source_learned_boxes import LearnedBoxQueries
 
     detr = DetrCustomForObjectDetection(DetrCustomConfig(**tiny_kwargs()))
     assert type(detr.model.query_source) is LearnedQueries
