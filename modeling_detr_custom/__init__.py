@@ -30,6 +30,7 @@ from .modeling_detr_custom import (
     DetrCustomPreTrainedModel,
     DetrCustomSigmoidObjectDetectionOutput,
 )
+from .query_sources import Queries, QuerySource
 from .registry import (decoder_types, encoder_types, register_criterion, register_decoder, register_encoder,
                        register_heads, register_query_source)
 
@@ -49,6 +50,8 @@ __all__ = [
     "register_encoder",
     "register_decoder",
     "register_query_source",
+    "QuerySource",
+    "Queries",
     "register_heads",
     "register_criterion",
     "encoder_types",

@@ -13,7 +13,9 @@ This file holds the outputs, the models and the box head; the parts are one conc
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
 `decoder_detr.py`, `class_head.py`, shared blocks in `blocks.py`, the loss in `loss_detr_custom.py`, loading
 transformers checkpoints in `checkpoint_conversion.py`, Group DETR's query groups (`config.num_query_groups`) in
-`query_groups.py`. The CPU speed-ups are one pass over the built model (`fast_paths.py`, applied in `post_init`).
+`query_groups.py`. The query source, the heads and the criterion are built through `registry.py`
+(`query_source_learned.py`: DETR's object queries; `heads.py`; `loss_detr_custom.py`). The CPU speed-ups are one
+pass over the built model (`fast_paths.py`, applied in `post_init`).
 """
 from dataclasses import dataclass
 from typing import ClassVar

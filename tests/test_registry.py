@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_detr_custom import (DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, register_criterion,
-                                  register_decoder, register_query_source)
+from modeling_detr_custom import (DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomLoss, Queries, QuerySource,
+                                  register_criterion, register_decoder, register_query_source)
 from modeling_detr_custom import registry
-from modeling_detr_custom.query_sources import Queries, QuerySource
 from modeling_detr_custom.testing_utils import padded_batch, tiny_kwargs
 
 
