@@ -7,7 +7,8 @@ loads anywhere with `trust_remote_code=True`.
 
 One concept per file, as in facebookresearch/detr's models/: `configuration_detr_custom.py`; `modeling_detr_custom.py`
 (outputs, models, box head, the one detection forward); `registry.py`, the seam choosing the encoder / decoder by
-`config.encoder_type` / `decoder_type` (`register_encoder` / `register_decoder` add parts from outside);
+`config.encoder_type` / `decoder_type`, the query source, the heads and the criterion (`register_encoder`,
+`register_decoder`, `register_query_source`, `register_heads`, `register_criterion` add parts from outside);
 its parts `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`, `decoder_detr.py`,
 `blocks.py` (shared blocks); the CPU speed-ups as one pass in `fast_paths.py` (`apply_fast_paths`, applied to every
 model built, and `remove_fast_paths`); `loss_detr_custom.py` and `box_ops.py`; the image processor;
@@ -29,7 +30,9 @@ from .modeling_detr_custom import (
     DetrCustomPreTrainedModel,
     DetrCustomSigmoidObjectDetectionOutput,
 )
-from .registry import decoder_types, encoder_types, register_decoder, register_encoder
+from .query_sources import Queries, QuerySource
+from .registry import (decoder_types, encoder_types, register_criterion, register_decoder, register_encoder,
+                       register_heads, register_query_source)
 
 __all__ = [
     "DetrCustomConfig",
@@ -46,6 +49,11 @@ __all__ = [
     "remove_fast_paths",
     "register_encoder",
     "register_decoder",
+    "register_query_source",
+    "QuerySource",
+    "Queries",
+    "register_heads",
+    "register_criterion",
     "encoder_types",
     "decoder_types",
 ]

@@ -24,6 +24,10 @@ ENCODER_TYPES = ("detr", "hybrid", "deformable")
 DECODER_TYPES = ("detr", "deformable")
 MULTI_SCALE_ENCODER_TYPES = ("hybrid", "deformable")
 MULTI_SCALE_DECODER_TYPES = ("deformable",)
+# the same for the query sources (the multi-scale ones feed a multi-scale decoder) and the criteria
+QUERY_SOURCES = ("learned", "learned_boxes", "two_stage")
+MULTI_SCALE_QUERY_SOURCES = ("learned_boxes", "two_stage")
+CRITERIA = ("hungarian",)
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
 # outputs (no "no object" column) and the matcher the focal cost
@@ -81,7 +85,8 @@ class Rule:
 
     def error_message(self, values: dict) -> str:
         """The message for these values of its fields (and the part names registered now)."""
-        return self.message.format(**values, encoder_types=ENCODER_TYPES, decoder_types=DECODER_TYPES)
+        return self.message.format(**values, encoder_types=ENCODER_TYPES, decoder_types=DECODER_TYPES,
+                                   query_sources=QUERY_SOURCES, criteria=CRITERIA)
 
 
 def _positive(field: str) -> Rule:
@@ -190,6 +195,21 @@ RULES = (
          lambda c: not (c.class_cost == 0 and c.bbox_cost == 0 and c.giou_cost == 0),
          "class_cost, bbox_cost and giou_cost cannot all be 0 (got {class_cost}, {bbox_cost}, {giou_cost}): the "
          "matcher needs a cost."),
+    Rule("query_source_choice", ("query_source",), lambda c: c.query_source is None or c.query_source in QUERY_SOURCES,
+         "query_source={query_source!r} is not supported; use one of {query_sources}, None (the kind the other "
+         "fields describe), or register your source with modeling_detr_custom.register_query_source."),
+    Rule("query_source_matches_two_stage", ("query_source", "two_stage"),
+         lambda c: c.query_source is None or (c.query_source == "two_stage") == bool(c.two_stage),
+         "query_source={query_source!r} and two_stage={two_stage} disagree: query selection is query_source="
+         "'two_stage' with two_stage=True. Set both, or leave query_source None (then two_stage decides)."),
+    Rule("query_source_matches_decoder", ("query_source", "decoder_type"),
+         lambda c: c.query_source is None or (c.query_source in MULTI_SCALE_QUERY_SOURCES) == _multi_scale_decoder(c),
+         "query_source={query_source!r} does not fit decoder_type={decoder_type!r}: a multi-scale decoder (e.g. "
+         "'deformable') takes content queries with reference boxes ('learned_boxes', 'two_stage'), a single-scale "
+         "one (e.g. 'detr') query positions ('learned'). Leave query_source None to get the decoder's default."),
+    Rule("criterion_choice", ("criterion",), lambda c: c.criterion in CRITERIA,
+         "criterion={criterion!r} is not supported; use one of {criteria} (or register yours with "
+         "modeling_detr_custom.register_criterion)."),
 )
 
 
@@ -401,6 +421,14 @@ class DetrCustomConfig(PreTrainedConfig):
             `encoder_input_proj`).
         decoder_input_proj: RT-DETR's second projection, a 1x1 conv (no bias) + BatchNorm per level between the
             encoder and the decoder (its `decoder_input_proj`); needs `encoder_type="hybrid"`.
+        query_source: where the decoder's queries come from, a name of `registry.QUERY_SOURCES`
+            (`query_sources.py`): `"learned"` (DETR's object queries), `"learned_boxes"` (learned content queries
+            and reference boxes, for a multi-scale decoder) or `"two_stage"` (query selection, with
+            `two_stage=True`), or one registered with `register_query_source`. None (default): the one the other
+            fields describe (`two_stage`, then the decoder's kind).
+        criterion: the loss, a name of `registry.CRITERIA`: `"hungarian"` (DETR's set-prediction loss: Hungarian
+            matching, then the table of terms of `loss_detr_custom.py`), or one registered with
+            `register_criterion`.
         backbone_first_block_shortcut: give the first block of a timm ResNet's first stage a 1x1 conv + BatchNorm
             shortcut, as RT-DETR's ResNet-vd with basic blocks (R18vd, R34vd) has; with `resnet18d` / `resnet34d`
             this is that backbone, so its checkpoints load. Only for ResNets with basic blocks.
@@ -462,6 +490,8 @@ class DetrCustomConfig(PreTrainedConfig):
     projection_norm: str = "group"           # one of PROJECTION_NORMS: after the levels' 1x1 projections
     decoder_input_proj: bool = False         # RT-DETR's conv + BatchNorm per level after the hybrid encoder
     backbone_first_block_shortcut: bool = False   # RT-DETR's ResNet-vd (basic blocks): layer1.0 gets a 1x1 shortcut
+    query_source: str | None = None          # one of QUERY_SOURCES; None = from two_stage and the decoder
+    criterion: str = "hungarian"             # one of CRITERIA: the set-prediction loss
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DetrCustomConfig":

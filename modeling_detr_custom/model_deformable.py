@@ -4,11 +4,11 @@ Deformable DETR's decoder, Zhu et al. 2021), one module that `DetrCustomForObjec
 multi-scale features (`multiscale.py`) -> the registered encoder's `encode_levels` (`config.encoder_type`: "detr" on
 the coarsest backbone level only, RT-DETR's AIFI, Zhao et al. 2024, the other levels passing through; "hybrid" the
 same followed by RT-DETR's cross-scale fusion; "deformable" Deformable DETR's encoder over every level), with
-`decoder_input_proj` RT-DETR's per-level conv + BatchNorm -> learned content queries with learned reference boxes
-(DAB-DETR's anchors, kept in inverse-sigmoid space), or with `config.two_stage` the encoder's top proposals
-(`query_selection.py`); in training the denoising groups (`denoising.py`) -> the registered decoder (the deformable
-one's layers each refine the boxes with their own box head: iterative box refinement, stop-gradient between layers)
--> one class head per layer.
+`decoder_input_proj` RT-DETR's per-level conv + BatchNorm -> the registered query source (`query_sources.py`:
+learned content queries with learned reference boxes, DAB-DETR's anchors, or with `config.two_stage` the encoder's
+top proposals, `query_selection.py`); in training the denoising groups (`denoising.py`) -> the registered decoder (the
+deformable one's layers each refine the boxes with their own box head: iterative box refinement, stop-gradient
+between layers) -> the registered heads, one class head per layer (`heads.py`).
 
 The heads sit here, not in `DetrCustomForObjectDetection`, because the refinement needs a box head inside every
 layer; the output carries each layer's logits and boxes, which `DetrCustomForObjectDetection.forward` takes as they
@@ -21,20 +21,16 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .blocks import MLP, flatten_levels, fp32_on_cpu, inverse_sigmoid, mask_if_padded
-from .class_head import class_head_outputs, init_class_head_bias_
+from .blocks import MLP, flatten_levels, fp32_on_cpu, mask_if_padded
+from .class_head import init_class_head_bias_
 from .configuration_detr_custom import DetrCustomConfig
 from .denoising import denoising_groups, denoising_indices
 from .inputs_detr_custom import check_pixel_inputs
 from .multiscale import (DetrCustomMultiScaleBackbone, DetrCustomMultiScaleProjection, level_masks, projection,
                          valid_ratios)
 from .position_encoding import build_position_embedding
-from .query_groups import build_extra_query_embeds, group_attention_mask, with_denoising_mask
-from .query_selection import DetrCustomQuerySelection, SelectedQueries
-from .registry import build_decoder, build_encoder, encoder_class
-
-# the learned reference boxes start with random centres over the image and this width and height
-INITIAL_BOX_SIZE = 0.1
+from .query_groups import group_attention_mask, with_denoising_mask
+from .registry import build_decoder, build_encoder, build_heads, build_query_source, encoder_class
 
 
 @dataclass
@@ -62,8 +58,9 @@ class DetrCustomDeformableDetectorOutput(ModelOutput):
 
 class DetrCustomDeformableDetector(nn.Module):
     """Backbone to per-layer class logits and refined boxes for `decoder_type="deformable"` (see the module
-    docstring). Holds `reference_boxes` as its own parameter, so that transformers calls the model's `_init_weights`
-    on it, which calls `reset_parameters` after the generic Linear init of its children."""
+    docstring). The query source's parameters sit here under their checkpoint names (`query_embed`, `reference_boxes`,
+    `query_selection`, ...; `query_sources.QuerySource.mount`); transformers calls the model's `_init_weights` on this
+    module, which calls `reset_parameters` after the generic Linear init of its children."""
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
@@ -80,33 +77,17 @@ class DetrCustomDeformableDetector(nn.Module):
         if config.decoder_input_proj:
             self.decoder_input_proj = nn.ModuleList(projection(d_model, d_model, "batch")
                                                     for _ in range(config.num_feature_levels))
-        two_stage = config.two_stage
-        # the learned content queries (tgt); with query selection, only if learn_initial_query
-        learned_query = not two_stage or config.learn_initial_query
-        self.query_embed = nn.Embedding(config.num_queries, d_model) if learned_query else None
-        # cxcywh, inverse sigmoid; with query selection the boxes come from the encoder's proposals
-        self.reference_boxes = None if two_stage else nn.Parameter(torch.empty(config.num_queries, 4))
-        self.query_selection = DetrCustomQuerySelection(config) if two_stage else None
-        # query groups 1..K-1 (Group DETR, training only, `query_groups.py`): each group has its own content queries
-        # (if learned), its own reference boxes or, with query selection, its own selection heads (LW-DETR's
-        # per-group two-stage heads: shared heads would select the same proposals for every group)
-        extra = config.num_query_groups - 1
-        self.extra_query_embeds = build_extra_query_embeds(config) if learned_query else nn.ModuleList()
-        self.extra_reference_boxes = nn.ParameterList(
-            nn.Parameter(torch.empty(config.num_queries, 4)) for _ in range(0 if two_stage else extra))
-        self.extra_query_selections = nn.ModuleList(
-            DetrCustomQuerySelection(config) for _ in range(extra if two_stage else 0))
+        # the registered query source (query_sources.py) as `self.query_source`, its parameters mounted here under
+        # their checkpoint names; query groups 1..K-1 (Group DETR, training only, `query_groups.py`) are its own
+        build_query_source(config, self)
         # the denoising queries' content: their noised labels' embeddings, the last row for padding slots
         self.denoising_class_embed = None
         if config.num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d_model, padding_idx=config.num_labels)
         self.query_pos_head = MLP(4, 2 * d_model, d_model, num_layers=2)         # reference box -> query_pos
         self.decoder = build_decoder(config)
-        self.class_embed = nn.ModuleList(nn.Linear(d_model, class_head_outputs(config))
-                                         for _ in range(config.decoder_layers))
-        self.bbox_embed = nn.ModuleList(MLP(d_model, d_model, 4, num_layers=3) for _ in range(config.decoder_layers))
-        for class_head in self.class_embed:
-            class_head.is_class_head = True   # the model's _init_weights gives a newly built head the class prior
+        # the registered heads in the decoder's layout (heads.py; per layer: the box heads refine inside the decoder)
+        self.class_embed, self.bbox_embed = build_heads(config)
         self.config = config
         self.reset_parameters()
 
@@ -114,7 +95,8 @@ class DetrCustomDeformableDetector(nn.Module):
     def reset_parameters(self):
         """The inits that the model's generic `_init_weights` (xavier on every Linear) would otherwise undo: the
         deformable attention's direction grid and uniform weights, the class heads' prior, zero box deltas (each
-        layer starts from its reference box, as Deformable DETR's refinement) and the reference boxes. Written with
+        layer starts from its reference box, as Deformable DETR's refinement) and the query source's (the reference
+        boxes, the selection heads' zero box deltas). Written with
         transformers' `initialization` functions, which leave alone what `from_pretrained` loaded."""
         for part in (self.decoder, self.encoder):   # the parts' own inits (e.g. deformable attention), if any
             if hasattr(part, "reset_parameters"):
@@ -124,14 +106,8 @@ class DetrCustomDeformableDetector(nn.Module):
         for box_head in self.bbox_embed:
             init.zeros_(box_head.layers[-1].weight)
             init.zeros_(box_head.layers[-1].bias)
-        for selection in [self.query_selection, *self.extra_query_selections]:
-            if selection is not None:
-                selection.reset_parameters()
-        for boxes in [self.reference_boxes, *self.extra_reference_boxes]:
-            if boxes is not None:
-                centres = torch.rand(boxes.shape[0], 2)
-                sizes = torch.full_like(centres, INITIAL_BOX_SIZE)
-                init.copy_(boxes, inverse_sigmoid(torch.cat([centres, sizes], -1)))
+        if hasattr(self.query_source, "reset_parameters"):
+            self.query_source.reset_parameters()
 
     def forward(
         self,
@@ -167,7 +143,8 @@ class DetrCustomDeformableDetector(nn.Module):
             memory, memory_mask, spatial_shapes = flatten_levels(maps, masks)   # [batch, sequence, d_model]
             # K = num_query_groups groups of matching queries in training, one in eval mode
             num_groups = self.config.num_query_groups if self.training else 1
-            query, reference, selected = self._matching_queries(memory, memory_mask, spatial_shapes, num_groups)
+            queries = self.query_source(memory, memory_mask, spatial_shapes, num_groups)   # [batch, K * queries, ..]
+            query, reference, selected = queries.content, queries.reference, queries.proposals
             self_attn_mask = None
             if num_groups > 1:   # [K * queries] squared: each group sees itself only
                 self_attn_mask = group_attention_mask(num_groups, self.config.num_queries, query.device)
@@ -182,7 +159,7 @@ class DetrCustomDeformableDetector(nn.Module):
                 self_attn_mask = groups.attn_mask if num_groups == 1 else with_denoising_mask(
                     groups.attn_mask, groups.num_queries, num_groups, self.config.num_queries)
             decoded = self.decoder(
-                query, None, reference, memory, spatial_shapes, valid_ratios=ratios,
+                query, queries.position, reference, memory, spatial_shapes, valid_ratios=ratios,
                 memory_mask=mask_if_padded(memory_mask), box_heads=self.bbox_embed,
                 query_pos_head=self.query_pos_head, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, self_attn_mask=self_attn_mask)
@@ -206,28 +183,3 @@ class DetrCustomDeformableDetector(nn.Module):
             encoder_attentions=encoder_attentions, decoder_hidden_states=decoded.hidden_states,
             cross_attentions=decoded.cross_attentions, enc_logits=None if selected is None else selected.logits,
             enc_pred_boxes=None if selected is None else selected.pred_boxes, denoising=denoising)
-
-    def _matching_queries(self, memory: torch.Tensor, memory_mask: torch.Tensor, spatial_shapes, num_groups: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, SelectedQueries | None]:
-        """The decoder's matching queries, `num_groups` groups of `num_queries`, group after group: content
-        `[batch, K * queries, d_model]`, reference boxes `[batch, K * queries, 4]` (cxcywh in [0, 1]) and, with
-        query selection, the groups' selected proposals (their logits and boxes concatenated the same way)."""
-        def concat(tensors, dim=0):   # one group (eval mode) as it is: no copy on the inference path
-            return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-        batch, selected = memory.shape[0], None
-        if self.query_selection is not None:
-            selections = [self.query_selection, *self.extra_query_selections][:num_groups]
-            per_group = [selection(memory, memory_mask, spatial_shapes) for selection in selections]
-            selected = SelectedQueries(*(concat(fields, 1) for fields in zip(*(
-                (group.content, group.reference, group.logits, group.pred_boxes) for group in per_group))))
-            reference = selected.reference                                       # [batch, K * queries, 4], detached
-        else:
-            boxes = concat([self.reference_boxes, *self.extra_reference_boxes][:num_groups])   # [K * queries, 4]
-            reference = boxes.sigmoid()[None].expand(batch, -1, -1)
-        if self.query_embed is not None:
-            embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
-            query = concat([embed.weight for embed in embeds])[None].expand(batch, -1, -1)   # [batch, K * q, d]
-        else:
-            query = selected.content                                             # [batch, K * queries, d_model]
-        return query, reference, selected

@@ -13,7 +13,9 @@ This file holds the outputs, the models and the box head; the parts are one conc
 facebookresearch/detr's models/: `backbone.py`, `position_encoding.py`, `attention_mha.py`, `encoder_detr.py`,
 `decoder_detr.py`, `class_head.py`, shared blocks in `blocks.py`, the loss in `loss_detr_custom.py`, loading
 transformers checkpoints in `checkpoint_conversion.py`, Group DETR's query groups (`config.num_query_groups`) in
-`query_groups.py`. The CPU speed-ups are one pass over the built model (`fast_paths.py`, applied in `post_init`).
+`query_groups.py`. The query source, the heads and the criterion are built through `registry.py`
+(`query_source_learned.py`: DETR's object queries; `heads.py`; `loss_detr_custom.py`). The CPU speed-ups are one
+pass over the built model (`fast_paths.py`, applied in `post_init`).
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,22 +28,24 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MA
 from transformers.utils import ModelOutput
 
 from .backbone import LOADING_CHECKPOINT, DetrCustomBackbone
-from .blocks import MLP, fp32_on_cpu, mask_if_padded
+from .blocks import fp32_on_cpu, mask_if_padded
 from .checkpoint_conversion import check_local_checkpoint, converted_transformers_folder
-from .class_head import class_head_outputs, init_class_head_bias_, replace_class_head_for_a_new_loss
+from .class_head import init_class_head_bias_, replace_class_head_for_a_new_loss
 from .configuration_detr_custom import DetrCustomConfig, uses_sigmoid_classes
 from .fast_paths import apply_fast_paths
+from .heads import layer_predictions
 from .inputs_detr_custom import check_pixel_inputs
-from .loss_detr_custom import DetrCustomLoss
 from .model_deformable import DetrCustomDeformableDetector
 from .position_encoding import build_position_embedding
-from .query_groups import EXTRA_GROUP_KEYS_TO_IGNORE, build_extra_query_embeds, init_missing_groups_, object_queries
-from .registry import DECODERS, ENCODERS, build_decoder, build_encoder, decoder_class, encoder_class
+from .query_groups import EXTRA_GROUP_KEYS_TO_IGNORE, group_attention_mask, init_missing_groups_
+from .registry import (DECODERS, ENCODERS, build_criterion, build_decoder, build_encoder, build_heads,
+                       build_query_source, decoder_class, encoder_class)
 
-# the seam for variants (STYLE.md "Variants plug in at one seam"): config.encoder_type / config.decoder_type -> the
-# class that builds the part, `registry.py` (register_encoder / register_decoder add one from outside). A decoder's
-# `multi_scale` picks the assembly: DETR's (DetrCustomModel + one class and box head here) or the multi-scale one
-# (model_deformable.DetrCustomDeformableDetector, heads per layer inside); both end in the one forward below
+# the seam for variants (STYLE.md "Variants plug in at one seam"): config.encoder_type / config.decoder_type /
+# config.query_source / config.criterion -> the class that builds the part, `registry.py` (register_* add one from
+# outside). A decoder's `multi_scale` picks the assembly: DETR's (DetrCustomModel + the heads here) or the
+# multi-scale one (model_deformable.DetrCustomDeformableDetector, heads per layer inside); both end in the one forward
+# below
 ENCODER_CLASSES, DECODER_CLASSES = ENCODERS, DECODERS
 # config._attn_implementation: both run `attention_mha.DetrCustomAttention`, through SDPA or an explicit softmax
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -258,10 +262,11 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         self.backbone = DetrCustomBackbone(config)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.position_embedding = build_position_embedding(config)
-        self.query_embed = nn.Embedding(config.num_queries, config.d_model)   # the learned object queries
+        # the registered query source (query_sources.py; DETR's learned object queries `query_embed`, with query
+        # groups 1..K-1 `extra_query_embeds`, used in training only) as `self.query_source`, its parameters here
+        build_query_source(config, self)
         self.encoder = build_encoder(config)
         self.decoder = build_decoder(config)
-        self.extra_query_embeds = build_extra_query_embeds(config)   # query groups 1..K-1, used in training only
         self.post_init()
 
     def _check_inputs(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
@@ -311,9 +316,12 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             source = self.input_proj(features).flatten(2).transpose(1, 2)      # [batch, height * width, d_model]
             memory, encoder_states, encoder_attentions = self.encoder(
                 source, memory_pos, key_mask, output_attentions, output_hidden_states)
-            # the query_embed table; in training with K query groups all K, kept apart by the mask (query_groups.py)
-            query_pos, self_attn_mask = object_queries(self.query_embed, self.extra_query_embeds, self.training)
-            query_pos = query_pos[None].expand(source.shape[0], -1, -1)             # [batch, queries, d_model]
+            # the query source's queries; in training with K query groups all K, kept apart by the mask
+            num_groups = self.config.num_query_groups if self.training else 1
+            query_pos = self.query_source(memory, key_mask, None, num_groups).position   # [batch, K * q, d_model]
+            self_attn_mask = None
+            if num_groups > 1:
+                self_attn_mask = group_attention_mask(num_groups, self.config.num_queries, query_pos.device)
             intermediate, decoder_states, decoder_attentions, cross_attentions = self.decoder(
                 query_pos, memory, memory_pos, key_mask, output_attentions, output_hidden_states, self_attn_mask)
         output = DetrCustomModelOutput(
@@ -347,9 +355,8 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
             self.model = DetrCustomDeformableDetector(config)
         else:
             self.model = DetrCustomModel(config)
-            self.class_embed = nn.Linear(config.d_model, class_head_outputs(config))
-            self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
-        self.criterion = DetrCustomLoss(config)
+            self.class_embed, self.bbox_embed = build_heads(config)   # shared by the layers (heads.py)
+        self.criterion = build_criterion(config)   # the registered criterion (loss_detr_custom.py)
         self.post_init()
 
     def forward(
@@ -406,14 +413,14 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
     def _layer_predictions(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decoder layer's logits and boxes `[layers, batch, queries, classes / 4]` (only the last layer's
         without `auxiliary_loss`, single-scale): the multi-scale assembly's heads run inside it (box refinement),
-        the single-scale one's here, shared by the layers."""
+        the single-scale one's here (`heads.py`: shared by the layers, or one per layer)."""
         if getattr(outputs, "logits", None) is not None:
             return outputs.logits, outputs.pred_boxes
         intermediate = outputs.intermediate_hidden_states               # [decoder_layers, batch, queries, d_model]
         if not self.config.auxiliary_loss:
             intermediate = intermediate[-1:]
         with fp32_on_cpu(intermediate) as intermediate:
-            return self.class_embed(intermediate), self.bbox_embed(intermediate).sigmoid()
+            return layer_predictions(self.class_embed, self.bbox_embed, intermediate)
 
 
 # pipeline("object-detection") checks the model's class name against a copy of MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES

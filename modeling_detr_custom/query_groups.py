@@ -53,18 +53,6 @@ def group_attention_mask(num_groups: int, num_queries: int, device=None) -> torc
     return group[:, None] == group[None, :]
 
 
-def object_queries(query_embed: nn.Embedding, extra_query_embeds: nn.ModuleList, training: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The decoder's queries and self-attention mask. One group (eval mode, or `num_query_groups` 1): the
-    `query_embed` table `[num_queries, d_model]` and no mask. In training with K groups: all groups' queries, group
-    after group, `[K * num_queries, d_model]`, and the mask that keeps them apart, `[K * num_queries]` squared."""
-    if not training or len(extra_query_embeds) == 0:
-        return query_embed.weight, None
-    query_pos = torch.cat([query_embed.weight] + [embed.weight for embed in extra_query_embeds])
-    mask = group_attention_mask(1 + len(extra_query_embeds), query_embed.num_embeddings, query_pos.device)
-    return query_pos, mask
-
-
 def with_denoising_mask(denoising_mask: torch.Tensor, num_denoising: int, num_groups: int,
                         num_queries: int) -> torch.Tensor:
     """The self-attention mask of `num_denoising` denoising queries followed by K groups of matching queries,

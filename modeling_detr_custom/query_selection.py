@@ -1,6 +1,6 @@
-"""Query selection (`config.two_stage`): the decoder's queries start at the encoder's best proposals instead of at
-learned boxes, as two-stage Deformable DETR (Zhu et al. 2021, section 4.1) and RT-DETR (Zhao et al. 2024, section 4.3)
-do.
+"""Query selection (`config.two_stage`, the query source "two_stage", `TwoStageQueries`): the decoder's queries start
+at the encoder's best proposals instead of at learned boxes, as two-stage Deformable DETR (Zhu et al. 2021, section
+4.1) and RT-DETR (Zhao et al. 2024, section 4.3) do.
 
 Every memory position (all levels, flattened) proposes one box: its cell's centre in the visible image, with width and
 height `PROPOSAL_SIZE * 2 ** level` (Deformable DETR's and RT-DETR's anchors), kept in inverse-sigmoid space. Positions
@@ -27,6 +27,8 @@ from transformers import initialization as init
 from .blocks import MLP
 from .class_head import class_head_outputs
 from .configuration_detr_custom import uses_sigmoid_classes
+from .query_groups import build_extra_query_embeds
+from .query_sources import Queries, QuerySource, concat_groups
 
 # proposal width and height at the finest level, doubled at each coarser one (Deformable DETR, RT-DETR's grid_size)
 PROPOSAL_SIZE = 0.05
@@ -110,3 +112,39 @@ class DetrCustomQuerySelection(nn.Module):
         """Zero box deltas at the start: each selected box is its proposal (RT-DETR's init of `enc_bbox_head`)."""
         init.zeros_(self.enc_bbox_head.layers[-1].weight)
         init.zeros_(self.enc_bbox_head.layers[-1].bias)
+
+
+class TwoStageQueries(QuerySource):
+    """Query source "two_stage" (`query_sources.py`'s contract): the top `num_queries` proposals of
+    `query_selection` give the reference boxes and the content queries (or, with `learn_initial_query`, learned
+    content queries `query_embed`); each extra query group has its own selection heads (`extra_query_selections`,
+    LW-DETR's: shared heads would select the same proposals for every group). The selected proposals' logits and
+    boxes go to the loss (`Queries.proposals`)."""
+
+    multi_scale = True
+
+    def __init__(self, config):
+        super().__init__()
+        self.register_module("query_embed", nn.Embedding(config.num_queries, config.d_model)
+                             if config.learn_initial_query else None)   # None: model.query_embed is None
+        self.register_parameter("reference_boxes", None)   # the boxes come from the proposals: None
+        self.query_selection = DetrCustomQuerySelection(config)
+        self.extra_query_embeds = build_extra_query_embeds(config) if config.learn_initial_query else nn.ModuleList()
+        self.extra_query_selections = nn.ModuleList(
+            DetrCustomQuerySelection(config) for _ in range(config.num_query_groups - 1))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for selection in [self.query_selection, *self.extra_query_selections]:
+            selection.reset_parameters()
+
+    def forward(self, memory, memory_mask, spatial_shapes, num_groups: int) -> Queries:
+        selections = [self.query_selection, *self.extra_query_selections][:num_groups]
+        per_group = [selection(memory, memory_mask, spatial_shapes) for selection in selections]
+        selected = SelectedQueries(*(concat_groups(fields, 1) for fields in zip(*(
+            (group.content, group.reference, group.logits, group.pred_boxes) for group in per_group))))
+        content = selected.content                                             # [batch, K * queries, d_model]
+        if self.query_embed is not None:
+            embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
+            content = concat_groups([embed.weight for embed in embeds])[None].expand(memory.shape[0], -1, -1)
+        return Queries(content=content, reference=selected.reference, proposals=selected)   # reference detached

@@ -47,6 +47,10 @@ BREAKING = {
     "learn_initial_query_needs_two_stage": dict(decoder_type="deformable", learn_initial_query=True),
     "levels_need_deformable": dict(num_feature_levels=3),
     "matcher_needs_a_cost": dict(class_cost=0.0, bbox_cost=0.0, giou_cost=0.0),
+    "query_source_choice": dict(query_source="anchors"),
+    "query_source_matches_two_stage": dict(decoder_type="deformable", query_source="two_stage"),
+    "query_source_matches_decoder": dict(query_source="learned_boxes"),
+    "criterion_choice": dict(criterion="focal"),
 }
 
 
