@@ -28,6 +28,12 @@ MULTI_SCALE_DECODER_TYPES = ("deformable",)
 QUERY_SOURCES = ("learned", "learned_boxes", "two_stage")
 MULTI_SCALE_QUERY_SOURCES = ("learned_boxes", "two_stage")
 CRITERIA = ("hungarian",)
+# the fields that only some encoders / decoders read, by the part's name (each part class declares its own in
+# `config_fields`; registry.py rewrites this table too): such a field set for a part that does not read it is refused
+PART_FIELDS = {
+    "encoder": {"detr": (), "hybrid": ("hidden_expansion",), "deformable": ("encoder_n_points",)},
+    "decoder": {"detr": ("normalize_decoder_residual",), "deformable": ("decoder_n_points",)},
+}
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
 # outputs (no "no object" column) and the matcher the focal cost
@@ -217,13 +223,29 @@ RULES = (
 class Ignored:
     """A field that a variant does not read: `when(config)` is true for that variant. A value other than the
     field's default, set by the user, is an error (`refuse`) or a warning given once; `why` says what the variant
-    does instead, `fix` what to set for the value to matter."""
+    does instead, `fix` what to set for the value to matter. `part` ("encoder" / "decoder"): a field that only some
+    parts read, by their `config_fields` (`PART_FIELDS`); `when`, `why` and `fix` then follow from the table."""
 
     field: str
-    when: Callable[["DetrCustomConfig"], bool]
-    why: str
-    fix: str
-    refuse: bool
+    when: Callable[["DetrCustomConfig"], bool] | None = None
+    why: str = ""
+    fix: str = ""
+    refuse: bool = True
+    part: str | None = None
+
+    def ignores(self, config: "DetrCustomConfig") -> bool:
+        if self.part is None:
+            return self.when(config)
+        return self.field not in PART_FIELDS[self.part].get(getattr(config, f"{self.part}_type"), ())
+
+    def reason(self, config: "DetrCustomConfig") -> tuple[str, str]:
+        """(why, fix) for this config."""
+        if self.part is None:
+            return self.why, self.fix
+        readers = [name for name, fields in PART_FIELDS[self.part].items() if self.field in fields]
+        chosen = getattr(config, f"{self.part}_type")
+        return (f"only the {self.part}s {readers} read it, and {self.part}_type={chosen!r} does not.",
+                f"set {self.part}_type to one of {readers}")
 
 
 _DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"
@@ -231,23 +253,16 @@ _DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"
 # warned: settings of a head or a training option that the config has switched off; keeping them while trying the
 # other head (or denoising off) is a normal experiment, and they matter again when it is switched back.
 IGNORED_FIELDS = (
-    Ignored("hidden_expansion", lambda c: c.encoder_type != "hybrid",
-            "it sizes the hybrid encoder's fusion blocks, and encoder_type is not 'hybrid'.",
-            "set encoder_type='hybrid' (e.g. from_preset('rtdetr'))", refuse=True),
-    Ignored("encoder_n_points", lambda c: c.encoder_type != "deformable",
-            "it is the deformable encoder's sampling points, and encoder_type is not 'deformable'.",
-            "set encoder_type='deformable' with decoder_type='deformable'", refuse=True),
-    Ignored("decoder_n_points", lambda c: c.decoder_type != "deformable",
-            "it is the deformable decoder's sampling points, and decoder_type is 'detr'.", _DEFORMABLE, refuse=True),
+    Ignored("hidden_expansion", part="encoder"),     # the hybrid encoder's fusion blocks
+    Ignored("encoder_n_points", part="encoder"),     # the deformable encoder's sampling points
+    Ignored("decoder_n_points", part="decoder"),     # the deformable decoder's sampling points
     Ignored("projection_norm", lambda c: not _multi_scale_decoder(c),
             "it is the norm of the multi-scale level projections, and decoder_type 'detr' reads one level through a "
             "plain 1x1 convolution.", _DEFORMABLE, refuse=True),
     Ignored("batch_independent_inference", _multi_scale_decoder,
             "the deformable decoder has no batch-independent inference, so every forward would fail.",
             "use decoder_type='detr'", refuse=True),
-    Ignored("normalize_decoder_residual", lambda c: c.decoder_type != "detr",
-            "it is a property of DETR's decoder (transformers' layout), and decoder_type is not 'detr'.",
-            "use decoder_type='detr'", refuse=False),
+    Ignored("normalize_decoder_residual", part="decoder", refuse=False),   # DETR's decoder (transformers' layout)
     Ignored("eos_coefficient", uses_sigmoid_classes,
             "it weighs the softmax head's 'no object' class, and this classification_loss has a sigmoid head.",
             "use classification_loss='cross_entropy'", refuse=False),
@@ -529,10 +544,11 @@ class DetrCustomConfig(PreTrainedConfig):
             value = getattr(self, ignored.field)
             if user_set is not None and ignored.field not in user_set:
                 continue
-            if value == getattr(type(self), ignored.field) or not ignored.when(self):
+            if value == getattr(type(self), ignored.field) or not ignored.ignores(self):
                 continue
-            message = (f"{ignored.field}={value!r} has no effect here: {ignored.why} Drop it (its default is "
-                       f"{getattr(type(self), ignored.field)!r}), or {ignored.fix}.")
+            why, fix = ignored.reason(self)
+            message = (f"{ignored.field}={value!r} has no effect here: {why} Drop it (its default is "
+                       f"{getattr(type(self), ignored.field)!r}), or {fix}.")
             if ignored.refuse:
                 raise ValueError(message)
             logger.warning_once(message)

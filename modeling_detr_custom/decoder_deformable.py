@@ -89,6 +89,7 @@ class DetrCustomDeformableDecoder(nn.Module):
     ends in one, as in Deformable DETR)."""
 
     multi_scale = True
+    config_fields = ("decoder_n_points",)   # fields only this part reads (PART_FIELDS)
 
     def __init__(self, config: DetrCustomConfig, num_levels: int | None = None,
                  num_points: int | list[int] | None = None, offset_scale: float = 0.5):

@@ -62,6 +62,7 @@ class DetrCustomDecoder(nn.Module):
     """
 
     multi_scale = False
+    config_fields = ("normalize_decoder_residual",)   # fields only this part reads (PART_FIELDS)
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()

@@ -114,6 +114,7 @@ class DetrCustomDeformableLevelEncoder(DetrCustomDeformableEncoder):
     `encoder_detr.DetrCustomEncoder.encode_levels`)."""
 
     multi_scale = True
+    config_fields = ("encoder_n_points",)   # fields only this part reads (PART_FIELDS)
 
     def __init__(self, config: DetrCustomConfig, backbone_levels: int = 1):
         super().__init__(config, config.num_feature_levels)

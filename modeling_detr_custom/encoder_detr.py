@@ -44,6 +44,7 @@ class DetrCustomEncoderLayer(GradientCheckpointingLayer):
 
 class DetrCustomEncoder(nn.Module):
     multi_scale = False   # runs with a single-scale decoder, and with a multi-scale one on the coarsest level
+    config_fields = ()   # fields only this part reads (PART_FIELDS)
 
     def __init__(self, config: DetrCustomConfig, backbone_levels: int = 1):
         super().__init__()

@@ -110,6 +110,7 @@ class DetrCustomHybridEncoder(DetrCustomEncoder):
     cross-scale fusion of the backbone levels (`fusion`); the extra stride-2 levels pass through."""
 
     multi_scale = True
+    config_fields = ("hidden_expansion",)   # fields only this part reads (PART_FIELDS)
 
     def __init__(self, config: DetrCustomConfig, backbone_levels: int = 1):
         super().__init__(config, backbone_levels)

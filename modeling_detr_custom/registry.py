@@ -77,6 +77,11 @@ def publish_names() -> None:
     configuration.QUERY_SOURCES = tuple(QUERY_SOURCES)
     configuration.MULTI_SCALE_QUERY_SOURCES = tuple(name for name, cls in QUERY_SOURCES.items() if cls.multi_scale)
     configuration.CRITERIA = tuple(CRITERIA)
+    # the fields only some parts read (each part's `config_fields`): set for another part, the config refuses them
+    configuration.PART_FIELDS = {
+        "encoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in ENCODERS.items()},
+        "decoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in DECODERS.items()},
+    }
 
 
 def register_encoder(name: str, cls: type) -> type:

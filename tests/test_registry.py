@@ -252,3 +252,34 @@ def test_heads_and_criterion_come_from_their_tables():
         registry.DECODERS.pop("toy_per_layer")
         registry.CRITERIA.pop("doubled")
         registry.publish_names()
+
+
+def test_part_specific_fields_follow_the_parts_that_read_them_not_their_names():
+    """A field only some parts read (their `config_fields`) is accepted for a registered part that declares it and
+    refused, naming the parts that read it, for one that does not."""
+    from modeling_detr_custom import DetrCustomConfig, registry
+    from modeling_detr_custom.decoder_deformable import DetrCustomDeformableDecoder
+
+    class Renamed(DetrCustomDeformableDecoder):
+        pass
+
+    class NoPoints(DetrCustomDeformableDecoder):
+        config_fields = ()
+
+    registry.register_decoder("renamed_deformable", Renamed)
+    registry.register_decoder("no_points", NoPoints)
+    try:
+        config = DetrCustomConfig.from_preset("deformable", decoder_type="renamed_deformable", decoder_n_points=8,
+                                              use_pretrained_backbone=False)
+        assert config.decoder_n_points == 8
+        with pytest.raises(ValueError, match=r"^decoder_n_points=8 has no effect here: only the decoders "
+                                             r"\['deformable', 'renamed_deformable'\] read it, and "
+                                             r"decoder_type='no_points' does not\..*set decoder_type to one of"):
+            DetrCustomConfig.from_preset("deformable", decoder_type="no_points", decoder_n_points=8,
+                                         use_pretrained_backbone=False)
+    finally:
+        registry.DECODERS.pop("renamed_deformable")
+        registry.DECODERS.pop("no_points")
+        registry.publish_names()
+    with pytest.raises(ValueError, match=r"decoder_n_points=8 has no effect here: only the decoders \['deformable'\]"):
+        DetrCustomConfig(decoder_n_points=8)
