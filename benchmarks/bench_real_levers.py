@@ -56,6 +56,8 @@ LEVERS = {
     "warmup 20": {"warmup_steps": 20},
     "denoising 100": {"num_denoising": 100},
     "600 steps": {"max_steps": 600},
+    "stride 4": {"finest_level_stride": 4},
+    "stride 4+5 levels": {"finest_level_stride": 4, "num_feature_levels": 5},
     "upscale x2+lr x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448, "learning_rate": 1.0e-3,
                          "backbone_learning_rate": 2.0e-4},
 }

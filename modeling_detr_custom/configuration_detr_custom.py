@@ -193,6 +193,11 @@ RULES = (
          lambda c: not c.learn_initial_query or c.two_stage,
          "learn_initial_query={learn_initial_query} only means something with two_stage=True (got two_stage="
          "{two_stage}; without query selection the content queries are always learned)."),
+    Rule("finest_level_stride_choice", ("finest_level_stride", "decoder_type"),
+         lambda c: c.finest_level_stride == 8 or (c.finest_level_stride == 4 and _multi_scale_decoder(c)),
+         "finest_level_stride={finest_level_stride} with decoder_type={decoder_type!r}: use 8 (the default), or 4 "
+         "with decoder_type='deformable' and num_feature_levels >= 4 (levels at strides 4, 8, 16, 32), for small "
+         "objects."),
     Rule("levels_need_deformable", ("num_feature_levels", "decoder_type"),
          lambda c: c.num_feature_levels == 1 or _multi_scale_decoder(c),
          "num_feature_levels={num_feature_levels} needs decoder_type='deformable': the {decoder_type!r} decoder "
@@ -408,9 +413,14 @@ class DetrCustomConfig(PreTrainedConfig):
             the first group only. See `query_groups.py`, also for how checkpoints with another number of groups load
             (the first group's parameters keep their 1-group names).
         num_feature_levels: feature maps the decoder reads (`multiscale.py`): 1 = the last backbone stage (DETR);
-            L > 1 (`decoder_type="deformable"` only) = the last L backbone stages at stride >= 8, finest first, each
-            projected to d_model (1x1 conv + GroupNorm), plus extra stride-2 levels when L exceeds them (4 with a
-            ResNet: strides 8, 16, 32 and 64, as Deformable DETR).
+            L > 1 (`decoder_type="deformable"` only) = the last L backbone stages at stride >= `finest_level_stride`
+            (8, or 4), finest first, each projected to d_model (1x1 conv + GroupNorm), plus extra stride-2 levels when
+            L exceeds them (4 with a ResNet: strides 8, 16, 32 and 64, as Deformable DETR).
+        finest_level_stride: the smallest stride a backbone level may have (`decoder_type="deformable"`): 8 (C3, as
+            Deformable DETR and RT-DETR) or 4, which adds the stride-4 stage (C2) for small objects: the levels are
+            then the last `num_feature_levels` stages at stride >= 4, so num_feature_levels=4 reads strides 4, 8, 16
+            and 32 (5 adds a stride-64 level); a num_feature_levels too small to reach the stride-4 stage is an error
+            when the model is built. The stride-4 level holds 4x the positions of the stride-8 one.
         decoder_n_points: sampling points per attention head and level of the deformable decoder (4, as Deformable
             DETR).
         encoder_n_points: the same for the deformable encoder (`encoder_type="deformable"`; 4, as Deformable DETR).
@@ -507,6 +517,7 @@ class DetrCustomConfig(PreTrainedConfig):
     backbone_first_block_shortcut: bool = False   # RT-DETR's ResNet-vd (basic blocks): layer1.0 gets a 1x1 shortcut
     query_source: str | None = None          # one of QUERY_SOURCES; None = from two_stage and the decoder
     criterion: str = "hungarian"             # one of CRITERIA: the set-prediction loss
+    finest_level_stride: int = 8             # deformable decoder: the finest backbone level's stride (8 or 4)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DetrCustomConfig":

@@ -2,9 +2,10 @@
 each projected to d_model, extra stride-2 levels above them, and the flattened memory with its masks, shapes and
 valid ratios, as Deformable DETR (Zhu et al. 2021) and RT-DETR (Zhao et al. 2024) feed their deformable decoders.
 
-Levels: the backbone stages at stride >= 8 (timm's `feature_info` reductions: C3, C4, C5 of a ResNet), the last
-`num_feature_levels` of them, finest first; if `num_feature_levels` exceeds them, each extra level is a 3x3 stride-2
-convolution of the level below (the first of the last backbone map itself, as Deformable DETR). Every level goes
+Levels: the backbone stages at stride >= `config.finest_level_stride` (timm's `feature_info` reductions; 8: C3, C4, C5
+of a ResNet; 4: C2 too, for small objects), the last `num_feature_levels` of them, finest first; if
+`num_feature_levels` exceeds them, each extra level is a 3x3 stride-2 convolution of the level below (the first of the
+last backbone map itself, as Deformable DETR). Every level goes
 through a 1x1 convolution + GroupNorm (Deformable DETR's `input_proj`; 3x3 stride 2 + GroupNorm for the extra levels),
 or with `config.projection_norm="batch"` a 1x1 convolution without bias + BatchNorm (RT-DETR's `encoder_input_proj`).
 Masks (True = real pixel) are the `pixel_mask` downsampled nearest-neighbour to each level, as the DETR backbone does;
@@ -18,8 +19,9 @@ from torch import nn
 from .backbone import DetrCustomBackbone, downsample_mask
 from .configuration_detr_custom import DetrCustomConfig
 
-# stages finer than this are never levels: at stride 4 a level holds 4x the positions of stride 8 for little gain
-MIN_LEVEL_REDUCTION = 8
+# the finest levels `config.finest_level_stride` may ask for: stride 8 (C3, Deformable DETR's and RT-DETR's) or 4
+# (C2: 4x the positions of stride 8, for objects that cover only a few stride-8 cells)
+LEVEL_STRIDES = (4, 8)
 
 
 def _group_norm(d_model: int) -> nn.GroupNorm:
@@ -41,17 +43,28 @@ def projection(in_channels: int, d_model: int, norm: str, kernel_size: int = 1, 
 
 class DetrCustomMultiScaleBackbone(DetrCustomBackbone):
     """`backbone.DetrCustomBackbone` (frozen BatchNorm, stem freezing, `backbone_weights`) with every
-    stage out; `forward` returns the levels: its last stages at stride >= 8, at most `num_feature_levels`, finest
-    first."""
+    stage out; `forward` returns the levels: its last stages at stride >= `config.finest_level_stride`, at most
+    `num_feature_levels`, finest first."""
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__(config, out_indices=None)
+        finest = getattr(config, "finest_level_stride", 8)   # configs saved before the field: 8
+        if finest not in LEVEL_STRIDES:
+            raise ValueError(f"finest_level_stride={finest!r}: use one of {LEVEL_STRIDES}.")
         reductions = self.body.feature_info.reduction()
-        candidates = [i for i, reduction in enumerate(reductions) if reduction >= MIN_LEVEL_REDUCTION]
+        candidates = [i for i, reduction in enumerate(reductions) if reduction >= finest]
         if not candidates:
-            raise ValueError(f"backbone={config.backbone!r} has no feature stage at stride >= {MIN_LEVEL_REDUCTION} "
-                             f"(reductions {reductions}); pick a timm model with a stride-8 or coarser stage.")
+            raise ValueError(f"backbone={config.backbone!r} has no feature stage at stride >= {finest} "
+                             f"(reductions {reductions}); pick a timm model with a stride-{finest} or coarser stage.")
         self.level_indices = candidates[-config.num_feature_levels:]    # into the body's outputs, finest first
+        if finest != 8 and reductions[self.level_indices[0]] != finest:
+            # the stride-4 stage is the first candidate: fewer levels than candidates leave it out
+            reached = [reductions[i] for i in self.level_indices]
+            raise ValueError(
+                f"finest_level_stride={finest} with num_feature_levels={config.num_feature_levels}: backbone="
+                f"{config.backbone!r} has stages at strides {[reductions[i] for i in candidates]}, so "
+                f"{config.num_feature_levels} levels read strides {reached} and never the stride-{finest} stage. Use "
+                f"num_feature_levels >= {len(candidates)} (or finest_level_stride=8).")
         self.channels = [self.body.feature_info.channels()[i] for i in self.level_indices]   # per backbone level
         self.num_channels = self.channels[-1]
 

@@ -45,6 +45,7 @@ BREAKING = {
     "denoising_ranges": dict(label_noise_ratio=1.5),
     "denoising_needs_deformable_sigmoid": dict(num_denoising=10),
     "learn_initial_query_needs_two_stage": dict(decoder_type="deformable", learn_initial_query=True),
+    "finest_level_stride_choice": dict(finest_level_stride=4),
     "levels_need_deformable": dict(num_feature_levels=3),
     "matcher_needs_a_cost": dict(class_cost=0.0, bbox_cost=0.0, giou_cost=0.0),
     "query_source_choice": dict(query_source="anchors"),
