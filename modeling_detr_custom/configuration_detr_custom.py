@@ -249,8 +249,9 @@ class Ignored:
             return self.why, self.fix
         readers = [name for name, fields in PART_FIELDS[self.part].items() if self.field in fields]
         chosen = getattr(config, f"{self.part}_type")
-        return (f"only the {self.part}s {readers} read it, and {self.part}_type={chosen!r} does not.",
-                f"set {self.part}_type to one of {readers}")
+        fix = (f"set {self.part}_type={readers[0]!r}" if len(readers) == 1
+               else f"set {self.part}_type to one of {readers}")
+        return f"only the {self.part}s {readers} read it, and {self.part}_type={chosen!r} does not.", fix
 
 
 _DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"
