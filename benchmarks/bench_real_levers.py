@@ -27,6 +27,8 @@ from benchmarks.machine import describe_machine, format_machine
 AUGMENT = {"photometric_distort": 0.5, "zoom_out": 0.5, "zoom_out_max": 2.0, "iou_crop": 0.8, "vertical_flip": True,
            "rotate90": True}
 EMA = {"ema_decay": 0.99, "ema_warmup_steps": 50}
+X2 = {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}   # twice bench_real's sizes
+LR_X2 = {"learning_rate": 1.0e-3, "backbone_learning_rate": 2.0e-4}
 LEVERS = {
     "none": {},
     "flips+turns": {"vertical_flip": True, "rotate90": True},
@@ -48,7 +50,7 @@ LEVERS = {
     "turns+lr x2": {"vertical_flip": True, "rotate90": True, "learning_rate": 1.0e-3,
                     "backbone_learning_rate": 2.0e-4},
     # on detr-small (finetune_small.yaml): resolution, supervision, regularization, schedule
-    "upscale x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448},
+    "upscale x2": X2,
     "upscale x1.5": {"train_scales": [176, 192, 208], "eval_size": 192, "max_size": 336},
     "groups 3": {"num_query_groups": 3},
     "queries 60": {"num_queries": 60},
@@ -56,8 +58,15 @@ LEVERS = {
     "warmup 20": {"warmup_steps": 20},
     "denoising 100": {"num_denoising": 100},
     "600 steps": {"max_steps": 600},
-    "upscale x2+lr x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448, "learning_rate": 1.0e-3,
-                         "backbone_learning_rate": 2.0e-4},
+    "upscale x2+lr x2": {**X2, **LR_X2},
+    # on twice the input size with doubled learning rates: loss weights, supervision, schedule, light augmentation
+    "x2+lr x2+class weight 1": {**X2, **LR_X2, "class_loss_coefficient": 1.0},
+    "x2+lr x2+denoising 100": {**X2, **LR_X2, "num_denoising": 100},
+    "x2+lr x2+warmup 20": {**X2, **LR_X2, "warmup_steps": 20},
+    "x2+lr x2+backbone lr x4": {**X2, **LR_X2, "backbone_learning_rate": 4.0e-4},
+    "x2+lr x2+wd 0.05": {**X2, **LR_X2, "weight_decay": 0.05},
+    "x2+lr x2+light augment": {**X2, **LR_X2, "photometric_distort": 0.2, "zoom_out": 0.2, "zoom_out_max": 1.5},
+    "x2+lr x3": {**X2, "learning_rate": 1.5e-3, "backbone_learning_rate": 3.0e-4},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's
