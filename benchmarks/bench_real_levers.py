@@ -27,6 +27,8 @@ from benchmarks.machine import describe_machine, format_machine
 AUGMENT = {"photometric_distort": 0.5, "zoom_out": 0.5, "zoom_out_max": 2.0, "iou_crop": 0.8, "vertical_flip": True,
            "rotate90": True}
 EMA = {"ema_decay": 0.99, "ema_warmup_steps": 50}
+X2 = {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}   # twice bench_real's sizes
+LR_DEMO = {"learning_rate": 5.0e-4, "backbone_learning_rate": 1.0e-4}   # demo.yaml's, half finetune_small.yaml's
 LEVERS = {
     "none": {},
     "flips+turns": {"vertical_flip": True, "rotate90": True},
@@ -39,8 +41,8 @@ LEVERS = {
     "query groups 4": {"num_query_groups": 4},
     "queries 100": {"num_queries": 100},
     "focal": {"classification_loss": "focal"},
-    "lr x2": {"learning_rate": 1.0e-3, "backbone_learning_rate": 2.0e-4},
-    "lr /2": {"learning_rate": 2.5e-4, "backbone_learning_rate": 5.0e-5},
+    "lr 5e-4": LR_DEMO,
+    "lr 2.5e-4": {"learning_rate": 2.5e-4, "backbone_learning_rate": 5.0e-5},
     "augment+ema": {**AUGMENT, **EMA},
     # on top of the flips and quarter turns (finetune_small.yaml's augmentation)
     "turns+wider": {"vertical_flip": True, "rotate90": True, "d_model": 256, "ffn_dim": 1024, "num_heads": 8,
@@ -48,7 +50,7 @@ LEVERS = {
     "turns+lr x2": {"vertical_flip": True, "rotate90": True, "learning_rate": 1.0e-3,
                     "backbone_learning_rate": 2.0e-4},
     # on detr-small (finetune_small.yaml): resolution, supervision, regularization, schedule
-    "upscale x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448},
+    "upscale x2": X2,
     "upscale x1.5": {"train_scales": [176, 192, 208], "eval_size": 192, "max_size": 336},
     "groups 3": {"num_query_groups": 3},
     "queries 60": {"num_queries": 60},
@@ -58,8 +60,16 @@ LEVERS = {
     "600 steps": {"max_steps": 600},
     "stride 4": {"finest_level_stride": 4},
     "stride 4+5 levels": {"finest_level_stride": 4, "num_feature_levels": 5},
-    "upscale x2+lr x2": {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448, "learning_rate": 1.0e-3,
-                         "backbone_learning_rate": 2.0e-4},
+    "stride 4+lr 5e-4": {"finest_level_stride": 4, **LR_DEMO},
+    "upscale x2+lr 5e-4": {**X2, **LR_DEMO},
+    # on twice the input size (finetune_small.yaml's learning rates): loss weights, supervision, schedule, augmentation
+    "x2+class weight 1": {**X2, "class_loss_coefficient": 1.0},
+    "x2+denoising 100": {**X2, "num_denoising": 100},
+    "x2+warmup 20": {**X2, "warmup_steps": 20},
+    "x2+backbone lr 4e-4": {**X2, "backbone_learning_rate": 4.0e-4},
+    "x2+wd 0.05": {**X2, "weight_decay": 0.05},
+    "x2+light augment": {**X2, "photometric_distort": 0.2, "zoom_out": 0.2, "zoom_out_max": 1.5},
+    "x2+lr 1.5e-3": {**X2, "learning_rate": 1.5e-3, "backbone_learning_rate": 3.0e-4},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's

@@ -90,6 +90,10 @@ def test_a_lever_overrides_the_benchmark_sizes_and_several_runs_give_their_mean(
                                     extra=bench_real_levers.LEVERS["upscale x2"])
     assert config["train_scales"] == [224, 256, 288] and config["eval_size"] == 256 and config["max_size"] == 448
     assert config["vertical_flip"] and config["two_stage"]   # the preset's own fields stay
+    assert config["learning_rate"] == pytest.approx(1e-3)   # finetune_small.yaml's
+    slower = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings,
+                                    extra=bench_real_levers.LEVERS["upscale x2+lr 5e-4"])
+    assert slower["learning_rate"] == pytest.approx(5e-4) and slower["eval_size"] == 256
     plain = bench_real.detr_config("detr-small", files, tmp_path / "run", **settings)
     assert plain["train_scales"] == [112, 128, 144] and plain["eval_size"] == 128
     doubled = bench_real.detr_config("detr-small-x2", files, tmp_path / "run", **settings)
