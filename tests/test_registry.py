@@ -1,5 +1,6 @@
 """The seam (registry.py): a decoder or a query source defined outside the package plugs in by one `register_*`
 line, trains, saves and loads like the built-in ones; heads and the criterion come from their tables too."""
+import contextlib
 import copy
 
 import pytest
@@ -35,12 +36,23 @@ class ToyDecoder(nn.Module):
         return torch.stack(intermediate), None, None, None
 
 
+@contextlib.contextmanager
+def registered(*entries):
+    """Registers each (register function, registry table, name, class) for the block, then removes them."""
+    try:
+        for register, _, name, cls in entries:
+            register(name, cls)
+        yield
+    finally:
+        for _, table, name, _ in entries:
+            table.pop(name, None)
+        registry.publish_names()
+
+
 @pytest.fixture
 def toy_decoder():
-    register_decoder("toy", ToyDecoder)
-    yield ToyDecoder
-    registry.DECODERS.pop("toy")
-    registry.publish_names()
+    with registered((register_decoder, registry.DECODERS, "toy", ToyDecoder)):
+        yield ToyDecoder
 
 
 def test_a_decoder_registered_from_outside_trains_saves_and_loads(toy_decoder, tmp_path):
@@ -122,10 +134,8 @@ class ToyAnchorQueries(QuerySource):
 
 @pytest.fixture
 def toy_query_source():
-    register_query_source("toy_anchors", ToyAnchorQueries)
-    yield ToyAnchorQueries
-    registry.QUERY_SOURCES.pop("toy_anchors")
-    registry.publish_names()
+    with registered((register_query_source, registry.QUERY_SOURCES, "toy_anchors", ToyAnchorQueries)):
+        yield ToyAnchorQueries
 
 
 def _toy_source_config(**overrides):
@@ -266,9 +276,8 @@ def test_part_specific_fields_follow_the_parts_that_read_them_not_their_names():
     class NoPoints(DetrCustomDeformableDecoder):
         config_fields = ()
 
-    registry.register_decoder("renamed_deformable", Renamed)
-    registry.register_decoder("no_points", NoPoints)
-    try:
+    with registered((register_decoder, registry.DECODERS, "renamed_deformable", Renamed),
+                    (register_decoder, registry.DECODERS, "no_points", NoPoints)):
         config = DetrCustomConfig.from_preset("deformable", decoder_type="renamed_deformable", decoder_n_points=8,
                                               use_pretrained_backbone=False)
         assert config.decoder_n_points == 8
@@ -277,9 +286,5 @@ def test_part_specific_fields_follow_the_parts_that_read_them_not_their_names():
                                              r"decoder_type='no_points' does not\..*set decoder_type to one of"):
             DetrCustomConfig.from_preset("deformable", decoder_type="no_points", decoder_n_points=8,
                                          use_pretrained_backbone=False)
-    finally:
-        registry.DECODERS.pop("renamed_deformable")
-        registry.DECODERS.pop("no_points")
-        registry.publish_names()
     with pytest.raises(ValueError, match=r"decoder_n_points=8 has no effect here: only the decoders \['deformable'\]"):
         DetrCustomConfig(decoder_n_points=8)
