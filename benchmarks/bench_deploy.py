@@ -41,8 +41,10 @@ from modeling_detr_custom import DetrCustomImageProcessor
 # name -> (label, height, width)
 MODELS = {"r18": ("RT-DETRv2 R18vd", 640, 640), "r50": ("RT-DETRv2 R50vd", 640, 640),
           "detr_r50": ("DETR R50", 800, 1066)}
-# OpenVINO precisions; int8_transformer: `--int8_scope transformer` (the convolutions in fp32)
-PRECISIONS = ("fp32", "bf16", "int8", "int8_transformer")
+# the rows' OpenVINO files: name -> (precision it is compiled at, int8 scope or None for the fp32 file);
+# int8_transformer: `--int8_scope transformer` (the convolutions in fp32)
+PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("int8", "full"),
+              "int8_transformer": ("int8", "transformer")}
 
 
 def build(name: str, folder: Path):
@@ -83,11 +85,11 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
     onnx_file = export_onnx(ours, processor, folder / "model.onnx")
     xml = onnx_to_openvino(onnx_file, folder / "model.xml")
     files = {"fp32": xml, "bf16": xml}
-    for precision in [p for p in precisions if p.startswith("int8")]:
-        images = calibration_folder(folder, calibration_size, height, width)
-        scope = "transformer" if precision == "int8_transformer" else "full"
+    quantized = [precision for precision in precisions if PRECISIONS[precision][1] is not None]
+    images = calibration_folder(folder, calibration_size, height, width) if quantized else None
+    for precision in quantized:
         files[precision] = quantize_int8(xml, folder / f"{precision}.xml", processor, str(images),
-                                         calibration_size=calibration_size, scope=scope)
+                                         calibration_size=calibration_size, scope=PRECISIONS[precision][1])
     print(f"{label}: built, exported and quantized in {time.perf_counter() - started:.0f} s", flush=True)
     pixel_values = torch.randn((1, 3, height, width), generator=torch.Generator().manual_seed(1))
     pixel_mask = torch.ones((1, height, width), dtype=torch.long)
@@ -97,7 +99,7 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
         runners = {"onnxruntime": load_onnx(onnx_file, threads=count).forward}
         for precision in precisions:
             runners[f"openvino {precision}"] = load_openvino(files[precision], threads=count,
-                                                             precision=precision[:4]).forward
+                                                             precision=PRECISIONS[precision][0]).forward
         # transformers' RT-DETR takes no mask (one fixed size); its DETR takes one
         masks = {"pixel_mask": pixel_mask} if name == "detr_r50" else {}
         functions = {"transformers eager": lambda: reference(pixel_values=pixel_values, **masks),
@@ -143,7 +145,7 @@ def main(argv=None):
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all': every core")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help=f"OpenVINO precisions to time, of {PRECISIONS}")
+                        help=f"OpenVINO precisions to time, of {tuple(PRECISIONS)}")
     parser.add_argument("--calibration_size", type=int, default=8, help="random pictures calibrating int8")
     parser.add_argument("--quick", action="store_true", help="r18 only, 3 rounds (checks the script runs)")
     parser.add_argument("--size", help="HEIGHTxWIDTH for every model instead of its own (quick checks)")
@@ -156,6 +158,8 @@ def main(argv=None):
         args.models, args.rounds = "r18", 3
     threads = thread_counts(args.threads)
     precisions = args.precisions.split(",")
+    if unknown := [precision for precision in precisions if precision not in PRECISIONS]:
+        parser.error(f"unknown precision(s) {unknown}: choose from {', '.join(PRECISIONS)}.")
     transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
     print(format_machine(describe_machine()))

@@ -184,18 +184,22 @@ def calibration_images(folder: str, count: int) -> list[Path]:
 INT8_SCOPES = {"full": ("GroupConvolution",), "transformer": ("GroupConvolution", "Convolution")}
 
 
+def check_int8_scope(scope: str) -> None:
+    if scope not in INT8_SCOPES:
+        raise ValueError(f"--int8_scope must be one of {sorted(INT8_SCOPES)}, got {scope!r}.")
+
+
 def quantize_model(model, items: list, transform=None, *, scope: str = "full"):
     """An OpenVINO fp32 model -> its int8 version (NNCF post-training quantization): the inputs (input name ->
     array) that `transform` makes of each of `items` (the items themselves without it) set the activation ranges.
     scope: "full" (every matrix multiplication and convolution but the depthwise ones in int8) or "transformer" (the
     matrix multiplications only: every convolution, the backbone's, stays in floating point). Softmax,
     normalizations and sigmoids stay in floating point (NNCF's transformer patterns)."""
+    check_int8_scope(scope)
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    if scope not in INT8_SCOPES:
-        raise ValueError(f"--int8_scope must be one of {sorted(INT8_SCOPES)}, got {scope!r}.")
     return nncf.quantize(model, nncf.Dataset(items, transform), subset_size=len(items),
                          model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False,
                          ignored_scope=nncf.IgnoredScope(types=list(INT8_SCOPES[scope]), validate=False),
@@ -283,8 +287,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     if (precision == "int8") != (calibration_data is not None):
         raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
                          "--calibration_data is only for --precision int8.")
-    if int8_scope not in INT8_SCOPES:
-        raise ValueError(f"--int8_scope must be one of {sorted(INT8_SCOPES)}, got {int8_scope!r}.")
+    check_int8_scope(int8_scope)
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
     if top_k is not None and top_k < 1:

@@ -28,7 +28,7 @@ from .blocks import MLP
 from .class_head import class_head_outputs
 from .configuration_detr_custom import uses_sigmoid_classes
 from .query_groups import build_extra_query_embeds
-from .query_sources import Queries, QuerySource, concat_groups
+from .query_sources import Queries, QuerySource, concat_groups, group_embeddings
 
 # proposal width and height at the finest level, doubled at each coarser one (Deformable DETR, RT-DETR's grid_size)
 PROPOSAL_SIZE = 0.05
@@ -145,6 +145,5 @@ class TwoStageQueries(QuerySource):
             (group.content, group.reference, group.logits, group.pred_boxes) for group in per_group))))
         content = selected.content                                             # [batch, K * queries, d_model]
         if self.query_embed is not None:
-            embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
-            content = concat_groups([embed.weight for embed in embeds])[None].expand(memory.shape[0], -1, -1)
+            content = group_embeddings(self.query_embed, self.extra_query_embeds, num_groups, memory.shape[0])
         return Queries(content=content, reference=selected.reference, proposals=selected)   # reference detached

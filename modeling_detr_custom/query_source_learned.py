@@ -7,7 +7,7 @@ table per extra group, `extra_query_embeds.<i>`, used in training only. The cont
 from torch import nn
 
 from .query_groups import build_extra_query_embeds
-from .query_sources import Queries, QuerySource, concat_groups
+from .query_sources import Queries, QuerySource, group_embeddings
 
 
 class LearnedQueries(QuerySource):
@@ -21,6 +21,5 @@ class LearnedQueries(QuerySource):
         self.extra_query_embeds = build_extra_query_embeds(config)   # query groups 1..K-1, used in training only
 
     def forward(self, memory, memory_mask, spatial_shapes, num_groups: int) -> Queries:
-        embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
-        position = concat_groups([embed.weight for embed in embeds])           # [K * queries, d_model]
-        return Queries(position=position[None].expand(memory.shape[0], -1, -1))
+        return Queries(position=group_embeddings(self.query_embed, self.extra_query_embeds, num_groups,
+                                                 memory.shape[0]))

@@ -12,7 +12,7 @@ from transformers import initialization as init
 
 from .blocks import inverse_sigmoid
 from .query_groups import build_extra_query_embeds
-from .query_sources import Queries, QuerySource, concat_groups
+from .query_sources import Queries, QuerySource, concat_groups, group_embeddings
 
 # the learned reference boxes start with random centres over the image and this width and height
 INITIAL_BOX_SIZE = 0.1
@@ -45,7 +45,5 @@ class LearnedBoxQueries(QuerySource):
     def forward(self, memory, memory_mask, spatial_shapes, num_groups: int) -> Queries:
         batch = memory.shape[0]
         boxes = concat_groups([self.reference_boxes, *self.extra_reference_boxes][:num_groups])   # [K * q, 4]
-        embeds = [self.query_embed, *self.extra_query_embeds][:num_groups]
-        content = concat_groups([embed.weight for embed in embeds])                             # [K * q, d]
-        return Queries(content=content[None].expand(batch, -1, -1),
+        return Queries(content=group_embeddings(self.query_embed, self.extra_query_embeds, num_groups, batch),
                        reference=boxes.sigmoid()[None].expand(batch, -1, -1))

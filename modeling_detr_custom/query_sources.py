@@ -47,6 +47,13 @@ def concat_groups(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
+def group_embeddings(first: nn.Embedding, extras: nn.ModuleList, num_groups: int, batch: int) -> torch.Tensor:
+    """The learned tables of the first `num_groups` query groups (`first`, then `extras`), group after group, for
+    each of `batch` images: `[batch, K * queries, d_model]`."""
+    tables = [first, *extras][:num_groups]
+    return concat_groups([table.weight for table in tables])[None].expand(batch, -1, -1)
+
+
 class QuerySource(nn.Module):
     """The base of the query sources (see the module docstring): builds like any module, then `mount(owner)` moves
     its parameters and submodules onto the assembly under their own names; after that the source holds none itself
