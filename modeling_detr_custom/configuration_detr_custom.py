@@ -27,12 +27,13 @@ MULTI_SCALE_DECODER_TYPES = ("deformable",)
 # the same for the query sources (the multi-scale ones feed a multi-scale decoder) and the criteria
 QUERY_SOURCES = ("learned", "learned_boxes", "two_stage")
 MULTI_SCALE_QUERY_SOURCES = ("learned_boxes", "two_stage")
-CRITERIA = ("hungarian",)
+CRITERIA = ("hungarian", "hybrid")
 # the fields that only some encoders / decoders read, by the part's name (each part class declares its own in
 # `config_fields`; registry.py rewrites this table too): such a field set for a part that does not read it is refused
 PART_FIELDS = {
     "encoder": {"detr": (), "hybrid": ("hidden_expansion",), "deformable": ("encoder_n_points",)},
     "decoder": {"detr": ("normalize_decoder_residual",), "deformable": ("decoder_n_points",)},
+    "criterion": {"hungarian": (), "hybrid": ("one_to_many_repeats",)},
 }
 ACTIVATION_FUNCTIONS = ("relu", "gelu")
 # config.classification_loss: the class term of the set loss; the two sigmoid ones give the class head num_labels
@@ -221,6 +222,14 @@ RULES = (
     Rule("criterion_choice", ("criterion",), lambda c: c.criterion in CRITERIA,
          "criterion={criterion!r} is not supported; use one of {criteria} (or register yours with "
          "modeling_detr_custom.register_criterion)."),
+    Rule("one_to_many_repeats_whole", ("one_to_many_repeats",),
+         lambda c: _is_whole_number(c.one_to_many_repeats) and c.one_to_many_repeats >= 1,
+         "one_to_many_repeats must be an integer >= 1 (how often criterion='hybrid' repeats each target for the "
+         "one-to-many groups; H-DETR uses 6), got {one_to_many_repeats!r}."),
+    Rule("hybrid_needs_query_groups", ("criterion", "num_query_groups"),
+         lambda c: c.criterion != "hybrid" or c.num_query_groups >= 2,
+         "criterion='hybrid' matches the query groups after the first one-to-many, and num_query_groups="
+         "{num_query_groups} has none: set num_query_groups >= 2 (e.g. 3), or criterion='hungarian'."),
 )
 
 
@@ -241,17 +250,27 @@ class Ignored:
     def ignores(self, config: "DetrCustomConfig") -> bool:
         if self.part is None:
             return self.when(config)
-        return self.field not in PART_FIELDS[self.part].get(getattr(config, f"{self.part}_type"), ())
+        return self.field not in PART_FIELDS[self.part].get(_part_name(config, self.part), ())
 
     def reason(self, config: "DetrCustomConfig") -> tuple[str, str]:
         """(why, fix) for this config."""
         if self.part is None:
             return self.why, self.fix
         readers = [name for name, fields in PART_FIELDS[self.part].items() if self.field in fields]
-        chosen = getattr(config, f"{self.part}_type")
-        fix = (f"set {self.part}_type={readers[0]!r}" if len(readers) == 1
-               else f"set {self.part}_type to one of {readers}")
-        return f"only the {self.part}s {readers} read it, and {self.part}_type={chosen!r} does not.", fix
+        field = _part_field(self.part)
+        chosen = getattr(config, field)
+        fix = f"set {field}={readers[0]!r}" if len(readers) == 1 else f"set {field} to one of {readers}"
+        parts = "criteria" if self.part == "criterion" else f"{self.part}s"
+        return f"only the {parts} {readers} read it, and {field}={chosen!r} does not.", fix
+
+
+def _part_field(part: str) -> str:
+    """The config field that names the chosen part: `encoder_type`, `decoder_type`, `criterion`."""
+    return "criterion" if part == "criterion" else f"{part}_type"
+
+
+def _part_name(config, part: str) -> str:
+    return getattr(config, _part_field(part))
 
 
 _DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"
@@ -262,6 +281,7 @@ IGNORED_FIELDS = (
     Ignored("hidden_expansion", part="encoder"),     # the hybrid encoder's fusion blocks
     Ignored("encoder_n_points", part="encoder"),     # the deformable encoder's sampling points
     Ignored("decoder_n_points", part="decoder"),     # the deformable decoder's sampling points
+    Ignored("one_to_many_repeats", part="criterion"),   # the hybrid criterion's one-to-many matching
     Ignored("projection_norm", lambda c: not _multi_scale_decoder(c),
             "it is the norm of the multi-scale level projections, and decoder_type 'detr' reads one level through a "
             "plain 1x1 convolution.", _DEFORMABLE, refuse=True),
@@ -453,8 +473,11 @@ class DetrCustomConfig(PreTrainedConfig):
             `two_stage=True`), or one registered with `register_query_source`. None (default): the one the other
             fields describe (`two_stage`, then the decoder's kind).
         criterion: the loss, a name of `registry.CRITERIA`: `"hungarian"` (DETR's set-prediction loss: Hungarian
-            matching, then the table of terms of `loss_detr_custom.py`), or one registered with
-            `register_criterion`.
+            matching, then the table of terms of `loss_detr_custom.py`), `"hybrid"` (H-DETR's hybrid matching,
+            `loss_hybrid.py`: the first query group matched one-to-one, the other groups one-to-many; needs
+            `num_query_groups >= 2`), or one registered with `register_criterion`.
+        one_to_many_repeats: with `criterion="hybrid"`, how often each target is repeated for the one-to-many
+            groups (H-DETR's k; as often as the groups' queries allow, at least once).
         backbone_first_block_shortcut: give the first block of a timm ResNet's first stage a 1x1 conv + BatchNorm
             shortcut, as RT-DETR's ResNet-vd with basic blocks (R18vd, R34vd) has; with `resnet18d` / `resnet34d`
             this is that backbone, so its checkpoints load. Only for ResNets with basic blocks.
@@ -518,6 +541,7 @@ class DetrCustomConfig(PreTrainedConfig):
     backbone_first_block_shortcut: bool = False   # RT-DETR's ResNet-vd (basic blocks): layer1.0 gets a 1x1 shortcut
     query_source: str | None = None          # one of QUERY_SOURCES; None = from two_stage and the decoder
     criterion: str = "hungarian"             # one of CRITERIA: the set-prediction loss
+    one_to_many_repeats: int = 6             # criterion="hybrid": each target repeated this often (H-DETR's k)
     finest_level_stride: int = 8             # deformable decoder: the finest backbone level's stride (8 or 4)
 
     @classmethod

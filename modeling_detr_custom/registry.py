@@ -40,6 +40,7 @@ from .encoder_detr import DetrCustomEncoder
 from .encoder_hybrid import DetrCustomHybridEncoder
 from .heads import per_layer_heads, shared_heads
 from .loss_detr_custom import DetrCustomLoss
+from .loss_hybrid import HybridMatchingLoss
 from .query_selection import TwoStageQueries
 from .query_source_learned import LearnedQueries
 from .query_source_learned_boxes import LearnedBoxQueries
@@ -81,6 +82,7 @@ def publish_names() -> None:
     configuration.PART_FIELDS = {
         "encoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in ENCODERS.items()},
         "decoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in DECODERS.items()},
+        "criterion": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in CRITERIA.items()},
     }
 
 
@@ -205,3 +207,4 @@ register_query_source("two_stage", TwoStageQueries)
 register_heads("shared", shared_heads)
 register_heads("per_layer", per_layer_heads)
 register_criterion("hungarian", DetrCustomLoss)
+register_criterion("hybrid", HybridMatchingLoss)

@@ -52,6 +52,8 @@ BREAKING = {
     "query_source_matches_two_stage": dict(decoder_type="deformable", query_source="two_stage"),
     "query_source_matches_decoder": dict(query_source="learned_boxes"),
     "criterion_choice": dict(criterion="focal"),
+    "one_to_many_repeats_whole": dict(one_to_many_repeats=0),
+    "hybrid_needs_query_groups": dict(criterion="hybrid"),
 }
 
 
@@ -80,6 +82,8 @@ IGNORED_EXAMPLES = {
     "encoder_n_points": (dict(preset="deformable", encoder_n_points=2),
                          dict(preset="deformable", encoder_type="deformable", encoder_n_points=2)),
     "decoder_n_points": (dict(decoder_n_points=2), dict(preset="deformable", decoder_n_points=2)),
+    "one_to_many_repeats": (dict(num_query_groups=2, one_to_many_repeats=3),
+                            dict(num_query_groups=2, criterion="hybrid", one_to_many_repeats=3)),
     "projection_norm": (dict(projection_norm="batch"), dict(preset="deformable", projection_norm="batch")),
     "batch_independent_inference": (dict(preset="deformable", batch_independent_inference=True),
                                     dict(batch_independent_inference=True)),

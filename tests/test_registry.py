@@ -256,7 +256,7 @@ def test_heads_and_criterion_come_from_their_tables():
         out.loss.backward()
         assert all(head.weight.grad.abs().sum() > 0 for head in model.class_embed)   # each layer's own head
         with pytest.raises(ValueError, match=r"criterion='nope' is not supported; use one of \('hungarian', "
-                                             r"'doubled'\)"):
+                                             r"'hybrid', 'doubled'\)"):
             DetrCustomConfig(criterion="nope")
     finally:
         registry.DECODERS.pop("toy_per_layer")

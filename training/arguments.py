@@ -133,7 +133,7 @@ MODEL_GROUPS = {
         "num_queries", "num_query_groups", "num_feature_levels", "finest_level_stride", "decoder_n_points",
         "encoder_n_points", "hidden_expansion", "projection_norm", "decoder_input_proj", "two_stage",
         "learn_initial_query", "num_denoising", "label_noise_ratio", "box_noise_scale"),
-    "model: loss and matching": ("auxiliary_loss", "classification_loss", "class_cost", "bbox_cost", "giou_cost",
+    "model: loss and matching": ("criterion", "one_to_many_repeats", "auxiliary_loss", "classification_loss", "class_cost", "bbox_cost", "giou_cost",
                                  "class_loss_coefficient", "bbox_loss_coefficient", "giou_loss_coefficient",
                                  "eos_coefficient", "focal_alpha", "focal_gamma", "varifocal_alpha"),
 }
@@ -438,7 +438,7 @@ RANGES = {
     "eval_every_epochs": POSITIVE, "learning_rate": POSITIVE, "eval_size": POSITIVE, "max_size": POSITIVE,
     "d_model": POSITIVE, "decoder_layers": POSITIVE, "num_heads": POSITIVE, "ffn_dim": POSITIVE,
     "num_queries": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE,
-    "num_query_groups": POSITIVE,
+    "num_query_groups": POSITIVE, "one_to_many_repeats": POSITIVE,
     "max_steps": (lambda v: v == -1 or v > 0, "> 0, or -1 (train num_train_epochs)"),
     "backbone_learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
     "warmup_steps": NON_NEGATIVE, "eval_steps": NON_NEGATIVE, "save_steps": NON_NEGATIVE,
