@@ -59,6 +59,9 @@ DETR_PRESETS = {
     # the same at twice the images' size: the 13-36 px nuclei as 26-72 px objects (finetune_small.yaml's sizes note)
     "detr-small-x2": ("training/configs/finetune_small.yaml",
                       {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}),
+    # finetune_small.yaml with DETR's one-to-one matching only (no hybrid matching): what hybrid matching is read
+    # against (docs/benchmarks_real.md)
+    "detr-small-o2o": ("training/configs/finetune_small.yaml", {"num_query_groups": 1, "criterion": "hungarian"}),
 }
 CNN_DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 # torchvision's detection references: these learning rates for a batch of 16 (8 GPUs x 2), scaled linearly

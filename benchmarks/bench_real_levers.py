@@ -70,8 +70,13 @@ LEVERS = {
     "x2+wd 0.05": {**X2, "weight_decay": 0.05},
     "x2+light augment": {**X2, "photometric_distort": 0.2, "zoom_out": 0.2, "zoom_out_max": 1.5},
     "x2+lr 1.5e-3": {**X2, "learning_rate": 1.5e-3, "backbone_learning_rate": 3.0e-4},
-    # one-to-many supervision: H-DETR's hybrid matching on two extra query groups (60 queries, targets repeated 6x)
+    # one-to-many supervision: H-DETR's hybrid matching on two extra query groups (60 queries, targets repeated 6x;
+    # finetune_small.yaml's setting, so on detr-small these add nothing: read them on --preset detr-small-o2o)
+    "hybrid": {"num_query_groups": 3, "criterion": "hybrid"},
     "x2+hybrid": {**X2, "num_query_groups": 3, "criterion": "hybrid"},
+    "x2+hybrid 2 groups": {**X2, "num_query_groups": 2, "criterion": "hybrid"},
+    "x2+hybrid 5 groups": {**X2, "num_query_groups": 5, "criterion": "hybrid"},
+    "x2+hybrid repeats 3": {**X2, "num_query_groups": 3, "criterion": "hybrid", "one_to_many_repeats": 3},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's

@@ -133,9 +133,10 @@ MODEL_GROUPS = {
         "num_queries", "num_query_groups", "num_feature_levels", "finest_level_stride", "decoder_n_points",
         "encoder_n_points", "hidden_expansion", "projection_norm", "decoder_input_proj", "two_stage",
         "learn_initial_query", "num_denoising", "label_noise_ratio", "box_noise_scale"),
-    "model: loss and matching": ("criterion", "one_to_many_repeats", "auxiliary_loss", "classification_loss", "class_cost", "bbox_cost", "giou_cost",
-                                 "class_loss_coefficient", "bbox_loss_coefficient", "giou_loss_coefficient",
-                                 "eos_coefficient", "focal_alpha", "focal_gamma", "varifocal_alpha"),
+    "model: loss and matching": ("criterion", "one_to_many_repeats", "auxiliary_loss", "classification_loss",
+                                 "class_cost", "bbox_cost", "giou_cost", "class_loss_coefficient",
+                                 "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient", "focal_alpha",
+                                 "focal_gamma", "varifocal_alpha"),
 }
 
 
