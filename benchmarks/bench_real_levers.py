@@ -77,6 +77,7 @@ LEVERS = {
     "x2+hybrid 2 groups": {**X2, "num_query_groups": 2, "criterion": "hybrid"},
     "x2+hybrid 5 groups": {**X2, "num_query_groups": 5, "criterion": "hybrid"},
     "x2+hybrid repeats 3": {**X2, "num_query_groups": 3, "criterion": "hybrid", "one_to_many_repeats": 3},
+    "x2+hybrid+stride 4": {**X2, "num_query_groups": 3, "criterion": "hybrid", "finest_level_stride": 4},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's
