@@ -5,6 +5,8 @@ against PyTorch before it is reported written.
     detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
     detr-custom-export MODEL --format openvino --output demo_bf16.xml --precision bf16
     detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/
+    detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/ \
+        --int8_max_ap_drop 0.5 --data_dir data/demo
 
 The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixel_mask` [batch, height, width] int64
 (1 on real pixels, 0 on padding), its outputs `logits` and `pred_boxes` (cx, cy, w, h in [0, 1] of each image's
@@ -17,7 +19,10 @@ ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only
 file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
 the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
 training images; --int8_scope transformer keeps the convolutions in fp32); the precision travels in the metadata and
-exported.py compiles the file at it.
+exported.py compiles the file at it. int8 with --int8_max_ap_drop D and validation data (detr-custom-eval's
+arguments): accuracy control (NNCF's quantize_with_accuracy_control), the operations whose int8 costs the most AP
+go back to fp32 until the file's AP, as detr-custom-eval measures it, is within D AP points (AP x 100) of the fp32
+file's; the figures (fp32 AP, int8 AP, drop, operations reverted) go in the metadata and are printed.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
@@ -221,9 +226,28 @@ def quantization_settings(scope: str) -> dict:
 
 
 def quantized_operations(model) -> set[str]:
-    """The operations of an OpenVINO model that run in int8: those reading a FakeQuantize (NNCF's quantizer)."""
-    return {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() != "FakeQuantize"
-            and any(value.get_node().get_type_name() == "FakeQuantize" for value in op.input_values())}
+    """The operations of an OpenVINO model that run in int8, found as NNCF's accuracy-control report counts them
+    (less the ShapeOf operations it also counts): the quantizable operations (convolutions, matrix multiplications,
+    ...) a FakeQuantize (NNCF's quantizer) feeds, directly or through operations that do not compute (reshapes,
+    transposes, ...)."""
+    from nncf.openvino.graph.metatypes.groups import FAKE_QUANTIZE_OPERATIONS, INPUTS_QUANTIZABLE_OPERATIONS
+    from nncf.openvino.graph.nncf_graph_builder import GraphConverter
+
+    graph = GraphConverter.create_nncf_graph(model)
+    found, seen = set(), set()
+    to_see = [node for quantizer in graph.get_nodes_by_metatypes(FAKE_QUANTIZE_OPERATIONS)
+              for node in graph.get_next_nodes(quantizer)]
+    while to_see:
+        node = to_see.pop()
+        if node.node_name in seen:
+            continue
+        seen.add(node.node_name)
+        if node.metatype in INPUTS_QUANTIZABLE_OPERATIONS:
+            if node.node_type != "ShapeOf":     # reads the shape only
+                found.add(node.node_name)
+        else:
+            to_see.extend(graph.get_next_nodes(node))
+    return found
 
 
 def quantize_with_ap_control(model, items: list, transform, validation, processor, *, max_ap_drop: float,
