@@ -439,7 +439,8 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
         if precision != "fp32":
             import openvino
 
-            fp32_file, written = written, Path(scratch) / f"{precision}.xml"
+            # a name of its own: read_model maps the fp32 file's weights, which must outlive the save
+            fp32_file, written = written, Path(scratch) / f"{precision}_{output.name}"
             if precision == "int8":
                 quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size,
                               scope=int8_scope, max_ap_drop=int8_max_ap_drop, validation=validation)

@@ -173,7 +173,7 @@ def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys
     data = centred_boxes_data(tmp_path / "data")
     fp32_ap = eval_cli.evaluate_detector(str(folder), data_dir=str(data), progress=False)["AP"]
     for precision in ("bf16", "int8"):
-        output = tmp_path / f"model_{precision}.xml"
+        output = tmp_path / f"{precision}.xml"     # the scratch copy's name once: it must not overwrite the fp32 file
         calibration = {"calibration_data": str(data / "val2017"), "calibration_size": 5} if precision == "int8" else {}
         report = _export_in_a_subprocess(folder, output, precision, **calibration)
         assert report["largest_differences"]["pred_boxes"] <= 1e-4       # the fp32 graph it was made from
