@@ -415,6 +415,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
         from .evaluate import validation_set
 
         validation = validation_set(model.config.id2label, model.config.num_queries, **validation_data)
+        check_calibration_apart(calibration_images(calibration_data, calibration_size), validation, calibration_data)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         onnx_file = Path(scratch) / "model.onnx"
@@ -458,6 +459,17 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
             "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
             "batch_size": batch_size, "top_k": top_k, "int8_accuracy_control": accuracy_control,
             "seconds": time.perf_counter() - started}
+
+
+def check_calibration_apart(files: list[Path], validation, calibration_data: str) -> None:
+    """Calibration images that are also validation images (deploy.evaluate.ValidationSet) would make the AP that
+    accuracy control holds optimistic: an error naming one."""
+    validation_files = {Path(image["path"]).resolve() for image in validation.dataset["image"] if image.get("path")}
+    shared = sorted(str(path) for path in files if path.resolve() in validation_files)
+    if shared:
+        raise ValueError(f"--calibration_data {calibration_data}: {len(shared)} of its images are validation images "
+                         f"(e.g. {shared[0]}); the AP that --int8_max_ap_drop holds would be measured on the images "
+                         "that set the int8 ranges. Calibrate on training images (e.g. DATA_DIR/train2017).")
 
 
 VALIDATION_SOURCES = ("data_dir", "val_annotation_file", "val_image_dir", "dataset_name")
