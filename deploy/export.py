@@ -396,7 +396,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     if (precision == "int8") != (calibration_data is not None):
         raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
                          "--calibration_data is only for --precision int8.")
-    check_accuracy_control(precision, int8_max_ap_drop, validation_data)
+    check_accuracy_control(precision, int8_max_ap_drop, validation_data, postprocess=postprocess or top_k is not None)
     check_int8_scope(int8_scope)
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
@@ -475,9 +475,10 @@ def check_calibration_apart(files: list[Path], validation, calibration_data: str
 VALIDATION_SOURCES = ("data_dir", "val_annotation_file", "val_image_dir", "dataset_name")
 
 
-def check_accuracy_control(precision: str, max_ap_drop: float | None, validation_data: dict | None) -> None:
+def check_accuracy_control(precision: str, max_ap_drop: float | None, validation_data: dict | None, *,
+                           postprocess: bool = False) -> None:
     """int8 accuracy control's arguments go together: --int8_max_ap_drop (>= 0) with --precision int8 and
-    validation data."""
+    validation data, without the post-processing in the graph."""
     has_data = any((validation_data or {}).get(name) for name in VALIDATION_SOURCES)
     if max_ap_drop is None:
         if has_data:
@@ -491,6 +492,9 @@ def check_accuracy_control(precision: str, max_ap_drop: float | None, validation
     if not max_ap_drop >= 0:
         raise ValueError(f"--int8_max_ap_drop is the AP drop allowed, in AP points (AP x 100: 0.5 allows 0.6480 -> "
                          f"0.6430), >= 0; got {max_ap_drop}.")
+    if postprocess:
+        raise ValueError("--int8_max_ap_drop scores the file as detr-custom-eval does, on logits and pred_boxes: "
+                         "leave out --postprocess / --top_k (export a post-processed file at fp32 or plain int8).")
     if not has_data:
         raise ValueError("--int8_max_ap_drop needs validation data to measure the AP on, as detr-custom-eval takes "
                          "it: --data_dir DIR (COCO layout, its val split), --val_annotation_file with "
@@ -545,7 +549,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.validation_data = {name: getattr(args, name) for name in (*VALIDATION_SOURCES, "val_split", "bbox_format",
                                                                    "bbox_normalized")}
     try:
-        check_accuracy_control(args.precision, args.int8_max_ap_drop, args.validation_data)
+        check_accuracy_control(args.precision, args.int8_max_ap_drop, args.validation_data,
+                               postprocess=args.postprocess or args.top_k is not None)
     except ValueError as error:
         parser.error(str(error))
     return args

@@ -236,6 +236,8 @@ def test_int8_accuracy_control_keeps_the_ap_within_the_drop(exports, tmp_path, c
     (["--precision", "int8", "--calibration_data", "c", "--int8_max_ap_drop", "-0.5", "--data_dir", "d"],
      "in AP points (AP x 100"),
     (["--precision", "int8", "--calibration_data", "c", "--data_dir", "d"], "give --int8_max_ap_drop too"),
+    (["--precision", "int8", "--calibration_data", "c", "--int8_max_ap_drop", "0.5", "--data_dir", "d",
+      "--top_k", "10"], "leave out --postprocess"),
 ])
 def test_int8_accuracy_control_arguments_are_checked_when_parsed(tmp_path, capsys, arguments, message):
     """Bad combinations fail while the command line is read, before any model is loaded (the model does not
