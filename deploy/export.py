@@ -226,10 +226,10 @@ def quantization_settings(scope: str) -> dict:
 
 
 def quantized_operations(model) -> set[str]:
-    """The operations of an OpenVINO model that run in int8, found as NNCF's accuracy-control report counts them
-    (less the ShapeOf operations it also counts): the quantizable operations (convolutions, matrix multiplications,
-    ...) a FakeQuantize (NNCF's quantizer) feeds, directly or through operations that do not compute (reshapes,
-    transposes, ...)."""
+    """The operations of an OpenVINO model that run in int8, found as NNCF's accuracy-control report counts them,
+    less the shape arithmetic it also counts: the quantizable operations (convolutions, matrix multiplications, ...)
+    a FakeQuantize (NNCF's quantizer) feeds, directly or through operations that do not compute (reshapes,
+    transposes, ...), not through a ShapeOf."""
     from nncf.openvino.graph.metatypes.groups import FAKE_QUANTIZE_OPERATIONS, INPUTS_QUANTIZABLE_OPERATIONS
     from nncf.openvino.graph.nncf_graph_builder import GraphConverter
 
@@ -243,9 +243,8 @@ def quantized_operations(model) -> set[str]:
             continue
         seen.add(node.node_name)
         if node.metatype in INPUTS_QUANTIZABLE_OPERATIONS:
-            if node.node_type != "ShapeOf":     # reads the shape only
-                found.add(node.node_name)
-        else:
+            found.add(node.node_name)
+        elif node.node_type != "ShapeOf":      # what follows a ShapeOf computes on shapes, not on int8 values
             to_see.extend(graph.get_next_nodes(node))
     return found
 
