@@ -4,6 +4,7 @@ OpenVINO IR in fp32, bf16 and int8 (every convolution and matrix multiplication 
 
     .venv/bin/python -m benchmarks.bench_deploy [--models r18,r50,detr_r50] [--threads 1,all] [--rounds 5]
                                                 [--precisions fp32,bf16,int8] [--quick]
+    .venv/bin/python -m benchmarks.bench_deploy --trained outputs/demo/best --exported demo.xml demo_int8.xml
 
 Models (random weights, transformers' classes saved and loaded into ours through `from_pretrained`, which converts,
 then exported by deploy/export.py: dynamic batch and size, checked against PyTorch):
@@ -17,6 +18,10 @@ runtime alike), the speed against transformers' eager, the largest box differenc
 [0, 1]) and whether the 100 best (query, class) pairs by sigmoid score are the same (RT-DETR's ranking; DETR's
 softmax logits have near ties there, so its boxes column is the comparison). The last lines are the README / docs
 table: speed ratios against transformers' eager.
+
+--trained: a trained folder (ours eager, at its processor's size) against files exported from it, e.g. an int8 file
+made with accuracy control (`--int8_max_ap_drop`, whose AP needs trained weights): the files' speed against the
+eager model, and the AP figures their metadata records.
 """
 import argparse
 import os
@@ -122,6 +127,39 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
     return table
 
 
+def trained_rows(folder: str, files: list[str], threads: list[int], rounds: int,
+                 picture_size: tuple[int, int]) -> dict[int, list[tuple]]:
+    """A trained folder's eager model (ours) against its exported files, each run at the precision it was exported
+    for (e.g. an accuracy-controlled int8 file, whose AP is in its metadata), on one random picture of
+    `picture_size` (height, width) resized by the folder's processor: {threads: [(runtime, seconds, speed vs ours
+    eager)]}."""
+    from deploy.export import accuracy_control_record
+    from deploy.runtimes import load_detector, model_inputs
+
+    eager = load_detector(folder)
+    picture = np.random.default_rng(0).integers(0, 256, (*picture_size, 3), dtype=np.uint8)
+    pixel_values, pixel_mask = model_inputs(eager.processor, [picture])
+    print(f"{folder}: one picture of {picture_size[0]}x{picture_size[1]} pre-processed to "
+          f"{pixel_values.shape[2]}x{pixel_values.shape[3]}")
+    for file in files:
+        control = accuracy_control_record(Path(file)) if file.endswith(".xml") else {}
+        if control:
+            print(f"  {file}: int8 AP {control['int8_AP']:.4f} vs fp32 {control['fp32_AP']:.4f}, "
+                  f"{control['reverted_operations']} of {control['quantized_operations']} operations in fp32")
+    table = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        functions = {"ours eager": lambda: eager.forward(pixel_values=pixel_values, pixel_mask=pixel_mask)}
+        for file in files:
+            detector = load_detector(file, threads=count)
+            functions[f"{Path(file).name} ({detector.runtime})"] = (
+                lambda run=detector.forward: run(pixel_values=pixel_values, pixel_mask=pixel_mask))
+        with torch.no_grad():
+            times = interleaved(functions, rounds)
+        table[count] = [(key, seconds, times["ours eager"] / seconds) for key, seconds in times.items()]
+    return table
+
+
 def ratio_table(results: dict, threads: list[int]) -> str:
     """The README / docs table: speed against transformers' eager, one column per (model, threads)."""
     columns = [(name, count) for name in results for count in threads]
@@ -149,7 +187,24 @@ def main(argv=None):
     parser.add_argument("--calibration_size", type=int, default=8, help="random pictures calibrating int8")
     parser.add_argument("--quick", action="store_true", help="r18 only, 3 rounds (checks the script runs)")
     parser.add_argument("--size", help="HEIGHTxWIDTH for every model instead of its own (quick checks)")
+    parser.add_argument("--trained", help="instead of the random-weight models: a trained folder, timed eager "
+                                          "against its exported files (--exported)")
+    parser.add_argument("--exported", nargs="+", default=[], help="with --trained: its .onnx / .xml files")
+    parser.add_argument("--picture_size", default="480x640",
+                        help="with --trained: HEIGHTxWIDTH of the picture before the folder's processor resizes it")
     args = parser.parse_args(argv)
+    if bool(args.trained) != bool(args.exported):
+        parser.error("--trained FOLDER and --exported FILE [FILE ...] go together.")
+    if args.trained:
+        threads = thread_counts(args.threads)
+        print(format_machine(describe_machine()))
+        picture_size = tuple(int(side) for side in args.picture_size.split("x"))
+        for count, rows in trained_rows(args.trained, args.exported, threads, args.rounds, picture_size).items():
+            print(f"\n{count} thread(s), median of {args.rounds} interleaved rounds")
+            print(f"{'runtime':<52} {'ms':>9} {'vs ours eager':>14}")
+            for key, seconds, speed in rows:
+                print(f"{key:<52} {1000 * seconds:>9.2f} {speed:>13.2f}x", flush=True)
+        return
     if args.size:
         height, width = (int(side) for side in args.size.split("x"))
         for name, (label, _, _) in MODELS.items():

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -57,6 +58,42 @@ def match_categories(id2label: dict, data_categories: Categories) -> tuple[Categ
     return data_categories, {int(label): by_name[name] for label, name in id2label.items() if name in by_name}
 
 
+@dataclass
+class ValidationSet:
+    """Validation data ready to score a model on: the checked rows, their categories, model label -> category."""
+
+    dataset: datasets.Dataset
+    categories: Categories
+    label_to_category_id: dict[int, int]
+
+
+def validation_set(id2label: dict, num_queries: int | None, **data) -> ValidationSet:
+    """The validation data given as `load_validation`'s arguments, checked as the training script checks it, its
+    categories matched to the model's classes (id2label) by name."""
+    dataset = load_validation(**data)
+    categories, label_to_category_id = match_categories(id2label, get_categories(dataset))
+    dataset, report = check_dataset(dataset, num_queries=num_queries)
+    logger.info("data check: %s", report)
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))   # as training: pixels as stored
+    return ValidationSet(dataset, categories, label_to_category_id)
+
+
+def score_forward(forward, processor, validation: ValidationSet, *, indices: list[int] | None = None,
+                  batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> tuple[dict, dict]:
+    """(metrics, timing) of `forward` (Detector.forward's contract) on the validation rows `indices` (all by
+    default): the training loop's prediction and COCO scoring; model classes the data lacks are not scored."""
+    dataset = validation.dataset if indices is None else validation.dataset.select(indices)
+    category_id_to_label = {category_id: label for label, category_id in validation.label_to_category_id.items()}
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=DetrCollator(processor, category_id_to_label))
+    predictions, timing = predict_loader(forward, processor, loader, progress=progress)
+    for prediction in predictions:
+        keep = [i for i, label in enumerate(prediction["labels"]) if label in validation.label_to_category_id]
+        for key in ("scores", "labels", "boxes"):
+            prediction[key] = [prediction[key][i] for i in keep]
+    return score(predictions, dataset, validation.categories, validation.label_to_category_id), timing
+
+
 def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, progress: bool = True,
                       precision: str | None = None, **data) -> dict:
     """The metrics of MODEL (a folder or an exported file) on the validation data given as `load_validation`'s
@@ -66,20 +103,9 @@ def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, 
     if detector.postprocessed:
         raise ValueError(f"{model} was exported with --postprocess (scores, labels and pixel boxes out, top-k only): "
                          "evaluate the file exported without --postprocess, or the model folder.")
-    dataset = load_validation(**data)
-    categories, label_to_category_id = match_categories(detector.id2label, get_categories(dataset))
-    dataset, report = check_dataset(dataset, num_queries=detector.num_queries)
-    logger.info("data check: %s", report)
-    dataset = dataset.cast_column("image", datasets.Image(decode=False))   # as training: pixels as stored
-    category_id_to_label = {category_id: label for label, category_id in label_to_category_id.items()}
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=DetrCollator(detector.processor, category_id_to_label))
-    predictions, timing = predict_loader(detector.forward, detector.processor, loader, progress=progress)
-    for prediction in predictions:   # model classes the data does not have are not scored
-        keep = [i for i, label in enumerate(prediction["labels"]) if label in label_to_category_id]
-        for key in ("scores", "labels", "boxes"):
-            prediction[key] = [prediction[key][i] for i in keep]
-    metrics = score(predictions, dataset, categories, label_to_category_id)
+    validation = validation_set(detector.id2label, detector.num_queries, **data)
+    metrics, timing = score_forward(detector.forward, detector.processor, validation, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress)
     images = max(timing["images"], 1)
     return {**metrics, "images": timing["images"], "ms_per_image": 1000 * timing["model_seconds"] / images,
             "ms_per_image_total": 1000 * timing["seconds"] / images, "model": str(model),

@@ -5,6 +5,8 @@ against PyTorch before it is reported written.
     detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
     detr-custom-export MODEL --format openvino --output demo_bf16.xml --precision bf16
     detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/
+    detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/ \
+        --int8_max_ap_drop 0.5 --data_dir data/demo
 
 The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixel_mask` [batch, height, width] int64
 (1 on real pixels, 0 on padding), its outputs `logits` and `pred_boxes` (cx, cy, w, h in [0, 1] of each image's
@@ -17,7 +19,10 @@ ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only
 file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
 the runtime's default on CPUs with AVX512_BF16 or AMX) or int8 (NNCF post-training quantization, calibrated on
 training images; --int8_scope transformer keeps the convolutions in fp32); the precision travels in the metadata and
-exported.py compiles the file at it.
+exported.py compiles the file at it. int8 with --int8_max_ap_drop D and validation data (detr-custom-eval's
+arguments): accuracy control (NNCF's quantize_with_accuracy_control), the operations whose int8 costs the most AP
+go back to fp32 until the file's AP, as detr-custom-eval measures it, is within D AP points (AP x 100) of the fp32
+file's; the figures (fp32 AP, int8 AP, drop, operations reverted) go in the metadata and are printed.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
@@ -159,10 +164,15 @@ def onnx_to_openvino(onnx_file: Path, output: Path) -> Path:
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def set_precision(model, precision: str) -> None:
-    """Records in an OpenVINO model's metadata the precision it is compiled at (exported.PRECISIONS)."""
+def set_precision(model, precision: str, *, accuracy_control: dict | None = None) -> None:
+    """Records in an OpenVINO model's metadata the precision it is compiled at (exported.PRECISIONS) and, for an
+    accuracy-controlled int8 file, `int8_accuracy_control`: fp32_AP, int8_AP, ap_drop (AP points), max_ap_drop,
+    validation_images, int8_AP_before_control (every operation of the scope quantized), quantized_operations,
+    reverted_operations and the reverted operations' names."""
     settings = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
     settings["precision"] = precision
+    if accuracy_control:
+        settings["int8_accuracy_control"] = accuracy_control
     model.set_rt_info(json.dumps(settings), [METADATA_KEY])
 
 
@@ -195,24 +205,104 @@ def quantize_model(model, items: list, transform=None, *, scope: str = "full"):
     scope: "full" (every matrix multiplication and convolution but the depthwise ones in int8) or "transformer" (the
     matrix multiplications only: every convolution, the backbone's, stays in floating point). Softmax,
     normalizations and sigmoids stay in floating point (NNCF's transformer patterns)."""
+    import nncf
+
+    settings = quantization_settings(scope)
+    return nncf.quantize(model, nncf.Dataset(items, transform), subset_size=len(items),
+                         advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+
+
+def quantization_settings(scope: str) -> dict:
+    """nncf.quantize's / nncf.quantize_with_accuracy_control's keyword arguments for an int8 scope (see above)."""
     check_int8_scope(scope)
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    return nncf.quantize(model, nncf.Dataset(items, transform), subset_size=len(items),
-                         model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=False,
-                         ignored_scope=nncf.IgnoredScope(types=list(INT8_SCOPES[scope]), validate=False),
-                         advanced_parameters=AdvancedQuantizationParameters(
-                             activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE))
+    return {"model_type": nncf.ModelType.TRANSFORMER, "fast_bias_correction": False,
+            "ignored_scope": nncf.IgnoredScope(types=list(INT8_SCOPES[scope]), validate=False),
+            "advanced_quantization_parameters": AdvancedQuantizationParameters(
+                activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)}
+
+
+def quantized_operations(model) -> set[str]:
+    """The operations of an OpenVINO model that run in int8, found as NNCF's accuracy-control report counts them,
+    less the shape arithmetic it also counts: the quantizable operations (convolutions, matrix multiplications, ...)
+    a FakeQuantize (NNCF's quantizer) feeds, directly or through operations that do not compute (reshapes,
+    transposes, ...), not through a ShapeOf."""
+    from nncf.openvino.graph.metatypes.groups import FAKE_QUANTIZE_OPERATIONS, INPUTS_QUANTIZABLE_OPERATIONS
+    from nncf.openvino.graph.nncf_graph_builder import GraphConverter
+
+    graph = GraphConverter.create_nncf_graph(model)
+    found, seen = set(), set()
+    to_see = [node for quantizer in graph.get_nodes_by_metatypes(FAKE_QUANTIZE_OPERATIONS)
+              for node in graph.get_next_nodes(quantizer)]
+    while to_see:
+        node = to_see.pop()
+        if node.node_name in seen:
+            continue
+        seen.add(node.node_name)
+        if node.metatype in INPUTS_QUANTIZABLE_OPERATIONS:
+            found.add(node.node_name)
+        elif node.node_type != "ShapeOf":      # what follows a ShapeOf computes on shapes, not on int8 values
+            to_see.extend(graph.get_next_nodes(node))
+    return found
+
+
+def quantize_with_ap_control(model, items: list, transform, validation, processor, *, max_ap_drop: float,
+                             scope: str = "full", scratch: str) -> tuple:
+    """An OpenVINO fp32 model -> (its int8 version within `max_ap_drop` AP points (AP x 100) of the fp32 model's COCO
+    AP on `validation` (deploy.evaluate.ValidationSet), the accuracy-control record). NNCF's
+    quantize_with_accuracy_control: `quantize_model`'s quantization of `scope`, then, while the AP drops by more than
+    max_ap_drop, the quantized operations whose reverting to fp32 restores the most AP (ranked on the validation
+    images) are reverted, one group at a time. The AP is detr-custom-eval's (deploy.evaluate.score_forward, the
+    models compiled at fp32 as predict and eval compile an int8 file): the record's figures are the ones
+    detr-custom-eval prints for the written file."""
+    import nncf
+    import openvino
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    from .evaluate import score_forward
+    from .exported import PRECISIONS as COMPILE_SETTINGS
+    from .exported import openvino_forward
+
+    def ap_points(compiled, indices) -> tuple[float, None]:
+        indices = [int(index) for index in indices]
+        metrics, _ = score_forward(openvino_forward(compiled), processor, validation, indices=indices)
+        return 100 * metrics["AP"], None
+
+    def validate(network) -> float:
+        compiled = openvino.Core().compile_model(network, "CPU", COMPILE_SETTINGS["int8"])
+        return ap_points(compiled, range(len(validation.dataset)))[0]
+
+    settings = quantization_settings(scope)
+    quantized = nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(items, transform), nncf.Dataset(list(range(len(validation.dataset)))), ap_points,
+        max_drop=max_ap_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(intermediate_model_dir=scratch),
+        **settings)
+    first = openvino.Core().read_model(str(Path(scratch) / "intermediate_model.xml"))   # before any reverting
+    quantized_first = quantized_operations(first)
+    reverted = quantized_first - quantized_operations(quantized)
+    fp32_ap, int8_ap, first_ap = validate(model), validate(quantized), validate(first)
+    record = {"max_ap_drop": max_ap_drop, "fp32_AP": fp32_ap / 100, "int8_AP": int8_ap / 100,
+              "ap_drop": fp32_ap - int8_ap, "validation_images": len(validation.dataset), "int8_scope": scope,
+              "int8_AP_before_control": first_ap / 100, "quantized_operations": len(quantized_first),
+              "reverted_operations": len(reverted), "reverted": sorted(reverted)}
+    if fp32_ap - int8_ap > max_ap_drop + 1e-9:
+        raise RuntimeError(f"int8 accuracy control could not keep the AP within {max_ap_drop} points of fp32's "
+                           f"({record}); nothing was written. Export at --precision fp32 or bf16, or allow a larger "
+                           "--int8_max_ap_drop.")
+    return quantized, record
 
 
 def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *, calibration_size: int = 300,
-                  scope: str = "full") -> Path:
+                  scope: str = "full", max_ap_drop: float | None = None, validation=None) -> Path:
     """Post-training int8 quantization (`quantize_model`) of the exported graph: activation ranges from the
     calibration images (training images: never the data the model is scored on), pre-processed by the model's
     processor, one at a time. `xml`: the fp32 OpenVINO file; writes `output` (.xml + .bin) with "int8" in its
-    metadata."""
+    metadata. max_ap_drop (with validation, a deploy.evaluate.ValidationSet): accuracy control
+    (`quantize_with_ap_control`), whose record goes in the metadata too (`accuracy_control_record`)."""
     import openvino
     import PIL.Image
     import PIL.ImageOps
@@ -224,10 +314,24 @@ def quantize_int8(xml: Path, output: Path, processor, calibration_data: str, *, 
         return {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
 
     files = calibration_images(calibration_data, calibration_size)
-    quantized = quantize_model(openvino.Core().read_model(str(xml)), files, transform, scope=scope)
-    set_precision(quantized, "int8")
+    model, record = openvino.Core().read_model(str(xml)), {}
+    if max_ap_drop is None:
+        quantized = quantize_model(model, files, transform, scope=scope)
+    else:
+        with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+            quantized, record = quantize_with_ap_control(model, files, transform, validation, processor,
+                                                         max_ap_drop=max_ap_drop, scope=scope, scratch=scratch)
+    set_precision(quantized, "int8", accuracy_control=record or None)
     openvino.save_model(quantized, str(output), compress_to_fp16=False)
     return output
+
+
+def accuracy_control_record(xml: Path) -> dict:
+    """An OpenVINO file's int8 accuracy-control record (`set_precision`), {} when it has none."""
+    import openvino
+
+    settings = json.loads(openvino.Core().read_model(str(xml)).get_rt_info([METADATA_KEY]).astype(str))
+    return settings.get("int8_accuracy_control", {})
 
 
 def largest_differences(model, processor, file: Path, *, batch_size: int | None = None) -> dict:
@@ -274,10 +378,14 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
 def export(model_path: str, format: str, output: str, *, opset: int | None = None, batch_size: int | None = None,
            tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
            calibration_data: str | None = None, calibration_size: int = 300, int8_scope: str = "full",
-           postprocess: bool = False, top_k: int | None = None) -> dict:
+           postprocess: bool = False, top_k: int | None = None, int8_max_ap_drop: float | None = None,
+           validation_data: dict | None = None) -> dict:
     """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
     graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
-    bounded (its accuracy is measured by detr-custom-eval on the file)."""
+    bounded (its accuracy is measured by detr-custom-eval on the file). int8_max_ap_drop with validation_data
+    (deploy.evaluate.load_validation's arguments: data_dir, or val_annotation_file and val_image_dir, or
+    dataset_name with bbox_format): int8 accuracy control, the file's AP on that data within int8_max_ap_drop AP
+    points (AP x 100) of the fp32 file's (`quantize_with_ap_control`; the report's `int8_accuracy_control`)."""
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
     if precision not in PRECISIONS:
@@ -287,6 +395,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     if (precision == "int8") != (calibration_data is not None):
         raise ValueError("--precision int8 needs --calibration_data (a folder of training images), and "
                          "--calibration_data is only for --precision int8.")
+    check_accuracy_control(precision, int8_max_ap_drop, validation_data, postprocess=postprocess or top_k is not None)
     check_int8_scope(int8_scope)
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
@@ -300,6 +409,12 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     started = time.perf_counter()
     model = DetrCustomForObjectDetection.from_pretrained(model_path).eval()
     processor = DetrCustomImageProcessor.from_pretrained(model_path)
+    validation = None
+    if int8_max_ap_drop is not None:   # read and checked before the export: bad data fails at once
+        from .evaluate import validation_set
+
+        validation = validation_set(model.config.id2label, model.config.num_queries, **validation_data)
+        check_calibration_apart(calibration_images(calibration_data, calibration_size), validation, calibration_data)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         onnx_file = Path(scratch) / "model.onnx"
@@ -320,14 +435,16 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
                                f"{worst['pred_boxes']:.3g} (tolerance {tolerance:g}), logits by "
                                f"{worst['logits']:.3g} (tolerance {logits_tolerance:g}), on {differences}; nothing "
                                f"was written to {output}.")
-        reduced = {}
+        reduced, accuracy_control = {}, {}
         if precision != "fp32":
             import openvino
 
-            fp32_file, written = written, Path(scratch) / f"{precision}.xml"
+            # a name of its own: read_model maps the fp32 file's weights, which must outlive the save
+            fp32_file, written = written, Path(scratch) / f"{precision}_{output.name}"
             if precision == "int8":
                 quantize_int8(fp32_file, written, processor, calibration_data, calibration_size=calibration_size,
-                              scope=int8_scope)
+                              scope=int8_scope, max_ap_drop=int8_max_ap_drop, validation=validation)
+                accuracy_control = accuracy_control_record(written)
             else:
                 model_ir = openvino.Core().read_model(str(fp32_file))
                 set_precision(model_ir, precision)
@@ -339,7 +456,48 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     dynamic = "height and width" if batch_size else "batch, height and width"
     return {"file": str(output), "format": format, "precision": precision, "differences": differences,
             "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
-            "batch_size": batch_size, "top_k": top_k, "seconds": time.perf_counter() - started}
+            "batch_size": batch_size, "top_k": top_k, "int8_accuracy_control": accuracy_control,
+            "seconds": time.perf_counter() - started}
+
+
+def check_calibration_apart(files: list[Path], validation, calibration_data: str) -> None:
+    """Calibration images that are also validation images (deploy.evaluate.ValidationSet) would make the AP that
+    accuracy control holds optimistic: an error naming one."""
+    validation_files = {Path(image["path"]).resolve() for image in validation.dataset["image"] if image.get("path")}
+    shared = sorted(str(path) for path in files if path.resolve() in validation_files)
+    if shared:
+        raise ValueError(f"--calibration_data {calibration_data}: {len(shared)} of its images are validation images "
+                         f"(e.g. {shared[0]}); the AP that --int8_max_ap_drop holds would be measured on the images "
+                         "that set the int8 ranges. Calibrate on training images (e.g. DATA_DIR/train2017).")
+
+
+VALIDATION_SOURCES = ("data_dir", "val_annotation_file", "val_image_dir", "dataset_name")
+
+
+def check_accuracy_control(precision: str, max_ap_drop: float | None, validation_data: dict | None, *,
+                           postprocess: bool = False) -> None:
+    """int8 accuracy control's arguments go together: --int8_max_ap_drop (>= 0) with --precision int8 and
+    validation data, without the post-processing in the graph."""
+    has_data = any((validation_data or {}).get(name) for name in VALIDATION_SOURCES)
+    if max_ap_drop is None:
+        if has_data:
+            raise ValueError("Validation data (--data_dir, --val_annotation_file / --val_image_dir, --dataset_name) "
+                             "is for int8 accuracy control: give --int8_max_ap_drop too (e.g. 0.5 AP points), or "
+                             "leave the data out.")
+        return
+    if precision != "int8":
+        raise ValueError(f"--int8_max_ap_drop is for --precision int8 (got --precision {precision}): an {precision} "
+                         "file is not quantized; measure its AP with detr-custom-eval.")
+    if not max_ap_drop >= 0:
+        raise ValueError(f"--int8_max_ap_drop is the AP drop allowed, in AP points (AP x 100: 0.5 allows 0.6480 -> "
+                         f"0.6430), >= 0; got {max_ap_drop}.")
+    if postprocess:
+        raise ValueError("--int8_max_ap_drop scores the file as detr-custom-eval does, on logits and pred_boxes: "
+                         "leave out --postprocess / --top_k (export a post-processed file at fp32 or plain int8).")
+    if not has_data:
+        raise ValueError("--int8_max_ap_drop needs validation data to measure the AP on, as detr-custom-eval takes "
+                         "it: --data_dir DIR (COCO layout, its val split), --val_annotation_file with "
+                         "--val_image_dir, or --dataset_name with --bbox_format. Not the --calibration_data images.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -364,6 +522,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --precision int8: full (every matrix multiplication and convolution but the "
                              "depthwise ones: the speed) or transformer (the matrix multiplications only, the "
                              "convolutions in floating point: the accuracy; docs/deploy.md gives both)")
+    parser.add_argument("--int8_max_ap_drop", type=float,
+                        help="with --precision int8: accuracy control (NNCF's quantize_with_accuracy_control). The "
+                             "int8 file's COCO AP on the validation data (--data_dir or --val_annotation_file / "
+                             "--val_image_dir or --dataset_name, as detr-custom-eval takes them) stays within this "
+                             "many AP points (AP x 100) of the fp32 file's: the quantized operations that cost the "
+                             "most AP are reverted to fp32 until it does")
+    parser.add_argument("--data_dir", help="int8 accuracy control's validation data: a COCO-layout folder (its "
+                                           "annotations/instances_val2017.json and val2017/)")
+    parser.add_argument("--val_annotation_file", help="validation data: a COCO json (with --val_image_dir)")
+    parser.add_argument("--val_image_dir")
+    parser.add_argument("--dataset_name", help="validation data: a Hub dataset or save_to_disk folder (with "
+                                               "--bbox_format)")
+    parser.add_argument("--val_split", default="validation")
+    parser.add_argument("--bbox_format", choices=("xywh", "xyxy"))
+    parser.add_argument("--bbox_normalized", action="store_true")
     parser.add_argument("--postprocess", action="store_true",
                         help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
                              "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
@@ -371,7 +544,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, help="with the post-processing: detections per image (default: 100 "
                                                   "(query, class) pairs of sigmoid heads, every query of softmax "
                                                   "heads); implies --postprocess")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.validation_data = {name: getattr(args, name) for name in (*VALIDATION_SOURCES, "val_split", "bbox_format",
+                                                                   "bbox_normalized")}
+    try:
+        check_accuracy_control(args.precision, args.int8_max_ap_drop, args.validation_data,
+                               postprocess=args.postprocess or args.top_k is not None)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv=None) -> int:
@@ -380,7 +561,8 @@ def main(argv=None) -> int:
         report = export(args.model, args.format, args.output, opset=args.opset, batch_size=args.batch_size,
                         tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
                         calibration_data=args.calibration_data, calibration_size=args.calibration_size,
-                        int8_scope=args.int8_scope, postprocess=args.postprocess, top_k=args.top_k)
+                        int8_scope=args.int8_scope, postprocess=args.postprocess, top_k=args.top_k,
+                        int8_max_ap_drop=args.int8_max_ap_drop, validation_data=args.validation_data)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2
@@ -393,6 +575,13 @@ def main(argv=None) -> int:
     for name, difference in report["reduced_precision_differences"].items():
         print(f"  at {report['precision']} on {name}: largest difference logits {difference['logits']:.2e}, "
               f"boxes {difference['pred_boxes']:.2e} (reduced precision: measure its AP with detr-custom-eval)")
+    control = report["int8_accuracy_control"]
+    if control:
+        print(f"  int8 accuracy control on {control['validation_images']} validation images: fp32 AP "
+              f"{control['fp32_AP']:.4f}, int8 AP {control['int8_AP']:.4f}, drop {control['ap_drop']:.2f} AP points "
+              f"(allowed {control['max_ap_drop']:g}); {control['reverted_operations']} of "
+              f"{control['quantized_operations']} quantized operations reverted to fp32 (int8 AP before: "
+              f"{control['int8_AP_before_control']:.4f})")
     return 0
 
 

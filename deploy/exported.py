@@ -83,9 +83,13 @@ def load_openvino(path: Path, *, threads: int | None = None, precision: str | No
     config = dict(PRECISIONS[precision])
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    forward = openvino_forward(core.compile_model(model, "CPU", config))
+    return _detector(forward, settings, f"openvino ({precision})", path)
 
+
+def openvino_forward(compiled):
+    """A compiled OpenVINO model -> Detector.forward: torch tensors in, {output name: torch tensor} out."""
+    request = compiled.create_infer_request()
     names = [output.get_any_name() for output in compiled.outputs]
 
     def forward(pixel_values, pixel_mask, target_sizes=None):
@@ -95,7 +99,7 @@ def load_openvino(path: Path, *, threads: int | None = None, precision: str | No
         results = request.infer(inputs)
         return {name: torch.from_numpy(results[compiled.output(name)].copy()) for name in names}
 
-    return _detector(forward, settings, f"openvino ({precision})", path)
+    return forward
 
 
 def load_exported(path, *, threads: int | None = None, precision: str | None = None) -> Detector:

@@ -173,7 +173,7 @@ def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys
     data = centred_boxes_data(tmp_path / "data")
     fp32_ap = eval_cli.evaluate_detector(str(folder), data_dir=str(data), progress=False)["AP"]
     for precision in ("bf16", "int8"):
-        output = tmp_path / f"model_{precision}.xml"
+        output = tmp_path / f"{precision}.xml"     # the scratch copy's name once: it must not overwrite the fp32 file
         calibration = {"calibration_data": str(data / "val2017"), "calibration_size": 5} if precision == "int8" else {}
         report = _export_in_a_subprocess(folder, output, precision, **calibration)
         assert report["largest_differences"]["pred_boxes"] <= 1e-4       # the fp32 graph it was made from
@@ -196,6 +196,59 @@ def test_reduced_precision_files_carry_their_precision(exports, tmp_path, capsys
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="applies to an exported OpenVINO"):
         load_detector(str(folder), precision="bf16")
+
+
+@pytest.mark.timeout(1200)   # NNCF ranks each quantized operation by the AP its reverting restores
+def test_int8_accuracy_control_keeps_the_ap_within_the_drop(exports, tmp_path, capsys):
+    """--int8_max_ap_drop with validation data: the quantized operations that cost the most AP are reverted to fp32
+    (NNCF's accuracy control) until the int8 file's AP, as detr-custom-eval measures it, is within the drop of the
+    fp32 file's; the figures travel in the file's metadata. Allowed drop 0: quantizing every operation, calibrated
+    on 3 training images, costs this model AP, so some are reverted. Calibrating on validation images is refused."""
+    import openvino
+
+    folder, _, _, _, fp32_file = exports("detr")
+    data = centred_boxes_data(tmp_path / "data")
+    fp32_ap = eval_cli.evaluate_detector(str(fp32_file), data_dir=str(data), progress=False)["AP"]
+    output = tmp_path / "controlled.xml"
+    with pytest.raises(ValueError, match="of its images are validation images"):
+        export_cli.export(str(folder), "openvino", str(output), precision="int8", int8_max_ap_drop=0.0,
+                          calibration_data=str(data / "val2017"), validation_data={"data_dir": str(data)})
+    report = _export_in_a_subprocess(folder, output, "int8", calibration_data=str(data / "train2017"),
+                                     calibration_size=3, int8_max_ap_drop=0.0, validation_data={"data_dir": str(data)})
+    control = report["int8_accuracy_control"]
+    print(control)
+    metrics = eval_cli.evaluate_detector(str(output), data_dir=str(data), progress=False)
+    assert metrics["runtime"] == "openvino (int8)" and "FakeQuantize" in output.read_text()
+    assert control["fp32_AP"] == pytest.approx(fp32_ap, abs=1e-9) and fp32_ap > 0
+    assert control["int8_AP"] == pytest.approx(metrics["AP"], abs=1e-9)        # detr-custom-eval's number
+    assert fp32_ap - metrics["AP"] <= 1e-9 and control["ap_drop"] <= 0 == control["max_ap_drop"]
+    assert control["int8_AP_before_control"] < fp32_ap                          # the control had work to do
+    assert 0 < control["reverted_operations"] == len(control["reverted"]) < control["quantized_operations"]
+    assert control["validation_images"] == 8 and control["int8_scope"] == "full"
+    settings = json.loads(openvino.Core().read_model(str(output)).get_rt_info(["detr_custom"]).astype(str))
+    assert settings["precision"] == "int8" and settings["int8_accuracy_control"] == control
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--int8_max_ap_drop", "0.5"], "--int8_max_ap_drop is for --precision int8"),
+    (["--precision", "fp32", "--int8_max_ap_drop", "0.5", "--data_dir", "d"], "is for --precision int8"),
+    (["--precision", "int8", "--calibration_data", "c", "--int8_max_ap_drop", "0.5"], "needs validation data"),
+    (["--precision", "int8", "--calibration_data", "c", "--int8_max_ap_drop", "-0.5", "--data_dir", "d"],
+     "in AP points (AP x 100"),
+    (["--precision", "int8", "--calibration_data", "c", "--data_dir", "d"], "give --int8_max_ap_drop too"),
+    (["--precision", "int8", "--calibration_data", "c", "--int8_max_ap_drop", "0.5", "--data_dir", "d",
+      "--top_k", "10"], "leave out --postprocess"),
+])
+def test_int8_accuracy_control_arguments_are_checked_when_parsed(tmp_path, capsys, arguments, message):
+    """Bad combinations fail while the command line is read, before any model is loaded (the model does not
+    exist here), with the fix in the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(tmp_path / "absent"), "--format", "openvino", "--output", "m.xml", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="in AP points"):     # the Python function checks them too
+        export_cli.export(str(tmp_path / "absent"), "openvino", "m.xml", precision="int8", calibration_data="c",
+                          int8_max_ap_drop=-1.0, validation_data={"data_dir": "d"})
 
 
 QUANTIZE_SMALL_NETWORK = """
