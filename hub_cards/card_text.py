@@ -23,6 +23,17 @@ SIGMOID_LOSSES = ("focal", "varifocal")
 SIGMOID_TOP_K = 100
 
 
+def query_groups_text(config: dict) -> str:
+    """What the query groups of a config do at training: Group DETR's (each matched one-to-one) or H-DETR's hybrid
+    matching (`criterion="hybrid"`: the first one-to-one, the others one-to-many)."""
+    groups, queries = config["num_query_groups"], config.get("num_queries")
+    if config.get("criterion") == "hybrid":
+        return (f"hybrid matching at training (H-DETR): {groups} groups of {queries} queries, the first matched "
+                f"one-to-one, the other {groups - 1} one-to-many to every object repeated up to "
+                f"{config.get('one_to_many_repeats', 6)} times")
+    return f"{groups} groups of {queries} queries at training (Group DETR), each matched one-to-one"
+
+
 def sigmoid_head(config: dict) -> bool:
     """Whether the class head is per-class sigmoid (configs saved before `classification_loss` are softmax)."""
     return config.get("classification_loss", "cross_entropy") in SIGMOID_LOSSES
@@ -112,7 +123,7 @@ def describe_design(config: dict) -> str:
         if config.get("projection_norm") == "batch" and config.get("decoder_input_proj"):
             parts.append("RT-DETR's exact layout (loads its checkpoints)")
     if config.get("num_query_groups", 1) > 1:
-        parts.append(f"{config['num_query_groups']} query groups at training (Group DETR)")
+        parts.append(query_groups_text(config))
     loss = config.get("classification_loss", "cross_entropy")
     parts.append({"cross_entropy": "softmax classes with a no-object class",
                   "focal": "sigmoid classes, focal loss",
@@ -240,8 +251,7 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
         lines.append(("Class loss", f"{config['classification_loss']} ({paper}): per-class sigmoid, no 'no object' "
                                     "class"))
     if (config.get("num_query_groups") or 1) > 1:
-        lines.append(("Query groups", f"{config['num_query_groups']} groups of {config.get('num_queries')} queries at "
-                                      "training (Group DETR), one group at inference"))
+        lines.append(("Query groups", f"{query_groups_text(config)}; one group at inference"))
     ema = run.get("ema")
     if ema:
         lines.append(("Weights", f"exponential moving average of the trained weights (decay {_number(ema['decay'])}, "

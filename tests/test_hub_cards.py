@@ -449,6 +449,11 @@ def test_recipe_names_the_local_backbone_file_the_levers_and_an_early_stop():
                                          "ran slower than measured)")
     plain = dict(describe_recipe({}, {"classification_loss": "cross_entropy", "num_query_groups": 1}, None))
     assert "Class loss" not in plain and "Query groups" not in plain
+    hybrid = dict(describe_recipe({}, {**config, "num_query_groups": 3, "criterion": "hybrid",
+                                       "one_to_many_repeats": 4}, None))
+    assert hybrid["Query groups"] == ("hybrid matching at training (H-DETR): 3 groups of 10 queries, the first "
+                                      "matched one-to-one, the other 2 one-to-many to every object repeated up to 4 "
+                                      "times; one group at inference")
     assert plain["Initialized from"] == "no checkpoint: every weight started random"
 
 
