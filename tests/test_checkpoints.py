@@ -192,11 +192,18 @@ def test_a_second_run_in_a_busy_output_dir_is_refused_and_a_killed_runs_lock_tak
 
 # 4. Ctrl-C ends with the command that resumes
 
+def _as_from_a_shell():
+    """The child's Ctrl-C as a shell starts it: SIGINT at its default disposition and no signal blocked, whatever
+    the test process inherited or a library set in it (an ignored or blocked SIGINT is inherited across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, max_steps=500, save_steps=1, eval_steps=1000)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_shell)
     run = tmp_path / "run"
     deadline = time.time() + 300
     while not (run / "checkpoint-1").exists() and process.poll() is None and time.time() < deadline:
