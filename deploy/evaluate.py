@@ -122,18 +122,34 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="detr-custom-eval", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a saved folder (best/, last/), a transformers DETR / RT-DETR folder or Hub "
-                                      "id, or an exported .onnx / .xml file")
-    parser.add_argument("--data_dir", help="a COCO-layout folder: its annotations/instances_val2017.json and "
-                                           "val2017/ are evaluated")
+# the flags that give the validation data, `load_validation`'s arguments (detr-custom-eval; detr-custom-export's
+# int8 accuracy control)
+VALIDATION_ARGUMENTS = ("data_dir", "val_annotation_file", "val_image_dir", "dataset_name", "val_split",
+                        "bbox_format", "bbox_normalized")
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """The validation data's flags (VALIDATION_ARGUMENTS); `purpose` starts the help of --data_dir."""
+    parser.add_argument("--data_dir", help=f"{purpose}a COCO-layout folder: its annotations/instances_val2017.json "
+                                           "and val2017/")
     parser.add_argument("--val_annotation_file", help="a COCO json (with --val_image_dir)")
     parser.add_argument("--val_image_dir")
     parser.add_argument("--dataset_name", help="a Hub dataset or save_to_disk folder (with --bbox_format)")
     parser.add_argument("--val_split", default="validation")
     parser.add_argument("--bbox_format", choices=("xywh", "xyxy"))
     parser.add_argument("--bbox_normalized", action="store_true")
+
+
+def validation_arguments(args: argparse.Namespace) -> dict:
+    """The parsed validation flags as `load_validation`'s keyword arguments."""
+    return {name: getattr(args, name) for name in VALIDATION_ARGUMENTS}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="detr-custom-eval", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a saved folder (best/, last/), a transformers DETR / RT-DETR folder or Hub "
+                                      "id, or an exported .onnx / .xml file")
+    add_validation_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--output_json", help="write the metrics here as json")
@@ -152,9 +168,7 @@ def main(argv=None) -> int:
     try:
         metrics = evaluate_detector(
             args.model, batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
-            data_dir=args.data_dir, val_annotation_file=args.val_annotation_file, val_image_dir=args.val_image_dir,
-            dataset_name=args.dataset_name, val_split=args.val_split, bbox_format=args.bbox_format,
-            bbox_normalized=args.bbox_normalized, precision=args.precision)
+            precision=args.precision, **validation_arguments(args))
     except ValueError as error:
         print(f"detr-custom-eval: {error}", file=sys.stderr)
         return 2

@@ -501,6 +501,8 @@ def check_accuracy_control(precision: str, max_ap_drop: float | None, validation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .evaluate import add_validation_arguments, validation_arguments
+
     parser = argparse.ArgumentParser(prog="detr-custom-export", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a saved folder (best/, last/) or a transformers DETR / RT-DETR folder")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
@@ -528,15 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--val_image_dir or --dataset_name, as detr-custom-eval takes them) stays within this "
                              "many AP points (AP x 100) of the fp32 file's: the quantized operations that cost the "
                              "most AP are reverted to fp32 until it does")
-    parser.add_argument("--data_dir", help="int8 accuracy control's validation data: a COCO-layout folder (its "
-                                           "annotations/instances_val2017.json and val2017/)")
-    parser.add_argument("--val_annotation_file", help="validation data: a COCO json (with --val_image_dir)")
-    parser.add_argument("--val_image_dir")
-    parser.add_argument("--dataset_name", help="validation data: a Hub dataset or save_to_disk folder (with "
-                                               "--bbox_format)")
-    parser.add_argument("--val_split", default="validation")
-    parser.add_argument("--bbox_format", choices=("xywh", "xyxy"))
-    parser.add_argument("--bbox_normalized", action="store_true")
+    add_validation_arguments(parser, purpose="int8 accuracy control's validation data: ")
     parser.add_argument("--postprocess", action="store_true",
                         help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
                              "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
@@ -545,8 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "(query, class) pairs of sigmoid heads, every query of softmax "
                                                   "heads); implies --postprocess")
     args = parser.parse_args(argv)
-    args.validation_data = {name: getattr(args, name) for name in (*VALIDATION_SOURCES, "val_split", "bbox_format",
-                                                                   "bbox_normalized")}
+    args.validation_data = validation_arguments(args)
     try:
         check_accuracy_control(args.precision, args.int8_max_ap_drop, args.validation_data,
                                postprocess=args.postprocess or args.top_k is not None)

@@ -257,20 +257,19 @@ class Ignored:
         if self.part is None:
             return self.why, self.fix
         readers = [name for name, fields in PART_FIELDS[self.part].items() if self.field in fields]
-        field = _part_field(self.part)
+        field, parts = PARTS[self.part]
         chosen = getattr(config, field)
         fix = f"set {field}={readers[0]!r}" if len(readers) == 1 else f"set {field} to one of {readers}"
-        parts = "criteria" if self.part == "criterion" else f"{self.part}s"
         return f"only the {parts} {readers} read it, and {field}={chosen!r} does not.", fix
 
 
-def _part_field(part: str) -> str:
-    """The config field that names the chosen part: `encoder_type`, `decoder_type`, `criterion`."""
-    return "criterion" if part == "criterion" else f"{part}_type"
+# the parts of PART_FIELDS: part -> (the config field that names the chosen one, the parts in words)
+PARTS = {"encoder": ("encoder_type", "encoders"), "decoder": ("decoder_type", "decoders"),
+         "criterion": ("criterion", "criteria")}
 
 
 def _part_name(config, part: str) -> str:
-    return getattr(config, _part_field(part))
+    return getattr(config, PARTS[part][0])
 
 
 _DEFORMABLE = "set decoder_type='deformable' (e.g. from_preset('deformable'))"

@@ -60,7 +60,7 @@ class HybridMatchingLoss(DetrCustomLoss):
             return ({name: value[:, :queries] for name, value in outputs.items()},
                     {name: value[:, queries:] for name, value in outputs.items()})
 
-        (first, rest) = split({"logits": logits, "pred_boxes": pred_boxes})
+        first, rest = split({"logits": logits, "pred_boxes": pred_boxes})
         layers = [split(layer) for layer in auxiliary_outputs or []]
         encoder_first, encoder_rest = split(encoder_outputs)
         one_to_one, terms = super().forward(first["logits"], first["pred_boxes"], labels,

@@ -80,10 +80,8 @@ def publish_names() -> None:
     configuration.CRITERIA = tuple(CRITERIA)
     # the fields only some parts read (each part's `config_fields`): set for another part, the config refuses them
     configuration.PART_FIELDS = {
-        "encoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in ENCODERS.items()},
-        "decoder": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in DECODERS.items()},
-        "criterion": {name: tuple(getattr(cls, "config_fields", ())) for name, cls in CRITERIA.items()},
-    }
+        part: {name: tuple(getattr(cls, "config_fields", ())) for name, cls in table.items()}
+        for part, table in (("encoder", ENCODERS), ("decoder", DECODERS), ("criterion", CRITERIA))}
 
 
 def register_encoder(name: str, cls: type) -> type:
