@@ -78,6 +78,10 @@ LEVERS = {
     "x2+hybrid 5 groups": {**X2, "num_query_groups": 5, "criterion": "hybrid"},
     "x2+hybrid repeats 3": {**X2, "num_query_groups": 3, "criterion": "hybrid", "one_to_many_repeats": 3},
     "x2+hybrid+stride 4": {**X2, "num_query_groups": 3, "criterion": "hybrid", "finest_level_stride": 4},
+    # RT-DETR's hybrid encoder (AIFI, then a convolutional top-down and bottom-up fusion of the levels, as a CNN
+    # detector's FPN / PAN) instead of the one attention layer on the coarsest level; on detr-small (hybrid matching)
+    "x2+fusion encoder": {**X2, "encoder_type": "hybrid"},
+    "x2+fusion encoder 3 levels": {**X2, "encoder_type": "hybrid", "num_feature_levels": 3},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's
