@@ -82,6 +82,9 @@ LEVERS = {
     # detector's FPN / PAN) instead of the one attention layer on the coarsest level; on detr-small (hybrid matching)
     "x2+fusion encoder": {**X2, "encoder_type": "hybrid"},
     "x2+fusion encoder 3 levels": {**X2, "encoder_type": "hybrid", "num_feature_levels": 3},
+    # duplicate removal (finetune_small.yaml's nms_iou_threshold 0.7): off, or at other IoUs
+    "x2+no nms": {**X2, "nms_iou_threshold": None},
+    "x2+nms 0.5": {**X2, "nms_iou_threshold": 0.5},
 }
 COLUMNS = ("lever", "AP", "AP50", "AP50 by run", "train AP50", "gap", "s/step")
 SETTINGS = {"batch_size": 8, "scales": [112, 128, 144], "eval_size": 128, "max_size": 224}   # bench_real's

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from training.data import Categories, DetrCollator, check_dataset, get_categories, load_coco, load_hub_detection
 from training.evaluation import predict_loader, score
 
-from .runtimes import load_detector
+from .runtimes import add_nms_argument, load_detector
 
 logger = logging.getLogger("deploy.evaluate")
 
@@ -95,11 +95,12 @@ def score_forward(forward, processor, validation: ValidationSet, *, indices: lis
 
 
 def evaluate_detector(model: str, *, batch_size: int = 8, num_workers: int = 0, progress: bool = True,
-                      precision: str | None = None, **data) -> dict:
+                      precision: str | None = None, nms_iou_threshold: float | None = None, **data) -> dict:
     """The metrics of MODEL (a folder or an exported file) on the validation data given as `load_validation`'s
     arguments: training/metrics.py's figures plus images, ms_per_image (forward and post-processing) and
-    ms_per_image_total (with decoding and pre-processing). precision: an OpenVINO file's, instead of its own."""
-    detector = load_detector(model, precision=precision)
+    ms_per_image_total (with decoding and pre-processing). precision: an OpenVINO file's, instead of its own.
+    nms_iou_threshold: instead of the processor's duplicate removal (load_detector)."""
+    detector = load_detector(model, precision=precision, nms_iou_threshold=nms_iou_threshold)
     if detector.postprocessed:
         raise ValueError(f"{model} was exported with --postprocess (scores, labels and pixel boxes out, top-k only): "
                          "evaluate the file exported without --postprocess, or the model folder.")
@@ -156,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8", "default"),
                         help="an OpenVINO file's arithmetic instead of the one it was exported for (bf16: CPUs with "
                              "AVX512_BF16 or AMX; default: the runtime's choice)")
+    add_nms_argument(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     try:
         metrics = evaluate_detector(
             args.model, batch_size=args.batch_size, num_workers=args.num_workers, progress=sys.stderr.isatty(),
-            precision=args.precision, **validation_arguments(args))
+            precision=args.precision, nms_iou_threshold=args.nms_iou_threshold, **validation_arguments(args))
     except ValueError as error:
         print(f"detr-custom-eval: {error}", file=sys.stderr)
         return 2

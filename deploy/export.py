@@ -13,7 +13,8 @@ The file's inputs are `pixel_values` [batch, 3, height, width] float32 and `pixe
 unpadded region), the model's own: pre- and post-processing stay DetrCustomImageProcessor's, whose settings, the
 class names and the class activation travel in the file's metadata (detr-custom-predict and detr-custom-eval read
 them). Batch, height and width are dynamic in both formats (--batch_size fixes the batch); padded batches give each
-image's outputs as PyTorch does.
+image's outputs as PyTorch does. With --postprocess the graph also selects the top k (scores, labels, boxes in
+pixels); a processor's duplicate removal (`nms_iou_threshold`) stays outside the graph, applied by our runtimes.
 
 ONNX: torch.onnx.export's dynamo exporter (torch.export, standard operators only). OpenVINO: converted from that ONNX
 file, weights kept in fp32, run in fp32 unless --precision says otherwise: bf16 (the same weights, bf16 arithmetic,
@@ -359,7 +360,7 @@ def largest_differences(model, processor, file: Path, *, batch_size: int | None 
             top_k = got["scores"].shape[1]
             reference = processor.post_process_object_detection(expected, threshold=0.0, target_sizes=sizes,
                                                                 top_k=top_k, class_activation=runner.processor
-                                                                .class_activation)
+                                                                .class_activation, nms_iou_threshold=1.0)
             scale = sizes.flip(1).repeat(1, 2)[:, None, :].float()           # [batch, 1, 4]: w, h, w, h
             ref_scores = torch.stack([r["scores"] for r in reference])
             ref_boxes = torch.stack([r["boxes"] for r in reference])

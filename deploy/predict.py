@@ -29,7 +29,7 @@ import PIL.ImageOps
 from tqdm.auto import tqdm
 
 from .drawing import draw_detections
-from .runtimes import Detector, load_detector
+from .runtimes import Detector, add_nms_argument, load_detector
 
 logger = logging.getLogger("deploy.predict")
 
@@ -239,14 +239,15 @@ class Predictor:
 
 
 def predict(model: str, inputs: list[str], output: str, *, threshold: float = 0.5, batch_size: int = 1,
-            annotation_file: str | None = None, progress: bool = True) -> dict:
+            annotation_file: str | None = None, progress: bool = True,
+            nms_iou_threshold: float | None = None) -> dict:
     """The Python function behind detr-custom-predict; returns the summary (see the module docstring)."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"--threshold is a score in [0, 1], got {threshold}.")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
     files = expand_inputs(inputs)
-    detector = load_detector(model)
+    detector = load_detector(model, nms_iou_threshold=nms_iou_threshold)
     ids = CocoIds.from_annotation_file(annotation_file, detector.id2label)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -268,6 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--annotation_file", help="a COCO json: take its image ids (by file name) and category ids "
                                                   "(by class name)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward (video frames too)")
+    add_nms_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
     try:
         summary = predict(args.model, args.inputs, args.output, threshold=args.threshold,
                           batch_size=args.batch_size, annotation_file=args.annotation_file,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), nms_iou_threshold=args.nms_iou_threshold)
     except ValueError as error:
         print(f"detr-custom-predict: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import checked_nms_iou_threshold, suppress_duplicates
 
 EXPORTED_SUFFIXES = (".onnx", ".xml")
 
@@ -58,7 +59,16 @@ class Detector:
                                target_sizes[index:index + 1])
             keep = out["scores"][0] > threshold
             results.append({key: out[key][0][keep] for key in ("scores", "labels", "boxes")})
-        return results
+        # the graph selects the top k; duplicate removal, when the processor has it, runs here (not in the graph)
+        return suppress_duplicates(results, self.processor.nms_iou_threshold)
+
+
+def add_nms_argument(parser) -> None:
+    """--nms_iou_threshold (detr-custom-predict, detr-custom-eval): load_detector's."""
+    parser.add_argument("--nms_iou_threshold", type=float,
+                        help="remove duplicates: of two detections of one class overlapping by more than this IoU, "
+                             "the lower-scored one (default: the model's processor setting, none unless trained "
+                             "with one; 1 keeps every detection)")
 
 
 def model_inputs(processor: DetrCustomImageProcessor, images: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +90,18 @@ def _image_size(image) -> tuple[int, int]:
     return tuple(image.shape[:2])
 
 
-def load_detector(model: str, *, threads: int | None = None, precision: str | None = None) -> Detector:
+def load_detector(model: str, *, threads: int | None = None, precision: str | None = None,
+                  nms_iou_threshold: float | None = None) -> Detector:
     """Our folder, a transformers DETR / RT-DETR(v2) folder or Hub id, or an exported .onnx / .xml file.
-    precision: an OpenVINO file's, instead of the one it was exported for (exported.PRECISIONS)."""
+    precision: an OpenVINO file's, instead of the one it was exported for (exported.PRECISIONS). nms_iou_threshold:
+    instead of its processor's duplicate removal (DetrCustomImageProcessor's; 1.0 keeps every detection)."""
+    detector = _load_detector(model, threads=threads, precision=precision)
+    if nms_iou_threshold is not None:
+        detector.processor.nms_iou_threshold = checked_nms_iou_threshold(nms_iou_threshold)
+    return detector
+
+
+def _load_detector(model: str, *, threads: int | None, precision: str | None) -> Detector:
     path = Path(model)
     if path.suffix.lower() in EXPORTED_SUFFIXES:
         if not path.is_file():

@@ -2,6 +2,7 @@
 
 Every function leaves out what the run did not record, so the card never says "More information needed".
 """
+import json
 import math
 from pathlib import Path
 
@@ -261,6 +262,19 @@ def describe_recipe(run: dict, config: dict, base_model: str | None) -> list[tup
     if run.get("seed") is not None:
         lines.append(("Seed", str(run["seed"])))
     return lines
+
+
+def describe_post_processing(output_dir: Path, run: dict) -> list[tuple[str, str]]:
+    """The duplicate removal the folder's processor applies (its preprocessor_config.json's `nms_iou_threshold`, else
+    the run's setting): a line when there is one."""
+    processor_file = output_dir / "preprocessor_config.json"
+    threshold = (json.loads(processor_file.read_text()) if processor_file.is_file() else run).get("nms_iou_threshold")
+    if threshold is None:
+        return []
+    return [("Post-processing", f"class-wise non-maximum suppression at IoU {_number(threshold)} (the processor's "
+                                "`nms_iou_threshold`: `post_process_object_detection` and `pipeline` remove a "
+                                "detection overlapping a higher-scored one of its class by more; pass "
+                                "`nms_iou_threshold=1.0` to keep them)")]
 
 
 def describe_files(output_dir: Path) -> str:

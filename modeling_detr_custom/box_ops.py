@@ -61,3 +61,28 @@ def elementwise_generalized_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torc
 def elementwise_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
     """IoU of matched pairs: [..., 4] x [..., 4] -> [...], in [0, 1] (the varifocal loss's target)."""
     return _iou_and_union(boxes1_xyxy, boxes2_xyxy)[0]
+
+
+def box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU: [..., N, 4] x [..., M, 4] -> [..., N, M], in [0, 1]."""
+    return _iou_and_union(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])[0]
+
+
+def class_wise_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                   iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression within each label (torchvision.ops.batched_nms's rule): best score first, a
+    kept box removes the lower-scored boxes of its label whose IoU with it is above `iou_threshold`. boxes [N, 4],
+    scores [N], labels [N] -> the indices kept, in their input order (equal scores: the earlier box first)."""
+    order = scores.argsort(descending=True, stable=True)
+    sorted_boxes, sorted_labels = boxes_xyxy[order], labels[order]
+    overlaps = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold) & (sorted_labels[:, None] == sorted_labels)
+    later = [[] for _ in range(len(order))]     # later[i]: the lower-scored boxes that box i would remove
+    for i, j in overlaps.triu(diagonal=1).nonzero().tolist():
+        later[i].append(j)
+    removed = [False] * len(order)
+    for i, others in enumerate(later):
+        if not removed[i]:
+            for j in others:
+                removed[j] = True
+    kept = torch.tensor([not r for r in removed], dtype=torch.bool, device=order.device)
+    return order[kept].sort().values

@@ -21,7 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from .annotations_detr_custom import make_labels, parse_annotations
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, class_wise_nms
 from .configuration_detr_custom import SIGMOID_CLASSIFICATION_LOSSES
 from .image_kernels import to_padded_batch, to_rgb_tensor
 
@@ -47,6 +47,7 @@ class DetrCustomImageProcessorKwargs(ImagesKwargs, total=False):
     drop_crowd: bool
     category_id_to_label: dict
     class_activation: str
+    nms_iou_threshold: float
 
 
 # the constructor's settings; preprocess(..., key=value) overrides one for a call
@@ -136,6 +137,11 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     config.json stores the model's activation, and ``from_pretrained`` fills it from that config.json for folders
     saved without it (see ``get_image_processor_dict``).
 
+    ``nms_iou_threshold`` (None: off, the default) makes ``post_process_object_detection`` remove duplicates: of two
+    detections of one class whose boxes overlap with an IoU above it, the lower-scored one (class-wise non-maximum
+    suppression). DETR's one-to-one matching teaches the model not to give duplicates, which a model trained on
+    few images or for few steps has not fully learned; `training/configs/finetune_small.yaml` sets 0.7.
+
     Reads transformers' DETR ``preprocessor_config.json`` (``DetrImageProcessor``, ``DetrImageProcessorFast``, old
     ``DetrFeatureExtractor`` with ``size: 800, max_size: 1333``).
     """
@@ -159,6 +165,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         drop_crowd: bool = True,
         category_id_to_label: dict | None = None,
         class_activation: str | None = None,
+        nms_iou_threshold: float | None = None,
         **kwargs,
     ):
         # transformers' DETR configs: old names and keys that mean nothing here
@@ -191,6 +198,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         if class_activation not in (None, *CLASS_ACTIVATIONS):
             raise ValueError(f"class_activation must be one of {CLASS_ACTIVATIONS} or None, got {class_activation!r}")
         self.class_activation = class_activation
+        self.nms_iou_threshold = checked_nms_iou_threshold(nms_iou_threshold)
         self._check_settings(self)
 
     @classmethod
@@ -306,7 +314,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         return batch
 
     def post_process_object_detection(self, outputs, threshold: float = 0.5, target_sizes=None, top_k=None,
-                                      class_activation: str | None = None):
+                                      class_activation: str | None = None, nms_iou_threshold: float | None = None):
         """Raw outputs -> one dict per image: ``scores`` [k], ``labels`` [k], ``boxes`` [k, 4] absolute x0, y0, x1, y1.
 
         ``outputs`` has ``logits`` and ``pred_boxes`` [batch, queries, 4] (cx, cy, w, h in [0, 1] of the visible
@@ -324,12 +332,18 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         - ``"sigmoid"`` (focal / varifocal heads): ``logits`` [batch, queries, num_labels]; the ``top_k`` (default
           100) best (query, class) pairs over queries x classes, best first, then those with score > ``threshold``,
           as Deformable DETR (a query may give several classes).
+
+        Then, with ``nms_iou_threshold`` (this call's, else the processor's; None in both: off), class-wise
+        non-maximum suppression on what was kept: a detection is removed when a higher-scored one of its class
+        overlaps it with an IoU above the threshold (the order of the rest is kept). 1.0 turns off the processor's.
         """
         if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 <= threshold <= 1):
             raise ValueError(f"threshold is a score in [0, 1] (0 keeps every query), got {threshold!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         activation = _class_activation(outputs, class_activation, self.class_activation)
+        nms_iou_threshold = checked_nms_iou_threshold(nms_iou_threshold)
+        nms_iou_threshold = self.nms_iou_threshold if nms_iou_threshold is None else nms_iou_threshold
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         pred_boxes = outputs["pred_boxes"] if isinstance(outputs, dict) else outputs.pred_boxes
         boxes_xyxy = box_cxcywh_to_xyxy(pred_boxes)                              # [batch, queries, 4], in [0, 1]
@@ -349,7 +363,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         scale = torch.stack([width, height, width, height], dim=1)[:, None, :]   # [batch, 1, 4]
         boxes_xyxy = torch.minimum((boxes_xyxy * scale).clamp(min=0), scale)
         if activation == "sigmoid":
-            return _sigmoid_top_k(logits, boxes_xyxy, threshold, SIGMOID_TOP_K if top_k is None else top_k)
+            results = _sigmoid_top_k(logits, boxes_xyxy, threshold, SIGMOID_TOP_K if top_k is None else top_k)
+            return suppress_duplicates(results, nms_iou_threshold)
         probs = logits.softmax(-1)[..., :-1]                                     # [batch, queries, num_labels]
         scores, labels = probs.max(-1)                                           # [batch, queries]
         results = []
@@ -360,7 +375,29 @@ class DetrCustomImageProcessor(BaseImageProcessor):
                 order = image_scores.argsort(descending=True)[:top_k]
                 image_scores, image_labels, image_boxes = image_scores[order], image_labels[order], image_boxes[order]
             results.append({"scores": image_scores, "labels": image_labels, "boxes": image_boxes})
+        return suppress_duplicates(results, nms_iou_threshold)
+
+
+def checked_nms_iou_threshold(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 < value <= 1):
+        raise ValueError(f"nms_iou_threshold is an IoU in (0, 1] (non-maximum suppression: a detection overlapping a "
+                         f"higher-scored one of its class by more is removed; 1 keeps all) or None (off), got "
+                         f"{value!r}")
+    return float(value)
+
+
+def suppress_duplicates(results: list[dict], nms_iou_threshold: float | None) -> list[dict]:
+    """Post-processed detections (one dict of ``scores``, ``labels``, ``boxes`` per image) without the duplicates
+    that class-wise non-maximum suppression at `nms_iou_threshold` removes; unchanged when it is None."""
+    if nms_iou_threshold is None:
         return results
+    kept = []
+    for result in results:
+        keep = class_wise_nms(result["boxes"], result["scores"], result["labels"], nms_iou_threshold)
+        kept.append({**result, **{key: result[key][keep] for key in ("scores", "labels", "boxes")}})
+    return kept
 
 
 def _activation_agreeing_with_model(activation: str | None, config_file: str, where) -> str:

@@ -103,6 +103,29 @@ def test_eval_command_gives_the_loops_number(trained_run, tmp_path, capsys):
     assert f"AP {recorded['AP']:.4f}" in printed and "ms per image" in printed
 
 
+def test_the_loop_evaluates_with_the_duplicate_removal_it_saves(tmp_path):
+    """nms_iou_threshold reaches the loop's evaluation, the saved processor and the card: the loop's number is the
+    folder's through detr-custom-eval, and without the removal (--nms_iou_threshold 1) the folder scores otherwise."""
+    data_dir = centred_boxes_data(tmp_path / "data")
+    _run(_config(tmp_path, data_dir, max_steps=4, eval_steps=4, per_device_eval_batch_size=8,
+                 nms_iou_threshold=0.9))
+    folder = tmp_path / "run" / "last"
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_history"][-1]
+    assert json.loads((folder / "preprocessor_config.json").read_text())["nms_iou_threshold"] == 0.9
+    assert "non-maximum suppression at IoU 0.9" in (folder / "README.md").read_text()
+    scores = {}
+    for nms in (None, "1"):
+        output = tmp_path / f"metrics-{nms}.json"
+        assert eval_cli.main([str(folder), "--data_dir", str(data_dir), "--output_json", str(output)]
+                             + (["--nms_iou_threshold", nms] if nms else [])) == 0
+        scores[nms] = json.loads(output.read_text())
+    for name in METRICS:
+        assert scores[None][name] == pytest.approx(recorded[name], abs=1e-6), name
+    assert scores["1"]["AR100"] > recorded["AR100"]      # the boxes it removed had found objects
+    with pytest.raises(ValueError, match=r"nms_iou_threshold=0: must be an IoU in \(0, 1\]"):
+        _run(_config(tmp_path, data_dir, max_steps=1, nms_iou_threshold=0))
+
+
 def test_annotation_file_form_and_bad_sources(trained_run, tmp_path):
     folder, data_dir, recorded = trained_run
     metrics = eval_cli.evaluate_detector(

@@ -310,5 +310,15 @@ def test_postprocessed_files_give_the_folders_detections(exports, tmp_path, caps
             assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"]), label
             assert got["score"] == pytest.approx(want["score"], abs=1e-5)
             assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-2)
+    # duplicate removal (--nms_iou_threshold) runs after a post-processed graph as after the folder's processor
+    for label, model in (("pytorch-nms", folder), ("onnx-nms", onnx_file)):
+        predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / label), threshold=0.0,
+                            batch_size=3, progress=False, nms_iou_threshold=0.7)
+        detections = json.loads((tmp_path / label / "predictions.json").read_text())
+        results[label] = sorted(detections, key=lambda d: (d["image_id"], -d["score"]))
+    assert 8 <= len(results["onnx-nms"]) == len(results["pytorch-nms"]) < 8 * 10
+    for got, want in zip(results["onnx-nms"], results["pytorch-nms"]):
+        assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
     with pytest.raises(ValueError, match="exported with --postprocess"):
         eval_cli.evaluate_detector(str(xml), data_dir=str(data), progress=False)

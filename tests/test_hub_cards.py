@@ -431,6 +431,18 @@ def test_recipe_reports_the_time_budget_and_the_precision_that_ran():
     assert "Time budget" not in plain and "Precision used" not in plain
 
 
+def test_recipe_states_the_duplicate_removal_of_the_folders_processor(tmp_path):
+    from hub_cards.card_text import describe_post_processing
+
+    assert describe_post_processing(tmp_path, {}) == []
+    assert "IoU 0.7" in dict(describe_post_processing(tmp_path, {"nms_iou_threshold": 0.7}))["Post-processing"]
+    # the folder's processor file is the truth: a user may have changed it after the run
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"nms_iou_threshold": 0.5}))
+    assert "IoU 0.5" in dict(describe_post_processing(tmp_path, {"nms_iou_threshold": 0.7}))["Post-processing"]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"nms_iou_threshold": None}))
+    assert describe_post_processing(tmp_path, {"nms_iou_threshold": 0.7}) == []
+
+
 def test_recipe_names_the_local_backbone_file_the_levers_and_an_early_stop():
     from hub_cards.card_text import describe_recipe
 

@@ -392,3 +392,69 @@ def test_pad_options_and_bad_settings():
         DetrCustomImageProcessor(resample=4)
     with pytest.raises(TypeError, match="unexpected keyword arguments"):  # a per-call setting must be a setting
         DetrCustomImageProcessor()(images, crop_size={"height": 8, "width": 8})
+
+
+def test_class_wise_nms_is_torchvisions():
+    """Our pure-torch suppression (the Hub folder's code needs no torchvision) keeps what torchvision's batched_nms
+    keeps, over random boxes, labels and thresholds."""
+    from torchvision.ops import batched_nms
+
+    from modeling_detr_custom.box_ops import class_wise_nms
+
+    generator = torch.Generator().manual_seed(0)
+    removed = 0
+    for _ in range(100):
+        count = int(torch.randint(0, 60, (1,), generator=generator))
+        corner = torch.rand(count, 2, generator=generator) * 100
+        boxes = torch.cat([corner, corner + torch.rand(count, 2, generator=generator) * 40 + 1], 1)
+        scores, labels = torch.rand(count, generator=generator), torch.randint(0, 3, (count,), generator=generator)
+        threshold = float(torch.rand(1, generator=generator)) * 0.9 + 0.05
+        kept = class_wise_nms(boxes, scores, labels, threshold)
+        assert torch.equal(kept, batched_nms(boxes, scores, labels, threshold).sort().values)
+        removed += count - len(kept)
+    assert removed > 100    # the draws overlap enough to test the suppression
+
+
+def duplicate_outputs(activation: str):
+    """Three queries on one 100 x 100 image: a box, a near-copy of it scored lower (IoU 0.81), and the same box
+    again as another class."""
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.36, 0.36], [0.5, 0.5, 0.4, 0.4]]])
+    probabilities = torch.tensor([[[0.9, 0.05], [0.8, 0.05], [0.05, 0.7]]])
+    if activation == "sigmoid":
+        return {"logits": torch.logit(probabilities), "pred_boxes": boxes}
+    no_object = 1 - probabilities.sum(-1, keepdim=True)
+    return {"logits": torch.cat([probabilities, no_object], -1).log(), "pred_boxes": boxes}
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_nms_iou_threshold_removes_duplicates_of_a_class(activation, tmp_path):
+    outputs = duplicate_outputs(activation)
+
+    def detections(processor, **kwargs):
+        result = processor.post_process_object_detection(outputs, 0.1, [(100, 100)], class_activation=activation,
+                                                         **kwargs)[0]
+        return sorted(zip(result["labels"].tolist(), [round(s, 3) for s in result["scores"].tolist()]))
+
+    everything = [(0, 0.8), (0, 0.9), (1, 0.7)]
+    assert detections(DetrCustomImageProcessor()) == everything                       # off by default
+    assert detections(DetrCustomImageProcessor(), nms_iou_threshold=0.7) == [(0, 0.9), (1, 0.7)]
+    assert detections(DetrCustomImageProcessor(), nms_iou_threshold=0.85) == everything    # IoU 0.81: kept
+    processor = DetrCustomImageProcessor(nms_iou_threshold=0.7)
+    assert detections(processor) == [(0, 0.9), (1, 0.7)]
+    assert detections(processor, nms_iou_threshold=1.0) == everything                 # 1 turns it off for a call
+    # the setting travels with the folder, to from_pretrained and to AutoImageProcessor (what pipeline loads)
+    from transformers import AutoImageProcessor
+
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["nms_iou_threshold"] == 0.7
+    assert detections(DetrCustomImageProcessor.from_pretrained(tmp_path)) == [(0, 0.9), (1, 0.7)]
+    assert AutoImageProcessor.from_pretrained(tmp_path).nms_iou_threshold == 0.7
+
+
+def test_bad_nms_iou_threshold_is_a_clear_error():
+    outputs = duplicate_outputs("softmax")
+    for bad in (0, -0.5, 1.5, True, "0.7", float("nan")):
+        with pytest.raises(ValueError, match=r"nms_iou_threshold is an IoU in \(0, 1\]"):
+            DetrCustomImageProcessor(nms_iou_threshold=bad)
+        with pytest.raises(ValueError, match=r"nms_iou_threshold is an IoU in \(0, 1\]"):
+            DetrCustomImageProcessor().post_process_object_detection(outputs, 0.1, nms_iou_threshold=bad)

@@ -143,6 +143,8 @@ def test_bad_inputs_are_clear_errors(setting, tmp_path):
     with pytest.raises(ValueError, match="none of its categories"):
         predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / "out"), annotation_file=str(other))
     assert predict_cli.main([str(model), str(tmp_path / "missing.jpg"), "--output", str(tmp_path / "o")]) == 2
+    with pytest.raises(ValueError, match=r"nms_iou_threshold is an IoU in \(0, 1\]"):
+        predict_cli.predict(str(model), [str(data / "val2017")], str(tmp_path / "out"), nms_iou_threshold=1.5)
 
 
 def test_labels_are_drawn_inside_small_and_large_pictures():

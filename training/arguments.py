@@ -214,6 +214,10 @@ class DataArguments:
         "help": "Shortest-edge sizes for multi-scale training (paper: 480..800 by 32)."})
     eval_size: int = field(default=800, metadata={"help": "Shortest edge at evaluation and in the saved processor."})
     max_size: int = field(default=1333, metadata={"help": "Longest edge limit."})
+    nms_iou_threshold: float | None = field(default=None, metadata={
+        "help": "Remove duplicate detections at evaluation and in the saved processor (class-wise non-maximum "
+                "suppression above this IoU: DetrCustomImageProcessor's nms_iou_threshold). None: off (DETR's "
+                "one-to-one matching); finetune_small.yaml: 0.7."})
     random_crop: bool = field(default=True, metadata={
         "help": "The paper's random choice between resize and resize + random crop + resize; False: resize only."})
     crop_resize_scales: list[int] = field(default_factory=_paper("PAPER_CROP_RESIZE_SCALES"), metadata={
@@ -446,7 +450,7 @@ RANGES = {
     "save_total_limit": NON_NEGATIVE, "max_train_minutes": NON_NEGATIVE, "num_workers": NON_NEGATIVE,
     "encoder_layers": NON_NEGATIVE, "eos_coefficient": NON_NEGATIVE, "lr_drop_epochs": NON_NEGATIVE,
     "num_prediction_images": NON_NEGATIVE, "ema_warmup_steps": NON_NEGATIVE, "num_denoising": NON_NEGATIVE,
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "nms_iou_threshold": (lambda v: 0 < v <= 1, "an IoU in (0, 1]"),
     "train_scales": (lambda v: len(v) > 0 and min(v) > 0, "a non-empty list of sizes > 0"),
     "crop_resize_scales": (lambda v: len(v) > 0 and min(v) > 0, "a non-empty list of sizes > 0"),
     "crop_size": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "two sizes [min, max], 0 < min <= max"),

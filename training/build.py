@@ -398,7 +398,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     if scaling:
         logger.info("pixel scaling from %s's preprocessor_config.json: %s", model_args.model_name_or_path, scaling)
     processor = DetrCustomImageProcessor(size={"shortest_edge": data_args.eval_size,
-                                               "longest_edge": data_args.max_size}, **scaling)
+                                               "longest_edge": data_args.max_size},
+                                         nms_iou_threshold=data_args.nms_iou_threshold, **scaling)
     train_loader, val_loader, loader_generator = build_loaders(
         train_dataset, val_dataset, processor=processor, categories=categories, data_args=data_args, args=args,
         rank=accelerator.process_index)

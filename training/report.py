@@ -45,6 +45,8 @@ def describe_run(setup: TrainingSetup, state: RunState, *, model_args: ModelArgu
                             f" or resize {data_args.crop_resize_scales} + random crop {data_args.crop_size} + resize "
                             "(the paper's random choice)" if data_args.random_crop else ""),
         "image_size": f"shortest edge {data_args.eval_size}, longest <= {data_args.max_size}",
+        # the saved processor's duplicate removal (None: DETR's post-processing alone)
+        "nms_iou_threshold": data_args.nms_iou_threshold,
         "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.machine()}, "
                     f"{os.cpu_count()} CPU cores)",
         "num_processes": accelerator.num_processes, "wall_time_s": round(wall_time, 1), "seed": args.seed,
