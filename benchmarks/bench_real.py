@@ -289,6 +289,7 @@ def run_training_script(config: dict, folder: Path) -> None:
 @torch.no_grad()
 def detr_detections(model_dir: Path, examples, categories: dict, batch_size: int = 8) -> list[dict]:
     from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
+    from training.evaluation import detect_batch
 
     model = DetrCustomForObjectDetection.from_pretrained(model_dir).eval()
     processor = DetrCustomImageProcessor.from_pretrained(model_dir)
@@ -297,10 +298,11 @@ def detr_detections(model_dir: Path, examples, categories: dict, batch_size: int
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         inputs = processor([pixels for _, pixels, _, _ in chunk], return_tensors="pt")
-        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-        sizes = [pixels.shape[:2] for _, pixels, _, _ in chunk]
-        for (image_id, _, _, _), result in zip(chunk, processor.post_process_object_detection(
-                outputs, threshold=0.0, target_sizes=sizes)):
+        sizes = torch.tensor([pixels.shape[:2] for _, pixels, _, _ in chunk])
+        # each image on its own pixels, as the training loop's evaluation and detr-custom-eval (a padded batch's
+        # outputs differ from each image's alone)
+        for (image_id, _, _, _), result in zip(chunk, detect_batch(model, processor, inputs["pixel_values"],
+                                                                   inputs["pixel_mask"], sizes)):
             category_ids = [name_to_category[model.config.id2label[int(label)]] for label in result["labels"]]
             detections += as_detections(image_id, result["boxes"], result["scores"], category_ids)
     return detections

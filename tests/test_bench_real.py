@@ -105,3 +105,24 @@ def test_a_lever_overrides_the_benchmark_sizes_and_several_runs_give_their_mean(
     assert row["AP50 by run"] == "0.800 / 0.900 (± 0.050)"
     assert "| x | 0.350 | 0.850 | 0.800 / 0.900 (± 0.050) | 0.900 | +0.050 | 1.50 |" in \
         bench_real_levers.format_table([row])
+
+
+def test_detr_detections_score_each_image_on_its_own_pixels(tmp_path):
+    """Images of different sizes in one chunk: the benchmark's detections are each image's alone (what the training
+    loop's evaluation and detr-custom-eval give), not those of the padded batch."""
+    from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
+    from modeling_detr_custom.testing_utils import randomize_, tiny_kwargs
+
+    config = DetrCustomConfig(**tiny_kwargs(num_labels=1, id2label={0: "nucleus"}, label2id={"nucleus": 0}))
+    randomize_(DetrCustomForObjectDetection(config)).eval().save_pretrained(tmp_path)
+    DetrCustomImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(tmp_path)
+    generator = np.random.default_rng(0)
+    examples = [(index, generator.integers(0, 256, size, dtype=np.uint8), None, None)
+                for index, size in enumerate([(64, 96, 3), (80, 64, 3), (64, 64, 3)], start=1)]
+    together = bench_real.detr_detections(tmp_path, examples, {1: "nucleus"}, batch_size=3)
+    alone = [d for example in examples for d in bench_real.detr_detections(tmp_path, [example], {1: "nucleus"})]
+    assert len(together) == len(alone) > 0
+    for got, want in zip(together, alone):
+        assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3)
