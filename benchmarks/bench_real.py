@@ -59,9 +59,10 @@ DETR_PRESETS = {
     # the same at twice the images' size: the 13-36 px nuclei as 26-72 px objects (finetune_small.yaml's sizes note)
     "detr-small-x2": ("training/configs/finetune_small.yaml",
                       {"train_scales": [224, 256, 288], "eval_size": 256, "max_size": 448}),
-    # finetune_small.yaml with DETR's one-to-one matching only (no hybrid matching): what hybrid matching is read
-    # against (docs/benchmarks_real.md)
-    "detr-small-o2o": ("training/configs/finetune_small.yaml", {"num_query_groups": 1, "criterion": "hungarian"}),
+    # finetune_small.yaml before hybrid matching, the fusion encoder and duplicate removal (DETR's one-to-one matching,
+    # the attention encoder alone, no NMS): the base the levers' tables of docs/benchmarks_real.md were measured on
+    "detr-small-o2o": ("training/configs/finetune_small.yaml", {"num_query_groups": 1, "criterion": "hungarian",
+                                                                "encoder_type": "detr", "nms_iou_threshold": None}),
 }
 CNN_DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 # torchvision's detection references: these learning rates for a batch of 16 (8 GPUs x 2), scaled linearly

@@ -79,8 +79,10 @@ LEVERS = {
     "x2+hybrid repeats 3": {**X2, "num_query_groups": 3, "criterion": "hybrid", "one_to_many_repeats": 3},
     "x2+hybrid+stride 4": {**X2, "num_query_groups": 3, "criterion": "hybrid", "finest_level_stride": 4},
     # RT-DETR's hybrid encoder (AIFI, then a convolutional top-down and bottom-up fusion of the levels, as a CNN
-    # detector's FPN / PAN) instead of the one attention layer on the coarsest level; on detr-small (hybrid matching)
+    # detector's FPN / PAN) instead of the attention layers on the coarsest level alone: finetune_small.yaml's, so on
+    # detr-small these add nothing; "x2+attention encoder" takes it away (read the others on detr-small-o2o)
     "fusion encoder": {"encoder_type": "hybrid"},
+    "x2+attention encoder": {**X2, "encoder_type": "detr"},
     "x2+fusion encoder": {**X2, "encoder_type": "hybrid"},
     "x2+fusion encoder 3 levels": {**X2, "encoder_type": "hybrid", "num_feature_levels": 3},
     # duplicate removal (finetune_small.yaml's nms_iou_threshold 0.7): off, or at other IoUs
