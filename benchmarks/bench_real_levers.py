@@ -82,7 +82,9 @@ LEVERS = {
     # detector's FPN / PAN) instead of the attention layers on the coarsest level alone: finetune_small.yaml's, so on
     # detr-small these add nothing; "x2+attention encoder" takes it away (read the others on detr-small-o2o)
     "fusion encoder": {"encoder_type": "hybrid"},
+    "attention encoder": {"encoder_type": "detr"},
     "x2+attention encoder": {**X2, "encoder_type": "detr"},
+    "x2+fusion width 0.5": {**X2, "hidden_expansion": 0.5},    # RT-DETR-R18's fusion blocks: half the channels
     "x2+fusion encoder": {**X2, "encoder_type": "hybrid"},
     "x2+fusion encoder 3 levels": {**X2, "encoder_type": "hybrid", "num_feature_levels": 3},
     # duplicate removal (finetune_small.yaml's nms_iou_threshold 0.7): off, or at other IoUs
