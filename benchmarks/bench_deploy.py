@@ -1,6 +1,7 @@
 """Deployed runtimes side by side: transformers' eager model, ours eager, our ONNX export in ONNX Runtime, and the
-OpenVINO IR in fp32, bf16 and int8 (every convolution and matrix multiplication but the depthwise ones; and
-`int8_transformer`: the matrix multiplications only), on the same weights, with one thread and with all cores.
+OpenVINO IR in fp32 (and `fp32_winograd`: exported with `--winograd`, also timed in ONNX Runtime), bf16 and int8
+(every convolution and matrix multiplication but the depthwise ones; and `int8_transformer`: the matrix
+multiplications only), on the same weights, with one thread and with all cores.
 
     .venv/bin/python -m benchmarks.bench_deploy [--models r18,r50,detr_r50] [--threads 1,all] [--rounds 5]
                                                 [--precisions fp32,bf16,int8] [--quick]
@@ -25,6 +26,7 @@ eager model, and the AP figures their metadata records.
 """
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,16 +42,17 @@ from benchmarks.bench_rt_detr import best_pairs
 from benchmarks.bench_rt_detr import build_pair as build_rt_detr_pair
 from benchmarks.machine import describe_machine, format_machine
 from deploy.export import export_onnx, onnx_to_openvino, quantize_int8
+from deploy.winograd import winograd_onnx
 from deploy.exported import load_onnx, load_openvino
 from modeling_detr_custom import DetrCustomImageProcessor
 
 # name -> (label, height, width)
 MODELS = {"r18": ("RT-DETRv2 R18vd", 640, 640), "r50": ("RT-DETRv2 R50vd", 640, 640),
           "detr_r50": ("DETR R50", 800, 1066)}
-# the rows' OpenVINO files: name -> (precision it is compiled at, int8 scope or None for the fp32 file);
-# int8_transformer: `--int8_scope transformer` (the convolutions in fp32)
-PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("int8", "full"),
-              "int8_transformer": ("int8", "transformer")}
+# the rows' OpenVINO files: name -> (precision it is compiled at, int8 scope, "winograd" or None for the fp32 file);
+# int8_transformer: `--int8_scope transformer` (the convolutions in fp32); fp32_winograd: exported with --winograd
+PRECISIONS = {"fp32": ("fp32", None), "fp32_winograd": ("fp32", "winograd"), "bf16": ("bf16", None),
+              "int8": ("int8", "full"), "int8_transformer": ("int8", "transformer")}
 
 
 def build(name: str, folder: Path):
@@ -90,7 +93,11 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
     onnx_file = export_onnx(ours, processor, folder / "model.onnx")
     xml = onnx_to_openvino(onnx_file, folder / "model.xml")
     files = {"fp32": xml, "bf16": xml}
-    quantized = [precision for precision in precisions if PRECISIONS[precision][1] is not None]
+    if "fp32_winograd" in precisions:
+        shutil.copyfile(onnx_file, folder / "winograd.onnx")
+        print(f"{winograd_onnx(folder / 'winograd.onnx')} convolutions rewritten to Winograd F(4x4, 3x3)")
+        files["fp32_winograd"] = onnx_to_openvino(folder / "winograd.onnx", folder / "winograd.xml")
+    quantized = [precision for precision in precisions if PRECISIONS[precision][1] in ("full", "transformer")]
     images = calibration_folder(folder, calibration_size, height, width) if quantized else None
     for precision in quantized:
         files[precision] = quantize_int8(xml, folder / f"{precision}.xml", processor, str(images),
@@ -102,6 +109,8 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
     for count in threads:
         torch.set_num_threads(count)
         runners = {"onnxruntime": load_onnx(onnx_file, threads=count).forward}
+        if "fp32_winograd" in precisions:
+            runners["onnxruntime winograd"] = load_onnx(folder / "winograd.onnx", threads=count).forward
         for precision in precisions:
             runners[f"openvino {precision}"] = load_openvino(files[precision], threads=count,
                                                              precision=PRECISIONS[precision][0]).forward

@@ -2,7 +2,7 @@
 against PyTorch before it is reported written.
 
     detr-custom-export outputs/demo/best --format onnx --output demo.onnx
-    detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1]
+    detr-custom-export MODEL --format openvino --output demo.xml [--opset 18] [--batch_size 1] [--winograd]
     detr-custom-export MODEL --format openvino --output demo_bf16.xml --precision bf16
     detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/
     detr-custom-export MODEL --format openvino --output demo_int8.xml --precision int8 --calibration_data train2017/ \
@@ -24,6 +24,8 @@ exported.py compiles the file at it. int8 with --int8_max_ap_drop D and validati
 arguments): accuracy control (NNCF's quantize_with_accuracy_control), the operations whose int8 costs the most AP
 go back to fp32 until the file's AP, as detr-custom-eval measures it, is within D AP points (AP x 100) of the fp32
 file's; the figures (fp32 AP, int8 AP, drop, operations reverted) go in the metadata and are printed.
+--winograd (fp32 files): the wide 3 x 3 convolutions computed by Winograd's F(4 x 4, 3 x 3) in the graph
+(deploy/winograd.py): 4x fewer multiplications in them, outputs within the same tolerances.
 The check: a padded batch of differently sized images and one image alone through the file and through PyTorch;
 the largest difference of boxes must stay within --tolerance (default 1e-4), of logits relative to their largest
 magnitude within --logits_tolerance (default 1e-3: eager PyTorch folds BatchNorm into the convolutions, the file runs
@@ -380,13 +382,15 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
            tolerance: float = 1e-4, logits_tolerance: float = 1e-3, precision: str = "fp32",
            calibration_data: str | None = None, calibration_size: int = 300, int8_scope: str = "full",
            postprocess: bool = False, top_k: int | None = None, int8_max_ap_drop: float | None = None,
-           validation_data: dict | None = None) -> dict:
+           validation_data: dict | None = None, winograd: bool = False) -> dict:
     """The Python function behind detr-custom-export; returns the report (file, differences, seconds). The fp32
     graph is checked against PyTorch within the tolerances; a bf16 / int8 file's differences are reported, not
     bounded (its accuracy is measured by detr-custom-eval on the file). int8_max_ap_drop with validation_data
     (deploy.evaluate.load_validation's arguments: data_dir, or val_annotation_file and val_image_dir, or
     dataset_name with bbox_format): int8 accuracy control, the file's AP on that data within int8_max_ap_drop AP
-    points (AP x 100) of the fp32 file's (`quantize_with_ap_control`; the report's `int8_accuracy_control`)."""
+    points (AP x 100) of the fp32 file's (`quantize_with_ap_control`; the report's `int8_accuracy_control`).
+    winograd: the exported graph computes its eligible 3 x 3 convolutions by Winograd's F(4 x 4, 3 x 3)
+    (deploy/winograd.py; fp32 only), checked as any file; the report's `winograd_convolutions` counts them."""
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
     if precision not in PRECISIONS:
@@ -398,6 +402,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
                          "--calibration_data is only for --precision int8.")
     check_accuracy_control(precision, int8_max_ap_drop, validation_data, postprocess=postprocess or top_k is not None)
     check_int8_scope(int8_scope)
+    check_winograd(winograd, precision)
     if calibration_size < 1:
         raise ValueError(f"--calibration_size must be >= 1, got {calibration_size}.")
     if top_k is not None and top_k < 1:
@@ -424,6 +429,7 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
             pairs = model.config.num_queries * (model.config.num_labels if sigmoid else 1)
             top_k = min(top_k or (SIGMOID_TOP_K if sigmoid else model.config.num_queries), pairs)
         export_onnx(model, processor, onnx_file, opset=opset, batch_size=batch_size, top_k=top_k)
+        winograd_convolutions = winograd_file(onnx_file) if winograd else 0
         written = Path(scratch) / output.name
         if format == "onnx":
             written = onnx_file
@@ -458,7 +464,27 @@ def export(model_path: str, format: str, output: str, *, opset: int | None = Non
     return {"file": str(output), "format": format, "precision": precision, "differences": differences,
             "largest_differences": worst, "reduced_precision_differences": reduced, "dynamic": dynamic,
             "batch_size": batch_size, "top_k": top_k, "int8_accuracy_control": accuracy_control,
+            "winograd_convolutions": winograd_convolutions,
             "seconds": time.perf_counter() - started}
+
+
+def check_winograd(winograd: bool, precision: str) -> None:
+    if winograd and precision != "fp32":
+        raise ValueError(f"--winograd is for fp32 files, not --precision {precision}: its transforms scale values "
+                         f"by up to 100, which bf16 / int8 rounding would magnify. Leave out one of them.")
+
+
+def winograd_file(onnx_file: Path) -> int:
+    """Rewrites the exported ONNX file's eligible convolutions to Winograd's F(4 x 4, 3 x 3) (deploy/winograd.py);
+    returns how many. A graph without any (narrow or strided convolutions only) is refused: the flag would change
+    nothing."""
+    from .winograd import MIN_IN_CHANNELS, winograd_onnx
+
+    count = winograd_onnx(onnx_file)
+    if count == 0:
+        raise ValueError(f"--winograd: this model has no 3 x 3, stride 1 convolution with at least "
+                         f"{MIN_IN_CHANNELS} input channels; export it without --winograd.")
+    return count
 
 
 def check_calibration_apart(files: list[Path], validation, calibration_data: str) -> None:
@@ -532,6 +558,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "many AP points (AP x 100) of the fp32 file's: the quantized operations that cost the "
                              "most AP are reverted to fp32 until it does")
     add_validation_arguments(parser, purpose="int8 accuracy control's validation data: ")
+    parser.add_argument("--winograd", action="store_true",
+                        help="fp32: compute the 3 x 3, stride 1 convolutions with at least 128 input channels by "
+                             "Winograd's F(4 x 4, 3 x 3) in the graph: 4x fewer multiplications in them, outputs "
+                             "checked within the same tolerances (docs/deploy.md: the speed it buys per runtime)")
     parser.add_argument("--postprocess", action="store_true",
                         help="the post-processing in the graph: a third input target_sizes [batch, 2] (the original "
                              "images' height, width), outputs scores, labels, boxes (x0, y0, x1, y1 pixels), the "
@@ -544,6 +574,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         check_accuracy_control(args.precision, args.int8_max_ap_drop, args.validation_data,
                                postprocess=args.postprocess or args.top_k is not None)
+        check_winograd(args.winograd, args.precision)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -556,11 +587,14 @@ def main(argv=None) -> int:
                         tolerance=args.tolerance, logits_tolerance=args.logits_tolerance, precision=args.precision,
                         calibration_data=args.calibration_data, calibration_size=args.calibration_size,
                         int8_scope=args.int8_scope, postprocess=args.postprocess, top_k=args.top_k,
-                        int8_max_ap_drop=args.int8_max_ap_drop, validation_data=args.validation_data)
+                        int8_max_ap_drop=args.int8_max_ap_drop, validation_data=args.validation_data,
+                        winograd=args.winograd)
     except (ValueError, RuntimeError) as error:
         print(f"detr-custom-export: {error}", file=sys.stderr)
         return 2
     graph = f"post-processed, top {report['top_k']}; " if report["top_k"] else ""
+    if report["winograd_convolutions"]:
+        graph += f"{report['winograd_convolutions']} convolutions by Winograd F(4x4, 3x3); "
     print(f"wrote {report['file']} ({report['format']}, {report['precision']}; {graph}dynamic {report['dynamic']}) "
           f"in {report['seconds']:.0f} s")
     for name, difference in report["differences"].items():
