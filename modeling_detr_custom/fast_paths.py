@@ -323,9 +323,19 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 
 class _FastPaths:
-    """Mixin of the fast classes: `plain_class` is the architecture class it speeds up."""
+    """Mixin of the fast classes: `plain_class` is the architecture class it speeds up. `train()` (which every
+    training loop calls before its steps) drops the module's fold caches: whatever the optimizer does to the
+    parameters, the next inference folds them afresh (`cached_fold`'s checks cover writes made outside training)."""
 
     plain_class: type
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_fold_cache", None)
+        folded = self.__dict__.get("_folded")                 # a backbone's folded body: not a submodule
+        if folded is not None:
+            for module in folded[1].modules():
+                module.__dict__.pop("_fold_cache", None)
+        return super().train(mode)
 
 
 class _FastBackbone(_FastPaths):

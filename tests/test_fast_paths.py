@@ -191,6 +191,25 @@ def test_fold_cache_sees_fused_optimizer_steps_and_writes_through_data():
     assert (halved - after).abs().max() > 1e-3 and (halved - plain).abs().max() <= 1e-4
 
 
+def test_a_training_step_refolds_even_when_the_value_sample_misses_the_change():
+    # a training step whose update leaves the cache's sample of a parameter unchanged (an optimizer that moves only
+    # some entries, e.g. zero gradients elsewhere and no weight decay) must not leave a stale fold: train() drops it
+    model = _model()
+    pixel_values, pixel_mask, _ = padded_batch()
+    with torch.no_grad():
+        before = model.eval()(pixel_values, pixel_mask).logits     # the folds are cached
+    conv = model.model.backbone.body.layer4[0].conv1
+    flat = conv.weight.data.view(-1)
+    sampled = torch.zeros_like(flat, dtype=torch.bool)
+    sampled[::max(1, flat.numel() // 16)] = True
+    model.train()
+    flat[~sampled] *= -2.0                   # through .data: no version bump, and every sampled value unchanged
+    with torch.no_grad():
+        fast = model.eval()(pixel_values, pixel_mask).logits
+        plain = _unfolded(model)(pixel_values, pixel_mask).logits
+    assert (plain - before).abs().max() > 1e-3 and (fast - plain).abs().max() <= 1e-4
+
+
 def test_fold_is_off_without_frozen_batch_norm():
     model = _model(freeze_batch_norm=False).eval()
     backbone = model.model.backbone
