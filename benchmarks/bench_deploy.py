@@ -42,16 +42,16 @@ from benchmarks.bench_rt_detr import best_pairs
 from benchmarks.bench_rt_detr import build_pair as build_rt_detr_pair
 from benchmarks.machine import describe_machine, format_machine
 from deploy.export import export_onnx, onnx_to_openvino, quantize_int8
-from deploy.winograd import winograd_onnx
 from deploy.exported import load_onnx, load_openvino
+from deploy.winograd import winograd_onnx
 from modeling_detr_custom import DetrCustomImageProcessor
 
 # name -> (label, height, width)
 MODELS = {"r18": ("RT-DETRv2 R18vd", 640, 640), "r50": ("RT-DETRv2 R50vd", 640, 640),
           "detr_r50": ("DETR R50", 800, 1066)}
-# the rows' OpenVINO files: name -> (precision it is compiled at, int8 scope, "winograd" or None for the fp32 file);
+# the rows' OpenVINO files: name -> (precision it is compiled at, int8 scope or None for an fp32 file);
 # int8_transformer: `--int8_scope transformer` (the convolutions in fp32); fp32_winograd: exported with --winograd
-PRECISIONS = {"fp32": ("fp32", None), "fp32_winograd": ("fp32", "winograd"), "bf16": ("bf16", None),
+PRECISIONS = {"fp32": ("fp32", None), "fp32_winograd": ("fp32", None), "bf16": ("bf16", None),
               "int8": ("int8", "full"), "int8_transformer": ("int8", "transformer")}
 
 
@@ -97,7 +97,7 @@ def rows_for(name: str, folder: Path, threads: list[int], rounds: int, precision
         shutil.copyfile(onnx_file, folder / "winograd.onnx")
         print(f"{winograd_onnx(folder / 'winograd.onnx')} convolutions rewritten to Winograd F(4x4, 3x3)")
         files["fp32_winograd"] = onnx_to_openvino(folder / "winograd.onnx", folder / "winograd.xml")
-    quantized = [precision for precision in precisions if PRECISIONS[precision][1] in ("full", "transformer")]
+    quantized = [precision for precision in precisions if PRECISIONS[precision][1] is not None]
     images = calibration_folder(folder, calibration_size, height, width) if quantized else None
     for precision in quantized:
         files[precision] = quantize_int8(xml, folder / f"{precision}.xml", processor, str(images),
